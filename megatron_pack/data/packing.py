@@ -1,0 +1,351 @@
+"""Packing plans: which token slices of which conversations fill each training sequence.
+
+A plan is flat arrays, the same for every mode, so 10M+ conversations cost no Python
+objects::
+
+    pieces       int64 [P, 3]  (doc, start, end): tokens [start, end) of conversation doc
+    seq_offsets  int64 [N + 1] sequence i is pieces[seq_offsets[i]:seq_offsets[i + 1]]
+
+Example, capacity 8, lengths [5, 3, 6, 2], mode ``bfd``::
+
+    sorted 6 5 3 2  ->  seq 0: doc 2 [0,6) + doc 3 [0,2)   (8/8)
+                        seq 1: doc 0 [0,5) + doc 1 [0,3)   (8/8)
+    pieces = [[2,0,6],[3,0,2],[0,0,5],[1,0,3]]   seq_offsets = [0, 2, 4]
+
+Building a plan is two steps:
+
+1. the over-long policy turns conversations into *items* of at most ``max_seq_length``
+   tokens (``truncate``: keep the head; ``drop``: leave it out; ``split_turns``: cut at
+   message-turn starts, inside a turn only when one turn alone is too long);
+2. a packing mode from :data:`PACKING_MODES` orders the items into sequences, in C++
+   (``megatron_pack._packing``) or with its Python twin in ``packing_reference``.
+
+Modes: ``padding`` (one item per sequence), ``greedy`` and ``random`` (the rules of
+"Packing Analysis", arXiv 2410.08081), ``bfd`` (best-fit decreasing), and
+``windowed_bfd`` (best fit inside shuffled windows, so a batch keeps its randomness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import numpy as np
+
+from megatron_pack.data import packing_reference as ref
+
+Engine = Literal["cpp", "reference"]
+OverlongPolicy = Literal["truncate", "drop", "split_turns"]
+OVERLONG_POLICIES = ("truncate", "drop", "split_turns")
+
+#: name -> mode config class; filled by :func:`register_mode`.
+PACKING_MODES: dict[str, type["PackingMode"]] = {}
+
+
+def register_mode(cls: type["PackingMode"]) -> type["PackingMode"]:
+    if cls.name in PACKING_MODES:
+        raise ValueError(f"packing mode {cls.name!r} registered twice")
+    PACKING_MODES[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class PackingMode:
+    """A packing strategy: a frozen config whose fields are its knobs.
+
+    ``pack`` maps item lengths to ``(item, lo, hi, seq_offsets, num_split_items)``, where
+    ``lo``/``hi`` are token ranges inside items (``None`` when every item is placed whole).
+    """
+
+    name: ClassVar[str]
+    #: whether the result depends on the seed (and so changes every epoch)
+    shuffles: ClassVar[bool] = False
+
+    def pack(self, lengths: np.ndarray, capacity: int, seed: int, engine: Engine):
+        fn = getattr(_engine(engine), "pack_" + self.name)
+        order, offsets = fn(lengths, capacity, *self._args(seed))
+        return order, None, None, offsets, 0
+
+    def _args(self, seed: int) -> tuple:
+        return ()
+
+    def key(self) -> dict[str, Any]:
+        """Everything that identifies the plan this mode builds (for cache keys and reports)."""
+        return {"mode": self.name, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        return f"{self.name}:{args}" if args else self.name
+
+
+@register_mode
+@dataclass(frozen=True)
+class Padding(PackingMode):
+    """One conversation per sequence, padded: the baseline."""
+
+    name: ClassVar[str] = "padding"
+
+
+@register_mode
+@dataclass(frozen=True)
+class Greedy(PackingMode):
+    """The paper's greedy packing: longest first, close the sequence when the next item does not fit."""
+
+    name: ClassVar[str] = "greedy"
+
+
+@register_mode
+@dataclass(frozen=True)
+class BestFitDecreasing(PackingMode):
+    """Longest first, each item into the fullest sequence it fits in (O(n log max_seq_length))."""
+
+    name: ClassVar[str] = "bfd"
+
+
+@register_mode
+@dataclass(frozen=True)
+class WindowedBestFit(PackingMode):
+    """Shuffle, then best-fit decreasing inside each window of ``window`` conversations.
+
+    Sequences hold conversations of one random window only, so consecutive batches keep
+    the randomness of a shuffled sampler (``bfd`` puts the longest samples together at
+    the front and fills them with the shortest); the waste is a few partly filled
+    sequences per window.
+    """
+
+    name: ClassVar[str] = "windowed_bfd"
+    shuffles: ClassVar[bool] = True
+    window: int = 8192
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"windowed_bfd: window must be >= 1, got {self.window}")
+
+    def _args(self, seed: int) -> tuple:
+        return (self.window, seed)
+
+
+@register_mode
+@dataclass(frozen=True)
+class RandomPacking(PackingMode):
+    """The paper's random packing: shuffle, concatenate, cut every ``max_seq_length`` tokens.
+
+    A conversation may be split across two sequences (counted in ``split_items``). The
+    chat template ends every conversation with EOS, so concatenation puts EOS between them.
+    """
+
+    name: ClassVar[str] = "random"
+    shuffles: ClassVar[bool] = True
+
+    def pack(self, lengths, capacity, seed, engine):
+        return _engine(engine).pack_random(lengths, capacity, seed)
+
+
+def _engine(engine: Engine):
+    if engine == "cpp":
+        from megatron_pack import _packing  # compiled engine, imported where used
+
+        return _packing
+    if engine == "reference":
+        return ref
+    raise ValueError(f"engine must be 'cpp' or 'reference', got {engine!r}")
+
+
+def get_mode(spec: "str | PackingMode") -> PackingMode:
+    """``"bfd"``, ``"windowed_bfd:window=4096"`` or a :class:`PackingMode` instance."""
+    if isinstance(spec, PackingMode):
+        return spec
+    name, _, args = str(spec).partition(":")
+    if name not in PACKING_MODES:
+        raise ValueError(f"unknown packing mode {name!r}; known: {', '.join(PACKING_MODES)}")
+    cls = PACKING_MODES[name]
+    kwargs = {}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for kv in filter(None, args.split(":")):
+        k, eq, v = kv.partition("=")
+        if not eq or k not in types:
+            raise ValueError(f"bad option {kv!r} for packing mode {name!r}; options: {list(types) or 'none'}")
+        kwargs[k] = int(v)
+    return cls(**kwargs)
+
+
+@dataclass
+class PlanStats:
+    """Token accounting: ``placed_tokens + truncated_tokens + dropped_tokens == total_tokens``."""
+
+    num_docs: int = 0
+    total_tokens: int = 0
+    placed_tokens: int = 0
+    empty_docs: int = 0
+    truncated_docs: int = 0
+    truncated_tokens: int = 0
+    dropped_docs: int = 0
+    dropped_tokens: int = 0
+    turn_split_docs: int = 0  # over-long conversations cut into several items at turn starts
+    in_turn_cuts: int = 0  # cuts that had to fall inside a turn (one turn > max length)
+    split_items: int = 0  # items split across sequences by the mode (``random``)
+
+
+@dataclass
+class PackingPlan:
+    """The output of :func:`build_plan`; see the module docstring for the layout."""
+
+    pieces: np.ndarray
+    seq_offsets: np.ndarray
+    max_seq_length: int
+    mode: str
+    stats: PlanStats
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    @property
+    def doc(self) -> np.ndarray:
+        return self.pieces[:, 0]
+
+    @property
+    def piece_lengths(self) -> np.ndarray:
+        return self.pieces[:, 2] - self.pieces[:, 1]
+
+    def sequence(self, i: int) -> np.ndarray:
+        """The ``(doc, start, end)`` rows of sequence ``i``."""
+        return self.pieces[self.seq_offsets[i] : self.seq_offsets[i + 1]]
+
+    def pieces_per_sequence(self) -> np.ndarray:
+        return np.diff(self.seq_offsets)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Real tokens in each sequence."""
+        csum = np.concatenate([[0], np.cumsum(self.piece_lengths)])
+        return csum[self.seq_offsets[1:]] - csum[self.seq_offsets[:-1]]
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens over capacity (num_sequences * max_seq_length)."""
+        return self.stats.placed_tokens / max(1, self.num_sequences * self.max_seq_length)
+
+    @property
+    def lower_bound_sequences(self) -> int:
+        return math.ceil(self.stats.placed_tokens / self.max_seq_length)
+
+
+def apply_overlong(
+    lengths: np.ndarray,
+    max_seq_length: int,
+    overlong: OverlongPolicy = "truncate",
+    turn_starts=None,
+) -> tuple[np.ndarray, PlanStats]:
+    """Conversations -> items ``(doc, start, end)`` of 1..max_seq_length tokens, in doc order.
+
+    ``turn_starts[i]`` (indexable, e.g. ``SFTIndexedDataset.turns``, or a callable) gives the
+    token offsets where the turns of conversation ``i`` start; it is read only for
+    over-long conversations under ``split_turns``. Without it every cut is inside a turn.
+
+    ``split_turns`` cuts greedily: each item takes as many whole turns as fit; a turn
+    longer than ``max_seq_length`` is cut every ``max_seq_length`` tokens (counted in
+    ``in_turn_cuts``). Example, max 6, length 12, turns [0, 3, 6, 8]::
+
+        turns   |u u u|a a a|u u|a a a a|
+        items   [0,6)         [6,12)
+    """
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong policy must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
+    if lengths.size and lengths.min() < 0:
+        raise ValueError(f"negative length at conversation {int(np.argmin(lengths))}")
+    stats = PlanStats(num_docs=int(lengths.size), total_tokens=int(lengths.sum()))
+    stats.empty_docs = int((lengths == 0).sum())
+    fits = (lengths > 0) & (lengths <= max_seq_length)
+    over = np.flatnonzero(lengths > max_seq_length)
+    if over.size == 0 or overlong == "drop":
+        stats.dropped_docs = int(over.size)
+        stats.dropped_tokens = int(lengths[over].sum())
+        items = _whole_items(np.flatnonzero(fits), lengths)
+    elif overlong == "truncate":
+        stats.truncated_docs = int(over.size)
+        stats.truncated_tokens = int((lengths[over] - max_seq_length).sum())
+        items = _whole_items(np.flatnonzero(lengths > 0), np.minimum(lengths, max_seq_length))
+    else:
+        get_turns = turn_starts if callable(turn_starts) else (turn_starts.__getitem__ if turn_starts is not None else None)
+        extra = []
+        for d in over.tolist():
+            turns = [0] if get_turns is None else np.asarray(get_turns(d)).tolist()
+            cuts, inside = _turn_cuts(int(lengths[d]), turns, max_seq_length)
+            stats.turn_split_docs += 1
+            stats.in_turn_cuts += inside
+            extra.extend((d, a, b) for a, b in zip(cuts[:-1], cuts[1:]))
+        base = _whole_items(np.flatnonzero(fits), lengths)
+        items = np.concatenate([base, np.asarray(extra, dtype=np.int64).reshape(-1, 3)])
+        items = np.take(items, np.lexsort((items[:, 1], items[:, 0])), axis=0)  # back to doc order
+    stats.placed_tokens = int((items[:, 2] - items[:, 1]).sum())
+    return items, stats
+
+
+def _whole_items(docs: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    items = np.zeros((docs.size, 3), dtype=np.int64)
+    items[:, 0] = docs
+    items[:, 2] = ends[docs]
+    return items
+
+
+def _turn_cuts(length: int, turns: list[int], cap: int) -> tuple[list[int], int]:
+    """Cut points ``[0, ..., length]`` of one over-long conversation, and how many fell inside a turn."""
+    bounds = sorted({t for t in turns if 0 < t < length} | {length})
+    cuts, inside, pos, k = [0], 0, 0, 0
+    while pos < length:
+        # furthest turn boundary within reach
+        while k < len(bounds) and bounds[k] <= pos:
+            k += 1
+        j = k
+        while j < len(bounds) and bounds[j] - pos <= cap:
+            j += 1
+        if j > k:
+            pos = bounds[j - 1]
+        else:
+            pos += cap
+            inside += 1
+        cuts.append(pos)
+    return cuts, inside
+
+
+def build_plan(
+    lengths,
+    max_seq_length: int,
+    mode: "str | PackingMode" = "bfd",
+    *,
+    seed: int = 1234,
+    epoch: int = 0,
+    turn_starts=None,
+    overlong: OverlongPolicy = "truncate",
+    engine: Engine = "cpp",
+) -> PackingPlan:
+    """Pack conversations of ``lengths`` tokens into sequences of ``max_seq_length``.
+
+    ``mode`` is a registry name (see :data:`PACKING_MODES`) or config; shuffling modes
+    draw their permutation from ``(seed, epoch)``, so each epoch gets a new one and the
+    same arguments always give the same plan. ``engine="reference"`` runs the Python twin.
+    """
+    mode = get_mode(mode)
+    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts)
+    item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
+    item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
+    item = np.asarray(item, dtype=np.int64)
+    pieces = np.take(items, item, axis=0)  # much faster than items[item] for [n, 3]
+    if lo is not None:
+        pieces[:, 2] = pieces[:, 1] + np.asarray(hi)
+        pieces[:, 1] += np.asarray(lo)
+    stats.split_items = int(split)
+    return PackingPlan(
+        pieces=np.ascontiguousarray(pieces),
+        seq_offsets=np.asarray(seq_offsets, dtype=np.int64),
+        max_seq_length=int(max_seq_length),
+        mode=str(mode),
+        stats=stats,
+    )

@@ -1,0 +1,171 @@
+"""Readable Python twins of the C++ packing loops in ``csrc/packing.cpp``.
+
+They exist to pin down the algorithms: tests require the C++ engine to return exactly
+what these return (same tie-breaks, same shuffle), and ``build_plan(..., engine="reference")``
+runs them end to end. Inputs are item lengths already cut to ``1 <= length <= capacity``.
+
+Every function returns ``(order, seq_offsets)``: item indices in sequence order and
+int64 offsets into them, ``len(seq_offsets) == num_sequences + 1`` — except
+:func:`pack_random`, which also returns the token range of every piece.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+class SplitMix64:
+    """splitmix64 (Steele, Lea, Flood 2014): tiny, seedable, identical in C++ and here."""
+
+    def __init__(self, seed: int):
+        self.state = seed & _MASK64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+
+def derive_seed(seed: int, epoch: int) -> int:
+    """A 64-bit shuffle seed per (seed, epoch): every epoch gets an unrelated permutation."""
+    return SplitMix64(SplitMix64(seed).next() ^ (epoch & _MASK64)).next()
+
+
+def shuffle(n: int, seed: int) -> np.ndarray:
+    """Fisher-Yates permutation of ``range(n)``: for i = n-1..1 swap i with next() % (i+1)."""
+    perm = list(range(n))
+    rng = SplitMix64(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.next() % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return np.asarray(perm, dtype=np.int64)
+
+
+def _check(lengths, capacity: int) -> list[int]:
+    lengths = [int(x) for x in lengths]
+    bad = [i for i, x in enumerate(lengths) if not 1 <= x <= capacity]
+    if bad:
+        raise ValueError(f"item {bad[0]} has length {lengths[bad[0]]}, outside [1, {capacity}]")
+    return lengths
+
+
+def _sort_desc(lengths: list[int], idx: list[int]) -> list[int]:
+    """``idx`` ordered longest first; Python's sort is stable, so ties keep their order."""
+    return sorted(idx, key=lambda i: -lengths[i])
+
+
+def _result(order: list[int], offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(order, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+
+
+def pack_padding(lengths, capacity: int):
+    n = len(_check(lengths, capacity))
+    return _result(list(range(n)), list(range(n + 1)))
+
+
+def pack_greedy(lengths, capacity: int):
+    """The paper's greedy rule: longest first; append while it fits, else start a new sequence."""
+    lengths = _check(lengths, capacity)
+    order = _sort_desc(lengths, list(range(len(lengths))))
+    offsets, fill = [0], 0
+    for k, i in enumerate(order):
+        if fill + lengths[i] > capacity:
+            offsets.append(k)
+            fill = 0
+        fill += lengths[i]
+    if order:
+        offsets.append(len(order))
+    return _result(order, offsets)
+
+
+def _best_fit(lengths: list[int], idx: list[int], capacity: int) -> list[list[int]]:
+    """Place ``idx`` in order, each into the open bin with the least room that still fits it.
+
+    ``caps`` is the sorted list of remaining capacities that have open bins, ``bins_at[c]``
+    a min-heap of those bins' ids (ties go to the lowest id). Full bins are forgotten.
+    """
+    bins: list[list[int]] = []
+    caps: list[int] = []
+    bins_at: dict[int, list[int]] = {}
+    for i in idx:
+        length = lengths[i]
+        k = bisect.bisect_left(caps, length)
+        if k == len(caps):
+            b, cap = len(bins), capacity
+            bins.append([])
+        else:
+            cap = caps[k]
+            b = heapq.heappop(bins_at[cap])
+            if not bins_at[cap]:
+                del caps[k], bins_at[cap]
+        bins[b].append(i)
+        left = cap - length
+        if left > 0:
+            if left not in bins_at:
+                bisect.insort(caps, left)
+                bins_at[left] = []
+            heapq.heappush(bins_at[left], b)
+    return bins
+
+
+def _flatten(bins: list[list[int]], order: list[int], offsets: list[int]) -> None:
+    for b in bins:
+        order.extend(b)
+        offsets.append(len(order))
+
+
+def pack_bfd(lengths, capacity: int):
+    """Best-fit decreasing: longest first, each into the fullest sequence it fits in."""
+    lengths = _check(lengths, capacity)
+    order, offsets = [], [0]
+    _flatten(_best_fit(lengths, _sort_desc(lengths, list(range(len(lengths)))), capacity), order, offsets)
+    return _result(order, offsets)
+
+
+def pack_windowed_bfd(lengths, capacity: int, window: int, seed: int):
+    """Shuffle, then best-fit decreasing inside each window of ``window`` consecutive items."""
+    lengths = _check(lengths, capacity)
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    perm = shuffle(len(lengths), seed).tolist()
+    order, offsets = [], [0]
+    for w0 in range(0, len(perm), window):
+        chunk = perm[w0 : w0 + window]
+        _flatten(_best_fit(lengths, sorted(chunk, key=lambda i: -lengths[i]), capacity), order, offsets)
+    return _result(order, offsets)
+
+
+def pack_random(lengths, capacity: int, seed: int):
+    """The paper's random packing: shuffle, lay items end to end, cut every ``capacity`` tokens.
+
+    Returns ``(item, lo, hi, seq_offsets, num_split_items)``: piece p is tokens
+    ``[lo[p], hi[p])`` of item ``item[p]``.
+    """
+    lengths = _check(lengths, capacity)
+    item, lo, hi, offsets = [], [], [], [0]
+    fill = num_split = 0
+    for i in shuffle(len(lengths), seed).tolist():
+        off = pieces = 0
+        while off < lengths[i]:
+            take = min(lengths[i] - off, capacity - fill)
+            item.append(i)
+            lo.append(off)
+            hi.append(off + take)
+            off += take
+            fill += take
+            pieces += 1
+            if fill == capacity:
+                offsets.append(len(item))
+                fill = 0
+        num_split += pieces > 1
+    if fill:
+        offsets.append(len(item))
+    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return as64(item), as64(lo), as64(hi), as64(offsets), num_split
