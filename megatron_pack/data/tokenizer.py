@@ -1,0 +1,221 @@
+"""One small tokenizer interface over HF ``tokenizer.json`` and SentencePiece ``.model``.
+
+Templates need only: encode plain texts (never adding BOS/EOS, never turning text that
+looks like a special token into that token), look special tokens up by name, and the
+bos/eos/pad ids. Accepted paths:
+
+- ``tokenizer.json`` (HF ``tokenizers``), or a directory holding one, optionally with
+  ``tokenizer_config.json`` (bos/eos/pad names, ``chat_template``) and ``chat_template.jinja``;
+- a SentencePiece ``.model`` file (Llama-2 / Mistral), or a directory with ``tokenizer.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>")
+
+
+class TokenizerError(ValueError):
+    """Path missing, not a tokenizer, or a special token the template needs is absent."""
+
+
+def _token_name(value) -> Optional[str]:
+    """tokenizer_config.json stores tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class BaseTokenizer:
+    """Shared behaviour; subclasses fill ``_encode_batch``, ``_piece_to_id`` and friends."""
+
+    path: str
+    kind: str
+    vocab_size: int
+    chat_template: Optional[str] = None
+
+    def __init__(self):
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    # -- subclass hooks ------------------------------------------------------------
+    def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _piece_to_id(self, name: str) -> Optional[int]:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    # -- public ----------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text; no BOS/EOS; special-token strings stay plain text."""
+        return self._encode_batch(list(texts)) if texts else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_cached(self, text: str) -> tuple[int, ...]:
+        """For template constants (role names, newlines): encoded once per process."""
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = tuple(self.encode(text))
+        return ids
+
+    def has_token(self, name: str) -> bool:
+        return self._piece_to_id(name) is not None
+
+    def token_id(self, name: str) -> int:
+        tid = self._piece_to_id(name)
+        if tid is None:
+            raise TokenizerError(f"{self.path}: tokenizer has no token {name!r}")
+        return tid
+
+    def _first_present(self, names) -> Optional[int]:
+        for name in names:
+            tid = self._piece_to_id(name)
+            if tid is not None:
+                return tid
+        return None
+
+    @property
+    def adds_prefix_space(self) -> bool:
+        """True when encoding 'x' alone yields a word-initial piece ('▁x'), as SentencePiece
+        does; templates then need no explicit space before a separately encoded text."""
+        ids = self.encode("x")
+        return bool(ids) and self.id_to_piece(ids[0]).startswith(("▁", "Ġ"))
+
+    def describe(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
+class HFTokenizer(BaseTokenizer):
+    kind = "hf"
+
+    def __init__(self, json_path: str, config: Optional[dict] = None, chat_template: Optional[str] = None):
+        super().__init__()
+        from tokenizers import Tokenizer
+
+        self.path = json_path
+        try:
+            self._tok = Tokenizer.from_file(json_path)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{json_path}: not a HF tokenizer.json ({exc})") from None
+        # Text that merely looks like "<|eot_id|>" must not become the control token:
+        # only templates emit special tokens.
+        self._tok.encode_special_tokens = True
+        self._vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config = config or {}
+        self.chat_template = chat_template
+        self.bos_id = self._configured(config, "bos_token", BOS_CANDIDATES)
+        self.eos_id = self._configured(config, "eos_token", EOS_CANDIDATES)
+        self.pad_id = self._configured(config, "pad_token", PAD_CANDIDATES)
+        self.bos_token = self.id_to_piece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self.id_to_piece(self.eos_id) if self.eos_id is not None else None
+        self.special_tokens = sorted(
+            (t.content for t in self._tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
+        )
+
+    def _configured(self, config, key, candidates) -> Optional[int]:
+        name = _token_name(config.get(key))
+        if name is not None and name in self._vocab:
+            return self._vocab[name]
+        return self._first_present(candidates)
+
+    def _encode_batch(self, texts):
+        # encode_batch_fast skips offset tracking; rayon parallelises over the batch.
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _piece_to_id(self, name):
+        return self._vocab.get(name)
+
+    def id_to_piece(self, token_id):
+        return self._tok.id_to_token(int(token_id))
+
+
+class SentencePieceTokenizer(BaseTokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model_path: str):
+        super().__init__()
+        import sentencepiece as spm
+
+        self.path = model_path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(model_path)
+        except Exception as exc:
+            raise TokenizerError(f"{model_path}: not a SentencePiece model ({exc})") from None
+        self.vocab_size = self._sp.GetPieceSize()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self.bos_token = self.id_to_piece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self.id_to_piece(self.eos_id) if self.eos_id is not None else None
+        self.special_tokens = sorted(
+            (self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)), key=len, reverse=True
+        )
+
+    def _encode_batch(self, texts):
+        # Control pieces (<s>, </s>) are never produced from text by SentencePiece.
+        return self._sp.Encode(texts, add_bos=False, add_eos=False)
+
+    def _piece_to_id(self, name):
+        tid = self._sp.PieceToId(name)
+        # PieceToId returns unk for unknown pieces; only accept the unk piece itself.
+        if tid == self._sp.unk_id() and name != self._sp.IdToPiece(tid):
+            return None
+        return tid
+
+    def id_to_piece(self, token_id):
+        return self._sp.IdToPiece(int(token_id))
+
+
+def _read_chat_template(directory: str, config: dict) -> Optional[str]:
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def load_tokenizer(path: str) -> BaseTokenizer:
+    """Tokenizer at ``path`` (file or directory); TokenizerError says what is wrong."""
+    if not os.path.exists(path):
+        raise TokenizerError(f"{path}: tokenizer path does not exist")
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"{config_path}: unreadable tokenizer config ({exc})") from None
+        json_path = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(json_path):
+            return HFTokenizer(json_path, config, _read_chat_template(path, config))
+        sp_path = os.path.join(path, "tokenizer.model")
+        if os.path.isfile(sp_path):
+            tok = SentencePieceTokenizer(sp_path)
+            tok.chat_template = _read_chat_template(path, config)
+            return tok
+        raise TokenizerError(f"{path}: directory has neither tokenizer.json nor tokenizer.model")
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    raise TokenizerError(
+        f"{path}: not a tokenizer (expected tokenizer.json, a SentencePiece .model, or a directory with one)"
+    )
