@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Compare packing modes on a dataset's sample lengths.
+
+    python tools/pack_report.py --data-prefix data/sft --max-seq-length 4096
+    python tools/pack_report.py --lengths lengths.npy --max-seq-length 16384 \
+        --modes padding,greedy,random,bfd,windowed_bfd:window=4096 --json report.json --plot report.png
+
+Prints one row per mode: sequences, packing efficiency, the lower bound
+ceil(tokens / max length) and the gap to it, samples per sequence, split/truncated
+samples, attention cost relative to padding, planning seconds.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-prefix", help="SFT indexed dataset prefix (PREFIX.bin/.idx, written by preprocess_sft.py)")
+    src.add_argument("--lengths", help="1-D integer .npy of sample lengths")
+    p.add_argument("--max-seq-length", type=int, required=True, help="sequence capacity in tokens")
+    p.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd",
+                   help="comma-separated packing modes; options as name:key=value (windowed_bfd:window=4096)")
+    p.add_argument("--seed", type=int, default=1234, help="shuffle seed of the random and windowed modes")
+    p.add_argument("--overlong", choices=("truncate", "drop", "split_turns"), default="truncate",
+                   help="what happens to samples longer than --max-seq-length")
+    p.add_argument("--json", dest="json_out", help="write the rows as JSON here")
+    p.add_argument("--plot", dest="plot_out", help="write fill-ratio and length histograms (PNG) here")
+    args = p.parse_args(argv)
+
+    from megatron_pack.data.pack_report import run
+
+    try:
+        run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths,
+            modes=[m for m in args.modes.split(",") if m], seed=args.seed, overlong=args.overlong,
+            json_out=args.json_out, plot_out=args.plot_out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"pack_report: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
