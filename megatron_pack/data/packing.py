@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -117,7 +117,7 @@ class WindowedBestFit(PackingMode):
 
     name: ClassVar[str] = "windowed_bfd"
     shuffles: ClassVar[bool] = True
-    window: int = 8192
+    window: int = 2048
 
     def __post_init__(self):
         if self.window < 1:
