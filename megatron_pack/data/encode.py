@@ -206,3 +206,13 @@ def render_messages(encoder: ChunkEncoder, messages: list[Message]):
     rendered = encoder.template.render(messages)
     tokens, mask, _, turns, _ = encoder.encode_rendered([rendered])
     return tokens, mask, turns
+
+
+def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant"):
+    """(tokens int32, loss_mask uint8, turn_starts int32) of one validated conversation,
+    exactly as preprocessing writes it (no over-long handling)."""
+    template.validate(messages)
+    rendered = template.render(messages)
+    texts = [p for p in rendered.parts if isinstance(p, str)]
+    tokens, mask, _, turns, _ = assemble([rendered], template.tok.encode_batch(texts), loss_on)
+    return tokens, mask, turns

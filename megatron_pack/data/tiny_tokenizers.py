@@ -33,6 +33,14 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# Llama-3's pre-tokenizer split (tiktoken cl100k pattern): "\n\n" before a word is its own
+# piece, so encoding template text and message text separately gives the same ids as
+# encoding the whole rendered string.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Whitespace is kept as tokens (runs of newlines, single spaces) so text round-trips.
 WORD_SPLIT = r"\n+| |\w+|[^\w\s]"
 
@@ -72,14 +80,17 @@ def build_wordlevel_tokenizer(out_dir: str, words: Iterable[str], chat_template:
 
 def build_bpe_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 3000,
                         chat_template: Optional[str] = LLAMA3_CHAT_TEMPLATE) -> str:
-    """Byte-level BPE (GPT-2 / Llama-3 style pre-tokenization) trained on ``texts``.
+    """Byte-level BPE with Llama-3's pre-tokenizer, trained on ``texts``.
 
     Training is deterministic for the same texts and vocab size.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS, show_progress=False,
