@@ -294,6 +294,51 @@ py::tuple pack_random(const Lengths& lengths, i64 capacity, u64 seed) {
                           to_numpy(std::move(offsets)), num_split);
 }
 
+// The split_turns over-long policy: cut each conversation at turn starts, taking as many
+// whole turns per item as fit; a turn longer than capacity is cut every capacity tokens.
+// Conversation k has turn starts values[offsets[k]:offsets[k+1]]. Returns per item the
+// conversation (index into lengths), start, end, and the number of cuts inside a turn.
+py::tuple split_turns(const Lengths& lengths, const Lengths& turn_offsets, const Lengths& turn_values,
+                      i64 capacity) {
+    if (capacity < 1) throw std::invalid_argument("max_seq_length must be >= 1");
+    i64 n = lengths.shape(0);
+    if (turn_offsets.ndim() != 1 || turn_offsets.shape(0) != n + 1)
+        throw std::invalid_argument("turn_offsets must have len(lengths) + 1 entries");
+    const i64 *L = lengths.data(), *off = turn_offsets.data(), *val = turn_values.data();
+    if (n > 0 && (off[0] < 0 || off[n] > turn_values.shape(0)))
+        throw std::invalid_argument("turn_offsets point outside turn_values");
+    std::vector<i64> owner, start, end;
+    i64 inside = 0;
+    {
+        py::gil_scoped_release nogil;
+        std::vector<i64> bounds;
+        for (i64 k = 0; k < n; ++k) {
+            i64 len = L[k];
+            bounds.clear();
+            for (i64 t = off[k]; t < off[k + 1]; ++t)
+                if (val[t] > 0 && val[t] < len) bounds.push_back(val[t]);
+            bounds.push_back(len);
+            std::sort(bounds.begin(), bounds.end());
+            bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+            i64 pos = 0;
+            size_t b = 0;
+            while (pos < len) {
+                while (b < bounds.size() && bounds[b] <= pos) ++b;
+                size_t j = b;
+                while (j < bounds.size() && bounds[j] - pos <= capacity) ++j;
+                i64 next = j > b ? bounds[j - 1] : pos + capacity;
+                if (j == b) ++inside;
+                owner.push_back(k);
+                start.push_back(pos);
+                end.push_back(next);
+                pos = next;
+            }
+        }
+    }
+    return py::make_tuple(to_numpy(std::move(owner)), to_numpy(std::move(start)), to_numpy(std::move(end)),
+                          inside);
+}
+
 PYBIND11_MODULE(_packing, m) {
     m.doc() = "megatron_pack packing engine (C++): the hot loops behind megatron_pack.data.packing";
     m.def("shuffle", &shuffle, py::arg("n"), py::arg("seed"),
@@ -309,4 +354,7 @@ PYBIND11_MODULE(_packing, m) {
           "Shuffle, then best-fit decreasing inside each window of `window` items. Returns (order, seq_offsets).");
     m.def("pack_random", &pack_random, py::arg("lengths"), py::arg("capacity"), py::arg("seed"),
           "Shuffle, concatenate, cut every capacity tokens. Returns (item, lo, hi, seq_offsets, num_split_items).");
+    m.def("split_turns", &split_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),
+          py::arg("capacity"),
+          "Cut over-long conversations at turn starts. Returns (owner, start, end, num_in_turn_cuts).");
 }

@@ -237,6 +237,7 @@ def apply_overlong(
     max_seq_length: int,
     overlong: OverlongPolicy = "truncate",
     turn_starts=None,
+    engine: Engine = "cpp",
 ) -> tuple[np.ndarray, PlanStats]:
     """Conversations -> items ``(doc, start, end)`` of 1..max_seq_length tokens, in doc order.
 
@@ -273,19 +274,25 @@ def apply_overlong(
         stats.truncated_tokens = int((lengths[over] - max_seq_length).sum())
         items = _whole_items(np.flatnonzero(lengths > 0), np.minimum(lengths, max_seq_length))
     else:
-        get_turns = turn_starts if callable(turn_starts) else (turn_starts.__getitem__ if turn_starts is not None else None)
-        extra = []
-        for d in over.tolist():
-            turns = [0] if get_turns is None else np.asarray(get_turns(d)).tolist()
-            cuts, inside = _turn_cuts(int(lengths[d]), turns, max_seq_length)
-            stats.turn_split_docs += 1
-            stats.in_turn_cuts += inside
-            extra.extend((d, a, b) for a, b in zip(cuts[:-1], cuts[1:]))
-        base = _whole_items(np.flatnonzero(fits), lengths)
-        items = np.concatenate([base, np.asarray(extra, dtype=np.int64).reshape(-1, 3)])
+        owner, start, end, inside = _engine(engine).split_turns(lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
+        stats.turn_split_docs = int(over.size)
+        stats.in_turn_cuts = int(inside)
+        cut = np.stack([over[np.asarray(owner, dtype=np.int64)], np.asarray(start), np.asarray(end)], axis=1)
+        items = np.concatenate([_whole_items(np.flatnonzero(fits), lengths), cut.astype(np.int64).reshape(-1, 3)])
         items = np.take(items, np.lexsort((items[:, 1], items[:, 0])), axis=0)  # back to doc order
     stats.placed_tokens = int((items[:, 2] - items[:, 1]).sum())
     return items, stats
+
+
+def _gather_turns(docs: np.ndarray, turn_starts) -> tuple[np.ndarray, np.ndarray]:
+    """Turn starts of ``docs`` as flat ``(offsets, values)`` for the engine."""
+    if turn_starts is None:
+        return np.zeros(docs.size + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    get = turn_starts if callable(turn_starts) else turn_starts.__getitem__
+    parts = [np.asarray(get(int(d)), dtype=np.int64).ravel() for d in docs]
+    offsets = np.zeros(docs.size + 1, dtype=np.int64)
+    np.cumsum([p.size for p in parts], out=offsets[1:])
+    return offsets, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
 
 def _whole_items(docs: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -293,26 +300,6 @@ def _whole_items(docs: np.ndarray, ends: np.ndarray) -> np.ndarray:
     items[:, 0] = docs
     items[:, 2] = ends[docs]
     return items
-
-
-def _turn_cuts(length: int, turns: list[int], cap: int) -> tuple[list[int], int]:
-    """Cut points ``[0, ..., length]`` of one over-long conversation, and how many fell inside a turn."""
-    bounds = sorted({t for t in turns if 0 < t < length} | {length})
-    cuts, inside, pos, k = [0], 0, 0, 0
-    while pos < length:
-        # furthest turn boundary within reach
-        while k < len(bounds) and bounds[k] <= pos:
-            k += 1
-        j = k
-        while j < len(bounds) and bounds[j] - pos <= cap:
-            j += 1
-        if j > k:
-            pos = bounds[j - 1]
-        else:
-            pos += cap
-            inside += 1
-        cuts.append(pos)
-    return cuts, inside
 
 
 def build_plan(
@@ -333,7 +320,7 @@ def build_plan(
     same arguments always give the same plan. ``engine="reference"`` runs the Python twin.
     """
     mode = get_mode(mode)
-    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts)
+    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
     item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
     item = np.asarray(item, dtype=np.int64)

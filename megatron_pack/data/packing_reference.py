@@ -169,3 +169,28 @@ def pack_random(lengths, capacity: int, seed: int):
         offsets.append(len(item))
     as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return as64(item), as64(lo), as64(hi), as64(offsets), num_split
+
+
+def split_turns(lengths, turn_offsets, turn_values, capacity: int):
+    """The ``split_turns`` over-long policy: per conversation, items of whole turns.
+
+    Conversation k (``lengths[k]`` tokens) has turn starts
+    ``turn_values[turn_offsets[k]:turn_offsets[k + 1]]``. Each item takes as many whole
+    turns as fit in ``capacity``; a turn longer than that is cut every ``capacity`` tokens
+    (an in-turn cut). Returns ``(owner, start, end, num_in_turn_cuts)``.
+    """
+    owner, start, end, inside = [], [], [], 0
+    for k, length in enumerate(int(x) for x in lengths):
+        turns = [int(t) for t in turn_values[turn_offsets[k] : turn_offsets[k + 1]]]
+        bounds = sorted({t for t in turns if 0 < t < length} | {length})
+        pos = 0
+        while pos < length:
+            reach = [b for b in bounds if pos < b <= pos + capacity]  # turn boundaries within reach
+            nxt = reach[-1] if reach else pos + capacity
+            inside += not reach
+            owner.append(k)
+            start.append(pos)
+            end.append(nxt)
+            pos = nxt
+    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return as64(owner), as64(start), as64(end), inside

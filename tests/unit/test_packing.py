@@ -178,6 +178,12 @@ def test_overlong_policies_by_hand():
     # the 13-token turn must be cut inside: [2,8) [8,14), and its tail joins the last turn
     assert items.tolist() == [[0, 0, 6], [0, 6, 12], [1, 0, 3], [2, 0, 2], [2, 2, 8], [2, 8, 14], [2, 14, 20]]
     assert (st_.turn_split_docs, st_.in_turn_cuts, st_.placed_tokens) == (2, 2, 35)
+    ref_items, ref_st = apply_overlong(lengths, 6, "split_turns", turns, engine="reference")
+    assert ref_items.tolist() == items.tolist() and ref_st == st_
+    # unsorted, duplicated and out-of-range turn starts are tolerated the same way
+    messy = [np.array([8, 3, 3, 0, 6, 40])]
+    assert apply_overlong([12], 6, "split_turns", messy)[0].tolist() == [[0, 0, 6], [0, 6, 12]]
+    assert apply_overlong([12], 6, "split_turns", messy, engine="reference")[0].tolist() == [[0, 0, 6], [0, 6, 12]]
     items, st_ = apply_overlong(lengths, 6, "truncate")
     assert items.tolist() == [[0, 0, 6], [1, 0, 3], [2, 0, 6]]
     assert (st_.truncated_docs, st_.truncated_tokens) == (2, 20)
