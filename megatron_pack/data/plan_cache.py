@@ -182,8 +182,13 @@ def get_plan(
     if rank == 0:
         plan = try_load()
         if plan is None:
-            save_plan(build(), cache_dir, stem, inputs)
-            plan = load_plan(cache_dir, stem, inputs, lengths)  # everyone uses the mmap'd copy
+            plan = build()
+            try:
+                save_plan(plan, cache_dir, stem, inputs)
+                plan = load_plan(cache_dir, stem, inputs, lengths)  # everyone uses the mmap'd copy
+            except OSError as e:  # read-only dataset directory: plan in memory, say so
+                warnings.warn(f"{cache_dir}: cannot write the packing plan cache ({e}); pass cache_dir= "
+                              "to a writable directory to share plans between ranks")
     barrier(group)
     if rank != 0:
         plan = try_load()

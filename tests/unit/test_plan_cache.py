@@ -97,6 +97,14 @@ def test_dataset_uses_cache_dir(data, tmp_path):
     assert len(glob.glob(str(tmp_path / "plans" / "*.json"))) == 2
 
 
+def test_unwritable_cache_dir_warns_and_plans_in_memory(data, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")  # a file where the cache directory should go
+    with pytest.warns(UserWarning, match="cannot write the packing plan cache"):
+        plan = get_plan(data, 32, "bfd", cache_dir=str(blocker / "plans"))
+    same(plan, build_plan(data.lengths, 32, "bfd"))
+
+
 def _rank_main(rank, world, prefix, init_file, out_dir):
     import torch.distributed as dist
 
