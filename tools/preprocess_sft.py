@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, metavar="N")
     p.add_argument("--chunk-size", type=int, default=512, help="conversations per worker task")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 1)")
+    p.add_argument("--no-fast-tokenizer", action="store_true",
+                   help="always encode with HF tokenizers, even where tiktoken would give the same ids faster")
     p.add_argument("--no-plot", action="store_true", help="skip the length histogram PNG")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             chat_template=args.chat_template, max_seq_length=args.max_seq_length, overlong=args.overlong,
             loss_on=args.loss_on, workers=args.workers, strict=args.strict, chunk_size=args.chunk_size,
-            progress=False if args.no_progress else None, plot=not args.no_plot,
+            fast_tokenizer=not args.no_fast_tokenizer, progress=False if args.no_progress else None,
+            plot=not args.no_plot,
         )
         s = preprocess(cfg)
     except (PreprocessError, TokenizerError) as exc:

@@ -56,6 +56,8 @@ class PreprocessConfig:
     """Stop with an error at the first bad record instead of skipping it."""
     chunk_size: int = 512
     """Conversations per worker task (one tokenizer batch call each)."""
+    fast_tokenizer: bool = True
+    """Encode byte-level BPE with tiktoken when it is installed and gives identical ids."""
     progress: Optional[bool] = None
     """tqdm bar; None shows it when stderr is a terminal."""
     plot: bool = True
@@ -119,13 +121,24 @@ _ENCODER: Optional[ChunkEncoder] = None
 
 
 def _make_encoder(cfg: PreprocessConfig, tokenizer=None) -> ChunkEncoder:
-    tok = tokenizer or load_tokenizer(cfg.tokenizer)
+    tok = tokenizer or load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     return ChunkEncoder(tok, build_template(cfg.chat_template, tok), cfg.loss_on, cfg.max_seq_length, cfg.overlong)
 
 
-def _init_worker(cfg: PreprocessConfig):
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker(cfg: PreprocessConfig, threads: int):
     global _ENCODER
+    # Share the cores between workers: each one's tokenizer batch call may use this many
+    # threads (tokenizers reads RAYON_NUM_THREADS when its pool starts, on first use).
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
     _ENCODER = _make_encoder(cfg)
+    _ENCODER.tok.threads = threads
 
 
 def _work(lines) -> ChunkResult:
@@ -135,30 +148,24 @@ def _work(lines) -> ChunkResult:
 def _ordered_results(cfg: PreprocessConfig, encoder: ChunkEncoder, chunks) -> Iterator[ChunkResult]:
     """Chunk results in input order; at most a few chunks in flight per worker."""
     if cfg.workers == 1:
+        encoder.tok.threads = _cpus()
         for lines in chunks:
             yield encoder(lines)
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    # Each worker tokenizes single-threaded: the processes are the parallelism, and
-    # tokenizers' thread pool does not survive fork.
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-            pending = collections.deque()
-            for lines in chunks:
-                pending.append(pool.apply_async(_work, (lines,)))
-                if len(pending) >= 3 * cfg.workers:
-                    yield pending.popleft().get()
-            while pending:
+    # spawn, not fork: a forked child of a process that already used tokenizers' thread
+    # pool gets parallelism switched off, and fresh workers start cheaply (no torch import).
+    ctx = mp.get_context("spawn")
+    threads = max(1, _cpus() // cfg.workers)
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, threads)) as pool:
+        pending = collections.deque()
+        for lines in chunks:
+            pending.append(pool.apply_async(_work, (lines,)))
+            if len(pending) >= 3 * cfg.workers:
                 yield pending.popleft().get()
-    finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
+        while pending:
+            yield pending.popleft().get()
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     _check_paths(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     template_name = cfg.chat_template if cfg.chat_template != "auto" else auto_template_name(tokenizer)
     encoder = _make_encoder(cfg, tokenizer)
     paths = output_paths(cfg.output_prefix)

@@ -195,7 +195,7 @@ def prepare_sample(workdir: str) -> tuple[str, str]:
     jsonl = os.path.join(workdir, "sample_chat.jsonl")
     shutil.copyfile(ASSET, jsonl)
     with open(jsonl, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16] + f"-bpe{TOKENIZER_VOCAB}-llama3split"
+        digest = hashlib.sha256(f.read()).hexdigest()[:16] + f"-bpe{TOKENIZER_VOCAB}-v2"
     tok_dir = os.path.join(workdir, "tokenizer")
     stamp = os.path.join(tok_dir, "SAMPLE_SHA")
     if os.path.isfile(stamp) and open(stamp).read().strip() == digest:

@@ -86,7 +86,8 @@ def build_bpe_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 30
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
+    # ignore_merges: a pre-token that is itself in the vocab is one token (as in Llama-3).
+    tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -186,3 +186,24 @@ def test_llama2_on_real_sentencepiece_bpe(sp_bpe_model):
     answer = tokens[turns[1]:]
     assert tok._sp.DecodeIds(answer[:-1].tolist()) == "fine thanks"
     assert mask.tolist() == [0] * turns[1] + [1] * len(answer)
+
+
+def test_tiktoken_backend_gives_identical_ids(tmp_path):
+    pytest.importorskip("tiktoken")
+    from megatron_pack.data.sample import prepare_sample, record_texts
+
+    jsonl, tok_dir = prepare_sample(str(tmp_path / "work"))
+    fast, slow = load_tokenizer(tok_dir), load_tokenizer(tok_dir, fast=False)
+    assert (fast.kind, slow.kind) == ("hf+tiktoken", "hf")
+    texts = list(record_texts(jsonl)) + ["<|eot_id|> looks special but is text", "  \n\n\t x  ", "東京 😀 café"]
+    assert fast.encode_batch(texts) == slow.encode_batch(texts)
+
+
+def test_tiktoken_backend_only_for_matching_bpe(tmp_path, wordlevel_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    assert load_tokenizer(wordlevel_dir).kind == "hf"  # word-level: never
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))  # no ignore_merges
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).kind == "hf"
