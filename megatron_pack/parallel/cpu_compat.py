@@ -111,8 +111,9 @@ def enable() -> bool:
         return _ENABLED
     from megatron.core.tensor_parallel import random as mcore_random
 
-    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Through _patch so disable() puts Megatron's own tracker (or its absence) back.
+    _patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
+    _patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     _patch(mcore_random, "initialize_rng_tracker", _keep_cpu_tracker(mcore_random.initialize_rng_tracker))
     _patch(torch.cuda, "current_device", lambda: 0)
     _patch(torch.cuda, "synchronize", lambda *a, **k: None)

@@ -1,0 +1,71 @@
+"""Build a Megatron-Core ``GPTModel`` from a preset, a ``TransformerConfig`` and a backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_pack.model.presets import LlamaPreset, get_preset, padded_vocab_size
+from megatron_pack.model.spec import get_layer_spec
+
+
+def build_model(
+    preset: "LlamaPreset | str",
+    config,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vocab_size: Optional[int] = None,
+    backend: str = "auto",
+    vp_stage: Optional[int] = None,
+    max_sequence_length: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 128,
+):
+    """This rank's ``GPTModel`` (its pipeline stage, its tensor shards).
+
+    ``pre_process``/``post_process`` default to whether this rank is the first/last pipeline
+    stage. ``vocab_size`` (the tokenizer's) overrides the preset's and is padded Megatron's way
+    (a multiple of ``128 * TP``; padded rows take part in the softmax, as in Megatron-LM).
+    RoPE uses the preset's theta; the output layer is untied unless the preset ties it. The
+    model is on this rank's device (CPU without CUDA).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    vocab = vocab_size if vocab_size is not None else preset.vocab_size
+    if vocab is None:
+        raise ValueError(f"preset {preset.name!r} has no vocabulary size; pass vocab_size (the tokenizer's)")
+    if config.num_layers % config.pipeline_model_parallel_size:
+        raise ValueError(f"{config.num_layers} layers do not split over "
+                         f"{config.pipeline_model_parallel_size} pipeline stages")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_layer_spec(config, backend),
+        vocab_size=padded_vocab_size(vocab, config.tensor_model_parallel_size, make_vocab_size_divisible_by),
+        max_sequence_length=max_sequence_length or preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=preset.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(preset.rope_theta) if float(preset.rope_theta).is_integer() else preset.rope_theta,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def model_provider(preset: "LlamaPreset | str", config, **kwargs):
+    """Megatron-LM style ``model_provider(pre_process, post_process, vp_stage=None)`` closure."""
+
+    def provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
+        return build_model(preset, config, pre_process=pre_process, post_process=post_process,
+                           vp_stage=vp_stage, **kwargs)
+
+    return provider

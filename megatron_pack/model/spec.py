@@ -1,0 +1,89 @@
+"""Layer-spec provider: the one place that looks at what is installed.
+
+==========  =========================================  =====================================
+backend     layers                                     packed (THD) attention
+==========  =========================================  =====================================
+``te``      Transformer Engine (fused norm+linear)     TE fused attention (cuDNN / flash)
+``local``   Megatron-Core local (torch) layers         :class:`VarlenCoreAttention`:
+                                                       ``flash_attn_varlen_func`` with CUDA,
+                                                       flash-attn and fp16/bf16; PyTorch SDPA
+                                                       per document otherwise
+``auto``    ``te`` if transformer_engine imports and CUDA is available, else ``local``
+==========  =========================================  =====================================
+
+Both produce the same parameter layout in checkpoints (the local spec maps its norms onto
+TE's fused names), so a run can switch backends between save and load.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+BACKENDS = ("auto", "te", "local")
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # installed but broken (ABI mismatch, missing CUDA libs): treat as absent
+        return False
+    return True
+
+
+def te_available() -> bool:
+    return torch.cuda.is_available() and _importable("transformer_engine")
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and _importable("flash_attn")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` -> ``te`` or ``local``; a named backend is checked to be usable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown layer backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        return "te" if te_available() else "local"
+    if backend == "te" and not te_available():
+        raise RuntimeError("backend 'te' needs transformer_engine and CUDA; use backend='local' or 'auto'")
+    return backend
+
+
+def attention_kernel(config) -> str:
+    """Kernel for :class:`VarlenCoreAttention` in local layers: flash-attn needs CUDA and 16-bit."""
+    half = bool(getattr(config, "bf16", False) or getattr(config, "fp16", False))
+    return "flash" if half and flash_attn_available() else "torch"
+
+
+def describe(config, backend: str = "auto") -> str:
+    """One line for the run log: which layers and which packed-attention kernel."""
+    resolved = resolve_backend(backend)
+    if resolved == "te":
+        return "transformer-engine layers, TE fused attention (thd)"
+    return f"megatron-core local layers, VarlenCoreAttention[{attention_kernel(config)}]"
+
+
+def get_layer_spec(config, backend: str = "auto"):
+    """``ModuleSpec`` of one GPT decoder layer for ``config`` (a ``TransformerConfig``)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    resolved = resolve_backend(backend)
+    if resolved == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_pack.model.attention import VarlenCoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    attn = spec.submodules.self_attention.submodules
+    attn.core_attention = ModuleSpec(module=VarlenCoreAttention, params={"kernel": attention_kernel(config)})
+    return spec
