@@ -1,0 +1,181 @@
+"""Checkpoints with ``megatron.core.dist_checkpointing``; exact resume; SIGTERM handling.
+
+Layout (Megatron-LM's names, so its tooling recognises the directory)::
+
+    SAVE/latest_checkpointed_iteration.txt      "120"
+    SAVE/iter_0000120/                          dist_checkpointing: model + optimizer shards,
+                                                common.pt (scheduler, data position, iteration)
+    SAVE/iter_0000120/rng/rank_00003.pt         per-rank RNG states (python, numpy, torch,
+                                                CUDA, Megatron's model-parallel tracker)
+    SAVE/iter_0000120/run_config.json           the run's config, for the record
+
+Every rank writes into ``iter_N.tmp``; rank 0 renames it to ``iter_N`` and then rewrites
+the marker (temp file + rename), so a crash mid-save leaves the previous checkpoint as
+the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import warnings
+
+import numpy as np
+import torch
+
+MARKER = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    path = os.path.join(root, MARKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def unwrap(model):
+    """The bare Megatron module under DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.barrier
+    return 0, lambda: None
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    model_sd = unwrap(model).sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
+                    extra: dict | None = None, run_config: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    rank, barrier = _dist()
+    final = iter_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous save that died half-way
+        os.makedirs(os.path.join(tmp, "rng"))
+    barrier()
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["data"] = dict(data_state)
+    state["iteration"] = int(iteration)
+    state["extra"] = dict(extra or {})
+    dist_checkpointing.save(state, tmp)
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    barrier()
+    if rank == 0:
+        if run_config is not None:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(run_config, f, indent=1, default=str)
+        if os.path.isdir(final):  # re-saving the same step (resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = os.path.join(root, MARKER + ".tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+        os.replace(marker_tmp, os.path.join(root, MARKER))
+    barrier()
+    return final
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
+    """Restore the latest checkpoint under ``root`` into model, optimizer, scheduler and the
+    RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iter_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is missing")
+    state = _sharded_state_dict(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    unwrap(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rank, _ = _dist()
+    rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
+    return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),
+            "path": path}
+
+
+class SignalHandler:
+    """Remembers a SIGTERM instead of dying, so the loop can save at a step boundary.
+
+    ``stop_requested()`` is collective (a max over all ranks) so every rank sees the same
+    answer even if the signal reached them at different moments.
+    """
+
+    def __init__(self, sig=signal.SIGTERM):
+        self.sig = sig
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(self.sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
+        return False
+
+    def stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,261 @@
+"""Training configuration: one dataclass per concern, the command line generated from them.
+
+Every field carries its help text and, where Megatron-LM has the flag, Megatron's name
+(the field name with ``_`` -> ``-``). ``__post_init__`` rejects bad values with a message
+naming the flag. Checks that need the world size (batch divisibility) live in
+:meth:`TrainConfig.resolve`, called once distributed init has happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad training setting; the message names the flag."""
+
+
+def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None):
+    """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if flag is not None:
+        meta["flag"] = flag
+    if metavar is not None:
+        meta["metavar"] = metavar
+    return field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _need(cond: bool, flag: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{flag}: {msg}")
+
+
+PACK_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
+
+
+@dataclass
+class ModelArgs:
+    """Which network and in what precision."""
+
+    model: str = arg("tiny", "Architecture preset.", choices=("tiny", "llama3-8b", "llama3-70b"))
+    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding; default: the preset's, else "
+                                          "the tokenizer's (--tokenizer-model), else max token id + 1.")
+    tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
+                                               "the vocabulary size from.")
+    transformer_impl: str = arg("auto", "Layer implementation: auto picks Transformer Engine when importable "
+                                        "on GPU, else the local one (packed attention via flash-attn or "
+                                        "PyTorch SDPA).", choices=("auto", "local", "transformer_engine"))
+
+    @property
+    def backend(self) -> str:
+        """The name :func:`megatron_pack.model.builder.build_model` takes."""
+        return {"transformer_engine": "te"}.get(self.transformer_impl, self.transformer_impl)
+    bf16: Optional[bool] = arg(None, "bf16 parameters and compute (fp32 optimizer state); default on with "
+                                     "CUDA, off on CPU.")
+    recompute_granularity: Optional[str] = arg(None, "Activation recomputation.", choices=("full", "selective"))
+
+    def __post_init__(self):
+        _need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
+
+
+@dataclass
+class ParallelArgs:
+    """Model-parallel layout; data parallel = world size / (TP * PP * CP)."""
+
+    tensor_model_parallel_size: int = arg(1, "Tensor model parallel size.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline model parallel size (1F1B schedule when > 1).")
+    context_parallel_size: int = arg(1, "Context parallel size (not supported by this loop yet; must be 1).")
+    sequence_parallel: bool = arg(False, "Megatron sequence parallelism over the TP group.")
+    use_distributed_optimizer: Optional[bool] = arg(None, "Shard optimizer state over data parallel ranks; "
+                                                          "default on with NCCL, off with gloo.")
+    distributed_backend: Optional[str] = arg(None, "Default: nccl with CUDA, else gloo.", choices=("nccl", "gloo"))
+    distributed_timeout_minutes: int = arg(30, "Timeout of collective operations.")
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            v = getattr(self, name)
+            _need(v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
+        _need(self.context_parallel_size == 1, "--context-parallel-size",
+              "context parallelism is not supported by the training loop yet; use 1")
+        _need(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "must be > 0")
+
+
+@dataclass
+class PackingArgs:
+    """How conversations become fixed-length sequences."""
+
+    pack_mode: str = arg("bfd", "Packing mode (windowed_bfd:window=W for a window size).", metavar="MODE")
+    document_mask: bool = arg(True, "Attention and labels stay inside each sample (cu_seqlens); "
+                                    "--no-document-mask is the paper's setting.")
+    overlong: str = arg("truncate", "Conversations longer than --seq-length.",
+                        choices=("truncate", "drop", "split_turns"))
+    eval_pack_mode: str = arg("bfd", "Packing of the held-out split. Validation always uses the document "
+                                     "mask, so its loss is the same computation whatever --pack-mode.",
+                              metavar="MODE")
+
+    def __post_init__(self):
+        from megatron_pack.data.packing import get_mode
+
+        for flag, spec in (("--pack-mode", self.pack_mode), ("--eval-pack-mode", self.eval_pack_mode)):
+            try:
+                get_mode(spec)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{flag}: {e}") from None
+
+
+@dataclass
+class DataArgs:
+    """Where the data is and how it is split and served."""
+
+    data_path: Optional[str] = arg(None, "Prefix of the SFT indexed dataset (tools/preprocess_sft.py output).",
+                                   metavar="PREFIX")
+    seq_length: int = arg(4096, "Tokens per sequence (plan capacity).")
+    valid_fraction: float = arg(0.05, "Fraction of conversations held out for validation (0 disables it).")
+    data_cache_path: Optional[str] = arg(None, "Packing plan cache directory (default PREFIX_plans).")
+    packing: PackingArgs = field(default_factory=PackingArgs)
+
+    def __post_init__(self):
+        _need(self.seq_length >= 2, "--seq-length", f"must be >= 2, got {self.seq_length}")
+        _need(0.0 <= self.valid_fraction < 1.0, "--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
+
+
+@dataclass
+class OptimArgs:
+    """Optimizer, learning-rate schedule and clipping."""
+
+    optimizer: str = arg("adam", "Optimizer (AdamW-style decoupled weight decay for adam).", choices=("adam", "sgd"))
+    lr: float = arg(1e-5, "Peak learning rate.")
+    min_lr: float = arg(0.0, "Learning rate at the end of the decay.")
+    lr_decay_style: str = arg("cosine", "Decay after warmup.", choices=("cosine", "linear", "constant"))
+    lr_warmup_fraction: Optional[float] = arg(None, "Warmup as a fraction of the training steps "
+                                                    "(the paper's warmup ratio).")
+    lr_warmup_iters: int = arg(0, "Warmup steps (used when --lr-warmup-fraction is not given).")
+    weight_decay: float = arg(0.0, "Weight decay.")
+    adam_beta1: float = arg(0.9, "Adam beta1.")
+    adam_beta2: float = arg(0.95, "Adam beta2.")
+    adam_eps: float = arg(1e-8, "Adam epsilon.")
+    clip_grad: float = arg(1.0, "Gradient clipping on the global L2 norm (0 disables it).")
+
+    def __post_init__(self):
+        _need(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        _need(0 <= self.min_lr <= self.lr, "--min-lr", f"must be in [0, --lr={self.lr}], got {self.min_lr}")
+        if self.lr_warmup_fraction is not None:
+            _need(0.0 <= self.lr_warmup_fraction <= 1.0, "--lr-warmup-fraction",
+                  f"must be in [0, 1], got {self.lr_warmup_fraction}")
+        _need(self.lr_warmup_iters >= 0, "--lr-warmup-iters", "must be >= 0")
+        _need(self.weight_decay >= 0, "--weight-decay", "must be >= 0")
+        _need(self.clip_grad >= 0, "--clip-grad", "must be >= 0")
+
+
+@dataclass
+class TrainArgs:
+    """Batching, length of the run, loss weighting, evaluation."""
+
+    micro_batch_size: int = arg(1, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int = arg(16, "Sequences per optimizer step over all data-parallel ranks.")
+    train_iters: Optional[int] = arg(None, "Optimizer steps (give this or --train-epochs).")
+    train_epochs: Optional[float] = arg(None, "Passes over the training split (give this or --train-iters).")
+    loss_weighting: str = arg("token", "token: every supervised token of the global batch weighs the same; "
+                                       "sample: each sample's mean loss, then the mean over samples.",
+                              choices=("token", "sample"))
+    eval_interval: Optional[int] = arg(None, "Validate every N steps (default: only at the end).")
+    eval_iters: Optional[int] = arg(None, "Validation global batches (default: the whole held-out split).")
+    seed: int = arg(1234, "Seed for initialisation, data order and packing.")
+
+    def __post_init__(self):
+        _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
+        _need(self.global_batch_size >= 1, "--global-batch-size", f"must be >= 1, got {self.global_batch_size}")
+        _need((self.train_iters is None) != (self.train_epochs is None), "--train-iters/--train-epochs",
+              "give exactly one")
+        if self.train_iters is not None:
+            _need(self.train_iters >= 1, "--train-iters", f"must be >= 1, got {self.train_iters}")
+        if self.train_epochs is not None:
+            _need(self.train_epochs > 0, "--train-epochs", f"must be > 0, got {self.train_epochs}")
+        for name in ("eval_interval", "eval_iters"):
+            v = getattr(self, name)
+            _need(v is None or v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
+
+
+@dataclass
+class CheckpointArgs:
+    """Distributed checkpoints (megatron.core.dist_checkpointing)."""
+
+    save: Optional[str] = arg(None, "Checkpoint directory to write.", metavar="DIR")
+    load: Optional[str] = arg(None, "Checkpoint directory to resume from (latest iteration); a "
+                                    "directory without checkpoints starts fresh.", metavar="DIR")
+    save_interval: Optional[int] = arg(None, "Save every N steps (and always at the end when --save is given).")
+    exit_signal_handler: bool = arg(True, "On SIGTERM, save at the next step boundary and exit 0.")
+    exit_interval: Optional[int] = arg(None, "Stop (after saving) once this iteration is reached; the "
+                                             "schedule still spans the whole run.")
+
+    def __post_init__(self):
+        _need(self.save_interval is None or self.save_interval >= 1, "--save-interval", "must be >= 1")
+        _need(self.exit_interval is None or self.exit_interval >= 1, "--exit-interval", "must be >= 1")
+
+
+@dataclass
+class LoggingArgs:
+    """Console lines in Megatron-LM's format, TensorBoard when installed."""
+
+    log_interval: int = arg(1, "Print a training line every N steps.")
+    tensorboard_dir: Optional[str] = arg(None, "Write TensorBoard scalars here (needs the tensorboard package).")
+    log_file: Optional[str] = arg(None, "Also append JSON lines of every logged step here (rank 0).")
+
+    def __post_init__(self):
+        _need(self.log_interval >= 1, "--log-interval", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; ``python -m megatron_pack.train --help`` lists it."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+    def __post_init__(self):
+        _need(self.data.data_path is not None, "--data-path", "required")
+        if self.train.loss_weighting == "sample":
+            _need(self.data.packing.document_mask, "--loss-weighting sample",
+                  "needs the document mask to know where samples start (drop --no-document-mask)")
+        if self.parallel.sequence_parallel:
+            _need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
+                  "needs --tensor-model-parallel-size > 1")
+
+    def resolve(self, world_size: int) -> "ResolvedSizes":
+        """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""
+        p = self.parallel
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        _need(world_size % mp == 0, "--tensor/pipeline/context-model-parallel-size",
+              f"TP*PP*CP = {mp} does not divide the world size {world_size}")
+        dp = world_size // mp
+        per_step = self.train.micro_batch_size * dp
+        _need(self.train.global_batch_size % per_step == 0, "--global-batch-size",
+              f"{self.train.global_batch_size} is not a multiple of micro-batch-size * data-parallel "
+              f"= {self.train.micro_batch_size} * {dp}")
+        return ResolvedSizes(dp, self.train.global_batch_size // per_step)
+
+
+@dataclass(frozen=True)
+class ResolvedSizes:
+    data_parallel_size: int
+    num_microbatches: int
+
+
+def warmup_steps(optim: OptimArgs, total_steps: int) -> int:
+    if optim.lr_warmup_fraction is not None:
+        return int(math.floor(optim.lr_warmup_fraction * total_steps))
+    return min(optim.lr_warmup_iters, total_steps)

@@ -1,0 +1,92 @@
+"""Masked cross-entropy, normalised over the whole global batch.
+
+Megatron-Core's schedules take a loss function returning ``(loss, count, report)``; with
+``TransformerConfig.calculate_per_token_loss=True`` they do not divide per micro-batch:
+the backward pass runs on the *sum*, the counts are added over micro-batches, and
+``finalize_model_grads`` all-reduces the count over data-parallel ranks and scales the
+gradients by ``1 / count``. So returning
+
+* ``token`` weighting: ``(sum of masked token losses, number of supervised tokens)``
+  gives the mean over every supervised token of the global batch, however the tokens
+  fall into micro-batches, ranks or packed sequences;
+* ``sample`` weighting: ``(sum over samples of the sample's mean loss, number of
+  samples)`` gives the mean over samples of the global batch.
+
+Samples are the segments of ``cu_seqlens`` that hold at least one supervised token, e.g.
+per-token losses of one packed row and its segments::
+
+    losses      .5 .5 .1 .1 .1 .1 | pad
+    loss_mask    1  1  1  1  1  0 |  0
+    cu_seqlens  [0,    2,          6, 8]
+    token:  (0.5+0.5+0.1*4) / 6          = 0.2333
+    sample: ((0.5+0.5)/2 + (0.1*4)/4) / 2 = 0.3
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_WEIGHTINGS = ("token", "sample")
+
+
+def segment_ids(cu_seqlens: torch.Tensor, num_cu_seqlens: int, total: int) -> torch.Tensor:
+    """Segment index of every position of a packed row of ``total`` tokens."""
+    bounds = cu_seqlens[: int(num_cu_seqlens)].to(torch.int64)
+    if int(bounds[0]) != 0 or int(bounds[-1]) != total:
+        raise ValueError(f"cu_seqlens must run from 0 to {total}, got {bounds.tolist()}")
+    lens = bounds[1:] - bounds[:-1]
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+
+
+def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = "token",
+                cu_seqlens: torch.Tensor | None = None, num_cu_seqlens: int | None = None):
+    """``(loss sum, count, report)`` for Megatron-Core's per-token-loss schedules.
+
+    ``losses`` and ``loss_mask`` have the same shape (``[1, T]`` for a THD row). For
+    ``sample`` weighting, ``cu_seqlens`` (THD, ``-1`` padded) and ``num_cu_seqlens`` mark
+    the samples. ``report["lm loss"]`` is ``[loss sum, count]``, the pair that is summed
+    over micro-batches and ranks before dividing, so logs show the exact objective.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    losses = losses.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    if losses.shape != mask.shape:
+        raise ValueError(f"losses {tuple(losses.shape)} and loss_mask {tuple(mask.shape)} differ")
+    if weighting == "token":
+        loss = torch.sum(losses * mask)
+        count = mask.sum().to(torch.int)
+    else:
+        if cu_seqlens is None or num_cu_seqlens is None:
+            raise ValueError("sample weighting needs cu_seqlens and num_cu_seqlens")
+        seg = segment_ids(cu_seqlens, num_cu_seqlens, losses.numel())
+        n_seg = int(num_cu_seqlens) - 1
+        seg_sum = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(0, seg, losses * mask)
+        seg_cnt = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(0, seg, mask)
+        has = seg_cnt > 0
+        loss = torch.sum(seg_sum[has] / seg_cnt[has])
+        count = has.sum().to(torch.int)
+    report = torch.stack([loss.detach().clone(), count.to(loss.dtype)])
+    return loss, count, {"lm loss": report}
+
+
+def reduce_reports(reports: list, key: str = "lm loss", group=None) -> tuple[float, int]:
+    """Sum the ``[loss sum, count]`` pairs of the micro-batches, all-reduce over ``group``
+    (data parallel), return ``(mean loss, count)``. Ranks without reports (not the last
+    pipeline stage) pass an empty list and still join the collective."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for r in reports:
+        total += r[key].detach().to("cpu", torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        dev = _collective_device()
+        t = total.to(dev)
+        torch.distributed.all_reduce(t, group=group)
+        total = t.cpu()
+    loss_sum, count = float(total[0]), int(round(float(total[1])))
+    return (loss_sum / count if count else float("nan")), count
+
+
+def _collective_device():
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
