@@ -253,6 +253,13 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 supervised += int(res.mask.sum(dtype=np.int64))
                 bar.set_postfix(conversations=counts["read"], rejected=sum(reasons.values()), refresh=False)
             bar.close()
+            if writer.num_conversations == 0:
+                # An empty indexed dataset cannot even be memory-mapped: fail, keep the rejects.
+                rej.close()
+                os.replace(rejects_tmp, paths["rejects"])
+                raise PreprocessError(
+                    f"{', '.join(cfg.inputs)}: no usable conversation ({counts['read']} read, rejected: "
+                    f"{dict(sorted(reasons.items()))}); see {paths['rejects']}")
         os.replace(rejects_tmp, paths["rejects"])
     except BaseException:
         bar.close()

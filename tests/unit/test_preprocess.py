@@ -145,7 +145,7 @@ def test_deterministic_across_workers(bpe_dir, tmp_path):
 
 def test_strict_stops_with_file_line_reason(wordlevel_dir, tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [GOOD[0], GOOD[1], BAD[2][0], GOOD[2]])
-    with pytest.raises(PreprocessError, match=rf"in.jsonl:3: unknown_role: .*'wizard'"):
+    with pytest.raises(PreprocessError, match=r"in.jsonl:3: unknown_role: .*'wizard'"):
         preprocess(cfg([src], wordlevel_dir, tmp_path / "out", strict=True))
     assert not dataset_exists(str(tmp_path / "out"))
     assert os.listdir(tmp_path) == ["in.jsonl"]  # no temporary files left behind
@@ -214,6 +214,13 @@ def test_bad_paths_and_flags(wordlevel_dir, tmp_path):
         preprocess(cfg([str(tmp_path / "nope.jsonl")], wordlevel_dir, tmp_path / "out"))
     with pytest.raises(PreprocessError, match="--overlong"):
         cfg([src], wordlevel_dir, tmp_path / "out", overlong="wrap")
+
+
+def test_no_usable_conversation_is_an_error(wordlevel_dir, tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [raw for raw, _ in BAD[:3]])
+    with pytest.raises(PreprocessError, match=r"no usable conversation \(3 read"):
+        preprocess(cfg([src], wordlevel_dir, tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out_rejects.jsonl"]  # rejects kept to explain why
 
 
 def test_interrupted_run_leaves_nothing(wordlevel_dir, tmp_path, monkeypatch):
