@@ -1,0 +1,239 @@
+"""One rank of the distributed equality tests (started by ``launcher.launch``).
+
+Scenarios (``--scenario``):
+  reference  world 1: build the tiny model, save its weights as a dist checkpoint, check
+             packed == padded, RoPE/mask restart per document, run 3 optimizer steps.
+  layouts    any world: for each ``--layouts`` entry (``tp2``, ``pp2``, ``tp2pp2``, ``dp2`` ...)
+             rebuild the parallel groups and the model, load the reference weights
+             (resharding TP1 -> TPn / PPn), repeat the checks and the 3 steps.
+
+Every rank writes ``rank{r}.json``; the pytest side compares numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from functools import partial
+
+T0 = time.monotonic()
+
+import torch
+
+from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed
+
+VOCAB = 256  # padded vocab is 256 at TP1 and TP2, so the softmax sees the same logits
+SEQ = 32
+MICRO = 2  # packed sequences per THD micro-batch
+STEPS = 3
+GLOBAL = 4  # packed sequences per optimizer step
+INIT_STD = 0.1  # larger than Llama's 0.02 so attention is far from uniform and masks matter
+
+
+def datasets(prefix):
+    from megatron_pack.data.packed_dataset import PackedSFTDataset
+
+    packed = PackedSFTDataset(prefix, SEQ, "bfd", document_mask=True, shuffle_sequences=False, use_cache=False)
+    padded = PackedSFTDataset(prefix, SEQ, "padding", shuffle_sequences=False, use_cache=False)
+    return packed, padded
+
+
+def docs_of(ds, i):
+    return [int(d) for d in ds.plan.sequence(int(ds.order[i]))[:, 0]]
+
+
+def build(tp, pp, ckpt, save=False):
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_pack.model import build_model, get_preset, transformer_config
+
+    state = initialize_distributed(tp, pp)
+    set_seed(1234)
+    preset = get_preset("tiny")
+    cfg = transformer_config(preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             use_cpu_initialization=True, calculate_per_token_loss=True,
+                             init_method_std=INIT_STD)
+    model = build_model(preset, cfg, vocab_size=VOCAB, backend="local")
+    if save:
+        if state.rank == 0:
+            os.makedirs(ckpt, exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
+                                                 use_distributed_optimizer=True), [ddp])
+    cfg.no_sync_func = ddp.no_sync
+    cfg.finalize_model_grads_func = finalize_model_grads
+    return state, cfg, ddp, opt
+
+
+def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False):
+    """What the training loop does on every stage: read the micro-batch, pass packed params."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pack.model.packed import model_inputs
+
+    batch = next(data_iterator)
+    kwargs = model_inputs(batch)
+    if drop_packed_after_first_stage and not ps.is_pipeline_first_stage():
+        kwargs["packed_seq_params"] = None  # the Megatron-LM failure mode, for the negative check
+    out = model(**kwargs)
+
+    def loss_func(per_token):
+        mask = batch["loss_mask"].float()
+        loss = (per_token.float() * mask).sum()
+        n = mask.sum().to(torch.int)
+        return loss, n, {"lm": torch.stack([loss.detach(), n.float()])}
+
+    return out, loss_func
+
+
+def run_batch(state, cfg, ddp, micro_batches, forward_only=False, **fs_kwargs):
+    """One global batch through the pipeline schedule; this DP rank takes its share of micro-batches.
+    Returns the global per-token loss on the last stage (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mine = micro_batches[state.dp_rank::state.dp_size]
+    shape = mine[0]["tokens"].shape
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, **fs_kwargs), data_iterator=iter(mine), model=[ddp],
+        num_microbatches=len(mine), seq_length=shape[0] * shape[1] if mine[0]["cu_seqlens"].dim() == 1 else shape[1],
+        micro_batch_size=1 if mine[0]["cu_seqlens"].dim() == 1 else shape[0], forward_only=forward_only)
+    if not ps.is_pipeline_last_stage():
+        return None
+    tot = torch.stack([x["lm"] for x in losses]).sum(0)
+    torch.distributed.all_reduce(tot, group=ps.get_data_parallel_group())
+    return float(tot[0] / tot[1])
+
+
+def grads(ddp):
+    return {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+
+
+def packed_vs_padded(state, cfg, ddp, packed, padded):
+    """Loss and every gradient shard of this rank: packed THD micro-batches vs one conversation per row."""
+    from megatron_pack.data.collate import collate_padded, collate_thd
+
+    n = len(packed) // MICRO * MICRO
+    docs = sorted(d for i in range(n) for d in docs_of(packed, i))
+    row_of = {docs_of(padded, i)[0]: i for i in range(len(padded))}
+    thd = [collate_thd([packed[i + j] for j in range(MICRO)]) for i in range(0, n, MICRO)]
+    rows = [row_of[d] for d in docs]
+    mbs = next(b for b in (3, 4, 2, 1) if len(rows) % b == 0)  # fixed shape for pipeline send/recv
+    pad = [collate_padded([padded[r] for r in rows[i:i + mbs]]) for i in range(0, len(rows), mbs)]
+
+    ddp.zero_grad_buffer()
+    loss_thd = run_batch(state, cfg, ddp, thd)
+    g_thd = grads(ddp)
+    ddp.zero_grad_buffer()
+    loss_pad = run_batch(state, cfg, ddp, pad)
+    g_pad = grads(ddp)
+    ddp.zero_grad_buffer()
+    # negative controls: the same packed batch without the document mask, and (PP) with the
+    # packed params missing on later stages, must both change the loss
+    no_mask = []
+    for b in thd:
+        b = dict(b)
+        b["cu_seqlens"] = torch.tensor([0, b["tokens"].numel()], dtype=torch.int32)
+        b["num_cu_seqlens"], b["max_seqlen"] = torch.tensor(2), torch.tensor(b["tokens"].numel())
+        no_mask.append(b)
+    loss_no_mask = run_batch(state, cfg, ddp, no_mask, forward_only=True)
+    loss_dropped = (run_batch(state, cfg, ddp, thd, forward_only=True, drop_packed_after_first_stage=True)
+                    if state.pp_size > 1 else None)
+    return dict(
+        loss_packed=loss_thd, loss_padded=loss_pad, loss_no_doc_mask=loss_no_mask, loss_pp_dropped=loss_dropped,
+        grad_max_abs_diff=max(float((g_thd[k] - g_pad[k]).abs().max()) for k in g_thd),
+        grad_max_abs=max(float(g.abs().max()) for g in g_thd.values()),
+        num_docs=len(docs), num_packed_micro_batches=len(thd),
+    )
+
+
+def rope_restarts(ddp, packed):
+    """The same document twice in one THD row: both copies must give the same per-token loss."""
+    from megatron_pack.data.collate import collate_thd
+
+    item = packed[0]
+    n = int(item["cu_seqlens"][1])
+    one = {k: (v[:n] if torch.is_tensor(v) and v.dim() == 1 and v.numel() == SEQ else v) for k, v in item.items()}
+    one.update(cu_seqlens=torch.tensor([0, n], dtype=torch.int32), num_cu_seqlens=2, max_seqlen=n, num_real_tokens=n)
+    batch = collate_thd([one, one])
+    from megatron_pack.model.packed import model_inputs
+
+    with torch.no_grad():
+        per_token = ddp.module(**model_inputs(batch))[0]
+    return float((per_token[:n] - per_token[n:]).abs().max()), float(per_token.abs().max())
+
+
+def train(state, cfg, ddp, opt, packed):
+    from megatron_pack.data.collate import collate_thd
+
+    out = []
+    for step in range(STEPS):
+        idx = [(step * GLOBAL + i) % len(packed) for i in range(GLOBAL)]
+        mbs = [collate_thd([packed[idx[i]], packed[idx[i + 1]]]) for i in range(0, GLOBAL, MICRO)]
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = run_batch(state, cfg, ddp, mbs)
+        ok, grad_norm, _ = opt.step()
+        assert ok
+        out.append({"loss": loss, "grad_norm": float(grad_norm)})
+    return out
+
+
+def parse_layout(name):
+    m = re.fullmatch(r"(?:tp(\d+))?(?:pp(\d+))?(?:dp(\d+))?", name)
+    if not m or not name:
+        raise ValueError(f"bad layout {name!r}")
+    tp, pp = int(m.group(1) or 1), int(m.group(2) or 1)
+    return tp, pp
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def main():
+    log("imported")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--scenario", choices=["reference", "layouts"], required=True)
+    ap.add_argument("--layouts", default="")
+    args = ap.parse_args()
+    packed, padded = datasets(args.data)
+    results = {}
+    layouts = ["ref"] if args.scenario == "reference" else args.layouts.split(",")
+    for name in layouts:
+        tp, pp = (1, 1) if name == "ref" else parse_layout(name)
+        state, cfg, ddp, opt = build(tp, pp, args.ckpt, save=name == "ref")
+        log(f"{name}: built")
+        res = {"state": {k: v for k, v in vars(state).items() if k != "device"} | {"device": str(state.device)}}
+        res["check"] = packed_vs_padded(state, cfg, ddp, packed, padded)
+        if name == "ref":
+            res["rope_restart_diff"], res["rope_scale"] = rope_restarts(ddp, packed)
+        log(f"{name}: checked")
+        res["train"] = train(state, cfg, ddp, opt, packed)
+        log(f"{name}: trained")
+        results[name] = res
+    rank = torch.distributed.get_rank()
+    destroy_distributed()
+    tmp = os.path.join(args.out, f"rank{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, os.path.join(args.out, f"rank{rank}.json"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Start N ranks of a worker script the way torchrun would (env vars, free port), collect JSON results.
+
+Plain subprocesses rather than ``torchrun`` or ``mp.spawn``: no extra agent process to start on
+a 2-core machine, and a failing rank takes the others down instead of leaving them blocked in a
+collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) -> list[dict]:
+    """Run ``_worker.py args`` on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(nprocs):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+        log = open(out_dir / f"rank{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--out", str(out_dir), *args],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    failed = None
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            if failed is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        timed_out = any(p.poll() is None for p in procs) and failed is None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    if failed is not None or timed_out:
+        which = failed if failed is not None else 0
+        tail = (out_dir / f"rank{which}.log").read_text()[-4000:]
+        reason = f"rank {which} exited with {procs[which].returncode}" if failed is not None else f"timeout {timeout}s"
+        raise RuntimeError(f"distributed worker failed ({reason}); log tail:\n{tail}")
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nprocs)]
