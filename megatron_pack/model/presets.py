@@ -77,8 +77,10 @@ def transformer_config(
 ):
     """``TransformerConfig`` for ``preset`` under a parallel layout and precision.
 
-    Fusions that need CUDA kernels are left off here; the spec provider turns on what
-    the device supports.
+    Fusions that need apex/TE kernels (masked softmax, RoPE, bias-activation, gradient
+    accumulation) are left off so the same config runs everywhere; a GPU run turns them on
+    through ``overrides`` (e.g. ``apply_rope_fusion=True`` with Transformer Engine). The layer
+    implementation itself is chosen by :func:`megatron_pack.model.spec.get_layer_spec`.
     """
     from megatron.core.transformer import TransformerConfig
 

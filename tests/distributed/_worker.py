@@ -223,6 +223,11 @@ def main():
         res["check"] = packed_vs_padded(state, cfg, ddp, packed, padded)
         if name == "ref":
             res["rope_restart_diff"], res["rope_scale"] = rope_restarts(ddp, packed)
+            m = ddp.module
+            res["model"] = dict(inv_freq_1=float(m.rotary_pos_emb.inv_freq[1]), vocab=m.vocab_size,
+                                tied=m.share_embeddings_and_output_weights,
+                                core_attention=type(m.decoder.layers[0].self_attention.core_attention).__name__,
+                                head_dim=cfg.kv_channels)
         log(f"{name}: checked")
         res["train"] = train(state, cfg, ddp, opt, packed)
         log(f"{name}: trained")

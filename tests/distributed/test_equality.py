@@ -66,6 +66,12 @@ def test_packed_equals_padded_tp1(reference):
     assert_packed_equals_padded([reference])
 
 
+def test_reference_model_is_llama_shaped(reference):
+    m = reference["model"]
+    assert m["core_attention"] == "VarlenCoreAttention" and m["vocab"] == 256 and not m["tied"]
+    assert math.isclose(m["inv_freq_1"], 500000.0 ** (-2 / m["head_dim"]), rel_tol=1e-6)  # RoPE theta 500000
+
+
 def test_document_mask_and_rope_restart_matter(reference):
     """Negative control: without the document mask the same batch gives another loss, and one
     document repeated twice in a THD row gives identical per-token losses (RoPE restarts)."""
