@@ -1,0 +1,386 @@
+"""A cluster plan: validate the layout, count parameters, size memory, estimate time.
+
+``make_plan(PlanConfig(...))`` returns the plan as a JSON-ready dict; ``render`` prints it.
+Parameters come from the real Megatron-Core model built per rank on the meta device
+(:mod:`.params`), memory from :mod:`.memory`, time from :mod:`.timing`; with a dataset every
+packing mode is planned on it and costed side by side (the shape of the training-time
+table of "Packing Analysis", arXiv 2410.08081, from our own plans).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_pack.model.presets import get_preset
+from megatron_pack.planning.catalogue import get_gpu
+from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
+from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
+
+#: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
+PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
+DEFAULT_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; the message lists every reason."""
+
+
+@dataclass
+class PlanConfig:
+    """A run to plan; field names are the training CLI's (Megatron's flags, ``_`` for ``-``)."""
+
+    model: str = "llama3-70b"
+    nnodes: int = 1
+    gpus_per_node: int = 8
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    recompute_granularity: Optional[str] = None
+    bf16: bool = True
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 64
+    vocab_size: Optional[int] = None
+    """Default: the preset's (required for ``tiny``)."""
+    gpu: str = "a800-80gb"
+    mfu: float = DEFAULT_MFU
+    overhead_gb: float = 3.0
+    """CUDA context + NCCL buffers + fragmentation allowance per GPU (an assumption)."""
+    flash_attention: bool = True
+    data_path: Optional[str] = None
+    pack_mode: str = "bfd"
+    modes: tuple = DEFAULT_MODES
+    document_mask: bool = True
+    pad_attention: bool = False
+    """Cost attention as S^2 per sequence (a BSHD kernel over padding) instead of real segments."""
+    overlong: str = "truncate"
+    valid_fraction: float = 0.05
+    """Held out of training (as the training CLI does); the epoch is the rest."""
+    seed: int = 1234
+    train_epochs: Optional[float] = None
+    train_iters: Optional[int] = None
+    unmodelled_flags: list = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.gpus_per_node
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_parallel_size: int
+    num_microbatches: int
+    padded_seq_length: int
+    """S: --seq-length padded up to what SP (TP) and CP (2*CP) need, as the dataset does."""
+    warnings: tuple
+
+
+def validate_layout(cfg: PlanConfig) -> Layout:
+    """The derived sizes of a legal layout; raises :class:`LayoutError` listing every reason."""
+    from megatron_pack.data.packed_dataset import required_multiple
+
+    preset = get_preset(cfg.model)
+    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
+    errors, warnings = [], []
+    for name in ("nnodes", "gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size", "seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if errors:
+        raise LayoutError("; ".join(errors))
+    world = cfg.world_size
+    if world % cfg.model_parallel_size:
+        errors.append(f"world size {world} ({cfg.nnodes} nodes x {cfg.gpus_per_node} GPUs) is not divisible "
+                      f"by TP*PP*CP = {tp}*{pp}*{cp} = {cfg.model_parallel_size}")
+    if preset.num_attention_heads % tp:
+        errors.append(f"TP {tp} does not divide the {preset.num_attention_heads} attention heads of {preset.name}")
+    if preset.num_query_groups % tp:
+        errors.append(f"TP {tp} does not divide the {preset.num_query_groups} query groups (KV heads) "
+                      f"of {preset.name}")
+    if preset.num_layers % pp:
+        errors.append(f"PP {pp} does not divide the {preset.num_layers} layers of {preset.name} "
+                      f"(stages must hold equal layer counts)")
+    if cfg.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if cfg.recompute_granularity not in RECOMPUTE:
+        errors.append(f"--recompute-granularity must be full or selective, got {cfg.recompute_granularity!r}")
+    dp = world // cfg.model_parallel_size if world % cfg.model_parallel_size == 0 else 0
+    m = 0
+    if dp:
+        per_step = cfg.micro_batch_size * dp
+        if cfg.global_batch_size % per_step:
+            errors.append(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size * "
+                          f"data-parallel = {cfg.micro_batch_size} * {dp}")
+        else:
+            m = cfg.global_batch_size // per_step
+    if errors:
+        raise LayoutError("; ".join(errors))
+    if tp > cfg.gpus_per_node:
+        warnings.append(f"TP {tp} spans nodes ({cfg.gpus_per_node} GPUs per node): its all-reduces leave NVLink")
+    if tp > 1 and not cfg.sequence_parallel:
+        warnings.append("TP > 1 without --sequence-parallel: norm/residual activations are replicated on every "
+                        "TP rank")
+    if pp > 1 and m < pp:
+        warnings.append(f"{m} micro-batches per step for {pp} pipeline stages: the bubble (PP-1)/M = "
+                        f"{(pp - 1) / m:.0%} dominates")
+    if cfg.use_distributed_optimizer and dp * cp == 1:
+        warnings.append("--use-distributed-optimizer with DP*CP = 1 shards nothing")
+    mult = required_multiple(tp, cp, cfg.sequence_parallel)
+    s = -(-cfg.seq_length // mult) * mult
+    if s != cfg.seq_length:
+        warnings.append(f"sequences padded from --seq-length {cfg.seq_length} to {s} (a multiple of {mult} "
+                        f"for sequence/context parallel)")
+    return Layout(dp, m, s, tuple(warnings))
+
+
+def _vocab(cfg: PlanConfig, preset) -> int:
+    v = cfg.vocab_size or preset.vocab_size
+    if v is None:
+        raise ValueError(f"preset {preset.name!r} has no vocabulary size; pass --vocab-size or --tokenizer-model")
+    return int(v)
+
+
+def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
+    kw = dict(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, cp=cfg.context_parallel_size,
+              dp=lay.data_parallel_size, seq_length=lay.padded_seq_length, micro_batch_size=cfg.micro_batch_size,
+              num_microbatches=lay.num_microbatches,
+              sequence_parallel=cfg.sequence_parallel, use_distributed_optimizer=cfg.use_distributed_optimizer,
+              recompute_granularity=cfg.recompute_granularity, bf16=cfg.bf16,
+              flash_attention=cfg.flash_attention, overhead_gb=cfg.overhead_gb)
+    kw.update(over)
+    return MemoryConfig(**kw)
+
+
+def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool) -> tuple[list, dict]:
+    from megatron_pack.data.indexed import SFTIndexedDataset
+    from megatron_pack.data.packing import build_plan, get_mode
+    from megatron_pack.training.data import split_indices
+
+    ds = SFTIndexedDataset(cfg.data_path)
+    # the training split, drawn exactly as training draws it
+    train_idx, _ = split_indices(len(ds), cfg.valid_fraction, cfg.seed)
+    if train_idx.size == 0:
+        raise ValueError(f"{cfg.data_path}: no training conversations after holding out "
+                         f"--valid-fraction {cfg.valid_fraction} of {len(ds)}")
+    lengths = ds.lengths[train_idx]
+    modes = list(cfg.modes)
+    if get_mode(cfg.pack_mode).name not in [get_mode(x).name for x in modes]:
+        modes.append(cfg.pack_mode)
+    rows = []
+    for spec in modes:
+        t0 = time.perf_counter()
+        plan = build_plan(lengths, cfg.seq_length, spec, seed=cfg.seed, overlong=cfg.overlong,
+                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if cfg.overlong == "split_turns" else None)
+        stats = plan_stats(plan, document_mask=cfg.document_mask, pad_attention=cfg.pad_attention)
+        est = estimate(preset, params.matmul_total, stats, tcfg)
+        rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),
+                     "efficiency": float(plan.efficiency), "real_tokens": stats.real_tokens,
+                     "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
+    base = next((r for r in rows if r["mode"] == "padding"), None)
+    for r in rows:
+        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
+        if cfg.train_epochs is not None:  # as training counts them (epochs_to_iters), from epoch 0's plan
+            whole, frac = int(cfg.train_epochs), cfg.train_epochs - int(cfg.train_epochs)
+            r["train_steps"] = whole * r["steps"] + int(r["steps"] * frac)
+            r["train_seconds"] = r["train_steps"] * r["step_seconds"]
+    info = {"data_path": cfg.data_path, "num_conversations": int(len(lengths)), "tokens": int(lengths.sum()),
+            "valid_fraction": cfg.valid_fraction, "held_out_conversations": int(len(ds) - len(lengths)),
+            "document_mask": cfg.document_mask, "pad_attention": cfg.pad_attention, "overlong": cfg.overlong}
+    return rows, info
+
+
+def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
+    """The whole plan as a JSON-ready dict (see ``render`` for the printed form)."""
+    from megatron_pack.planning.params import count_parameters
+
+    t0 = time.perf_counter()
+    preset = get_preset(cfg.model)
+    gpu = get_gpu(cfg.gpu)
+    lay = validate_layout(cfg)
+    dp, m, warnings = lay.data_parallel_size, lay.num_microbatches, list(lay.warnings)
+    vocab = _vocab(cfg, preset)
+    params = count_parameters(preset, tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+                              context_parallel_size=cfg.context_parallel_size, world_size=cfg.world_size,
+                              vocab_size=vocab, progress=progress)
+
+    stages = plan_memory(preset, _memory_config(cfg, lay), params)
+    peak = max(stages, key=lambda s: s.total)
+    alternatives = []
+    sp_options = (False, True) if cfg.tensor_model_parallel_size > 1 else (False,)
+    for sp in sp_options:
+        for dist_opt in (False, True):
+            row = {"sequence_parallel": sp, "use_distributed_optimizer": dist_opt}
+            for rc in RECOMPUTE:
+                mc = _memory_config(cfg, lay, sequence_parallel=sp, use_distributed_optimizer=dist_opt,
+                                    recompute_granularity=rc)
+                row[rc or "none"] = max(s.total for s in plan_memory(preset, mc, params))
+            alternatives.append(row)
+
+    tcfg = TimingConfig(gpu=gpu, num_gpus=cfg.world_size, pp=cfg.pipeline_model_parallel_size, num_microbatches=m,
+                        global_batch_size=cfg.global_batch_size, seq_length=lay.padded_seq_length, mfu=cfg.mfu,
+                        recompute_granularity=cfg.recompute_granularity)
+    if cfg.data_path:
+        modes, data = _mode_rows(cfg, preset, params, tcfg, progress)
+    else:
+        n = (cfg.train_iters or 1) * cfg.global_batch_size
+        modes, data = [], None
+        est = estimate(preset, params.matmul_total, full_sequences(n, lay.padded_seq_length), tcfg)
+    selected = next((r for r in modes if r["selected"]), None)
+    if selected and selected["steps"] == 0:
+        warnings.append(f"{selected['num_sequences']} sequences with --pack-mode {selected['mode']}: fewer than one "
+                        f"global batch of {cfg.global_batch_size}, so an epoch has no step (training refuses it)")
+    timing = {
+        "gpu_peak_tflops": gpu.bf16_tflops, "mfu": cfg.mfu, "bubble": tcfg.bubble,
+        "num_microbatches": m,
+        "step_seconds": selected["step_seconds"] if selected else est.step_seconds,
+        "model_flops_per_step": selected["model_flops_per_step"] if selected else est.model_flops_per_step,
+        "basis": f"{selected['mode']} plan of {cfg.data_path}" if selected else
+                 "full sequences, one document each (no dataset given)",
+    }
+    if selected and cfg.train_epochs is not None:
+        timing["train_seconds"] = selected["train_seconds"]
+    elif not selected and cfg.train_iters:
+        timing["train_seconds"] = est.epoch_seconds
+
+    published = PUBLISHED_PARAMETERS.get(preset.name)
+    out = {
+        "model": preset.name,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "unmodelled_flags"},
+        "layout": {"world_size": cfg.world_size, "tp": cfg.tensor_model_parallel_size,
+                   "pp": cfg.pipeline_model_parallel_size, "cp": cfg.context_parallel_size, "dp": dp,
+                   "num_microbatches": m, "seq_length_padded": lay.padded_seq_length,
+                   "layers_per_stage": preset.num_layers // cfg.pipeline_model_parallel_size},
+        "gpu": dataclasses.asdict(gpu),
+        "total_parameters": params.total,
+        "total_parameters_unpadded": params.total_unpadded,
+        "published_parameters": published,
+        "published_relative_error": (params.total_unpadded - published) / published if published else None,
+        "vocab_size": params.vocab_size,
+        "padded_vocab_size": params.padded_vocab_size,
+        "matmul_parameters": params.matmul_total,
+        "per_rank_parameters": [dataclasses.asdict(r) for r in params.per_rank],
+        "param_build": {"builder": params.builder, "distinct_ranks": len(params.per_rank),
+                        "seconds": params.build_seconds, "notes": params.notes},
+        "memory_per_gpu_gb": {k: v for k, v in peak.to_json().items() if k not in ("pp_rank", "parameters",
+                                                                                  "microbatches_in_flight")},
+        "memory_peak_stage": peak.pp_rank,
+        "memory_per_stage_gb": [s.to_json() for s in stages],
+        "memory_alternatives_gb": alternatives,
+        "gpu_memory_gb": gpu.memory_gib,
+        "fits": bool(peak.total <= gpu.memory_gib),
+        "timing": timing,
+        "data": data,
+        "modes": modes,
+        "warnings": warnings,
+        "unmodelled_flags": list(cfg.unmodelled_flags),
+        "plan_seconds": time.perf_counter() - t0,
+    }
+    return out
+
+
+def write_json(plan: dict, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _hours(s: float) -> str:
+    return f"{s / 3600:.2f} h" if s >= 360 else f"{s:.1f} s"
+
+
+def render(plan: dict) -> str:
+    """The plan as text: layout, parameters, memory, verdict, time per packing mode."""
+    c, lay, g = plan["config"], plan["layout"], plan["gpu"]
+    rc = c["recompute_granularity"] or "none"
+    out = [
+        f"Plan: {plan['model']} on {c['nnodes']} x {c['gpus_per_node']} {g['name']} ({lay['world_size']} GPUs): "
+        f"TP {lay['tp']} x PP {lay['pp']} x CP {lay['cp']} x DP {lay['dp']}",
+        f"  sequence parallel {'on' if c['sequence_parallel'] else 'off'}, distributed optimizer "
+        f"{'on' if c['use_distributed_optimizer'] else 'off'}, recompute {rc}, {'bf16' if c['bf16'] else 'fp32'}; "
+        f"global batch {c['global_batch_size']} = micro-batch {c['micro_batch_size']} x {lay['num_microbatches']} "
+        f"micro-batches x DP {lay['dp']}, {c['seq_length']} tokens per sequence",
+        "",
+        f"Parameters: Megatron-Core GPTModel built per rank on the meta device under a fake "
+        f"{lay['world_size']}-rank process group ({plan['param_build']['distinct_ranks']} distinct (tp, pp) "
+        f"shards, {plan['param_build']['seconds']:.1f} s)",
+        f"  {'built model (vocab padded to ' + format(plan['padded_vocab_size'], ',') + ')':<40}"
+        f"{plan['total_parameters']:>17,}",
+        f"  {'unpadded vocab ' + format(plan['vocab_size'], ',') + ' (compared)':<40}"
+        f"{plan['total_parameters_unpadded']:>17,} = {plan['total_parameters_unpadded'] / 1e9:.2f}B",
+    ]
+    if plan["published_parameters"]:
+        out.append(f"  published {plan['published_parameters'] / 1e9:.2f}B: relative error "
+                   f"{plan['published_relative_error']:+.4%}")
+    out += ["", "| stage | layers | embedding | output | params per GPU (each TP rank) | TP-replicated |",
+            "|---:|---:|:-:|:-:|---:|---:|"]
+    for s in range(lay["pp"]):
+        r = [x for x in plan["per_rank_parameters"] if x["pp_rank"] == s]
+        counts = sorted({x["parameters"] for x in r})
+        out.append(f"| {s} | {r[0]['num_layers']} | {'yes' if r[0]['has_embedding'] else ''} | "
+                   f"{'yes' if r[0]['has_output_layer'] else ''} | {' / '.join(f'{n:,}' for n in counts)} | "
+                   f"{r[0]['tp_replicated']:,} |")
+    out += ["", f"Memory per GPU (GiB; 1F1B keeps min(PP - stage, M) micro-batches in flight; overhead "
+                f"{c['overhead_gb']} GiB assumed)",
+            "| stage | in flight | weights | grads | optimizer | activations | logits | overhead | total |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in plan["memory_per_stage_gb"]:
+        out.append(f"| {s['pp_rank']} | {s['microbatches_in_flight']} | {s['weights']:.1f} | {s['grads']:.1f} | "
+                   f"{s['optimizer']:.1f} | {s['activations']:.1f} | {s['logits']:.1f} | {s['overhead']:.1f} | "
+                   f"{s['total']:.1f} |")
+    peak = plan["memory_per_gpu_gb"]["total"]
+    verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
+    out.append(f"peak {peak:.1f} GiB (stage {plan['memory_peak_stage']}) of {plan['gpu_memory_gb']:.0f} GiB: "
+               f"{verdict} ({plan['gpu_memory_gb'] - peak:+.1f} GiB headroom)")
+    out += ["", "Peak GiB per GPU for other settings:",
+            "| sequence parallel | distributed optimizer | recompute none | selective | full |", "|:-:|:-:|---:|---:|---:|"]
+    for a in plan["memory_alternatives_gb"]:
+        cells = [f"{a[k]:.1f}{'' if a[k] <= plan['gpu_memory_gb'] else ' (OOM)'}" for k in ("none", "selective", "full")]
+        out.append(f"| {'on' if a['sequence_parallel'] else 'off'} | {'on' if a['use_distributed_optimizer'] else 'off'}"
+                   f" | {' | '.join(cells)} |")
+    t = plan["timing"]
+    out += ["", f"Time: {g['name']} {t['gpu_peak_tflops']:.0f} TFLOP/s bf16 peak, MFU {t['mfu']:.2f} assumed, "
+                f"pipeline bubble (PP-1)/M = {t['bubble']:.1%}"]
+    if plan["modes"]:
+        d = plan["data"]
+        out.append(f"  dataset {d['data_path']}: {d['num_conversations']:,} conversations, {d['tokens']:,} tokens; "
+                   f"attention over {'document segments' if d['document_mask'] else 'whole sequences'}"
+                   f"{' (padded to S)' if d['pad_attention'] else ''}")
+        epochs = c["train_epochs"]
+        head = "| mode | sequences | efficiency | steps/epoch | attention FLOPs | PFLOP/step | step | epoch | vs padding |"
+        head += " real tok/s/GPU |" + (f" {epochs:g} epochs |" if epochs is not None else "")
+        out += ["", head, "|:--|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if epochs is not None else "")]
+        for r in plan["modes"]:
+            vs = f"{r['time_vs_padding']:.2f}x" if r["time_vs_padding"] is not None else "-"
+            line = (f"| {r['mode']}{' *' if r['selected'] else ''} | {r['num_sequences']:,} | {r['efficiency']:.1%} | "
+                    f"{r['steps']:,} | {r['attention_share']:.1%} | {r['model_flops_per_step'] / 1e15:.2f} | "
+                    f"{r['step_seconds']:.2f} s | {_hours(r['epoch_seconds'])} | {vs} | "
+                    f"{r['real_tokens_per_second_per_gpu']:,.0f} |")
+            if epochs is not None:
+                line += f" {_hours(r['train_seconds'])} |"
+            out.append(line)
+        out.append("(* = --pack-mode; time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble); "
+                   "FLOPs include padding positions)")
+    else:
+        out.append(f"  {t['basis']}: {t['model_flops_per_step'] / 1e15:.2f} PFLOP/step, {t['step_seconds']:.2f} s/step"
+                   + (f", {c['train_iters']} steps = {_hours(t['train_seconds'])}" if "train_seconds" in t else ""))
+    for w in plan["warnings"]:
+        out.append(f"warning: {w}")
+    if plan["param_build"]["notes"]:
+        out += [f"note: {n}" for n in plan["param_build"]["notes"]]
+    if plan["unmodelled_flags"]:
+        out.append("note: not modelled, ignored: " + " ".join(plan["unmodelled_flags"]))
+    return "\n".join(out)

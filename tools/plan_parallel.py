@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Validate and cost a parallel layout before it is queued: parameters, memory, time.
+
+    python tools/plan_parallel.py --model llama3-70b --nnodes 4 --gpus-per-node 8 \\
+        --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4 --sequence-parallel \\
+        --use-distributed-optimizer --gpu a800-80gb --seq-length 4096 --micro-batch-size 1 \\
+        --global-batch-size 64 [--data-prefix PREFIX --pack-mode bfd --train-epochs 3] [--json plan.json]
+
+Flag names are the training CLI's (Megatron-LM's), so a launch script can pass its whole
+argument arrays; flags the planner does not model are ignored and listed. Exit status 2
+for an illegal layout or bad input, with the reason.
+"""
+
+import argparse
+import sys
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_pack.model.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = argparse.BooleanOptionalAction
+    g = p.add_argument_group("cluster")
+    g.add_argument("--nnodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", "--nproc-per-node", "--nproc_per_node", dest="gpus_per_node", type=int, default=8)
+    g.add_argument("--gpu", default="a800-80gb", help="A800-80GB, A100-80GB, H100-80GB, H200 (or a800, a100, h100, h200)")
+    g.add_argument("--mfu", type=float, default=None, help="assumed model FLOP utilisation while computing (default 0.40)")
+    g.add_argument("--overhead-gb", type=float, default=3.0, help="per-GPU allowance for CUDA context, NCCL, fragmentation")
+    g = p.add_argument_group("model and parallelism (training CLI names)")
+    g.add_argument("--model", default="llama3-70b", choices=sorted(PRESETS))
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--tokenizer-model", default=None, help="read the vocabulary size from this tokenizer")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action=b, default=False)
+    g.add_argument("--use-distributed-optimizer", action=b, default=False)
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-activations", action="store_true", help="Megatron's alias of --recompute-granularity selective")
+    g.add_argument("--bf16", action=b, default=True)
+    g.add_argument("--flash-attention", action=b, default=True,
+                   help="attention kernels keep no s x s scores (TE / flash-attn; the THD path)")
+    g = p.add_argument_group("batch and data")
+    g.add_argument("--seq-length", type=int, default=4096)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=64)
+    g.add_argument("--data-prefix", "--data-path", dest="data_path", default=None,
+                   help="SFT indexed dataset prefix: cost every packing mode on it")
+    g.add_argument("--pack-mode", default="bfd")
+    g.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd", help="modes to compare")
+    g.add_argument("--document-mask", action=b, default=True)
+    g.add_argument("--pad-attention", action="store_true", help="cost attention as S^2 per sequence (BSHD kernels)")
+    g.add_argument("--overlong", choices=("truncate", "drop", "split_turns"), default="truncate")
+    g.add_argument("--valid-fraction", type=float, default=0.05, help="held out of training, as the training CLI does")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--train-epochs", type=float, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", dest="json_out", default=None, help="write the plan as JSON here")
+    g.add_argument("--progress", action=b, default=True)
+    return p
+
+
+def main(argv=None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    # Megatron-Core warns at import that TE/apex are absent; irrelevant to a plan.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+
+    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, render, write_json
+    from megatron_pack.planning.timing import DEFAULT_MFU
+
+    try:
+        vocab = args.vocab_size
+        if vocab is None and args.tokenizer_model:
+            from megatron_pack.data.tokenizer import load_tokenizer
+
+            vocab = load_tokenizer(args.tokenizer_model).vocab_size
+        cfg = PlanConfig(
+            model=args.model, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            recompute_granularity=args.recompute_granularity or ("selective" if args.recompute_activations else None),
+            bf16=args.bf16, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size, vocab_size=vocab, gpu=args.gpu,
+            mfu=DEFAULT_MFU if args.mfu is None else args.mfu, overhead_gb=args.overhead_gb,
+            flash_attention=args.flash_attention, data_path=args.data_path, pack_mode=args.pack_mode,
+            modes=tuple(m for m in args.modes.split(",") if m), document_mask=args.document_mask,
+            pad_attention=args.pad_attention, overlong=args.overlong, valid_fraction=args.valid_fraction, seed=args.seed,
+            train_epochs=args.train_epochs, train_iters=args.train_iters, unmodelled_flags=list(unknown),
+        )
+        plan = make_plan(cfg, progress=args.progress)
+    except LayoutError as e:
+        print(f"plan_parallel: error: illegal layout: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"plan_parallel: error: {e}", file=sys.stderr)
+        return 2
+    print(render(plan))
+    if args.json_out:
+        write_json(plan, args.json_out)
+        print(f"plan written to {args.json_out}")
+    return 0 if plan["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
