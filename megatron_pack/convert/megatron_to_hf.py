@@ -1,0 +1,160 @@
+"""Megatron checkpoint (a training dist checkpoint at any TP/PP, or an import) -> HF Llama directory.
+
+Streams layer by layer into :class:`~megatron_pack.convert.hf_io.ShardedSafetensorsWriter`:
+peak memory is one layer (all its TP shards merged) plus the shard being filled. Writes
+``config.json``, safetensors (sharded with ``model.safetensors.index.json`` above
+``max_shard_size``) and the tokenizer files, into a temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_pack.convert import checkpoint_io as C
+from megatron_pack.convert import mapping as M
+from megatron_pack.convert.hf_io import (DTYPES, ConversionError, ShardedSafetensorsWriter, copy_tokenizer,
+                                         hf_config_dict, parse_dtype, parse_size)
+from megatron_pack.convert.hf_to_megatron import _progress, finish_output, prepare_output
+from megatron_pack.model.presets import LlamaPreset, get_preset
+
+
+class ImportSource:
+    """An ``hf-to-megatron`` output: merge each layer's TP shards from its stage's directories."""
+
+    def __init__(self, meta: dict):
+        self.meta, self.dir = meta, meta["_dir"]
+        self.preset = C.preset_from_metadata(meta)
+        self.tp, self.pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
+        self.dtype = DTYPES[meta["dtype"]]
+        root = os.path.dirname(self.dir)
+        self.tokenizer_dir = os.path.join(root, "tokenizer") if os.path.isdir(os.path.join(root, "tokenizer")) else None
+        self.special = meta.get("hf_config", {})
+
+    def _rank(self, r, s, name):
+        return C.read_tensors(os.path.join(C.rank_dir(self.dir, r, s), name))
+
+    def layer(self, i: int) -> dict:
+        stage, local = divmod(i, self.preset.num_layers // self.pp)
+        return M.megatron_layer_to_hf([self._rank(r, stage, C.layer_file(local)) for r in range(self.tp)],
+                                      self.preset)
+
+    def embedding(self) -> torch.Tensor:
+        return torch.cat([self._rank(r, 0, "embedding.safetensors")[M.MEG_EMBEDDING] for r in range(self.tp)])
+
+    def final_norm(self) -> torch.Tensor:
+        return self._rank(0, self.pp - 1, "head.safetensors")[M.MEG_FINAL_NORM]
+
+    def output(self) -> Optional[torch.Tensor]:
+        return torch.cat([self._rank(r, self.pp - 1, "head.safetensors")[M.MEG_OUTPUT] for r in range(self.tp)])
+
+
+def _run_config(iter_path: str) -> dict:
+    path = os.path.join(iter_path, "run_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_vocab_size(run_config: dict, preset: LlamaPreset) -> Optional[int]:
+    """The vocabulary the run trained with, as the training loop resolved it (when recorded)."""
+    model = run_config.get("model", {})
+    if model.get("vocab_size"):
+        return int(model["vocab_size"])
+    if model.get("tokenizer_model"):
+        from megatron_pack.data.tokenizer import load_tokenizer
+
+        return int(load_tokenizer(model["tokenizer_model"]).vocab_size)
+    return preset.vocab_size
+
+
+class DistSource:
+    """A training checkpoint (``megatron.core.dist_checkpointing``, torch_dist), any TP/PP."""
+
+    def __init__(self, iter_path: str, vocab_size: Optional[int] = None, model: Optional[str] = None):
+        self.reader = C.DistCheckpointReader(iter_path)
+        rc = _run_config(iter_path)
+        name = model or rc.get("model", {}).get("model")
+        if not name:
+            raise ConversionError(f"{iter_path}: no run_config.json naming the model preset; pass --model")
+        preset = get_preset(name)
+        vocab = vocab_size or training_vocab_size(rc, preset)
+        if not vocab:
+            raise ConversionError(f"{iter_path}: the run's vocabulary size is not recorded; pass --vocab-size")
+        self.preset = preset.with_vocab(vocab)
+        emb = self.reader.meta[M.MEG_EMBEDDING]
+        self.dtype = emb.dtype
+        if emb.global_shape[0] < vocab or emb.global_shape[1] != preset.hidden_size:
+            raise ConversionError(f"{iter_path}: embedding {list(emb.global_shape)} does not fit preset {name} "
+                                  f"with vocabulary {vocab}")
+        if self.reader.num_layers != preset.num_layers:
+            raise ConversionError(f"{iter_path}: {self.reader.num_layers} layers, preset {name} has "
+                                  f"{preset.num_layers}")
+        self.tokenizer_dir = None
+        self.special = {}
+
+    def layer(self, i: int) -> dict:
+        return M.megatron_layer_to_hf([self.reader.layer(i)], self.preset)
+
+    def embedding(self) -> torch.Tensor:
+        return self.reader.tensor(M.MEG_EMBEDDING)
+
+    def final_norm(self) -> torch.Tensor:
+        return self.reader.tensor(M.MEG_FINAL_NORM)
+
+    def output(self) -> Optional[torch.Tensor]:
+        return self.reader.tensor(M.MEG_OUTPUT) if self.reader.has(M.MEG_OUTPUT) else None
+
+
+def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = None, max_shard_size="5GB",
+                           tokenizer: Optional[str] = None, vocab_size: Optional[int] = None,
+                           model: Optional[str] = None, progress: bool = True) -> dict:
+    """Export ``load`` (checkpoint root or ``iter_*`` directory) to ``output``; returns
+    ``{"files", "config", "source"}``. ``dtype`` None/``auto`` keeps the checkpoint's."""
+    max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    meta = C.read_import_metadata(load)
+    created_pg = False
+    try:
+        if meta is not None:
+            src, kind = ImportSource(meta), "import"
+        else:
+            created_pg = C.ensure_process_group()
+            src, kind = DistSource(C.resolve_iteration_dir(load), vocab_size, model), "dist_checkpoint"
+        preset = src.preset
+        out_dtype = parse_dtype(dtype) or src.dtype
+        tmp = prepare_output(output)
+        try:
+            writer = ShardedSafetensorsWriter(tmp, max_bytes)
+            writer.add(M.HF_EMBEDDING, M.strip_vocab(src.embedding(), preset.vocab_size).to(out_dtype))
+            with _progress(preset.num_layers, "megatron-to-hf", progress) as bar:
+                for i in range(preset.num_layers):
+                    for n, t in src.layer(i).items():
+                        writer.add(M.hf_layer_key(i, n), t.to(out_dtype))
+                    bar.update(1)
+            writer.add(M.HF_FINAL_NORM, src.final_norm().to(out_dtype))
+            if not preset.tie_word_embeddings:
+                out = src.output()
+                if out is None:
+                    raise ConversionError(f"{load}: no output_layer.weight but the model is untied")
+                writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
+            files = writer.close()
+            cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+            tok = tokenizer or src.tokenizer_dir
+            files += copy_tokenizer(tok, tmp) if tok else []
+            finish_output(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if created_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return {"files": files, "config": cfg, "source": kind}
