@@ -219,6 +219,17 @@ def load_imported_weights(path: str, model, *, preset: Optional[LlamaPreset] = N
     return meta
 
 
+def start_from_import(path: str, model, optimizer, preset: Optional[LlamaPreset] = None,
+                      vocab_size: Optional[int] = None) -> dict:
+    """The training loop's ``--load IMPORT`` path: imported weights, fresh optimizer and
+    scheduler, iteration 0. The optimizer's fp32 main copies (bf16 runs) were taken from the
+    random init when it was built, so they are refreshed from the loaded weights."""
+    meta = load_imported_weights(path, model, preset=preset, vocab_size=vocab_size)
+    if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()
+    return meta
+
+
 # ---- reading dist checkpoints -------------------------------------------------------------------
 
 _SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
