@@ -19,11 +19,15 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_pack.training.cli import parse_args
+    from megatron_pack.training.config import ConfigError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
     config = parse_args(argv)
     try:
         train(config)
+    except ConfigError as e:  # found once the world size is known (batch divisibility)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -84,7 +84,52 @@ def set_rng_state(state: dict) -> None:
 
 def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     model_sd = unwrap(model).sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    # dp_reshardable: each rank writes its own optimizer shard, no gather (Megatron-LM's default).
+    meta = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Megatron-Core 0.16's distributed optimizer (torch Adam, no Apex/TE) cannot describe
+    its state for loading before the first step: its ``state_dict`` asserts on an empty
+    Adam state. Megatron's own dummy-state initialiser fills it; the values are overwritten
+    by the load (and a zero-gradient Adam step moves no weight that the load keeps)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _saved_steps(tree) -> list:
+    """Every ``param_groups[*]["step"]`` in a loaded optimizer state (any nesting)."""
+    out = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "param_groups" and isinstance(v, list):
+                out += [g["step"] for g in v if isinstance(g, dict) and g.get("step") is not None]
+            else:
+                out += _saved_steps(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            out += _saved_steps(v)
+    return out
+
+
+def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
+    """Megatron-Core 0.16's distributed optimizer on torch's Adam (no Apex/TE) keeps Adam's
+    step count only in the saved param groups; loading into an optimizer whose state was
+    filled with dummies leaves the dummy count (1), and where it does copy the count it
+    shares one tensor between all parameters, which torch increments once per parameter.
+    Set each parameter's own ``step`` from the saved count."""
+    steps = {float(s) for s in _saved_steps(loaded_optimizer_state)}
+    if len(steps) != 1:
+        return
+    step = steps.pop()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
@@ -134,10 +179,13 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
     path = iter_dir(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is missing")
+    _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     unwrap(model).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the dp_reshardable loader copies into fp32 views of leaf params
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     rank, _ = _dist()
     rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")

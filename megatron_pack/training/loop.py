@@ -250,7 +250,7 @@ def _train(config, st, get_forward_backward_func, mps, get_preset, set_seed) -> 
                     "learning rate": lr, "global batch size": t.global_batch_size, "lm loss": loss,
                     "grad norm": rec["grad norm"], "real tokens/s": stats["real_tokens"] / dt,
                     "padding fraction": 1.0 - stats["real_tokens"] / stats["capacity"],
-                    "samples/s": stats["samples"] / dt, "skipped": rec["skipped"],
+                    "samples/s": stats["samples"] / dt, "skipped": rec["skipped"], "tokens": count,
                 })
             if t.eval_interval and iteration % t.eval_interval == 0 and iteration < total_iters:
                 evaluate(iteration)

@@ -18,8 +18,8 @@ per-token losses of one packed row and its segments::
     losses      .5 .5 .1 .1 .1 .1 | pad
     loss_mask    1  1  1  1  1  0 |  0
     cu_seqlens  [0,    2,          6, 8]
-    token:  (0.5+0.5+0.1*4) / 6          = 0.2333
-    sample: ((0.5+0.5)/2 + (0.1*4)/4) / 2 = 0.3
+    token:  (0.5+0.5+0.1*3) / 5           = 0.26
+    sample: ((0.5+0.5)/2 + (0.1*3)/3) / 2 = 0.3
 """
 
 from __future__ import annotations

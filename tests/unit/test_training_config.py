@@ -1,0 +1,91 @@
+"""The training CLI is generated from the config dataclasses: names, bool pairs, checks."""
+
+import dataclasses
+
+import pytest
+
+from megatron_pack.training.cli import build_parser, parse_args, to_argv
+from megatron_pack.training.config import ConfigError, DataArgs, OptimArgs, TrainArgs, TrainConfig, warmup_steps
+
+BASE = ["--data-path", "/data/sft", "--train-iters", "10"]
+
+
+def test_megatron_flag_names_are_generated():
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    for f in ("--data-path", "--model", "--pack-mode", "--no-document-mask", "--document-mask", "--seq-length",
+              "--micro-batch-size", "--global-batch-size", "--train-iters", "--train-epochs", "--lr", "--min-lr",
+              "--lr-warmup-fraction", "--clip-grad", "--save", "--load", "--save-interval",
+              "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
+              "--use-distributed-optimizer", "--no-use-distributed-optimizer", "--bf16", "--no-bf16",
+              "--tensorboard-dir", "--log-interval", "--eval-interval", "--loss-weighting", "--exit-signal-handler"):
+        assert f in flags, f
+
+
+def test_parse_builds_nested_dataclasses():
+    cfg = parse_args(BASE + ["--model", "llama3-8b", "--pack-mode", "greedy", "--no-document-mask", "--seq-length",
+                             "4096", "--lr", "1e-5", "--lr-warmup-fraction", "0.2", "--tensor-model-parallel-size",
+                             "8", "--pipeline-model-parallel-size", "4", "--sequence-parallel", "--bf16"])
+    assert cfg.model.model == "llama3-8b" and cfg.model.bf16 is True
+    assert cfg.data.packing.pack_mode == "greedy" and cfg.data.packing.document_mask is False
+    assert cfg.data.seq_length == 4096 and cfg.optim.lr == 1e-5 and cfg.optim.lr_warmup_fraction == 0.2
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (8, 4)
+    assert cfg.parallel.sequence_parallel is True
+    assert cfg.parallel.use_distributed_optimizer is None  # auto: on with NCCL
+    assert cfg.train.train_iters == 10 and cfg.train.train_epochs is None
+
+
+def test_defaults_and_round_trip():
+    cfg = parse_args(BASE)
+    assert cfg.data.packing.document_mask is True and cfg.data.packing.pack_mode == "bfd"
+    assert cfg.train.loss_weighting == "token" and cfg.model.bf16 is None
+    again = parse_args(to_argv(cfg))
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--data-path", "x"], "--train-iters/--train-epochs"),
+    (BASE + ["--train-epochs", "2"], "--train-iters/--train-epochs"),
+    (BASE + ["--pack-mode", "tetris"], "--pack-mode"),
+    (BASE + ["--seq-length", "1"], "--seq-length"),
+    (BASE + ["--lr", "1e-5", "--min-lr", "1e-4"], "--min-lr"),
+    (BASE + ["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction"),
+    (BASE + ["--valid-fraction", "1.0"], "--valid-fraction"),
+    (BASE + ["--no-document-mask", "--loss-weighting", "sample"], "--loss-weighting sample"),
+    (BASE + ["--sequence-parallel"], "--sequence-parallel"),
+    (BASE + ["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--train-iters", "3"], "--data-path"),
+])
+def test_bad_values_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_choices_are_enforced(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--model", "gpt5"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_resolve_checks_batch_divisibility():
+    cfg = parse_args(BASE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--tensor-model-parallel-size", "2"])
+    sizes = cfg.resolve(world_size=8)
+    assert (sizes.data_parallel_size, sizes.num_microbatches) == (4, 2)
+    with pytest.raises(ConfigError, match="--global-batch-size"):
+        cfg.resolve(world_size=12)  # DP 6: 16 % 12 != 0
+    with pytest.raises(ConfigError, match="does not divide"):
+        cfg.resolve(world_size=3)
+
+
+def test_dataclass_checks_apply_without_the_cli():
+    with pytest.raises(ConfigError, match="--seq-length"):
+        DataArgs(data_path="x", seq_length=0)
+    with pytest.raises(ConfigError, match="--data-path"):
+        TrainConfig(train=TrainArgs(train_iters=1))
+
+
+def test_warmup_steps():
+    assert warmup_steps(OptimArgs(lr_warmup_fraction=0.2), 100) == 20
+    assert warmup_steps(OptimArgs(lr_warmup_iters=7), 100) == 7
+    assert warmup_steps(OptimArgs(lr_warmup_iters=700), 100) == 100
