@@ -79,7 +79,13 @@ class SFTDatasetWriter:
     def close(self):
         for builder, s in zip(self._builders, PART_SUFFIXES):
             builder.finalize(self._tmp_prefix + s + ".idx")
-        for tmp, final in zip(self._tmp_files(), dataset_files(self.prefix)):
+        finals = dataset_files(self.prefix)
+        # Remove an older dataset at this prefix first: a crash between the renames below
+        # then leaves an incomplete set (refused by the reader), never a mix of old and new.
+        for final in finals:
+            if os.path.exists(final):
+                os.remove(final)
+        for tmp, final in zip(self._tmp_files(), finals):
             os.replace(tmp, final)
 
     def abort(self):
@@ -125,6 +131,8 @@ class SFTIndexedDataset:
         self.turns = IndexedDataset(prefix + TURNS_SUFFIX)
         if not (len(self.tokens) == len(self.loss_mask) == len(self.turns)):
             raise ValueError(f"{prefix}: parts disagree on the number of conversations")
+        if not np.array_equal(self.tokens.sequence_lengths, self.loss_mask.sequence_lengths):
+            raise ValueError(f"{prefix}: tokens and loss mask disagree on conversation lengths")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -134,10 +142,13 @@ class SFTIndexedDataset:
         """Token count of every conversation (int64)."""
         return self.tokens.sequence_lengths.astype(np.int64)
 
+    # Megatron's IndexedDataset closes its memory map when it is collected, so views into
+    # it would dangle: everything returned here is a copy.
     def __getitem__(self, i: int) -> SFTConversation:
-        return SFTConversation(self.tokens[i], self.loss_mask[i], self.turns[i])
+        return SFTConversation(self.tokens[i].copy(), self.loss_mask[i].copy(), self.turns[i].copy())
 
     def get_slice(self, i: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and loss mask of conversation ``i`` in ``[start, end)``."""
         n = end - start
-        return self.tokens.get(i, offset=start, length=n), self.loss_mask.get(i, offset=start, length=n)
+        return (self.tokens.get(i, offset=start, length=n).copy(),
+                self.loss_mask.get(i, offset=start, length=n).copy())
