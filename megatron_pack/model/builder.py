@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megatron_pack.model.presets import LlamaPreset, get_preset, padded_vocab_size
-from megatron_pack.model.spec import get_layer_spec
+from megatron_pack.model.spec import get_block_spec
 
 
 def build_model(
@@ -46,7 +46,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_layer_spec(config, backend),
+        transformer_layer_spec=get_block_spec(config, backend, vp_stage=vp_stage),
         vocab_size=padded_vocab_size(vocab, config.tensor_model_parallel_size, make_vocab_size_divisible_by),
         max_sequence_length=max_sequence_length or preset.max_position_embeddings,
         pre_process=pre_process,

@@ -83,7 +83,40 @@ def get_layer_spec(config, backend: str = "auto"):
 
     from megatron_pack.model.attention import VarlenCoreAttention
 
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron_pack.model.norm import TorchNorm
+
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     attn = spec.submodules.self_attention.submodules
     attn.core_attention = ModuleSpec(module=VarlenCoreAttention, params={"kernel": attention_kernel(config)})
+    layer = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(layer, name) is WrappedTorchNorm:  # no apex: use the norm that allows sequence parallel
+            setattr(layer, name, TorchNorm)
     return spec
+
+
+def get_block_spec(config, backend: str = "auto", vp_stage: int | None = None):
+    """``TransformerBlockSubmodules`` for this pipeline stage: its layers plus the final norm.
+
+    GPTModel would otherwise pick the final norm itself (apex or Megatron's torch norm, which
+    refuses sequence parallelism); here it matches the layers' backend.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    resolved = resolve_backend(backend)
+    layer = get_layer_spec(config, resolved)
+    if resolved == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from megatron_pack.model.norm import TorchNorm
+
+        norm = layer.submodules.input_layernorm
+        final_norm = TorchNorm if norm in (TorchNorm, WrappedTorchNorm) else norm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -87,6 +88,8 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _backward_in_mode(self, func, args, kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -98,6 +101,28 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_spec(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
         return func(*args, **kwargs)
+
+
+def _backward_in_mode(mode, func, args, kwargs):
+    """Run a backward pass with the redirection still on the mode stack.
+
+    Since torch 2.13 ``backward()`` dispatches through torch-function modes, and a mode is off
+    the stack while it handles a call, so the whole backward pass would run unredirected;
+    Megatron-Core's sequence-parallel backward allocates on ``torch.cuda.current_device()``.
+    """
+    p = inspect.signature(func).bind(*args, **kwargs)
+    p.apply_defaults()
+    a = p.arguments
+    if a.get("inputs") is not None or a.get("grad_variables") is not None:
+        return func(*args, **kwargs)  # rare forms: plain call (redirection off during backward)
+    tensors, grads = (a["self"], a["gradient"]) if func is torch.Tensor.backward else (a["tensors"], a["grad_tensors"])
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    grads = torch.autograd._make_grads(tensors, torch.autograd._tensor_or_tensors_to_tuple(grads, len(tensors)),
+                                       is_grads_batched=False)
+    retain = a["retain_graph"] if a["retain_graph"] is not None else a["create_graph"]
+    with mode:
+        torch.autograd.graph._engine_run_backward(tensors, grads, retain, a["create_graph"], (),
+                                                  allow_unreachable=True, accumulate_grad=True)
 
 
 def is_enabled() -> bool:

@@ -46,7 +46,7 @@ def docs_of(ds, i):
     return [int(d) for d in ds.plan.sequence(int(ds.order[i]))[:, 0]]
 
 
-def build(tp, pp, ckpt, save=False):
+def build(tp, pp, ckpt, save=False, sp=False):
     from megatron.core import dist_checkpointing
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -58,7 +58,7 @@ def build(tp, pp, ckpt, save=False):
     set_seed(1234)
     preset = get_preset("tiny")
     cfg = transformer_config(preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             use_cpu_initialization=True, calculate_per_token_loss=True,
+                             sequence_parallel=sp, use_cpu_initialization=True, calculate_per_token_loss=True,
                              init_method_std=INIT_STD)
     model = build_model(preset, cfg, vocab_size=VOCAB, backend="local")
     if save:
@@ -192,11 +192,10 @@ def train(state, cfg, ddp, opt, packed):
 
 
 def parse_layout(name):
-    m = re.fullmatch(r"(?:tp(\d+))?(?:pp(\d+))?(?:dp(\d+))?", name)
+    m = re.fullmatch(r"(?:tp(\d+))?(sp)?(?:pp(\d+))?(?:dp(\d+))?", name)
     if not m or not name:
         raise ValueError(f"bad layout {name!r}")
-    tp, pp = int(m.group(1) or 1), int(m.group(2) or 1)
-    return tp, pp
+    return int(m.group(1) or 1), int(m.group(3) or 1), bool(m.group(2))
 
 
 def log(msg):
@@ -216,8 +215,8 @@ def main():
     results = {}
     layouts = ["ref"] if args.scenario == "reference" else args.layouts.split(",")
     for name in layouts:
-        tp, pp = (1, 1) if name == "ref" else parse_layout(name)
-        state, cfg, ddp, opt = build(tp, pp, args.ckpt, save=name == "ref")
+        tp, pp, sp = (1, 1, False) if name == "ref" else parse_layout(name)
+        state, cfg, ddp, opt = build(tp, pp, args.ckpt, save=name == "ref", sp=sp)
         log(f"{name}: built")
         res = {"state": {k: v for k, v in vars(state).items() if k != "device"} | {"device": str(state.device)}}
         res["check"] = packed_vs_padded(state, cfg, ddp, packed, padded)

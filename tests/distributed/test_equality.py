@@ -15,7 +15,7 @@ from launcher import launch
 pytestmark = pytest.mark.distributed
 
 TOL = 1e-5
-TWO_RANK_LAYOUTS = ["tp2", "pp2", "dp2"]
+TWO_RANK_LAYOUTS = ["tp2", "tp2sp", "pp2", "dp2"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,9 @@ def test_document_mask_and_rope_restart_matter(reference):
     assert reference["rope_restart_diff"] <= 1e-6
 
 
-def test_packed_equals_padded_tp2(two_ranks):
-    ranks = two_ranks["tp2"]
+@pytest.mark.parametrize("layout", ["tp2", "tp2sp"])
+def test_packed_equals_padded_tp2(two_ranks, layout):
+    ranks = two_ranks[layout]
     assert {r["state"]["tp_rank"] for r in ranks} == {0, 1}
     assert_packed_equals_padded(ranks)
 

@@ -94,3 +94,30 @@ def test_tracker_streams():
     torch.manual_seed(11)
     expected = torch.rand(8)
     assert torch.equal(torch.cat([first, second]), expected)  # the tracked stream continues
+
+
+class _AllocatesOnCudaInBackward(torch.autograd.Function):
+    """Like Megatron's sequence-parallel linear: backward allocates on current_device()."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = torch.empty(grad.shape, dtype=grad.dtype, device=torch.cuda.current_device())
+        return buf.copy_(grad) * 3
+
+
+@no_cuda
+def test_backward_passes_stay_redirected(clean):
+    cpu_compat.enable()
+    x = torch.ones(4, requires_grad=True)
+    _AllocatesOnCudaInBackward.apply(x).sum().backward()  # Tensor.backward
+    assert x.grad.tolist() == [3.0] * 4
+    y = torch.ones(2, requires_grad=True)
+    out = _AllocatesOnCudaInBackward.apply(y) ** 2
+    torch.autograd.backward(out, grad_tensors=torch.tensor([1.0, 2.0]), retain_graph=True)  # the schedule's call
+    assert y.grad.tolist() == [18.0, 36.0]
+    torch.autograd.backward([out.sum()])
+    assert y.grad.tolist() == [36.0, 54.0]

@@ -22,6 +22,14 @@ def test_local_spec_uses_varlen_attention():
     ca = core_attention(spec_mod.get_layer_spec(cfg, "local"))
     assert ca.module is VarlenCoreAttention and ca.module is not DotProductAttention
     assert ca.params == {"kernel": "torch"}
+    # without apex the norms are the sequence-parallel capable torch norms
+    from megatron_pack.model.norm import TorchNorm
+
+    layer = spec_mod.get_layer_spec(cfg, "local").submodules
+    assert layer.input_layernorm is TorchNorm and layer.pre_mlp_layernorm is TorchNorm
+    sp_norm = TorchNorm(transformer_config(get_preset("tiny"), sequence_parallel=True, tensor_model_parallel_size=2),
+                        64, eps=1e-5)
+    assert isinstance(sp_norm, torch.nn.RMSNorm) and sp_norm.weight.sequence_parallel is True
     # the local spec keeps TE's checkpoint names, so checkpoints move between backends
     keys = spec_mod.get_layer_spec(cfg, "local").submodules.sharded_state_dict_keys_map
     assert keys["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
