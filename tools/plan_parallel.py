@@ -19,7 +19,9 @@ import warnings
 def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.model.presets import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # exact flag names only: a training flag must never be taken as an abbreviation of ours
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     b = argparse.BooleanOptionalAction
     g = p.add_argument_group("cluster")
     g.add_argument("--nnodes", type=int, default=1)
@@ -71,8 +73,11 @@ def main(argv=None) -> int:
     from megatron_pack.planning.timing import DEFAULT_MFU
 
     try:
+        from megatron_pack.model.presets import get_preset
+
         vocab = args.vocab_size
-        if vocab is None and args.tokenizer_model:
+        # as training picks it: --vocab-size, else the preset's, else the tokenizer's
+        if vocab is None and get_preset(args.model).vocab_size is None and args.tokenizer_model:
             from megatron_pack.data.tokenizer import load_tokenizer
 
             vocab = load_tokenizer(args.tokenizer_model).vocab_size
