@@ -6,16 +6,16 @@ Submodules import Megatron-Core lazily where they need it; ``presets`` works wit
 from megatron_pack.model.presets import PRESETS, LlamaPreset, get_preset, padded_vocab_size, transformer_config
 
 __all__ = ["PRESETS", "LlamaPreset", "get_preset", "padded_vocab_size", "transformer_config",
-           "build_model", "model_provider", "get_layer_spec", "packed_seq_params_from_batch", "model_inputs"]
+           "build_model", "model_provider", "get_layer_spec", "get_block_spec", "packed_seq_params_from_batch", "model_inputs"]
 
 
 def __getattr__(name):  # lazy: keep `import megatron_pack.model` free of Megatron-Core
     if name in ("build_model", "model_provider"):
         from megatron_pack.model import builder
         return getattr(builder, name)
-    if name == "get_layer_spec":
-        from megatron_pack.model.spec import get_layer_spec
-        return get_layer_spec
+    if name in ("get_layer_spec", "get_block_spec"):
+        from megatron_pack.model import spec
+        return getattr(spec, name)
     if name in ("packed_seq_params_from_batch", "model_inputs"):
         from megatron_pack.model import packed
         return getattr(packed, name)

@@ -12,7 +12,10 @@ backend     layers                                     packed (THD) attention
 ==========  =========================================  =====================================
 
 Both produce the same parameter layout in checkpoints (the local spec maps its norms onto
-TE's fused names), so a run can switch backends between save and load.
+TE's fused names), so a run can switch backends between save and load. Without apex the
+local norms are :class:`megatron_pack.model.norm.TorchNorm`, which (unlike Megatron-Core's
+torch norm) allows sequence parallelism. :func:`get_block_spec` adds the final norm and is
+what :func:`megatron_pack.model.builder.build_model` passes to ``GPTModel``.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ def check_against_reference(fn, hq=8, hkv=2, d=64):
     q, k, v = qkv(CU[-1], hq, hkv, d)
     out = fn(q, k, v, cu, max(b - a for a, b in zip(CU, CU[1:])))
     ref = reference(q, k, v, cu)
-    torch.testing.assert_close(out.float().view(ref.shape), ref.float(), **BF16_TOL)
+    torch.testing.assert_close(out.float().reshape(ref.shape), ref.float(), **BF16_TOL)
     w = torch.randn(ref.shape, device="cuda", dtype=torch.float64)
-    g = torch.autograd.grad((out.double().view(ref.shape) * w).sum(), (q, k, v))
+    g = torch.autograd.grad((out.double().reshape(ref.shape) * w).sum(), (q, k, v))
     g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)

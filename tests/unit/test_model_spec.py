@@ -120,3 +120,21 @@ def test_llama3_presets_map_to_transformer_config():
     assert padded_vocab_size(128256, 8) == 129024  # Megatron pads to a multiple of 128 * TP
     with pytest.raises(ValueError, match="unknown model preset 'llama4'"):
         get_preset("llama4")
+
+
+def test_set_seed_without_model_parallel_is_reproducible():
+    import random
+
+    import numpy as np
+
+    from megatron_pack.parallel import set_seed
+
+    draws = []
+    for _ in range(2):
+        assert set_seed(42) == 42  # no parallel state: no per-stage offset
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    set_seed(43)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) != draws[0]
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        set_seed(-1)
