@@ -263,3 +263,17 @@ def test_cli_rejects_and_oom(capsys):
     rc = plan_parallel.main(["--model", "llama3-70b", "--nnodes", "1", "--gpus-per-node", "1",
                              "--global-batch-size", "1", "--no-progress"])
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_without_dataset_uses_full_sequences():
+    cfg = PlanConfig(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=2, tensor_model_parallel_size=2,
+                     seq_length=16, global_batch_size=4, train_iters=10, recompute_granularity="full", gpu="a100")
+    plan = make_plan(cfg)
+    t = plan["timing"]
+    flops = 4 * (6 * plan["matmul_parameters"] * 16 + 6 * 2 * 64 * 16**2)  # one 16-token document per sequence
+    assert plan["modes"] == [] and t["model_flops_per_step"] == pytest.approx(flops)
+    assert t["step_seconds"] == pytest.approx(flops * 4 / 3 / (2 * 312e12 * 0.4))  # + recomputed forward, no PP
+    assert t["train_seconds"] == pytest.approx(10 * t["step_seconds"])
+    alt = plan["memory_alternatives_gb"][0]  # SP off, distributed optimizer off: this config
+    assert (alt["sequence_parallel"], alt["use_distributed_optimizer"]) == (False, False)
+    assert plan["memory_per_gpu_gb"]["total"] == pytest.approx(alt["full"]) and alt["full"] < alt["none"]
