@@ -1,7 +1,6 @@
 """Cluster planner: exact counts from Megatron-Core shards, layouts, memory, time, CLI."""
 
 import json
-import math
 import os
 import sys
 
