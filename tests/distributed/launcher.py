@@ -34,6 +34,9 @@ def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) 
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                    LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+        if nprocs == 1:  # a lone process runs without torchrun's variables: the default single-process path
+            for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(var)
         log = open(out_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--out", str(out_dir), *args],
