@@ -87,10 +87,10 @@ class DistSource:
         if not vocab:
             raise ConversionError(f"{iter_path}: the run's vocabulary size is not recorded; pass --vocab-size")
         self.preset = preset.with_vocab(vocab)
-        emb = self.reader.meta[M.MEG_EMBEDDING]
-        self.dtype = emb.dtype
-        if emb.global_shape[0] < vocab or emb.global_shape[1] != preset.hidden_size:
-            raise ConversionError(f"{iter_path}: embedding {list(emb.global_shape)} does not fit preset {name} "
+        emb = self.reader.shape(M.MEG_EMBEDDING)
+        self.dtype = self.reader.dtype(M.MEG_EMBEDDING)
+        if emb[0] < vocab or emb[1] != preset.hidden_size:
+            raise ConversionError(f"{iter_path}: embedding {list(emb)} does not fit preset {name} "
                                   f"with vocabulary {vocab}")
         if self.reader.num_layers != preset.num_layers:
             raise ConversionError(f"{iter_path}: {self.reader.num_layers} layers, preset {name} has "
@@ -118,43 +118,35 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
     ``{"files", "config", "source"}``. ``dtype`` None/``auto`` keeps the checkpoint's."""
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     meta = C.read_import_metadata(load)
-    created_pg = False
+    if meta is not None:
+        src, kind = ImportSource(meta), "import"
+    else:
+        src, kind = DistSource(C.resolve_iteration_dir(load), vocab_size, model), "dist_checkpoint"
+    preset = src.preset
+    out_dtype = parse_dtype(dtype) or src.dtype
+    tmp = prepare_output(output)
     try:
-        if meta is not None:
-            src, kind = ImportSource(meta), "import"
-        else:
-            created_pg = C.ensure_process_group()
-            src, kind = DistSource(C.resolve_iteration_dir(load), vocab_size, model), "dist_checkpoint"
-        preset = src.preset
-        out_dtype = parse_dtype(dtype) or src.dtype
-        tmp = prepare_output(output)
-        try:
-            writer = ShardedSafetensorsWriter(tmp, max_bytes)
-            writer.add(M.HF_EMBEDDING, M.strip_vocab(src.embedding(), preset.vocab_size).to(out_dtype))
-            with _progress(preset.num_layers, "megatron-to-hf", progress) as bar:
-                for i in range(preset.num_layers):
-                    for n, t in src.layer(i).items():
-                        writer.add(M.hf_layer_key(i, n), t.to(out_dtype))
-                    bar.update(1)
-            writer.add(M.HF_FINAL_NORM, src.final_norm().to(out_dtype))
-            if not preset.tie_word_embeddings:
-                out = src.output()
-                if out is None:
-                    raise ConversionError(f"{load}: no output_layer.weight but the model is untied")
-                writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
-            files = writer.close()
-            cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
-            tok = tokenizer or src.tokenizer_dir
-            files += copy_tokenizer(tok, tmp) if tok else []
-            finish_output(tmp, output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        if created_pg:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        writer = ShardedSafetensorsWriter(tmp, max_bytes)
+        writer.add(M.HF_EMBEDDING, M.strip_vocab(src.embedding(), preset.vocab_size).to(out_dtype))
+        with _progress(preset.num_layers, "megatron-to-hf", progress) as bar:
+            for i in range(preset.num_layers):
+                for n, t in src.layer(i).items():
+                    writer.add(M.hf_layer_key(i, n), t.to(out_dtype))
+                bar.update(1)
+        writer.add(M.HF_FINAL_NORM, src.final_norm().to(out_dtype))
+        if not preset.tie_word_embeddings:
+            out = src.output()
+            if out is None:
+                raise ConversionError(f"{load}: no output_layer.weight but the model is untied")
+            writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
+        files = writer.close()
+        cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        tok = tokenizer or src.tokenizer_dir
+        files += copy_tokenizer(tok, tmp) if tok else []
+        finish_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"files": files, "config": cfg, "source": kind}
