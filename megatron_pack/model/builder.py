@@ -56,7 +56,8 @@ def build_model(
         rotary_base=int(preset.rope_theta) if float(preset.rope_theta).is_integer() else preset.rope_theta,
         vp_stage=vp_stage,
     )
-    if torch.cuda.is_available():
+    on_meta = any(p.is_meta for p in model.parameters())  # the planner counts shards on meta
+    if torch.cuda.is_available() and not on_meta:
         model.cuda(torch.cuda.current_device())
     return model
 

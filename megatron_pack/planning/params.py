@@ -124,32 +124,11 @@ def _build_shard(preset: LlamaPreset, config, vocab_size: int):
     """This rank's ``GPTModel`` on the meta device; (model, builder name)."""
     from megatron.core import parallel_state as ps
 
-    with torch.device("meta"):
-        if not torch.cuda.is_available():
-            try:
-                from megatron_pack.model.builder import build_model
-            except ImportError:
-                build_model = None
-            if build_model is not None:
-                return build_model(preset, config, vocab_size=vocab_size, backend="local"), \
-                    "megatron_pack.model.builder.build_model(backend='local')"
-        # With CUDA the project builder moves the model to the GPU, which meta tensors
-        # cannot do; build the same GPTModel directly with Megatron-Core's local spec.
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron_pack.model.builder import build_model
 
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
-            vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
-            max_sequence_length=preset.max_position_embeddings,
-            pre_process=ps.is_pipeline_first_stage(),
-            post_process=ps.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=preset.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(preset.rope_theta),
-        )
-        return model, "megatron.core GPTModel + get_gpt_layer_local_spec"
+    with torch.device("meta"):
+        return build_model(preset, config, vocab_size=vocab_size, backend="local"), \
+            "megatron_pack.model.builder.build_model(backend='local')"
 
 
 def _split_names(model) -> set:
