@@ -5,7 +5,8 @@
 
 Each mode trains the tiny model for ``--steps`` optimizer steps of ``--global-batch-size``
 sequences of ``--seq-length`` tokens (the first step is warm-up and not timed). Real
-tokens/s counts non-padding tokens. A step processes the same number of token slots in
+tokens/s = mean real (non-padding) tokens per step / median step time; the median keeps a
+shared machine's stalls out, and the best of ``--repeats`` runs is kept. A step processes the same number of token slots in
 every mode, so if step time did not depend on the mode, a mode's speedup over ``padding``
 would be exactly the *ideal speedup* = padding's sequences / the mode's sequences (the
 same tokens in fewer sequences). The table shows how much of it each mode keeps; the rest
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bench(args) -> list[dict]:
+    import numpy as np
+
     from megatron_pack.demo import prepare_data
     from megatron_pack.training.config import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
                                                TrainArgs, TrainConfig)
@@ -47,10 +50,14 @@ def bench(args) -> list[dict]:
             )
             t0 = time.perf_counter()
             res = train(cfg)
-            r = {"mode": mode, "sequences": res["num_train_sequences"], "tokens_per_s": res["tokens_per_s"],
-                 "samples_per_s": res["samples_per_s"], "padding_fraction": res["padding_fraction"],
-                 "step_s": sum(h["seconds"] for h in res["history"][1:]) / max(1, len(res["history"]) - 1),
-                 "wall_s": time.perf_counter() - t0}
+            timed = res["history"][1:] or res["history"]
+            # Median step time: on a shared machine single steps can stall for seconds.
+            step_s = float(np.median([h["seconds"] for h in timed]))
+            r = {"mode": mode, "sequences": res["num_train_sequences"],
+                 "tokens_per_s": float(np.mean([h["real tokens"] for h in timed])) / step_s,
+                 "samples_per_s": float(np.mean([h["samples"] for h in timed])) / step_s,
+                 "padding_fraction": res["padding_fraction"], "step_s": step_s,
+                 "mean_tokens_per_s": res["tokens_per_s"], "wall_s": time.perf_counter() - t0}
             print(f"  {mode:>12} run {rep + 1}: {r['tokens_per_s']:,.0f} real tokens/s, "
                   f"{r['step_s'] * 1000:.0f} ms/step, padding {r['padding_fraction']:.1%}", flush=True)
             if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
