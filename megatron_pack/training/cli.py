@@ -67,8 +67,8 @@ def build_parser(config_cls=TrainConfig, prog: str = "python -m megatron_pack.tr
             kw["type"] = base
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-            if "metavar" in f.metadata:
-                kw["metavar"] = f.metadata["metavar"]
+            if "choices" not in f.metadata:  # not argparse's DEST-style "MODEL__VOCAB_SIZE"
+                kw["metavar"] = f.metadata.get("metavar") or f.name.upper()
         groups[title].add_argument(flag, **kw)
     return parser
 
