@@ -124,9 +124,9 @@ def write_metadata(iter_path: str, meta: dict) -> None:
 
 
 def save_tensors(path: str, tensors: dict) -> None:
-    from safetensors.torch import save_file
+    from megatron_pack.convert.hf_io import write_safetensors
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": IMPORT_FORMAT})
+    write_safetensors(path, tensors, metadata={"format": IMPORT_FORMAT})
 
 
 def read_tensors(path: str) -> dict:

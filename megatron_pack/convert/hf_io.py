@@ -54,6 +54,24 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base ** exp)
 
 
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS between layers (glibc keeps them otherwise, and
+    the resident set of a long conversion creeps up by fragmentation); no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 # ---- config ------------------------------------------------------------------------------------
 
 def _rope_theta(cfg: dict, path: str) -> float:
@@ -165,35 +183,47 @@ class SafetensorsReader:
             bins = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth"))]
             hint = f" (found {bins}: pickle checkpoints are not read; convert them to safetensors first)" if bins else ""
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._handles: dict = {}
+        self._shapes: dict = {}  # name -> (shape, dtype code), read from the headers
 
-    def _file(self, name: str):
+    def _path(self, name: str) -> str:
         try:
             fname = self.weight_map[name]
         except KeyError:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing") from None
-        if fname not in self._handles:
-            path = os.path.join(self.dir, fname)
-            if not os.path.isfile(path):
-                raise ConversionError(f"{path}: listed in the index but missing")
-            self._handles[fname] = self._safe_open(path, framework="pt")
-        return self._handles[fname]
+        path = os.path.join(self.dir, fname)
+        if not os.path.isfile(path):
+            raise ConversionError(f"{path}: listed in the index but missing")
+        return path
+
+    def _open(self, name: str):
+        # A fresh mapping per read: a handle kept open would keep every page it ever touched
+        # in this process's resident set until the end (file-backed, but it is what RSS shows).
+        return self._safe_open(self._path(name), framework="pt")
 
     def names(self) -> list:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        if name not in self._shapes:
+            with self._open(name) as f:
+                for k in f.keys():
+                    if self.weight_map.get(k) == self.weight_map[name]:
+                        sl = f.get_slice(k)
+                        self._shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return self._shapes[name][0]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        with self._open(name) as f:
+            return f.get_tensor(name)
 
     def get_rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows ``start:end`` only (the rest of the tensor is never read)."""
-        return self._file(name).get_slice(name)[start:end]
+        with self._open(name) as f:
+            return f.get_slice(name)[start:end]
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._file(name).get_slice(name).get_dtype()
+        self.shape(name)
+        code = self._shapes[name][1]
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
 
     def validate(self, preset: LlamaPreset) -> None:
@@ -219,10 +249,39 @@ class SafetensorsReader:
                                   "(a different architecture?)")
 
     def close(self) -> None:
-        self._handles.clear()
+        self._shapes.clear()
 
 
 # ---- writing -------------------------------------------------------------------------------------
+
+_ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:
+    """The safetensors format (JSON header, then raw little-endian bytes), each tensor written
+    straight from its memory. ``safetensors.torch.save_file`` first turns every tensor into a
+    ``bytes`` copy, doubling the peak of whatever is being written."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    items = []
+    for name, t in tensors.items():
+        if t.dtype not in _ST_CODES:
+            raise ConversionError(f"{path}: cannot write {name} of dtype {t.dtype}")
+        t = t.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        items.append(t)
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in items:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 class ShardedSafetensorsWriter:
     """Writes HF's ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` (or a
@@ -247,12 +306,10 @@ class ShardedSafetensorsWriter:
         self.total_size += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self._buf:
             return
         tmp = f"shard-{len(self._files):05d}.tmp"
-        save_file(self._buf, os.path.join(self.out_dir, tmp), metadata={"format": "pt"})
+        write_safetensors(os.path.join(self.out_dir, tmp), self._buf, metadata={"format": "pt"})
         self._files.append((tmp, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 

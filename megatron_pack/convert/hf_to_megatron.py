@@ -18,7 +18,7 @@ import torch
 from megatron_pack.convert import checkpoint_io as C
 from megatron_pack.convert import mapping as M
 from megatron_pack.convert.hf_io import (DTYPE_NAMES, ConversionError, SafetensorsReader, copy_tokenizer,
-                                         load_hf_config, parse_dtype)
+                                         load_hf_config, parse_dtype, release_memory)
 from megatron_pack.model.presets import padded_vocab_size
 
 
@@ -74,20 +74,30 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
                 os.makedirs(C.rank_dir(it, r, s))
 
         def table_block(name: str, r: int) -> torch.Tensor:
-            start, real_end, zeros = M.vocab_rows(vocab, padded, tp, r)
-            rows = reader.get_rows(name, start, real_end).to(out_dtype)
-            return torch.cat([rows, rows.new_zeros(zeros, rows.shape[1])]) if zeros else rows
+            """TP rank r's rows of the padded table: real rows, then zeros."""
+            start, real_end, _ = M.vocab_rows(vocab, padded, tp, r)
+            block = torch.zeros(padded // tp, preset.hidden_size, dtype=out_dtype)
+            step = max(1, (64 << 20) // (preset.hidden_size * 4))  # read <= 64 MB at a time
+            for a in range(start, real_end, step):
+                b = min(a + step, real_end)
+                block[a - start: b - start].copy_(reader.get_rows(name, a, b))
+            return block
 
         for r in range(tp):
             C.save_tensors(os.path.join(C.rank_dir(it, r, 0), "embedding.safetensors"),
                            {M.MEG_EMBEDDING: table_block(M.HF_EMBEDDING, r)})
+            release_memory()
         with _progress(preset.num_layers, "hf-to-megatron", progress) as bar:
             for i in range(preset.num_layers):
                 hf = {n: reader.get(M.hf_layer_key(i, n)).to(out_dtype) for n in M.HF_LAYER_NAMES}
                 stage, local = divmod(i, per_stage)
-                for r, tensors in enumerate(M.hf_layer_to_megatron(hf, preset, tp)):
-                    C.save_tensors(os.path.join(C.rank_dir(it, r, stage), C.layer_file(local)), tensors)
-                del hf
+                shards = M.hf_layer_to_megatron(hf, preset, tp)
+                del hf  # drop each layer as soon as it is written: peak = one layer + its shards
+                for r in range(tp):
+                    C.save_tensors(os.path.join(C.rank_dir(it, r, stage), C.layer_file(local)), shards[r])
+                    shards[r] = None
+                del shards
+                release_memory()
                 bar.update(1)
         norm = reader.get(M.HF_FINAL_NORM).to(out_dtype)
         out_name = M.HF_EMBEDDING if preset.tie_word_embeddings else M.HF_OUTPUT

@@ -18,7 +18,7 @@ import torch
 from megatron_pack.convert import checkpoint_io as C
 from megatron_pack.convert import mapping as M
 from megatron_pack.convert.hf_io import (DTYPES, ConversionError, ShardedSafetensorsWriter, copy_tokenizer,
-                                         hf_config_dict, parse_dtype, parse_size)
+                                         hf_config_dict, parse_dtype, parse_size, release_memory)
 from megatron_pack.convert.hf_to_megatron import _progress, finish_output, prepare_output
 from megatron_pack.model.presets import LlamaPreset, get_preset
 
@@ -132,6 +132,7 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
             for i in range(preset.num_layers):
                 for n, t in src.layer(i).items():
                     writer.add(M.hf_layer_key(i, n), t.to(out_dtype))
+                release_memory()
                 bar.update(1)
         writer.add(M.HF_FINAL_NORM, src.final_norm().to(out_dtype))
         if not preset.tie_word_embeddings:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,11 @@ def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkey
 
     prefix = make_dataset(str(tmp_path / "sft"), n=48, seed=3)
     imp, ck, out = tmp_path / "imported", tmp_path / "ckpt", tmp_path / "exported"
-    convert("hf-to-megatron", "--hf-dir", str(hf_dir), "--output", str(imp), "--tensor-model-parallel-size", "2",
-            "--tokenizer", str(hf_dir))
+    from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    t0 = time.monotonic()
+    convert_hf_to_megatron(str(hf_dir), str(imp), tensor_model_parallel_size=2, progress=False)
+    t1 = time.monotonic()
     args = ["--model", "tiny", "--vocab-size", str(VOCAB), "--data-path", prefix, "--seq-length", "256",
             "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-3",
             "--valid-fraction", "0", "--tensor-model-parallel-size", "2", "--load", str(imp), "--save", str(ck)]
@@ -148,7 +152,8 @@ def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkey
     assert "imported weights" in res.output, res.output[-2000:]
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
-    convert("megatron-to-hf", "--load", str(ck), "--output", str(out), "--tokenizer", str(hf_dir))
+    t2 = time.monotonic()
+    convert_megatron_to_hf(str(ck), str(out), tokenizer=str(hf_dir), progress=False)  # a TP2 dist checkpoint
     hf = LlamaForCausalLM.from_pretrained(str(out)).float().eval()
     base = LlamaForCausalLM.from_pretrained(str(hf_dir)).float().eval()
     moved = (hf.model.layers[0].mlp.up_proj.weight - base.model.layers[0].mlp.up_proj.weight).abs().max()
@@ -162,11 +167,13 @@ def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkey
     monkeypatch.setattr(sys.modules[__name__], "DOCS", docs)
     (meg,) = megatron_logits(tmp_path, [f"1,1,{ck}"], ["--dist", "--vocab-size", str(VOCAB)], nprocs=1,
                              monkeypatch=monkeypatch)
+    print(f"timing: import {t1 - t0:.1f}s, train {t2 - t1:.1f}s, export+eval {time.monotonic() - t2:.1f}s")
     offsets = np.cumsum([0] + [len(d) for d in docs])
     for c, a, b in zip(conv, offsets[:-1], offsets[1:]):
         toks, mask = c.tokens.tolist(), c.loss_mask.tolist()
         hf_loss = masked_lm_loss(hf_logits[a:b], toks, mask)
         mp_loss = masked_lm_loss(meg[a:b, :VOCAB], toks, mask)
+        print(f"loss on a sample: HF {hf_loss:.6f}, megatron_pack {mp_loss:.6f}")
         assert abs(hf_loss - mp_loss) <= 1e-4, (hf_loss, mp_loss)
         base_loss = masked_lm_loss(hf_doc_logits(base, [toks]), toks, mask)
         assert hf_loss < base_loss, (hf_loss, base_loss)  # the fine-tune learnt the data
