@@ -307,3 +307,34 @@ def test_hf_to_megatron_peak_memory_is_about_one_layer(tmp_path):
     assert model_bytes > 140 * 2**20
     assert 0 < to_megatron < model_bytes / 4, (to_megatron, model_bytes)
     assert 0 < to_hf < model_bytes / 4, (to_hf, model_bytes)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    tensors = write_hf_dir(tmp_path / "hf", cfg=hf_config(tie_word_embeddings=True))
+    assert M.HF_OUTPUT not in tensors
+    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
+                           pipeline_model_parallel_size=2, progress=False)
+    convert_megatron_to_hf(str(tmp_path / "meg"), str(tmp_path / "back"), progress=False)
+    r = SafetensorsReader(str(tmp_path / "back"))
+    assert set(r.names()) == set(tensors)  # no lm_head written back
+    assert all(torch.equal(r.get(n), t) for n, t in tensors.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_loading_an_import_at_another_layout_says_what_to_pass(tmp_path, monkeypatch):
+    from megatron.core import parallel_state as ps
+
+    from megatron_pack.convert import convert_hf_to_megatron
+    from megatron_pack.convert.checkpoint_io import is_imported_checkpoint, load_imported_weights
+
+    write_hf_dir(tmp_path / "hf")
+    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
+                           pipeline_model_parallel_size=2, progress=False)
+    assert is_imported_checkpoint(str(tmp_path / "meg")) and not is_imported_checkpoint(str(tmp_path / "hf"))
+    monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(ps, "get_pipeline_model_parallel_world_size", lambda: 2)
+    with pytest.raises(ConversionError, match="converted for --tensor-model-parallel-size 2 "
+                                              "--pipeline-model-parallel-size 2, but this run has TP 1, PP 2"):
+        load_imported_weights(str(tmp_path / "meg"), torch.nn.Linear(2, 2))
