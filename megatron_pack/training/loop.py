@@ -194,8 +194,7 @@ def _train(config, st, get_forward_backward_func, mps, get_preset, set_seed) -> 
     def evaluate(it):
         if ds.valid is None:
             return None, 0
-        for m in (model,):
-            m.eval()
+        model.eval()
         reports = []
         with torch.no_grad():
             for micro in eval_batches(ds.valid, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size,

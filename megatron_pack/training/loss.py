@@ -12,7 +12,8 @@ gradients by ``1 / count``. So returning
 * ``sample`` weighting: ``(sum over samples of the sample's mean loss, number of
   samples)`` gives the mean over samples of the global batch.
 
-Samples are the segments of ``cu_seqlens`` that hold at least one supervised token, e.g.
+Samples are the segments of ``cu_seqlens`` that hold at least one supervised token (so a
+conversation that ``random`` packing cut in two counts as two samples), e.g.
 per-token losses of one packed row and its segments::
 
     losses      .5 .5 .1 .1 .1 .1 | pad
