@@ -219,6 +219,19 @@ def load_imported_weights(path: str, model, *, preset: Optional[LlamaPreset] = N
     return meta
 
 
+def resolve_finetune_load(load: Optional[str], save: Optional[str]) -> tuple:
+    """``(directory to load, is it an import?)`` for ``--load``/``--save``.
+
+    ``--load IMPORT --save DIR`` fine-tunes from the import the first time; once DIR holds a
+    checkpoint of the run, the same command line resumes from DIR instead (a scheduler that
+    restarts a job with identical flags must not start over from the HF weights)."""
+    if not load or not is_imported_checkpoint(load):
+        return load, False
+    if save and os.path.abspath(save) != os.path.abspath(load) and _latest(save) is not None:
+        return save, False
+    return load, True
+
+
 def start_from_import(path: str, model, optimizer, preset: Optional[LlamaPreset] = None,
                       vocab_size: Optional[int] = None) -> dict:
     """The training loop's ``--load IMPORT`` path: imported weights, fresh optimizer and

@@ -173,7 +173,8 @@ def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkey
         toks, mask = c.tokens.tolist(), c.loss_mask.tolist()
         hf_loss = masked_lm_loss(hf_logits[a:b], toks, mask)
         mp_loss = masked_lm_loss(meg[a:b, :VOCAB], toks, mask)
-        print(f"loss on a sample: HF {hf_loss:.6f}, megatron_pack {mp_loss:.6f}")
+        print(f"loss on a sample: HF {hf_loss:.6f}, megatron_pack {mp_loss:.6f} (over the padded vocabulary: "
+              f"{masked_lm_loss(meg[a:b], toks, mask):.6f})")
         assert abs(hf_loss - mp_loss) <= 1e-4, (hf_loss, mp_loss)
         base_loss = masked_lm_loss(hf_doc_logits(base, [toks]), toks, mask)
         assert hf_loss < base_loss, (hf_loss, base_loss)  # the fine-tune learnt the data

@@ -338,3 +338,19 @@ def test_loading_an_import_at_another_layout_says_what_to_pass(tmp_path, monkeyp
     with pytest.raises(ConversionError, match="converted for --tensor-model-parallel-size 2 "
                                               "--pipeline-model-parallel-size 2, but this run has TP 1, PP 2"):
         load_imported_weights(str(tmp_path / "meg"), torch.nn.Linear(2, 2))
+
+
+def test_finetune_load_prefers_the_runs_own_checkpoint(tmp_path):
+    from megatron_pack.convert import convert_hf_to_megatron
+    from megatron_pack.convert.checkpoint_io import resolve_finetune_load
+
+    write_hf_dir(tmp_path / "hf")
+    imp, save = str(tmp_path / "imp"), tmp_path / "save"
+    convert_hf_to_megatron(str(tmp_path / "hf"), imp, progress=False)
+    assert resolve_finetune_load(imp, str(save)) == (imp, True)  # first start: the import
+    save.mkdir()
+    assert resolve_finetune_load(imp, str(save)) == (imp, True)  # empty --save dir: still the import
+    (save / "latest_checkpointed_iteration.txt").write_text("20\n")
+    assert resolve_finetune_load(imp, str(save)) == (str(save), False)  # restarted job: resume
+    assert resolve_finetune_load(str(save), str(save)) == (str(save), False)
+    assert resolve_finetune_load(None, str(save)) == (None, False)
