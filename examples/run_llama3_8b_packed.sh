@@ -25,7 +25,8 @@ MODEL=${MODEL:-llama3-8b}
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}
 TOKENIZER=${TOKENIZER:-}                    # tokenizer dir/file; default vocab: the preset's 128256
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}_${PACK_MODE:-greedy}}
-LOAD_DIR=${LOAD_DIR:-$CHECKPOINT_DIR}       # resume: the latest iter_* of this run (a fresh dir starts from scratch)
+LOAD_DIR=${LOAD_DIR:-$CHECKPOINT_DIR}       # resume this run; or an hf-to-megatron import to fine-tune from
+                                            # (the same command then resumes from CHECKPOINT_DIR once it holds one)
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}
 
 PACK_MODE=${PACK_MODE:-greedy}              # padding | greedy | random | bfd | windowed_bfd

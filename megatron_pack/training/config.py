@@ -190,8 +190,13 @@ class CheckpointArgs:
     """Distributed checkpoints (megatron.core.dist_checkpointing)."""
 
     save: Optional[str] = arg(None, "Checkpoint directory to write.", metavar="DIR")
-    load: Optional[str] = arg(None, "Checkpoint directory to resume from (latest iteration); a "
+    load: Optional[str] = arg(None, "Checkpoint directory to resume from (latest iteration), or an import "
+                                    "written by tools/convert_checkpoint.py hf-to-megatron to fine-tune from "
+                                    "(once --save holds a checkpoint, the same flags resume that instead); a "
                                     "directory without checkpoints starts fresh.", metavar="DIR")
+    pretrained_checkpoint: Optional[str] = arg(None, "Initial weights only (an HF import or a training "
+                                                     "checkpoint at any TP/PP) when --load resumes nothing.",
+                                               metavar="DIR")
     save_interval: Optional[int] = arg(None, "Save every N steps (and always at the end when --save is given).")
     exit_signal_handler: bool = arg(True, "On SIGTERM, save at the next step boundary and exit 0.")
     exit_interval: Optional[int] = arg(None, "Stop (after saving) once this iteration is reached; the "

@@ -165,20 +165,44 @@ def _train(config, st, get_forward_backward_func, mps, get_preset, set_seed) -> 
     iteration, position = 0, DataPosition()
     signature = _data_signature(config)
     ck = config.checkpoint
+    resumed = False
     if ck.load:
-        loaded = load_checkpoint(ck.load, model, optimizer, scheduler)
-        if loaded is not None:
-            saved_sig = loaded["extra"].get("data_signature", {})
-            diff = {k: (saved_sig.get(k), v) for k, v in signature.items() if saved_sig.get(k) != v}
-            if diff:
-                raise ConfigError(f"--load {ck.load}: the checkpoint's data setup differs (saved, now): {diff}; "
-                                  "its data position would be meaningless. Use the same settings or a fresh --save.")
-            iteration = loaded["iteration"]
-            position = DataPosition.from_state_dict(loaded["data"])
-            log.print(f"> resumed from {loaded['path']} at iteration {iteration} (epoch {position.epoch}, "
-                      f"consumed samples {position.consumed_samples})")
+        from megatron_pack.convert.checkpoint_io import resolve_finetune_load, start_from_import
+
+        # --load IMPORT (tools/convert_checkpoint.py hf-to-megatron) starts a fine-tune from the
+        # HF weights the first time; once --save holds a checkpoint the same flags resume it.
+        load_dir, is_import = resolve_finetune_load(ck.load, ck.save)
+        if is_import:
+            start_from_import(load_dir, model, optimizer, preset=preset, vocab_size=vocab)
+            log.print(f"> fine-tuning from imported weights {load_dir} (fresh optimizer, iteration 0)")
+            resumed = True
         else:
-            log.print(f"> --load {ck.load}: no checkpoint there, starting fresh")
+            loaded = load_checkpoint(load_dir, model, optimizer, scheduler)
+            if loaded is not None:
+                saved_sig = loaded["extra"].get("data_signature", {})
+                diff = {k: (saved_sig.get(k), v) for k, v in signature.items() if saved_sig.get(k) != v}
+                if diff:
+                    raise ConfigError(f"--load {load_dir}: the checkpoint's data setup differs (saved, now): {diff}; "
+                                      "its data position would be meaningless. Use the same settings, a fresh --save, "
+                                      "or --pretrained-checkpoint for weights only.")
+                iteration = loaded["iteration"]
+                position = DataPosition.from_state_dict(loaded["data"])
+                resumed = True
+                log.print(f"> resumed from {loaded['path']} at iteration {iteration} (epoch {position.epoch}, "
+                          f"consumed samples {position.consumed_samples})")
+            else:
+                log.print(f"> --load {load_dir}: no checkpoint there, starting fresh")
+    if ck.pretrained_checkpoint and not resumed:
+        from megatron_pack.convert.checkpoint_io import (is_imported_checkpoint, load_model_from_dist_checkpoint,
+                                                         start_from_import)
+
+        if is_imported_checkpoint(ck.pretrained_checkpoint):
+            start_from_import(ck.pretrained_checkpoint, model, optimizer, preset=preset, vocab_size=vocab)
+        else:  # a megatron_pack training checkpoint: weights only, at any TP/PP
+            load_model_from_dist_checkpoint(ck.pretrained_checkpoint, model)
+            if hasattr(optimizer, "reload_model_params"):
+                optimizer.reload_model_params()  # bf16: refresh the fp32 main copies
+        log.print(f"> initial weights from {ck.pretrained_checkpoint} (fresh optimizer, iteration 0)")
 
     stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position)
     fb = get_forward_backward_func()

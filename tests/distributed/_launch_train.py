@@ -71,12 +71,23 @@ class RunResult:
 
 
 def run_train(nprocs: int, args: list, workdir: Path, *, timeout: float = 150.0, sigterm_after: str | None = None,
-              name: str = "run") -> RunResult:
+              name: str = "run", attempts: int = 3) -> RunResult:
     """Launch ``nprocs`` ranks; with ``sigterm_after``, send SIGTERM to every rank as soon as
-    that text appears in the last rank's output."""
+    that text appears in the last rank's output. A rendezvous port taken between picking
+    and binding it (other jobs on the machine) is retried on a new port."""
+    for _ in range(attempts):
+        res = _run_once(nprocs, args, workdir, timeout, sigterm_after, name)
+        if not any("EADDRINUSE" in t for t in res.outputs):
+            return res
+    return res
+
+
+def _run_once(nprocs, args, workdir, timeout, sigterm_after, name) -> RunResult:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / f"{name}.jsonl"
+    if log_file.exists():
+        log_file.unlink()  # a retried launch starts a fresh log
     port = free_port()
     procs, outs = [], []
     for rank in range(nprocs):

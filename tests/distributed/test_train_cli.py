@@ -60,3 +60,16 @@ def test_nan_loss_stops_naming_the_step(tmp_path_factory):
     m = re.search(r"error: iteration (\d+): lm loss is (nan|inf)", res.outputs[0])
     assert m, describe_failure(res)
     assert int(m.group(1)) >= 2  # step 1 is computed from the initial weights
+
+
+def test_pretrained_checkpoint_loads_weights_at_another_layout(tmp_path_factory):
+    """Weights of the DP=2 run's final checkpoint, loaded into a single-rank run: its first
+    loss is the trained model's, far below a fresh initialisation's."""
+    full = shared_run("dp2_full", tmp_path_factory)
+    assert full.returncodes == [0, 0], describe_failure(full)
+    tmp = tmp_path_factory.mktemp("pretrained")
+    res = run_train(1, full.args[:-3] + ["--train-iters", "1", "--pretrained-checkpoint", str(full.save_dir)],
+                    tmp, name="ft")
+    assert res.returncodes == [0], describe_failure(res)
+    assert f"initial weights from {full.save_dir}" in res.output
+    assert res.steps[1]["lm loss"] < full.steps[1]["lm loss"] - 0.5
