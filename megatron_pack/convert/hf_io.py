@@ -312,6 +312,7 @@ class ShardedSafetensorsWriter:
         write_safetensors(os.path.join(self.out_dir, tmp), self._buf, metadata={"format": "pt"})
         self._files.append((tmp, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
+        release_memory()
 
     def close(self) -> list:
         """Name the shards now that their count is known; returns the file names."""

@@ -179,10 +179,11 @@ def megatron_layer_to_hf(shards: list, preset: LlamaPreset) -> dict:
         if any(not torch.equal(first, s[name]) for s in shards[1:]):
             raise ValueError(f"{name} differs between the {tp} TP ranks (it must be replicated)")
     return {
-        "input_layernorm.weight": shards[0]["self_attention.linear_qkv.layer_norm_weight"],
+        # clones: a tensor read from a safetensors file may keep the file's whole mapping resident
+        "input_layernorm.weight": shards[0]["self_attention.linear_qkv.layer_norm_weight"].clone(),
         "self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
         "self_attn.o_proj.weight": torch.cat([s["self_attention.linear_proj.weight"] for s in shards], dim=1),
-        "post_attention_layernorm.weight": shards[0]["mlp.linear_fc1.layer_norm_weight"],
+        "post_attention_layernorm.weight": shards[0]["mlp.linear_fc1.layer_norm_weight"].clone(),
         "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
         "mlp.down_proj.weight": torch.cat([s["mlp.linear_fc2.weight"] for s in shards], dim=1),
     }
