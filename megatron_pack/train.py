@@ -14,6 +14,7 @@ Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite l
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
 
     config = parse_args(argv)
     try:
+        # Batch arithmetic against torchrun's WORLD_SIZE before paying for Megatron's import;
+        # train() checks again against the real process group.
+        config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         train(config)
     except ConfigError as e:  # found once the world size is known (batch divisibility)
         print(f"error: {e}", file=sys.stderr, flush=True)
