@@ -11,66 +11,13 @@
 #   torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
 #       "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" \
 #       "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
-# (extra flags after the script name are passed through; --help lists them all)
+# (extra flags after the script name are passed through; --help lists them all).
+#   DRY_RUN=1 bash examples/run_llama3_8b_packed.sh   runs tools/plan_parallel.py with the same
+#   settings instead (memory per GPU, step/epoch time per packing mode; DATA_PATH optional).
+# Knobs and flag arrays live in examples/lib/packed_sft.sh, shared with the other Llama-3 script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-4}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-
 MODEL=${MODEL:-llama3-8b}
-DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}
-TOKENIZER=${TOKENIZER:-}                    # tokenizer dir/file; default vocab: the preset's 128256
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}_${PACK_MODE:-greedy}}
-LOAD_DIR=${LOAD_DIR:-$CHECKPOINT_DIR}       # resume this run; or an hf-to-megatron import to fine-tune from
-                                            # (the same command then resumes from CHECKPOINT_DIR once it holds one)
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}
-
-PACK_MODE=${PACK_MODE:-greedy}              # padding | greedy | random | bfd | windowed_bfd
-DOCUMENT_MASK=${DOCUMENT_MASK:-1}           # 0 = the paper's setting (attention crosses samples)
-SEQ_LENGTH=${SEQ_LENGTH:-4096}
-TP=${TP:-8}
-PP=${PP:-4}
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
-GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
-TRAIN_EPOCHS=${TRAIN_EPOCHS:-3}
-LR=${LR:-1e-5}
-MIN_LR=${MIN_LR:-0}
-WARMUP_RATIO=${WARMUP_RATIO:-0.2}
-SAVE_INTERVAL=${SAVE_INTERVAL:-500}
-DRY_RUN=${DRY_RUN:-0}
-
-DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
-                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
-MODEL_ARGS=(--model "$MODEL" --bf16 --transformer-impl transformer_engine)
-[ -n "$TOKENIZER" ] && MODEL_ARGS+=(--tokenizer-model "$TOKENIZER")
-PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-               --sequence-parallel --use-distributed-optimizer)
-DATA_ARGS=(--data-path "$DATA_PATH" --seq-length "$SEQ_LENGTH" --valid-fraction 0.01)
-PACKING_ARGS=(--pack-mode "$PACK_MODE")
-[ "$DOCUMENT_MASK" = "0" ] && PACKING_ARGS+=(--no-document-mask)
-TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-               --train-epochs "$TRAIN_EPOCHS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
-               --lr-warmup-fraction "$WARMUP_RATIO" --weight-decay 0.0 --clip-grad 1.0
-               --adam-beta1 0.9 --adam-beta2 0.95)
-CHECKPOINT_ARGS=(--save "$CHECKPOINT_DIR" --load "$LOAD_DIR" --save-interval "$SAVE_INTERVAL")
-LOGGING_ARGS=(--log-interval 1 --tensorboard-dir "$TENSORBOARD_DIR")
-
-# ---- DRY_RUN=1: parallel plan (memory per rank, step time) instead of training ----------
-# (reserved: the planner, tools/plan_parallel.py, hooks in here)
-if [ "$DRY_RUN" = "1" ]; then
-    echo "DRY_RUN=1: planner not wired in yet; the command would be:"
-    echo torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" \
-        "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
-    exit 0
-fi
-# ---- end DRY_RUN -------------------------------------------------------------------------
-
-export CUDA_DEVICE_MAX_CONNECTIONS=1        # sequence-parallel comm/compute overlap (Megatron's advice)
-
-torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
-    "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" \
-    "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
+RECOMPUTE=${RECOMPUTE-}
+source examples/lib/packed_sft.sh
