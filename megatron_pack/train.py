@@ -20,6 +20,7 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_pack.training.cli import parse_args
+    from megatron_pack.convert.hf_io import ConversionError
     from megatron_pack.training.config import ConfigError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
         # train() checks again against the real process group.
         config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         train(config)
-    except ConfigError as e:  # found once the world size is known (batch divisibility)
+    except (ConfigError, ConversionError) as e:  # batch divisibility; an import of another layout
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
