@@ -35,15 +35,11 @@ import torch
 from megatron_pack.convert import mapping as M
 from megatron_pack.convert.hf_io import ConversionError
 from megatron_pack.model.presets import LlamaPreset
+from megatron_pack.training.checkpoint import MARKER, iter_dir, latest_iteration
 
 IMPORT_FORMAT = "megatron_pack.hf_import"
 IMPORT_VERSION = 1
 META_NAME = "megatron_pack_import.json"
-MARKER = "latest_checkpointed_iteration.txt"
-
-
-def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def rank_dir(iter_path: str, tp_rank: int, pp_rank: int) -> str:
@@ -63,14 +59,11 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
 # ---- locating checkpoints ----------------------------------------------------------------------
 
 def _latest(root: str) -> Optional[int]:
-    path = os.path.join(root, MARKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
+    """The training checkpoints' marker, with a malformed one reported as a conversion error."""
     try:
-        return int(text)
-    except ValueError:
-        raise ConversionError(f"{path}: expected an iteration number, found {text!r}") from None
+        return latest_iteration(root)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def resolve_iteration_dir(path: str) -> str:
