@@ -66,7 +66,7 @@ def run_demo(args) -> list[dict]:
     import numpy as np
 
     from megatron_pack.data.indexed import SFTIndexedDataset
-    from megatron_pack.data.pack_report import format_table, report
+    from megatron_pack.data.pack_report import format_table, plot_report, report
     from megatron_pack.training.data import split_indices
     from megatron_pack.training.loop import train
 
@@ -84,7 +84,10 @@ def run_demo(args) -> list[dict]:
     lengths = ds.lengths[train_idx]
     print(f"\nPacking the {lengths.size} training conversations ({int(lengths.sum()):,} tokens) "
           f"into sequences of {args.seq_length}:")
-    print(format_table(report(lengths, args.seq_length, args.modes, seed=args.seed)), flush=True)
+    plans = {}
+    print(format_table(report(lengths, args.seq_length, args.modes, seed=args.seed, plans=plans)), flush=True)
+    png = plot_report(plans, lengths, args.seq_length, os.path.join(args.output_dir, "packing.png"))
+    print(f"> fill-ratio and length histograms: {png} (conversation lengths: {prefix}_lengths.png)", flush=True)
 
     rows = []
     for mode in args.modes:
