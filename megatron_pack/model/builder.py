@@ -26,12 +26,13 @@ def build_model(
 
     ``pre_process``/``post_process`` default to whether this rank is the first/last pipeline
     stage. ``vocab_size`` (the tokenizer's) overrides the preset's and is padded Megatron's way
-    (a multiple of ``128 * TP``; padded rows take part in the softmax, as in Megatron-LM).
+    (a multiple of ``128 * TP``); unlike Megatron-LM, the padded rows are kept out of the loss
+    (:class:`~megatron_pack.model.gpt.SFTGPTModel`).
     RoPE uses the preset's theta; the output layer is untied unless the preset ties it. The
     model is on this rank's device (CPU without CUDA).
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+    from megatron_pack.model.gpt import SFTGPTModel
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     vocab = vocab_size if vocab_size is not None else preset.vocab_size
@@ -44,7 +45,8 @@ def build_model(
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    model = GPTModel(
+    model = SFTGPTModel(
+        true_vocab_size=vocab,
         config=config,
         transformer_layer_spec=get_block_spec(config, backend, vp_stage=vp_stage),
         vocab_size=padded_vocab_size(vocab, config.tensor_model_parallel_size, make_vocab_size_divisible_by),
