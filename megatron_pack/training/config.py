@@ -199,8 +199,8 @@ class CheckpointArgs:
                                                metavar="DIR")
     save_interval: Optional[int] = arg(None, "Save every N steps (and always at the end when --save is given).")
     exit_signal_handler: bool = arg(True, "On SIGTERM, save at the next step boundary and exit 0.")
-    exit_interval: Optional[int] = arg(None, "Stop (after saving) once this iteration is reached; the "
-                                             "schedule still spans the whole run.")
+    exit_interval: Optional[int] = arg(None, "Stop (after saving) after the next iteration divisible by N, "
+                                             "as in Megatron-LM; the schedule still spans the whole run.")
 
     def __post_init__(self):
         _need(self.save_interval is None or self.save_interval >= 1, "--save-interval", "must be >= 1")

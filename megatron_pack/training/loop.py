@@ -234,7 +234,10 @@ def _train(config, st, get_forward_backward_func, mps, get_preset, set_seed) -> 
     history, exit_reason, last_ckpt = [], "completed", None
     valid_loss = valid_tokens = None
     step_fn = partial(_forward_step, device, t.loss_weighting)
-    stop_at = min(total_iters, ck.exit_interval) if ck.exit_interval else total_iters
+    # Megatron-LM's --exit-interval: stop after the next iteration divisible by it (a resumed
+    # run goes on to the following multiple).
+    stop_at = (min(total_iters, (iteration // ck.exit_interval + 1) * ck.exit_interval)
+               if ck.exit_interval else total_iters)
     handler = SignalHandler() if ck.exit_signal_handler else None
     if handler:
         handler.__enter__()
