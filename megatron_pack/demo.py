@@ -14,9 +14,10 @@ trade-off).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+
+from megatron_pack.reporting import markdown_table, write_json_atomic
 
 DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
 
@@ -57,9 +58,7 @@ def format_results(rows: list[dict]) -> str:
     cells = [[r["mode"], f"{r['sequences']:,}", str(r["steps"]), f"{r['wall_time']:.1f}", f"{r['step_s'] * 1000:.0f}",
               f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
               f"{r['final_train_loss']:.4f}", f"{r['valid_loss']:.4f}"] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda xs: "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"  # noqa: E731
-    return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(c) for c in cells)])
+    return markdown_table(heads, cells)
 
 
 def run_demo(args) -> list[dict]:
@@ -111,9 +110,7 @@ def run_demo(args) -> list[dict]:
           f"Real tokens/s: mean real tokens per step / median step time; speedup over padding beside the ideal "
           f"(padding's sequences / the mode's); held-out loss over the same conversations for every mode:")
     print(table, flush=True)
-    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
+    write_json_atomic(rows, os.path.join(args.output_dir, "results.json"))
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (runs' step logs under "

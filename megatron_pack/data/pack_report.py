@@ -13,13 +13,13 @@ and planning seconds.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
 from megatron_pack.data.packing import PackingPlan, build_plan, get_mode
+from megatron_pack.reporting import markdown_table, write_json_atomic
 
 DEFAULT_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
 
@@ -115,11 +115,7 @@ _COLUMNS = [
 def format_table(rows: list[dict]) -> str:
     """A plain-text table, one row per mode (Markdown-compatible)."""
     cells = [[fmt.format(r[key]) for _, key, fmt in _COLUMNS] for r in rows]
-    heads = [h for h, _, _ in _COLUMNS]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
-    line = lambda xs: "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(heads), sep, *(line(c) for c in cells)])
+    return markdown_table([h for h, _, _ in _COLUMNS], cells)
 
 
 def plot_report(plans: dict, lengths, max_seq_length: int, out_png: str) -> str:
@@ -174,13 +170,6 @@ def load_lengths(data_prefix: str | None = None, lengths_file: str | None = None
     return lengths.astype(np.int64), None
 
 
-def write_json(rows: list[dict], path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(
     max_seq_length: int,
     *,
@@ -201,7 +190,7 @@ def run(
           f"over-long policy {overlong}")
     print(format_table(rows))
     if json_out:
-        write_json(rows, json_out)
+        write_json_atomic(rows, json_out)
         print(f"wrote {json_out}")
     if plot_out:
         plot_report(plans, lengths, max_seq_length, plot_out)

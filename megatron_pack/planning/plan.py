@@ -10,8 +10,6 @@ table of "Packing Analysis", arXiv 2410.08081, from our own plans).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +18,7 @@ from megatron_pack.model.presets import get_preset
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
 from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
+from megatron_pack.reporting import write_json_atomic
 
 #: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
 PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
@@ -290,12 +289,8 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
     return out
 
 
-def write_json(plan: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(plan: dict, path: str) -> str:
+    return write_json_atomic(plan, path, indent=2)
 
 
 def _hours(s: float) -> str:
