@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from launcher import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_dataset(prefix: str, n: int = 160, seed: int = 0) -> str:
@@ -91,10 +85,7 @@ def _run_once(nprocs, args, workdir, timeout, sigterm_after, name) -> RunResult:
     port = free_port()
     procs, outs = [], []
     for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = rank_env(rank, nprocs, port, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         out = open(workdir / f"{name}.rank{rank}.log", "w+")
         outs.append(out)
         procs.append(subprocess.Popen([sys.executable, "-m", "megatron_pack.train", *args, "--log-file", str(log_file)],

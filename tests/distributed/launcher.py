@@ -24,6 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, nprocs: int, port: int, **extra) -> dict:
+    """This process's environment plus what torchrun would set for ``rank`` (CPU only, 1 thread)."""
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+                LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **extra)
+
+
 def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) -> list[dict]:
     """Run ``_worker.py args`` on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
     out_dir = Path(out_dir)
@@ -31,9 +38,7 @@ def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) 
     port = free_port()
     procs, logs = [], []
     for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+        env = rank_env(rank, nprocs, port)
         if nprocs == 1:  # a lone process runs without torchrun's variables: the default single-process path
             for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(var)
