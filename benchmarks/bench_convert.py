@@ -33,7 +33,8 @@ import time
 import torch
 
 from megatron_pack.convert import mapping as M
-from megatron_pack.convert.hf_io import ShardedSafetensorsWriter, preset_from_hf_config
+from megatron_pack.convert.hf_config import preset_from_hf_config
+from megatron_pack.convert.hf_safetensors import ShardedSafetensorsWriter
 
 MEASURE = textwrap.dedent("""
     import json, sys, time, warnings
@@ -65,7 +66,7 @@ SAVE_DIST = textwrap.dedent("""
     import sys, warnings
     warnings.simplefilter("ignore")
     from megatron.core import dist_checkpointing
-    from megatron_pack.convert.checkpoint_io import load_imported_weights, preset_from_metadata, read_import_metadata
+    from megatron_pack.checkpoint.imported import load_imported_weights, preset_from_metadata, read_import_metadata
     from megatron_pack.model.builder import build_model
     from megatron_pack.model.presets import transformer_config
     from megatron_pack.parallel import initialize_distributed, set_seed
@@ -179,7 +180,7 @@ def measure_dist(dist: str, out: str, shard: int, cfg: dict) -> dict:
     code = MEASURE.replace(
         "from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf",
         "from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf\n"
-        "from megatron_pack.convert.hf_io import preset_from_hf_config\n"
+        "from megatron_pack.convert.hf_config import preset_from_hf_config\n"
         "from megatron_pack.model import presets\n"
         f"presets.PRESETS['hf'] = preset_from_hf_config({cfg!r})")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

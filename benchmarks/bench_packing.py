@@ -7,7 +7,7 @@
 Lengths come from a synthetic SFT mix (seeded, no download) with the shape of real
 instruction data: mostly short single-turn chats, multi-turn conversations of 2-8
 exchanges, long-context samples (documents, code) and a Pareto tail past 16k tokens.
-Every conversation also gets its turn starts, so ``split_turns`` can be measured.
+Every conversation also gets its turn starts, so ``cut-at-turns`` can be measured.
 
 Reported per (max length, mode): sequences, efficiency, lower-bound efficiency and the
 gap in points, best-of-N C++ seconds for the whole ``build_plan`` call, reference
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from megatron_pack.data.packing import build_plan
+from megatron_pack.packing.plan import OVERLONG_CHOICES, build_plan
 
 MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
 
@@ -71,7 +71,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1_200_000)
     p.add_argument("--max-lengths", default="4096,16384")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--overlong", default="truncate", choices=("truncate", "drop", "split_turns"))
+    p.add_argument("--overlong", default="truncate", choices=OVERLONG_CHOICES)
     p.add_argument("--repeats", type=int, default=3, help="C++ timing is the best of this many runs")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) Python reference runs")
     p.add_argument("--seed", type=int, default=0)

@@ -17,15 +17,17 @@ import argparse
 import os
 import time
 
-from megatron_pack.reporting import markdown_table, write_json_atomic
+from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.reporting import markdown_table
 
-DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
+#: The quickstart compares these (windowed_bfd packs like bfd on 480 chats).
+DEMO_MODES = ("padding", "greedy", "random", "bfd")
 
 
 def prepare_data(workdir: str) -> str:
     """Sample JSONL + tokenizer + indexed dataset under ``workdir``; returns the prefix."""
-    from megatron_pack.data.preprocess import PreprocessConfig, preprocess
-    from megatron_pack.data.sample import prepare_sample
+    from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
+    from megatron_pack.chat.sample import prepare_sample
 
     jsonl, tok = prepare_sample(workdir)
     prefix = os.path.join(workdir, "sample")
@@ -64,9 +66,9 @@ def format_results(rows: list[dict]) -> str:
 def run_demo(args) -> list[dict]:
     import numpy as np
 
-    from megatron_pack.data.indexed import SFTIndexedDataset
-    from megatron_pack.data.pack_report import format_table, plot_report, report
-    from megatron_pack.training.data import split_indices
+    from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.packing.report import format_table, plot_report, report
+    from megatron_pack.data.sampling import split_indices
     from megatron_pack.training.loop import train
 
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join("outputs", "demo"))
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES))
+    p.add_argument("--modes", nargs="+", default=list(DEMO_MODES))
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=8)

@@ -20,7 +20,7 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_pack.training.cli import parse_args
-    from megatron_pack.convert.hf_io import ConversionError
+    from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.training.config import ConfigError
     from megatron_pack.training.loop import NonFiniteLossError, train
 

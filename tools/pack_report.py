@@ -15,6 +15,8 @@ import sys
 
 
 def main(argv=None):
+    from megatron_pack.packing.plan import OVERLONG_CHOICES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-prefix", help="SFT indexed dataset prefix (PREFIX.bin/.idx, written by preprocess_sft.py)")
@@ -23,13 +25,14 @@ def main(argv=None):
     p.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd",
                    help="comma-separated packing modes; options as name:key=value (windowed_bfd:window=4096)")
     p.add_argument("--seed", type=int, default=1234, help="shuffle seed of the random and windowed modes")
-    p.add_argument("--overlong", choices=("truncate", "drop", "split_turns"), default="truncate",
-                   help="what happens to samples longer than --max-seq-length")
+    p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="truncate",
+                   help="what happens to samples longer than --max-seq-length; cut-at-turns cuts the stored "
+                        "tokens at turn starts (split_turns: deprecated spelling)")
     p.add_argument("--json", dest="json_out", help="write the rows as JSON here")
     p.add_argument("--plot", dest="plot_out", help="write fill-ratio and length histograms (PNG) here")
     args = p.parse_args(argv)
 
-    from megatron_pack.data.pack_report import run
+    from megatron_pack.packing.report import run
 
     try:
         run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths,

@@ -18,6 +18,8 @@ import warnings
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.model.presets import PRESETS
+    from megatron_pack.model.vocab import VOCAB_RULE
+    from megatron_pack.packing.plan import OVERLONG_CHOICES
 
     # exact flag names only: a training flag must never be taken as an abbreviation of ours
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overhead-gb", type=float, default=3.0, help="per-GPU allowance for CUDA context, NCCL, fragmentation")
     g = p.add_argument_group("model and parallelism (training CLI names)")
     g.add_argument("--model", default="llama3-70b", choices=sorted(PRESETS))
-    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="default, as training: " + VOCAB_RULE)
     g.add_argument("--tokenizer-model", default=None, help="read the vocabulary size from this tokenizer")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd", help="modes to compare")
     g.add_argument("--document-mask", action=b, default=True)
     g.add_argument("--pad-attention", action="store_true", help="cost attention as S^2 per sequence (BSHD kernels)")
-    g.add_argument("--overlong", choices=("truncate", "drop", "split_turns"), default="truncate")
+    g.add_argument("--overlong", choices=OVERLONG_CHOICES, default="truncate",
+                   help="cut-at-turns cuts the stored tokens at turn starts (split_turns: deprecated spelling)")
     g.add_argument("--valid-fraction", type=float, default=0.05, help="held out of training, as the training CLI does")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--train-epochs", type=float, default=None)
@@ -74,13 +77,9 @@ def main(argv=None) -> int:
 
     try:
         from megatron_pack.model.presets import get_preset
+        from megatron_pack.model.vocab import resolve_vocab_size
 
-        vocab = args.vocab_size
-        # as training picks it: --vocab-size, else the preset's, else the tokenizer's
-        if vocab is None and get_preset(args.model).vocab_size is None and args.tokenizer_model:
-            from megatron_pack.data.tokenizer import load_tokenizer
-
-            vocab = load_tokenizer(args.tokenizer_model).vocab_size
+        vocab = resolve_vocab_size(args.vocab_size, args.tokenizer_model, get_preset(args.model), args.data_path)
         cfg = PlanConfig(
             model=args.model, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
             tensor_model_parallel_size=args.tensor_model_parallel_size,

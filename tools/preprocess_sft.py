@@ -3,7 +3,7 @@
 
     python tools/preprocess_sft.py --input data/*.jsonl.gz --tokenizer /models/llama3/ \\
         --output-prefix /data/sft/chat --chat-template llama3 --max-seq-length 8192 \\
-        --overlong split-turns --workers 8
+        --overlong split-chat --workers 8
 
 Writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX_turns.bin/.idx, PREFIX_summary.json,
 PREFIX_rejects.jsonl and PREFIX_lengths.png. Exit status 1 on bad setup or, with --strict,
@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pack.data.encode import LOSS_POLICIES  # noqa: E402
-from megatron_pack.data.overlong import OVERLONG_POLICIES  # noqa: E402
-from megatron_pack.data.templates import TEMPLATES  # noqa: E402
+from megatron_pack.chat.encode import LOSS_POLICIES  # noqa: E402
+from megatron_pack.chat.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
+from megatron_pack.chat.templates import TEMPLATES  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,8 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", default="auto", choices=["auto", *TEMPLATES],
                    help="auto: the tokenizer directory's chat_template if any, else from its special tokens")
     p.add_argument("--max-seq-length", type=int, default=None, metavar="N")
-    p.add_argument("--overlong", default="truncate", choices=list(OVERLONG_POLICIES),
-                   help="what to do with conversations over --max-seq-length")
+    p.add_argument("--overlong", default="truncate", choices=[*OVERLONG_POLICIES, *DEPRECATED_OVERLONG],
+                   help="what to do with conversations over --max-seq-length; split-chat re-renders each "
+                        "piece as a complete chat (split-turns: deprecated spelling)")
     p.add_argument("--loss-on", default="assistant", choices=list(LOSS_POLICIES),
                    help="trained tokens: every assistant turn, only the last one, or all tokens")
     p.add_argument("--workers", type=int, default=1, metavar="N")
@@ -47,8 +48,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_pack.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-    from megatron_pack.data.tokenizer import TokenizerError
+    from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
+    from megatron_pack.chat.tokenizer import TokenizerError
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, kept out of the timing)
 

@@ -4,7 +4,7 @@
 ``convert_megatron_to_hf`` exports a training checkpoint (any TP/PP) or an import.
 """
 
-from megatron_pack.convert.hf_io import ConversionError
+from megatron_pack.convert.hf_config import ConversionError
 
 
 def __getattr__(name):  # lazy: importing the package must not pull in Megatron-Core

@@ -15,10 +15,12 @@ from typing import Optional
 
 import torch
 
-from megatron_pack.convert import checkpoint_io as C
+from megatron_pack.checkpoint import imported as C
 from megatron_pack.convert import mapping as M
-from megatron_pack.convert.hf_io import (DTYPE_NAMES, ConversionError, SafetensorsReader, copy_tokenizer,
-                                         load_hf_config, parse_dtype, release_memory)
+from megatron_pack.checkpoint.layout import MARKER, iter_dir
+from megatron_pack.convert.hf_config import DTYPE_NAMES, ConversionError, copy_tokenizer, load_hf_config, parse_dtype
+from megatron_pack.convert.hf_safetensors import SafetensorsReader
+from megatron_pack.files.safetensors import release_memory
 from megatron_pack.model.presets import padded_vocab_size
 
 
@@ -50,7 +52,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
                            pipeline_model_parallel_size: int = 1, dtype: Optional[str] = None,
                            tokenizer: Optional[str] = None, make_vocab_size_divisible_by: int = 128,
                            progress: bool = True) -> dict:
-    """Write ``output`` (the import format of :mod:`megatron_pack.convert.checkpoint_io`);
+    """Write ``output`` (the import format of :mod:`megatron_pack.checkpoint.imported`);
     returns its metadata. ``dtype``: ``auto``/None keeps the HF tensors' dtype."""
     tp, pp = int(tensor_model_parallel_size), int(pipeline_model_parallel_size)
     preset, hf_cfg = load_hf_config(hf_dir)
@@ -68,7 +70,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
 
     tmp = prepare_output(output)
     try:
-        it = C.iter_dir(tmp, 0)
+        it = iter_dir(tmp, 0)
         for r in range(tp):
             for s in range(pp):
                 os.makedirs(C.rank_dir(it, r, s))
@@ -114,7 +116,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
             "hf_config": {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")},
         }
         C.write_metadata(it, meta)
-        with open(os.path.join(tmp, C.MARKER), "w") as f:
+        with open(os.path.join(tmp, MARKER), "w") as f:
             f.write("0\n")
         tok = tokenizer
         if tok:

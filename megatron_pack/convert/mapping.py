@@ -3,7 +3,7 @@
 Pure tensor functions, no I/O. Names on the Megatron side are *canonical*: Transformer
 Engine's fused names, which are also what Megatron-Core writes into dist checkpoints for
 local layers (``input_layernorm`` -> ``self_attention.linear_qkv.layer_norm_weight``);
-:func:`model_key` turns them into whatever a built model's ``state_dict`` calls them.
+:func:`megatron_pack.model.state_keys.model_key` turns them into whatever a built model's ``state_dict`` calls them.
 
 Fused tensors (per layer, ``G`` query groups, ``H/G`` query heads per group, head dim ``d``)::
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from megatron_pack.model.presets import LlamaPreset
+from megatron_pack.model.state_keys import (MEG_EMBEDDING, MEG_FINAL_NORM, MEG_OUTPUT,  # noqa: F401
+                                             MEGATRON_LAYER_NAMES, model_key)
 
 # Per-layer names: canonical Megatron name -> HF Llama name (after "model.layers.{i}.").
 LAYER_NORMS = {
@@ -32,36 +34,11 @@ HF_LAYER_NAMES = (
     "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
-MEGATRON_LAYER_NAMES = (
-    "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-    "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight",
-)
 HF_EMBEDDING, HF_FINAL_NORM, HF_OUTPUT = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-MEG_EMBEDDING, MEG_FINAL_NORM, MEG_OUTPUT = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
-                                             "output_layer.weight")
-# Local (non-TE) layer specs name the norms on their own modules.
-_LOCAL_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
 
 
 def hf_layer_key(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
-
-
-def model_key(canonical: str, model_keys) -> str:
-    """The name ``canonical`` (``decoder.layers.{i}.<canonical layer name>`` or a top-level
-    name) has in a model whose ``state_dict`` keys are ``model_keys`` (TE or local spec)."""
-    if canonical in model_keys:
-        return canonical
-    for te, local in _LOCAL_NAMES.items():
-        if canonical.endswith("." + te):
-            alt = canonical[: -len(te)] + local
-            if alt in model_keys:
-                return alt
-    return canonical
 
 
 def check_tp(preset: LlamaPreset, tp: int) -> None:

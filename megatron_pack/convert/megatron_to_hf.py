@@ -1,6 +1,6 @@
 """Megatron checkpoint (a training dist checkpoint at any TP/PP, or an import) -> HF Llama directory.
 
-Streams layer by layer into :class:`~megatron_pack.convert.hf_io.ShardedSafetensorsWriter`:
+Streams layer by layer into :class:`~megatron_pack.convert.hf_safetensors.ShardedSafetensorsWriter`:
 peak memory is one layer (all its TP shards merged) plus the shard being filled. Writes
 ``config.json``, safetensors (sharded with ``model.safetensors.index.json`` above
 ``max_shard_size``) and the tokenizer files, into a temporary directory renamed at the end.
@@ -15,10 +15,15 @@ from typing import Optional
 
 import torch
 
-from megatron_pack.convert import checkpoint_io as C
+from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.checkpoint import imported as C
 from megatron_pack.convert import mapping as M
-from megatron_pack.convert.hf_io import (DTYPES, ConversionError, ShardedSafetensorsWriter, copy_tokenizer,
-                                         hf_config_dict, parse_dtype, parse_size, release_memory)
+from megatron_pack.checkpoint.dist_reader import DistCheckpointReader
+from megatron_pack.checkpoint.layout import resolve_iteration_dir
+from megatron_pack.convert.hf_config import (DTYPES, ConversionError, copy_tokenizer, hf_config_dict, parse_dtype,
+                                         parse_size)
+from megatron_pack.convert.hf_safetensors import ShardedSafetensorsWriter
+from megatron_pack.files.safetensors import release_memory
 from megatron_pack.convert.hf_to_megatron import _progress, finish_output, prepare_output
 from megatron_pack.model.presets import LlamaPreset, get_preset
 
@@ -67,7 +72,7 @@ def training_vocab_size(run_config: dict, preset: LlamaPreset) -> Optional[int]:
     if model.get("vocab_size"):
         return int(model["vocab_size"])
     if model.get("tokenizer_model"):
-        from megatron_pack.data.tokenizer import load_tokenizer
+        from megatron_pack.chat.tokenizer import load_tokenizer
 
         return int(load_tokenizer(model["tokenizer_model"]).vocab_size)
     return preset.vocab_size
@@ -77,7 +82,7 @@ class DistSource:
     """A training checkpoint (``megatron.core.dist_checkpointing``, torch_dist), any TP/PP."""
 
     def __init__(self, iter_path: str, vocab_size: Optional[int] = None, model: Optional[str] = None):
-        self.reader = C.DistCheckpointReader(iter_path)
+        self.reader = DistCheckpointReader(iter_path)
         rc = _run_config(iter_path)
         name = model or rc.get("model", {}).get("model")
         if not name:
@@ -121,7 +126,7 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
     if meta is not None:
         src, kind = ImportSource(meta), "import"
     else:
-        src, kind = DistSource(C.resolve_iteration_dir(load), vocab_size, model), "dist_checkpoint"
+        src, kind = DistSource(resolve_iteration_dir(load), vocab_size, model), "dist_checkpoint"
     preset = src.preset
     out_dtype = parse_dtype(dtype) or src.dtype
     tmp = prepare_output(output)
@@ -142,8 +147,7 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
             writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
         files = writer.close()
         cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        write_json_atomic(cfg, os.path.join(tmp, "config.json"), indent=2)
         tok = tokenizer or src.tokenizer_dir
         files += copy_tokenizer(tok, tmp) if tok else []
         finish_output(tmp, output)

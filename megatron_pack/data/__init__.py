@@ -1,23 +1,27 @@
-"""megatron_pack.data: chat schemas and templates, tokenizers, the indexed SFT dataset,
-packing plans (C++ engine + references) and ``PackedSFTDataset`` with its collate functions.
+"""megatron_pack.data: plans -> tensors. The packed SFT dataset and the batches a run reads.
+
+    packed_dataset  PackedSFTDataset: fixed-length sequences with labels, loss mask,
+                    positions and cu_seqlens from a packing plan
+    collate         THD (packed) and padded collate functions
+    sampling        train/held-out split, subsets, the resumable DP-sharded stream, eval batches
 
 Names are resolved lazily so ``import megatron_pack.data`` needs neither torch nor the
 compiled packing engine until they are used.
 """
 
 _EXPORTS = {
-    "SFTDatasetWriter": "megatron_pack.data.indexed",
-    "SFTIndexedDataset": "megatron_pack.data.indexed",
-    "build_plan": "megatron_pack.data.packing",
-    "PackingPlan": "megatron_pack.data.packing",
-    "PACKING_MODES": "megatron_pack.data.packing",
-    "get_mode": "megatron_pack.data.packing",
+    "SFTDatasetWriter": "megatron_pack.files.indexed",
+    "SFTIndexedDataset": "megatron_pack.files.indexed",
+    "build_plan": "megatron_pack.packing.plan",
+    "PackingPlan": "megatron_pack.packing.plan",
+    "PACKING_MODES": "megatron_pack.packing.modes",
+    "get_mode": "megatron_pack.packing.modes",
     "PackedSFTDataset": "megatron_pack.data.packed_dataset",
     "required_multiple": "megatron_pack.data.packed_dataset",
     "collate_padded": "megatron_pack.data.collate",
     "collate_thd": "megatron_pack.data.collate",
-    "PreprocessConfig": "megatron_pack.data.preprocess",
-    "preprocess": "megatron_pack.data.preprocess",
+    "PreprocessConfig": "megatron_pack.chat.preprocess",
+    "preprocess": "megatron_pack.chat.preprocess",
 }
 
 __all__ = sorted(_EXPORTS)

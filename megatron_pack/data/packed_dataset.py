@@ -27,8 +27,8 @@ import math
 import numpy as np
 import torch
 
-from megatron_pack.data.indexed import SFTIndexedDataset
-from megatron_pack.data.packing import PackingPlan, get_mode
+from megatron_pack.files.indexed import SFTIndexedDataset
+from megatron_pack.packing.plan import PackingPlan, get_mode
 
 
 def required_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False) -> int:
@@ -49,7 +49,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         mode: packing mode name or config (``padding``, ``greedy``, ``random``, ``bfd``,
             ``windowed_bfd[:window=W]``).
         seed, epoch: drive the shuffling modes and the sequence order; see :meth:`set_epoch`.
-        overlong: ``truncate`` | ``drop`` | ``split_turns`` for conversations over ``seq_length``.
+        overlong: ``truncate`` | ``drop`` | ``cut-at-turns`` for conversations over ``seq_length``.
         document_mask: segments per conversation (default) or one causal document per sequence.
         pad_to_multiple_of: round S up to this (``required_multiple(tp, cp, sp)``).
         pad_token_id: token and label id for padding and for labels with no next token.
@@ -100,12 +100,12 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         if self._fixed_plan is not None:
             self.plan = self._fixed_plan
         elif self.use_cache:
-            from megatron_pack.data.plan_cache import get_plan
+            from megatron_pack.packing.cache import get_plan
 
             self.plan = get_plan(self.data, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
                                  overlong=self.overlong, cache_dir=self.cache_dir, group=self.group)
         else:
-            from megatron_pack.data.packing import build_plan
+            from megatron_pack.packing.plan import build_plan
 
             self.plan = build_plan(self.data.lengths, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
                                    overlong=self.overlong, turn_starts=self.data.turns)

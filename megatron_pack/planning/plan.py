@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_pack.model.presets import get_preset
+from megatron_pack.packing.modes import DEFAULT_MODES
+from megatron_pack.packing.plan import overlong_policy
+from megatron_pack.parallel.layout import check_layout
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
 from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
-from megatron_pack.reporting import write_json_atomic
+from megatron_pack.files.atomic import write_json_atomic
 
 #: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
 PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
-DEFAULT_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
 
 
 class LayoutError(ValueError):
@@ -98,31 +100,12 @@ def validate_layout(cfg: PlanConfig) -> Layout:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if errors:
         raise LayoutError("; ".join(errors))
-    world = cfg.world_size
-    if world % cfg.model_parallel_size:
-        errors.append(f"world size {world} ({cfg.nnodes} nodes x {cfg.gpus_per_node} GPUs) is not divisible "
-                      f"by TP*PP*CP = {tp}*{pp}*{cp} = {cfg.model_parallel_size}")
-    if preset.num_attention_heads % tp:
-        errors.append(f"TP {tp} does not divide the {preset.num_attention_heads} attention heads of {preset.name}")
-    if preset.num_query_groups % tp:
-        errors.append(f"TP {tp} does not divide the {preset.num_query_groups} query groups (KV heads) "
-                      f"of {preset.name}")
-    if preset.num_layers % pp:
-        errors.append(f"PP {pp} does not divide the {preset.num_layers} layers of {preset.name} "
-                      f"(stages must hold equal layer counts)")
-    if cfg.sequence_parallel and tp == 1:
-        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    check = check_layout(cfg.world_size, tp, pp, cp, cfg.micro_batch_size, cfg.global_batch_size,
+                         sequence_parallel=cfg.sequence_parallel, architecture=preset)
+    errors += check.errors
     if cfg.recompute_granularity not in RECOMPUTE:
         errors.append(f"--recompute-granularity must be full or selective, got {cfg.recompute_granularity!r}")
-    dp = world // cfg.model_parallel_size if world % cfg.model_parallel_size == 0 else 0
-    m = 0
-    if dp:
-        per_step = cfg.micro_batch_size * dp
-        if cfg.global_batch_size % per_step:
-            errors.append(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size * "
-                          f"data-parallel = {cfg.micro_batch_size} * {dp}")
-        else:
-            m = cfg.global_batch_size // per_step
+    dp, m = check.data_parallel_size, check.num_microbatches
     if errors:
         raise LayoutError("; ".join(errors))
     if tp > cfg.gpus_per_node:
@@ -144,10 +127,9 @@ def validate_layout(cfg: PlanConfig) -> Layout:
 
 
 def _vocab(cfg: PlanConfig, preset) -> int:
-    v = cfg.vocab_size or preset.vocab_size
-    if v is None:
-        raise ValueError(f"preset {preset.name!r} has no vocabulary size; pass --vocab-size or --tokenizer-model")
-    return int(v)
+    from megatron_pack.model.vocab import resolve_vocab_size
+
+    return resolve_vocab_size(cfg.vocab_size, None, preset, cfg.data_path)
 
 
 def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
@@ -162,9 +144,9 @@ def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
 
 
 def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool) -> tuple[list, dict]:
-    from megatron_pack.data.indexed import SFTIndexedDataset
-    from megatron_pack.data.packing import build_plan, get_mode
-    from megatron_pack.training.data import split_indices
+    from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.packing.plan import build_plan, get_mode
+    from megatron_pack.data.sampling import split_indices
 
     ds = SFTIndexedDataset(cfg.data_path)
     # the training split, drawn exactly as training draws it
@@ -180,7 +162,7 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
     for spec in modes:
         t0 = time.perf_counter()
         plan = build_plan(lengths, cfg.seq_length, spec, seed=cfg.seed, overlong=cfg.overlong,
-                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if cfg.overlong == "split_turns" else None)
+                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if overlong_policy(cfg.overlong) == "cut-at-turns" else None)
         stats = plan_stats(plan, document_mask=cfg.document_mask, pad_attention=cfg.pad_attention)
         est = estimate(preset, params.matmul_total, stats, tcfg)
         rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),

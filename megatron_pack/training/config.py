@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pack.model.vocab import VOCAB_RULE
+from megatron_pack.packing.plan import OVERLONG_CHOICES, overlong_policy
+
 
 class ConfigError(ValueError):
     """A bad training setting; the message names the flag."""
@@ -39,16 +42,12 @@ def _need(cond: bool, flag: str, msg: str):
         raise ConfigError(f"{flag}: {msg}")
 
 
-PACK_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
-
-
 @dataclass
 class ModelArgs:
     """Which network and in what precision."""
 
     model: str = arg("tiny", "Architecture preset.", choices=("tiny", "llama3-8b", "llama3-70b"))
-    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding; default: the preset's, else "
-                                          "the tokenizer's (--tokenizer-model), else max token id + 1.")
+    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
     transformer_impl: str = arg("auto", "Layer implementation: auto picks Transformer Engine when importable "
@@ -96,15 +95,17 @@ class PackingArgs:
     pack_mode: str = arg("bfd", "Packing mode (windowed_bfd:window=W for a window size).", metavar="MODE")
     document_mask: bool = arg(True, "Attention and labels stay inside each sample (cu_seqlens); "
                                     "--no-document-mask is the paper's setting.")
-    overlong: str = arg("truncate", "Conversations longer than --seq-length.",
-                        choices=("truncate", "drop", "split_turns"))
+    overlong: str = arg("truncate", "Conversations longer than --seq-length: keep the head, leave them out, "
+                                    "or cut the stored tokens at turn starts (split_turns: deprecated spelling).",
+                        choices=OVERLONG_CHOICES)
     eval_pack_mode: str = arg("bfd", "Packing of the held-out split. Validation always uses the document "
                                      "mask, so its loss is the same computation whatever --pack-mode.",
                               metavar="MODE")
 
     def __post_init__(self):
-        from megatron_pack.data.packing import get_mode
+        from megatron_pack.packing.modes import get_mode
 
+        self.overlong = overlong_policy(self.overlong)
         for flag, spec in (("--pack-mode", self.pack_mode), ("--eval-pack-mode", self.eval_pack_mode)):
             try:
                 get_mode(spec)
@@ -242,16 +243,14 @@ class TrainConfig:
 
     def resolve(self, world_size: int) -> "ResolvedSizes":
         """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""
+        from megatron_pack.parallel.layout import check_layout
+
         p = self.parallel
-        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-        _need(world_size % mp == 0, "--tensor/pipeline/context-model-parallel-size",
-              f"TP*PP*CP = {mp} does not divide the world size {world_size}")
-        dp = world_size // mp
-        per_step = self.train.micro_batch_size * dp
-        _need(self.train.global_batch_size % per_step == 0, "--global-batch-size",
-              f"{self.train.global_batch_size} is not a multiple of micro-batch-size * data-parallel "
-              f"= {self.train.micro_batch_size} * {dp}")
-        return ResolvedSizes(dp, self.train.global_batch_size // per_step)
+        check = check_layout(world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                             p.context_parallel_size, self.train.micro_batch_size, self.train.global_batch_size)
+        if check.errors:
+            raise ConfigError(check.errors[0])
+        return ResolvedSizes(check.data_parallel_size, check.num_microbatches)
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ def main():
 
     from megatron.core import parallel_state as ps
 
-    from megatron_pack.convert.checkpoint_io import (load_imported_weights, load_model_from_dist_checkpoint,
-                                                     preset_from_metadata, read_import_metadata)
+    from megatron_pack.checkpoint.dist_reader import load_model_from_dist_checkpoint
+    from megatron_pack.checkpoint.imported import load_imported_weights, preset_from_metadata, read_import_metadata
     from megatron_pack.model.builder import build_model
     from megatron_pack.model.presets import get_preset, transformer_config
     from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def make_dataset(prefix: str, n: int = 160, seed: int = 0) -> str:
     """``n`` learnable conversations (arithmetic token progressions, ids 1..250), 12..220 tokens,
     the first quarter of each an untrained prompt."""
-    from megatron_pack.data.indexed import SFTDatasetWriter
+    from megatron_pack.files.indexed import SFTDatasetWriter
 
     rng = np.random.default_rng(seed)
     with SFTDatasetWriter(prefix) as w:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from megatron_pack.data.indexed import SFTDatasetWriter
+from megatron_pack.files.indexed import SFTDatasetWriter
 
 
 @pytest.fixture(scope="session")

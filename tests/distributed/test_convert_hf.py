@@ -135,7 +135,7 @@ def masked_lm_loss(logits: torch.Tensor, tokens: list, mask: list) -> float:
 def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
-    from megatron_pack.data.indexed import SFTIndexedDataset
+    from megatron_pack.files.indexed import SFTIndexedDataset
 
     prefix = make_dataset(str(tmp_path / "sft"), n=48, seed=3)
     imp, ck, out = tmp_path / "imported", tmp_path / "ckpt", tmp_path / "exported"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_pack.data.tiny_tokenizers import (
+from megatron_pack.chat.tiny_tokenizers import (
     LLAMA3_CHAT_TEMPLATE,
     build_bpe_tokenizer,
     build_sentencepiece_model,

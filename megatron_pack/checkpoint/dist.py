@@ -1,0 +1,148 @@
+"""Checkpoints with ``megatron.core.dist_checkpointing``; exact resume; SIGTERM handling.
+
+Layout (Megatron-LM's names, so its tooling recognises the directory)::
+
+    SAVE/latest_checkpointed_iteration.txt      "120"
+    SAVE/iter_0000120/                          dist_checkpointing: model + optimizer shards,
+                                                common.pt (scheduler, data position, iteration)
+    SAVE/iter_0000120/rng/rank_00003.pt         per-rank RNG states (python, numpy, torch,
+                                                CUDA, Megatron's model-parallel tracker)
+    SAVE/iter_0000120/run_config.json           the run's config, for the record
+
+Every rank writes into ``iter_N.tmp``; rank 0 renames it to ``iter_N`` and then rewrites
+the marker (temp file + rename), so a crash mid-save leaves the previous checkpoint as
+the latest one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+
+from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.checkpoint.layout import MARKER, iter_dir, latest_iteration
+from megatron_pack.checkpoint.rng import rng_state, set_rng_state
+from megatron_pack.model.state_keys import unwrap
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.barrier
+    return 0, lambda: None
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    model_sd = unwrap(model).sharded_state_dict()
+    # dp_reshardable: each rank writes its own optimizer shard, no gather (Megatron-LM's default).
+    meta = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Megatron-Core 0.16's distributed optimizer (torch Adam, no Apex/TE) cannot describe
+    its state for loading before the first step: its ``state_dict`` asserts on an empty
+    Adam state. Megatron's own dummy-state initialiser fills it; the values are overwritten
+    by the load (and a zero-gradient Adam step moves no weight that the load keeps)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _saved_steps(tree) -> list:
+    """Every ``param_groups[*]["step"]`` in a loaded optimizer state (any nesting)."""
+    out = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "param_groups" and isinstance(v, list):
+                out += [g["step"] for g in v if isinstance(g, dict) and g.get("step") is not None]
+            else:
+                out += _saved_steps(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            out += _saved_steps(v)
+    return out
+
+
+def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
+    """Megatron-Core 0.16's distributed optimizer on torch's Adam (no Apex/TE) keeps Adam's
+    step count only in the saved param groups; loading into an optimizer whose state was
+    filled with dummies leaves the dummy count (1), and where it does copy the count it
+    shares one tensor between all parameters, which torch increments once per parameter.
+    Set each parameter's own ``step`` from the saved count."""
+    steps = {float(s) for s in _saved_steps(loaded_optimizer_state)}
+    if len(steps) != 1:
+        return
+    step = steps.pop()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
+                    extra: dict | None = None, run_config: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    rank, barrier = _dist()
+    final = iter_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous save that died half-way
+        os.makedirs(os.path.join(tmp, "rng"))
+    barrier()
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["data"] = dict(data_state)
+    state["iteration"] = int(iteration)
+    state["extra"] = dict(extra or {})
+    dist_checkpointing.save(state, tmp)
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    barrier()
+    if rank == 0:
+        if run_config is not None:
+            write_json_atomic(run_config, os.path.join(tmp, "run_config.json"), default=str)
+        if os.path.isdir(final):  # re-saving the same step (resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = os.path.join(root, MARKER + ".tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+        os.replace(marker_tmp, os.path.join(root, MARKER))
+    barrier()
+    return final
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
+    """Restore the latest checkpoint under ``root`` into model, optimizer, scheduler and the
+    RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iter_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is missing")
+    _ensure_optimizer_state(optimizer)
+    state = _sharded_state_dict(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    unwrap(model).load_state_dict(loaded["model"])
+    with torch.no_grad():  # the dp_reshardable loader copies into fp32 views of leaf params
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rank, _ = _dist()
+    rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
+    return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),
+            "path": path}

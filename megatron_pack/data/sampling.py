@@ -1,0 +1,230 @@
+"""Training data: held-out split, packed datasets, a resumable DP-sharded batch stream.
+
+Every rank, on every pipeline stage and TP rank, builds the same datasets and iterates the
+same micro-batches for its data-parallel rank. Intermediate pipeline stages ignore the
+tokens but still need ``cu_seqlens`` for their attention layers (a known Megatron-LM bug is
+stages without them), so each stage derives its ``PackedSeqParams`` from its own copy.
+
+Order of sequences within an epoch (``G`` = global batch, ``D`` = data-parallel ranks)::
+
+    epoch order (PackedSFTDataset.set_epoch permutation):  s0 s1 s2 ... s_{N-1}
+    step k takes s[kG : (k+1)G]; DP rank r takes s[kG + r*G/D : kG + (r+1)*G/D],
+    cut into micro-batches of --micro-batch-size.
+
+The position is ``(epoch, step in epoch)``, saved in checkpoints; the last partial global
+batch of an epoch is dropped (as Megatron does) so every step has the same size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_pack.data.collate import collate_thd
+from megatron_pack.files.indexed import SFTIndexedDataset
+from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
+
+
+class SFTSubset(SFTIndexedDataset):
+    """The conversations ``indices`` of an indexed dataset, renumbered 0..n-1.
+
+    The plan cache keys on the prefix and a hash of the (subset's) lengths, so the train
+    and valid splits get plans of their own.
+    """
+
+    def __init__(self, base: SFTIndexedDataset, indices):
+        self.base = base
+        self.prefix = base.prefix
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._lengths = base.lengths[self.indices]
+        self.turns = _Remap(base.turns, self.indices)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    def get_slice(self, i: int, start: int, end: int):
+        return self.base.get_slice(int(self.indices[i]), start, end)
+
+
+class _Remap:
+    def __init__(self, seq, indices):
+        self.seq, self.indices = seq, indices
+
+    def __getitem__(self, i):
+        return self.seq[int(self.indices[i])]
+
+    def __len__(self):
+        return int(self.indices.size)
+
+
+def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) conversation indices: a seeded random ``valid_fraction`` held out,
+    both sorted; independent of the packing mode so every mode sees the same split."""
+    n_valid = int(round(n * valid_fraction))
+    if valid_fraction > 0 and n_valid == 0 and n > 1:
+        n_valid = 1
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+@dataclass
+class Datasets:
+    train: PackedSFTDataset
+    valid: PackedSFTDataset | None
+    num_train_conversations: int
+    num_valid_conversations: int
+
+
+def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Datasets:
+    """Train and held-out :class:`PackedSFTDataset` for a :class:`TrainConfig`.
+
+    Validation always uses the document mask and ``--eval-pack-mode`` so its loss is the
+    same computation whatever ``--pack-mode``/``--no-document-mask`` training used.
+    """
+    d, p = cfg.data, cfg.data.packing
+    base = SFTIndexedDataset(d.data_path)
+    train_idx, valid_idx = split_indices(len(base), d.valid_fraction, cfg.train.seed)
+    if train_idx.size == 0:
+        raise ValueError(f"{d.data_path}: no training conversations left after holding out "
+                         f"--valid-fraction {d.valid_fraction} of {len(base)}")
+    multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
+    common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
+                  cache_dir=d.data_cache_path, group=group)
+    train = PackedSFTDataset(SFTSubset(base, train_idx), d.seq_length, p.pack_mode,
+                             document_mask=p.document_mask, **common)
+    valid = None
+    if valid_idx.size:
+        # Sequence order does not matter for a full pass; keep it fixed across epochs.
+        valid = PackedSFTDataset(SFTSubset(base, valid_idx), d.seq_length, p.eval_pack_mode,
+                                 document_mask=True, shuffle_sequences=False, **common)
+    return Datasets(train, valid, int(train_idx.size), int(valid_idx.size))
+
+
+def steps_in_epoch(num_sequences: int, global_batch_size: int) -> int:
+    return num_sequences // global_batch_size
+
+
+@dataclass
+class DataPosition:
+    """Where the train stream is: checkpointed, so ``--load`` continues with the next batch."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    consumed_samples: int = 0  # sequences over the whole run (Megatron's "consumed samples")
+    consumed_conversations: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "DataPosition":
+        return cls(**{k: int(v) for k, v in sd.items() if k in cls.__dataclass_fields__})
+
+
+def _annotate(dataset: PackedSFTDataset, idx: list, batch: dict) -> dict:
+    """Add per-batch counters the logs need: samples placed and capacity."""
+    counts = dataset.plan.pieces_per_sequence()[dataset.order[np.asarray(idx)]]
+    batch["num_samples"] = torch.tensor(int(counts.sum()), dtype=torch.int64)
+    batch["capacity"] = torch.tensor(len(idx) * dataset.padded_length, dtype=torch.int64)
+    return batch
+
+
+class TrainStream:
+    """Global batches of the training split for one DP rank, resumable at any step.
+
+    ``next_step()`` returns the list of micro-batches (THD-collated dicts) of the next
+    global batch, moving to the next epoch (new plan for shuffling modes, new order) when
+    the current one runs out.
+    """
+
+    def __init__(self, dataset: PackedSFTDataset, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, position: DataPosition | None = None):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError("global batch size must be a multiple of micro batch size * DP")
+        self.ds, self.gbs, self.mbs = dataset, global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.pos = position or DataPosition()
+        if self.ds.epoch != self.pos.epoch:
+            self.ds.set_epoch(self.pos.epoch)
+        self._check_epoch_size()
+
+    def _check_epoch_size(self):
+        if steps_in_epoch(len(self.ds), self.gbs) == 0:
+            raise ValueError(f"epoch {self.ds.epoch} has {len(self.ds)} sequences, fewer than one global batch "
+                             f"({self.gbs}); lower --global-batch-size or add data")
+
+    def next_step(self) -> list:
+        if self.pos.step_in_epoch >= steps_in_epoch(len(self.ds), self.gbs):
+            self.pos.epoch += 1
+            self.pos.step_in_epoch = 0
+            self.ds.set_epoch(self.pos.epoch)
+            self._check_epoch_size()
+        start = self.pos.step_in_epoch * self.gbs
+        idx = np.arange(start, start + self.gbs)
+        per_rank = self.gbs // self.dp_size
+        mine = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        micro = [self.micro_batch(mine[i:i + self.mbs].tolist()) for i in range(0, per_rank, self.mbs)]
+        seqs = self.ds.order[idx]
+        samples = int(self.ds.plan.pieces_per_sequence()[seqs].sum())
+        # Global-batch figures for the logs, from the plan: no communication needed.
+        self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()), "samples": samples,
+                           "capacity": self.gbs * self.ds.padded_length}
+        self.pos.step_in_epoch += 1
+        self.pos.consumed_samples += self.gbs
+        self.pos.consumed_conversations += samples
+        return micro
+
+    def micro_batch(self, idx: list) -> dict:
+        return _annotate(self.ds, idx, collate_thd([self.ds[i] for i in idx]))
+
+
+def epochs_to_iters(dataset: PackedSFTDataset, global_batch_size: int, epochs: float) -> int:
+    """Optimizer steps in ``epochs`` passes; shuffling modes re-plan each epoch, so the
+    number of sequences (and steps) may differ slightly from epoch to epoch."""
+    whole, frac = int(epochs), epochs - int(epochs)
+    saved = dataset.epoch
+    total = 0
+    for e in range(whole + (1 if frac > 0 else 0)):
+        if dataset.epoch != e:
+            dataset.set_epoch(e)
+        n = steps_in_epoch(len(dataset), global_batch_size)
+        total += n if e < whole else int(n * frac)
+    if dataset.epoch != saved:
+        dataset.set_epoch(saved)
+    return max(total, 1)
+
+
+def eval_batches(dataset: PackedSFTDataset, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, max_steps: int | None = None):
+    """The held-out split as global batches (lists of micro-batches) for one DP rank.
+
+    The tail that does not fill a global batch is kept: ranks without a sequence for a
+    micro-batch get an all-padding one (zero loss mask), so every token is scored exactly
+    once and the micro-batch count is the same on every rank.
+    """
+    n = len(dataset)
+    steps = -(-n // global_batch_size)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    per_rank = global_batch_size // dp_size
+    for s in range(steps):
+        micro = []
+        for m in range(0, per_rank, micro_batch_size):
+            lo = s * global_batch_size + dp_rank * per_rank + m
+            idx = [i for i in range(lo, lo + micro_batch_size)]
+            items = [dataset[i] if i < n else _empty_item(dataset) for i in idx]
+            micro.append(collate_thd(items))
+        yield micro
+
+
+def _empty_item(dataset: PackedSFTDataset) -> dict:
+    return dataset._assemble(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))

@@ -1,0 +1,221 @@
+"""Packing plans: which token slices of which conversations fill each training sequence.
+
+A plan is flat arrays, the same for every mode, so 10M+ conversations cost no Python
+objects::
+
+    pieces       int64 [P, 3]  (doc, start, end): tokens [start, end) of conversation doc
+    seq_offsets  int64 [N + 1] sequence i is pieces[seq_offsets[i]:seq_offsets[i + 1]]
+
+Example, capacity 8, lengths [5, 3, 6, 2], mode ``bfd``::
+
+    sorted 6 5 3 2  ->  seq 0: doc 2 [0,6) + doc 3 [0,2)   (8/8)
+                        seq 1: doc 0 [0,5) + doc 1 [0,3)   (8/8)
+    pieces = [[2,0,6],[3,0,2],[0,0,5],[1,0,3]]   seq_offsets = [0, 2, 4]
+
+Building a plan is two steps:
+
+1. the over-long policy turns conversations into *items* of at most ``max_seq_length``
+   tokens (``truncate``: keep the head; ``drop``: leave it out; ``cut-at-turns``: cut at
+   message-turn starts, inside a turn only when one turn alone is too long);
+2. a packing mode from :data:`~megatron_pack.packing.modes.PACKING_MODES` orders the items
+   into sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from megatron_pack.packing import reference as ref
+from megatron_pack.packing.modes import PACKING_MODES, Engine, PackingMode, _engine, get_mode  # noqa: F401
+
+OverlongPolicy = Literal["truncate", "drop", "cut-at-turns"]
+#: Packing-time over-long policies. ``cut-at-turns`` cuts the *stored token stream* at turn
+#: starts (compare preprocessing's ``split-chat``, which re-renders each piece as a full chat).
+OVERLONG_POLICIES = ("truncate", "drop", "cut-at-turns")
+#: Retired spelling -> policy, still accepted on every command line.
+DEPRECATED_OVERLONG = {"split_turns": "cut-at-turns"}
+#: What an --overlong flag of the packing tools accepts.
+OVERLONG_CHOICES = OVERLONG_POLICIES + tuple(DEPRECATED_OVERLONG)
+
+
+def overlong_policy(name: str) -> str:
+    """The canonical packing-time policy for ``name``; the retired spelling ``cut-at-turns``
+    still works, with a one-line deprecation note on stderr."""
+    if name in DEPRECATED_OVERLONG:
+        new = DEPRECATED_OVERLONG[name]
+        print(f"note: --overlong {name} is deprecated; use --overlong {new}", file=sys.stderr)
+        return new
+    if name not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong policy must be one of {', '.join(OVERLONG_POLICIES)}, got {name!r}")
+    return name
+
+
+@dataclass
+class PlanStats:
+    """Token accounting: ``placed_tokens + truncated_tokens + dropped_tokens == total_tokens``."""
+
+    num_docs: int = 0
+    total_tokens: int = 0
+    placed_tokens: int = 0
+    empty_docs: int = 0
+    truncated_docs: int = 0
+    truncated_tokens: int = 0
+    dropped_docs: int = 0
+    dropped_tokens: int = 0
+    turn_split_docs: int = 0  # over-long conversations cut into several items at turn starts
+    in_turn_cuts: int = 0  # cuts that had to fall inside a turn (one turn > max length)
+    split_items: int = 0  # items split across sequences by the mode (``random``)
+
+
+@dataclass
+class PackingPlan:
+    """The output of :func:`build_plan`; see the module docstring for the layout."""
+
+    pieces: np.ndarray
+    seq_offsets: np.ndarray
+    max_seq_length: int
+    mode: str
+    stats: PlanStats
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    @property
+    def doc(self) -> np.ndarray:
+        return self.pieces[:, 0]
+
+    @property
+    def piece_lengths(self) -> np.ndarray:
+        return self.pieces[:, 2] - self.pieces[:, 1]
+
+    def sequence(self, i: int) -> np.ndarray:
+        """The ``(doc, start, end)`` rows of sequence ``i``."""
+        return self.pieces[self.seq_offsets[i] : self.seq_offsets[i + 1]]
+
+    def pieces_per_sequence(self) -> np.ndarray:
+        return np.diff(self.seq_offsets)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Real tokens in each sequence."""
+        csum = np.concatenate([[0], np.cumsum(self.piece_lengths)])
+        return csum[self.seq_offsets[1:]] - csum[self.seq_offsets[:-1]]
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens over capacity (num_sequences * max_seq_length)."""
+        return self.stats.placed_tokens / max(1, self.num_sequences * self.max_seq_length)
+
+    @property
+    def lower_bound_sequences(self) -> int:
+        return math.ceil(self.stats.placed_tokens / self.max_seq_length)
+
+
+def apply_overlong(
+    lengths: np.ndarray,
+    max_seq_length: int,
+    overlong: OverlongPolicy = "truncate",
+    turn_starts=None,
+    engine: Engine = "cpp",
+) -> tuple[np.ndarray, PlanStats]:
+    """Conversations -> items ``(doc, start, end)`` of 1..max_seq_length tokens, in doc order.
+
+    ``turn_starts[i]`` (indexable, e.g. ``SFTIndexedDataset.turns``, or a callable) gives the
+    token offsets where the turns of conversation ``i`` start; it is read only for
+    over-long conversations under ``cut-at-turns``. Without it every cut is inside a turn.
+
+    ``cut-at-turns`` cuts greedily: each item takes as many whole turns as fit; a turn
+    longer than ``max_seq_length`` is cut every ``max_seq_length`` tokens (counted in
+    ``in_turn_cuts``). Example, max 6, length 12, turns [0, 3, 6, 8]::
+
+        turns   |u u u|a a a|u u|a a a a|
+        items   [0,6)         [6,12)
+    """
+    overlong = overlong_policy(overlong)
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
+    if lengths.size and lengths.min() < 0:
+        raise ValueError(f"negative length at conversation {int(np.argmin(lengths))}")
+    stats = PlanStats(num_docs=int(lengths.size), total_tokens=int(lengths.sum()))
+    stats.empty_docs = int((lengths == 0).sum())
+    fits = (lengths > 0) & (lengths <= max_seq_length)
+    over = np.flatnonzero(lengths > max_seq_length)
+    if over.size == 0 or overlong == "drop":
+        stats.dropped_docs = int(over.size)
+        stats.dropped_tokens = int(lengths[over].sum())
+        items = _whole_items(np.flatnonzero(fits), lengths)
+    elif overlong == "truncate":
+        stats.truncated_docs = int(over.size)
+        stats.truncated_tokens = int((lengths[over] - max_seq_length).sum())
+        items = _whole_items(np.flatnonzero(lengths > 0), np.minimum(lengths, max_seq_length))
+    else:
+        owner, start, end, inside = _engine(engine).split_turns(lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
+        stats.turn_split_docs = int(over.size)
+        stats.in_turn_cuts = int(inside)
+        cut = np.stack([over[np.asarray(owner, dtype=np.int64)], np.asarray(start), np.asarray(end)], axis=1)
+        items = np.concatenate([_whole_items(np.flatnonzero(fits), lengths), cut.astype(np.int64).reshape(-1, 3)])
+        items = np.take(items, np.lexsort((items[:, 1], items[:, 0])), axis=0)  # back to doc order
+    stats.placed_tokens = int((items[:, 2] - items[:, 1]).sum())
+    return items, stats
+
+
+def _gather_turns(docs: np.ndarray, turn_starts) -> tuple[np.ndarray, np.ndarray]:
+    """Turn starts of ``docs`` as flat ``(offsets, values)`` for the engine."""
+    if turn_starts is None:
+        return np.zeros(docs.size + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    get = turn_starts if callable(turn_starts) else turn_starts.__getitem__
+    parts = [np.asarray(get(int(d)), dtype=np.int64).ravel() for d in docs]
+    offsets = np.zeros(docs.size + 1, dtype=np.int64)
+    np.cumsum([p.size for p in parts], out=offsets[1:])
+    return offsets, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+
+
+def _whole_items(docs: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    items = np.zeros((docs.size, 3), dtype=np.int64)
+    items[:, 0] = docs
+    items[:, 2] = ends[docs]
+    return items
+
+
+def build_plan(
+    lengths,
+    max_seq_length: int,
+    mode: "str | PackingMode" = "bfd",
+    *,
+    seed: int = 1234,
+    epoch: int = 0,
+    turn_starts=None,
+    overlong: OverlongPolicy = "truncate",
+    engine: Engine = "cpp",
+) -> PackingPlan:
+    """Pack conversations of ``lengths`` tokens into sequences of ``max_seq_length``.
+
+    ``mode`` is a registry name (see :data:`PACKING_MODES`) or config; shuffling modes
+    draw their permutation from ``(seed, epoch)``, so each epoch gets a new one and the
+    same arguments always give the same plan. ``engine="reference"`` runs the Python twin.
+    """
+    mode = get_mode(mode)
+    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
+    item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
+    item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
+    item = np.asarray(item, dtype=np.int64)
+    pieces = np.take(items, item, axis=0)  # much faster than items[item] for [n, 3]
+    if lo is not None:
+        pieces[:, 2] = pieces[:, 1] + np.asarray(hi)
+        pieces[:, 1] += np.asarray(lo)
+    stats.split_items = int(split)
+    return PackingPlan(
+        pieces=np.ascontiguousarray(pieces),
+        seq_offsets=np.asarray(seq_offsets, dtype=np.int64),
+        max_seq_length=int(max_seq_length),
+        mode=str(mode),
+        stats=stats,
+    )

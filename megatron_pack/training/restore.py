@@ -1,0 +1,63 @@
+"""Where a run starts: a resumed checkpoint, an HF import, pretrained weights, or nothing."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_pack.checkpoint.dist import load_checkpoint
+from megatron_pack.data.sampling import DataPosition
+from megatron_pack.training.config import ConfigError, TrainConfig
+
+
+def data_signature(config: TrainConfig) -> dict:
+    """What the saved data position means; a resumed run must agree."""
+    d, t = config.data, config.train
+    return {"data_path": os.path.abspath(d.data_path), "seq_length": d.seq_length, "pack_mode": d.packing.pack_mode,
+            "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
+            "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
+
+
+def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_size: int, signature: dict,
+            log) -> tuple[int, DataPosition]:
+    """Apply ``--load`` / ``--pretrained-checkpoint``; returns ``(iteration, data position)``."""
+    iteration, position = 0, DataPosition()
+    ck = config.checkpoint
+    resumed = False
+    if ck.load:
+        from megatron_pack.checkpoint.imported import resolve_finetune_load, start_from_import
+
+        # --load IMPORT (tools/convert_checkpoint.py hf-to-megatron) starts a fine-tune from the
+        # HF weights the first time; once --save holds a checkpoint the same flags resume it.
+        load_dir, is_import = resolve_finetune_load(ck.load, ck.save)
+        if is_import:
+            start_from_import(load_dir, model, optimizer, preset=preset, vocab_size=vocab_size)
+            log.print(f"> fine-tuning from imported weights {load_dir} (fresh optimizer, iteration 0)")
+            resumed = True
+        else:
+            loaded = load_checkpoint(load_dir, model, optimizer, scheduler)
+            if loaded is not None:
+                saved_sig = loaded["extra"].get("data_signature", {})
+                diff = {k: (saved_sig.get(k), v) for k, v in signature.items() if saved_sig.get(k) != v}
+                if diff:
+                    raise ConfigError(f"--load {load_dir}: the checkpoint's data setup differs (saved, now): {diff}; "
+                                      "its data position would be meaningless. Use the same settings, a fresh --save, "
+                                      "or --pretrained-checkpoint for weights only.")
+                iteration = loaded["iteration"]
+                position = DataPosition.from_state_dict(loaded["data"])
+                resumed = True
+                log.print(f"> resumed from {loaded['path']} at iteration {iteration} (epoch {position.epoch}, "
+                          f"consumed samples {position.consumed_samples})")
+            else:
+                log.print(f"> --load {load_dir}: no checkpoint there, starting fresh")
+    if ck.pretrained_checkpoint and not resumed:
+        from megatron_pack.checkpoint.dist_reader import load_model_from_dist_checkpoint
+        from megatron_pack.checkpoint.imported import is_imported_checkpoint, start_from_import
+
+        if is_imported_checkpoint(ck.pretrained_checkpoint):
+            start_from_import(ck.pretrained_checkpoint, model, optimizer, preset=preset, vocab_size=vocab_size)
+        else:  # a megatron_pack training checkpoint: weights only, at any TP/PP
+            load_model_from_dist_checkpoint(ck.pretrained_checkpoint, model)
+            if hasattr(optimizer, "reload_model_params"):
+                optimizer.reload_model_params()  # bf16: refresh the fp32 main copies
+        log.print(f"> initial weights from {ck.pretrained_checkpoint} (fresh optimizer, iteration 0)")
+    return iteration, position

@@ -1,0 +1,93 @@
+"""One optimizer step and one evaluation pass, through Megatron-Core's forward-backward schedule.
+
+Every pipeline stage reads the same micro-batch, so each gets the packed-sequence metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_pack.data.sampling import eval_batches
+from megatron_pack.training.loss import masked_loss, reduce_reports
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the iteration."""
+
+
+@dataclass
+class StepContext:
+    """What every step needs and nothing changes during a run."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    forward_backward: object  # Megatron-Core's get_forward_backward_func()
+    device: torch.device
+    seq_length: int  # a THD micro-batch is one row of micro_batch_size * padded length tokens
+    loss_owner: bool  # last stage, TP rank 0: one copy of each report in the all-reduce
+    use_cuda: bool
+
+
+def forward_step(device, weighting: str, data_iterator, model):
+    """Megatron's forward_step_func, run on every stage with the same micro-batch."""
+    from megatron_pack.model.packed import model_inputs
+
+    batch = next(data_iterator)
+    output = model(**model_inputs(batch, device=device))
+    return output, partial(_loss_func, batch["loss_mask"].to(device), batch["cu_seqlens"], batch["num_cu_seqlens"],
+                           weighting)
+
+
+def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, output_tensor):
+    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens)
+
+
+def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool) -> list:
+    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting),
+                                data_iterator=iter(micro), model=[ctx.model], num_microbatches=len(micro),
+                                seq_length=ctx.seq_length, micro_batch_size=1, forward_only=forward_only)
+
+
+def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, last_checkpoint=None) -> dict:
+    """Forward/backward over the global batch's micro-batches, then the optimizer and schedule.
+    ``iteration`` is the number this step gets. Raises NonFiniteLossError before stepping."""
+    t0 = time.perf_counter()
+    ctx.optimizer.zero_grad()
+    ctx.model.zero_grad_buffer()
+    reports = _run(ctx, micro, weighting, False)  # every rank runs it; one copy of each report counts
+    loss, count = reduce_reports(reports if ctx.loss_owner else [])
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"iteration {iteration}: lm loss is {loss} over {count} supervised tokens; stopping before the "
+            f"optimizer step. Lower --lr, check the data, or resume from the last checkpoint"
+            + (f" ({last_checkpoint})" if last_checkpoint else ""))
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    ok, grad_norm, _ = ctx.optimizer.step()
+    if ok:
+        ctx.scheduler.step(increment=1)
+    if ctx.use_cuda:
+        torch.cuda.synchronize()
+    return {"iteration": iteration, "lm loss": loss, "tokens": count, "learning rate": lr,
+            "grad norm": None if grad_norm is None else float(grad_norm), "seconds": time.perf_counter() - t0,
+            "skipped": 0 if ok else 1}
+
+
+def evaluate(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+             eval_iters) -> tuple:
+    """Token-weighted held-out loss over ``valid`` (every sequence once across DP ranks):
+    ``(loss, supervised tokens)``, or ``(None, 0)`` without a held-out split."""
+    if valid is None:
+        return None, 0
+    ctx.model.eval()
+    reports = []
+    with torch.no_grad():
+        for micro in eval_batches(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters):
+            reports += _run(ctx, micro, "token", True)
+    ctx.model.train()
+    return reduce_reports(reports if ctx.loss_owner else [])

@@ -1,0 +1,97 @@
+"""Training data stream: held-out split, DP sharding, resume position, epochs, eval coverage."""
+
+import numpy as np
+import pytest
+
+from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
+from megatron_pack.data.packed_dataset import PackedSFTDataset
+from megatron_pack.data.sampling import (DataPosition, SFTSubset, TrainStream, epochs_to_iters, eval_batches,
+                                         split_indices)
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    p = str(tmp_path_factory.mktemp("train_data") / "sft")
+    with SFTDatasetWriter(p) as w:
+        for i in range(60):
+            n = int(rng.integers(5, 60))
+            # token ids encode the conversation index so tests can tell them apart
+            w.add([i + 1] * n, [0] + [1] * (n - 1), [0])
+    return p
+
+
+def test_split_is_disjoint_seeded_and_mode_free():
+    tr, va = split_indices(100, 0.1, seed=5)
+    assert len(va) == 10 and len(tr) == 90 and not set(tr) & set(va)
+    assert sorted([*tr, *va]) == list(range(100))
+    tr2, va2 = split_indices(100, 0.1, seed=5)
+    assert (va == va2).all()
+    assert not (split_indices(100, 0.1, seed=6)[1] == va).all()
+    assert len(split_indices(100, 0.0, seed=5)[1]) == 0
+
+
+def test_subset_renumbers(prefix):
+    base = SFTIndexedDataset(prefix)
+    sub = SFTSubset(base, [3, 7])
+    assert len(sub) == 2 and list(sub.lengths) == [base.lengths[3], base.lengths[7]]
+    toks, mask = sub.get_slice(1, 0, 2)
+    assert toks.tolist() == [8, 8]
+    assert sub.turns[1].tolist() == [0]
+
+
+def _stream(prefix, dp_rank, dp_size, pos=None, gbs=4, mbs=1):
+    ds = PackedSFTDataset(prefix, 64, "bfd", use_cache=False)
+    return ds, TrainStream(ds, gbs, mbs, dp_rank, dp_size, pos)
+
+
+def _sequences(micro):
+    return [tuple(row[row != 0].tolist()) for mb in micro for row in mb["tokens"].reshape(len(mb["tokens"]), -1)]
+
+
+def test_dp_ranks_split_each_global_batch(prefix):
+    _, whole = _stream(prefix, 0, 1, mbs=2)
+    _, r0 = _stream(prefix, 0, 2)
+    _, r1 = _stream(prefix, 1, 2)
+    for _ in range(3):
+        w = whole.next_step()
+        a, b = r0.next_step(), r1.next_step()
+        assert len(a) == len(b) == 2  # 4 sequences / 2 ranks / micro-batch 1
+        flat = lambda ms: [m["tokens"].reshape(-1, 64) for m in ms]  # noqa: E731
+        assert np.array_equal(np.concatenate([*flat(a), *flat(b)]), np.concatenate(flat(w)))
+        assert whole.last_stats == r0.last_stats == r1.last_stats  # global figures, no comms
+
+
+def test_resume_from_position_continues_exactly(prefix):
+    ds, s = _stream(prefix, 0, 1)
+    per_epoch = len(ds) // 4
+    steps = [s.next_step() for _ in range(per_epoch + 3)]  # crosses into epoch 1
+    assert s.pos.epoch == 1 and s.pos.step_in_epoch == 3
+    saved = DataPosition(epoch=0, step_in_epoch=per_epoch - 1, consumed_samples=4 * (per_epoch - 1))
+    _, again = _stream(prefix, 0, 1, DataPosition.from_state_dict(saved.state_dict()))
+    for want in steps[per_epoch - 1:]:
+        got = again.next_step()
+        assert all(np.array_equal(g["tokens"], w["tokens"]) for g, w in zip(got, want))
+    assert (again.pos.epoch, again.pos.step_in_epoch, again.pos.consumed_samples) == \
+        (s.pos.epoch, s.pos.step_in_epoch, s.pos.consumed_samples)
+
+
+def test_epochs_reshuffle_and_count(prefix):
+    ds, s = _stream(prefix, 0, 1)
+    order0 = ds.order.copy()
+    for _ in range(len(ds) // 4 + 1):
+        s.next_step()
+    assert ds.epoch == 1 and not np.array_equal(ds.order, order0)  # a new order each epoch
+    assert epochs_to_iters(ds, 4, 2) == 2 * (len(ds) // 4)
+    assert epochs_to_iters(ds, 4, 1.5) == len(ds) // 4 + (len(ds) // 4) // 2
+    assert ds.epoch == 1  # counting epochs leaves the stream's epoch alone
+
+
+def test_eval_scores_every_sequence_once_across_ranks(prefix):
+    ds = PackedSFTDataset(prefix, 64, "bfd", use_cache=False, shuffle_sequences=False)
+    seen = []
+    for rank in range(2):
+        for micro in eval_batches(ds, 4, 1, rank, 2):
+            seen += [int(m["num_real_tokens"]) for m in micro]
+    assert sum(seen) == int(ds.plan.sequence_lengths().sum())
+    assert len(seen) % 2 == 0 and len(seen) >= len(ds)  # tail padded with empty sequences
