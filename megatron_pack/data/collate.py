@@ -66,4 +66,6 @@ def collate_thd(batch: list[dict]) -> dict:
     out["num_cu_seqlens"] = torch.tensor(len(bounds), dtype=torch.int64)
     out["max_seqlen"] = torch.tensor(max_seqlen, dtype=torch.int64)
     out["num_real_tokens"] = torch.tensor(sum(int(b["num_real_tokens"]) for b in batch), dtype=torch.int64)
+    if "source" in batch[0]:  # blends: the source of each row, for the per-source loss
+        out["source"] = torch.tensor([int(b["source"]) for b in batch], dtype=torch.int64)
     return out

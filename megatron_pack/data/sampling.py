@@ -82,6 +82,7 @@ class Datasets:
     valid: PackedSFTDataset | None
     num_train_conversations: int
     num_valid_conversations: int
+    train_names: tuple = ()  # blend source names (per-source loss); () for one plain prefix
 
 
 def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Datasets:
@@ -91,6 +92,8 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
     same computation whatever ``--pack-mode``/``--no-document-mask`` training used.
     """
     d, p = cfg.data, cfg.data.packing
+    if not isinstance(d.data_path, str) or d.valid_data_path is not None:
+        return build_blended_datasets(cfg, tp_size=tp_size, cp_size=cp_size, group=group)
     base = SFTIndexedDataset(d.data_path)
     train_idx, valid_idx = split_indices(len(base), d.valid_fraction, cfg.train.seed)
     if train_idx.size == 0:
@@ -107,6 +110,54 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
         valid = PackedSFTDataset(SFTSubset(base, valid_idx), d.seq_length, p.eval_pack_mode,
                                  document_mask=True, shuffle_sequences=False, **common)
     return Datasets(train, valid, int(train_idx.size), int(valid_idx.size))
+
+
+def build_blended_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Datasets:
+    """:func:`build_datasets` for blends (:mod:`megatron_pack.data.blend`) and --train/--valid-data-path.
+
+    Each source is split by --valid-fraction on its own (unless --valid-data-path gives the
+    held-out set) and packed on its own plan; the held-out parts are scored once each.
+    """
+    from megatron_pack.data.blend import BlendedPackedDataset, parse_blend
+
+    d, p = cfg.data, cfg.data.packing
+    train_value = d.train_data_path if d.train_data_path is not None else d.data_path
+    train_blend = parse_blend(train_value, "--data-path")
+    hold_out = d.valid_fraction if d.valid_data_path is None else 0.0
+    train_parts, valid_parts, valid_names = [], [], []
+    for prefix, name in zip(train_blend.prefixes, train_blend.names):
+        base = SFTIndexedDataset(prefix)
+        tr, va = split_indices(len(base), hold_out, cfg.train.seed)
+        if tr.size == 0:
+            raise ValueError(f"{prefix}: no training conversations left after holding out --valid-fraction {hold_out}")
+        train_parts.append(SFTSubset(base, tr))
+        if va.size:
+            valid_parts.append(SFTSubset(base, va))
+            valid_names.append(name)
+    if d.valid_data_path is not None:
+        valid_blend = parse_blend(d.valid_data_path, "--valid-data-path")
+        valid_parts = [SFTIndexedDataset(x) for x in valid_blend.prefixes]
+        valid_names = list(valid_blend.names)
+    multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
+    common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
+                  cache_dir=d.data_cache_path, group=group)
+
+    def source(data, **kw):
+        return lambda epoch: PackedSFTDataset(data, d.seq_length, epoch=epoch, **kw, **common)
+
+    train_kw = dict(mode=p.pack_mode, document_mask=p.document_mask)
+    if isinstance(train_value, str):  # one plain prefix (with --valid-data-path)
+        train, names = source(train_parts[0], **train_kw)(0), ()
+    else:
+        names = train_blend.names
+        train = BlendedPackedDataset([source(x, **train_kw) for x in train_parts], names, train_blend.weights)
+    valid = None
+    valid_kw = dict(mode=p.eval_pack_mode, document_mask=True, shuffle_sequences=False)
+    if valid_parts and isinstance(d.valid_data_path, str):
+        valid = source(valid_parts[0], **valid_kw)(0)
+    elif valid_parts:
+        valid = BlendedPackedDataset([source(x, **valid_kw) for x in valid_parts], valid_names, None)
+    return Datasets(train, valid, sum(len(x) for x in train_parts), sum(len(x) for x in valid_parts), tuple(names))
 
 
 def steps_in_epoch(num_sequences: int, global_batch_size: int) -> int:

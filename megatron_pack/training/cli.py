@@ -67,6 +67,8 @@ def build_parser(config_cls=TrainConfig, prog: str = "python -m megatron_pack.tr
             kw["type"] = base
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+            if "nargs" in f.metadata:
+                kw["nargs"] = f.metadata["nargs"]
             if "choices" not in f.metadata:  # not argparse's DEST-style "MODEL__VOCAB_SIZE"
                 kw["metavar"] = f.metadata.get("metavar") or f.name.upper()
         groups[title].add_argument(flag, **kw)
@@ -105,6 +107,8 @@ def to_argv(config) -> list:
         flag = flag_name(f)
         if _base_type(tp)[0] is bool and value is not None:
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
         elif value is not None and not isinstance(value, bool):
             argv += [flag, str(value)]
     return argv

@@ -21,9 +21,17 @@ class ConfigError(ValueError):
     """A bad training setting; the message names the flag."""
 
 
-def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None):
-    """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`)."""
+#: Megatron-LM's --tokenizer-type values we read (both take --tokenizer-model).
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer")
+
+
+def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None,
+        nargs: Optional[str] = None):
+    """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`); ``nargs="+"``
+    makes a flag that takes one or more values (the field then holds a str or a list of str)."""
     meta = {"help": help}
+    if nargs is not None:
+        meta["nargs"] = nargs
     if choices is not None:
         meta["choices"] = tuple(choices)
     if flag is not None:
@@ -50,6 +58,13 @@ class ModelArgs:
     vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
+    tokenizer_type: Optional[str] = arg(None, "Megatron-LM's tokenizer kind for --tokenizer-model: "
+                                              "HuggingFaceTokenizer (tokenizer.json or HF directory) or "
+                                              "SentencePieceTokenizer (.model); default: from the path.",
+                                        choices=TOKENIZER_TYPES)
+    init_method_std: Optional[float] = arg(None, "Std of the normal initialisation of fresh weights "
+                                                 "(default: the preset's, 0.02); no effect on weights loaded "
+                                                 "by --load or --pretrained-checkpoint.")
     transformer_impl: str = arg("auto", "Layer implementation: auto picks Transformer Engine when importable "
                                         "on GPU, else the local one (packed attention via flash-attn or "
                                         "PyTorch SDPA).", choices=("auto", "local", "transformer_engine"))
@@ -64,6 +79,10 @@ class ModelArgs:
 
     def __post_init__(self):
         _need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
+        _need(self.init_method_std is None or self.init_method_std > 0, "--init-method-std",
+              f"must be > 0, got {self.init_method_std}")
+        if self.tokenizer_type is not None:
+            _need(self.tokenizer_model is not None, "--tokenizer-type", "needs --tokenizer-model")
 
 
 @dataclass
@@ -117,8 +136,15 @@ class PackingArgs:
 class DataArgs:
     """Where the data is and how it is split and served."""
 
-    data_path: Optional[str] = arg(None, "Prefix of the SFT indexed dataset (tools/preprocess_sft.py output).",
-                                   metavar="PREFIX")
+    data_path: Optional[str] = arg(None, "Prefix of the SFT indexed dataset (tools/preprocess_sft.py output), "
+                                         "or a blend as in Megatron-LM: 'W1 PREFIX1 W2 PREFIX2 ...' (weights "
+                                         "normalised; each source packed on its own plan) or 'PREFIX1 PREFIX2 ...' "
+                                         "(each source once per epoch).", metavar="PREFIX", nargs="+")
+    train_data_path: Optional[str] = arg(None, "Training data instead of --data-path (same forms).",
+                                         metavar="PREFIX", nargs="+")
+    valid_data_path: Optional[str] = arg(None, "Held-out data (same forms; every sequence scored once, loss per "
+                                               "source); --valid-fraction is then not held out.",
+                                         metavar="PREFIX", nargs="+")
     seq_length: int = arg(4096, "Tokens per sequence (plan capacity).")
     valid_fraction: float = arg(0.05, "Fraction of conversations held out for validation (0 disables it).")
     data_cache_path: Optional[str] = arg(None, "Packing plan cache directory (default PREFIX_plans).")
@@ -127,6 +153,20 @@ class DataArgs:
     def __post_init__(self):
         _need(self.seq_length >= 2, "--seq-length", f"must be >= 2, got {self.seq_length}")
         _need(0.0 <= self.valid_fraction < 1.0, "--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        from megatron_pack.data.blend import BlendError, parse_blend
+
+        for name in ("data_path", "train_data_path", "valid_data_path"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]  # one prefix: the plain (unblended) dataset
+            setattr(self, name, list(value) if isinstance(value, (list, tuple)) else value)
+            if value is not None:
+                try:
+                    parse_blend(value, "--" + name.replace("_", "-"))
+                except BlendError as e:
+                    raise ConfigError(str(e)) from None
+        _need(self.data_path is None or self.train_data_path is None, "--train-data-path",
+              "give --data-path or --train-data-path, not both")
 
 
 @dataclass
@@ -165,6 +205,9 @@ class TrainArgs:
     global_batch_size: int = arg(16, "Sequences per optimizer step over all data-parallel ranks.")
     train_iters: Optional[int] = arg(None, "Optimizer steps (give this or --train-epochs).")
     train_epochs: Optional[float] = arg(None, "Passes over the training split (give this or --train-iters).")
+    train_samples: Optional[int] = arg(None, "Sequences to train on, as in Megatron-LM: "
+                                             "--train-samples // --global-batch-size steps "
+                                             "(instead of --train-iters/--train-epochs).")
     loss_weighting: str = arg("token", "token: every supervised token of the global batch weighs the same; "
                                        "sample: each sample's mean loss, then the mean over samples.",
                               choices=("token", "sample"))
@@ -175,8 +218,12 @@ class TrainArgs:
     def __post_init__(self):
         _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
         _need(self.global_batch_size >= 1, "--global-batch-size", f"must be >= 1, got {self.global_batch_size}")
-        _need((self.train_iters is None) != (self.train_epochs is None), "--train-iters/--train-epochs",
+        given = [x is not None for x in (self.train_iters, self.train_epochs, self.train_samples)]
+        _need(sum(given) == 1, "--train-iters/--train-epochs" + ("/--train-samples" if given[2] else ""),
               "give exactly one")
+        if self.train_samples is not None:
+            _need(self.train_samples >= self.global_batch_size, "--train-samples",
+                  f"must be >= --global-batch-size {self.global_batch_size}, got {self.train_samples}")
         if self.train_iters is not None:
             _need(self.train_iters >= 1, "--train-iters", f"must be >= 1, got {self.train_iters}")
         if self.train_epochs is not None:
@@ -233,7 +280,7 @@ class TrainConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
 
     def __post_init__(self):
-        _need(self.data.data_path is not None, "--data-path", "required")
+        _need(self.data.data_path is not None or self.data.train_data_path is not None, "--data-path", "required")
         if self.train.loss_weighting == "sample":
             _need(self.data.packing.document_mask, "--loss-weighting sample",
                   "needs the document mask to know where samples start (drop --no-document-mask)")
@@ -251,6 +298,16 @@ class TrainConfig:
         if check.errors:
             raise ConfigError(check.errors[0])
         return ResolvedSizes(check.data_parallel_size, check.num_microbatches)
+
+
+def total_train_iters(train: TrainArgs, epochs_to_iters) -> int:
+    """Optimizer steps of the run: --train-iters, --train-samples // GBS, or ``epochs_to_iters``
+    (a callable taking --train-epochs) for an epoch count."""
+    if train.train_iters is not None:
+        return train.train_iters
+    if train.train_samples is not None:
+        return train.train_samples // train.global_batch_size
+    return epochs_to_iters(train.train_epochs)
 
 
 @dataclass(frozen=True)

@@ -54,16 +54,27 @@ class TrainingLogger:
             for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "samples/s"):
                 if m.get(key) is not None:
                     self.writer.add_scalar(key.replace(" ", "-").replace("/", "-per-"), m[key], iteration)
+            for name, v in (m.get("source lm loss") or {}).items():
+                self.writer.add_scalar(f"lm-loss/{name}", v, iteration)
         self._json({"iteration": iteration, **m})
         return line
 
-    def validation(self, iteration: int, loss: float, tokens: int) -> str:
+    def validation(self, iteration: int, loss: float, tokens: int, by_source: dict | None = None) -> str:
+        """``by_source``: ``{source name: (loss, tokens)}`` of a blended held-out set."""
         line = format_validation(f"iteration {iteration}", loss)
         bar = "-" * (len(line) + 1)
-        self.print(f"{bar}\n{line}\n{bar}")
+        extra = "".join(f"\n validation loss of source {n} | lm loss value: {v:.6E} | tokens: {c} |"
+                        for n, (v, c) in (by_source or {}).items())
+        self.print(f"{bar}\n{line}{extra}\n{bar}")
         if self.enabled and self.writer is not None:
             self.writer.add_scalar("lm-loss-validation", loss, iteration)
-        self._json({"iteration": iteration, "validation lm loss": loss, "validation tokens": tokens})
+            for n, (v, _) in (by_source or {}).items():
+                self.writer.add_scalar(f"lm-loss-validation/{n}", v, iteration)
+        rec = {"iteration": iteration, "validation lm loss": loss, "validation tokens": tokens}
+        if by_source:
+            rec["validation source lm loss"] = {n: v for n, (v, _) in by_source.items()}
+            rec["validation source tokens"] = {n: c for n, (_, c) in by_source.items()}
+        self._json(rec)
         return line
 
     def _json(self, rec: dict) -> None:
@@ -88,6 +99,8 @@ def format_step(iteration: int, train_iters: int, m: dict) -> str:
     s += " learning rate: {:.6E} |".format(m["learning rate"])
     s += " global batch size: {:5d} |".format(m["global batch size"])
     s += " lm loss: {:.6E} |".format(m["lm loss"])
+    for name, v in (m.get("source lm loss") or {}).items():  # blends: token-weighted loss per source
+        s += " lm loss {}: {:.6E} |".format(name, v)
     s += " loss scale: {:.1f} |".format(m.get("loss scale", 1.0))
     if m.get("grad norm") is not None:
         s += " grad norm: {:.3f} |".format(m["grad norm"])

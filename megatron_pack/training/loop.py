@@ -21,11 +21,12 @@ import torch
 from megatron_pack.checkpoint.dist import save_checkpoint
 from megatron_pack.checkpoint.signals import SignalHandler
 from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_iters
-from megatron_pack.training.config import TrainConfig
+from megatron_pack.training.config import TrainConfig, total_train_iters
 from megatron_pack.training.logging import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
 from megatron_pack.training.setup import resolve_vocab_size, setup_model_and_optimizer
-from megatron_pack.training.step import NonFiniteLossError, StepContext, evaluate, train_step  # noqa: F401
+from megatron_pack.training.step import (NonFiniteLossError, StepContext, evaluate, evaluate_by_source,  # noqa: F401
+                                         train_step)
 
 
 def train(config: TrainConfig) -> dict:
@@ -64,7 +65,7 @@ def _run(config: TrainConfig, st) -> dict:
 
     ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)
     t, ck = config.train, config.checkpoint
-    total_iters = t.train_iters or epochs_to_iters(ds.train, t.global_batch_size, t.train_epochs)
+    total_iters = total_train_iters(t, lambda epochs: epochs_to_iters(ds.train, t.global_batch_size, epochs))
     log.train_iters = total_iters
     preset = get_preset(config.model.model)
     vocab = resolve_vocab_size(config, preset)
@@ -77,6 +78,10 @@ def _run(config: TrainConfig, st) -> dict:
               f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
               f"efficiency {ds.train.plan.efficiency:.2%}; {total_iters} steps")
+    if ds.train_names:  # a blend: what each source contributes to an epoch
+        counts = ds.train.source_counts()
+        log.print("> blend (sequences per epoch 0): " + ", ".join(
+            f"{n} {c} ({c / len(ds.train):.1%})" for n, c in zip(ds.train_names, counts)))
 
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
@@ -85,7 +90,8 @@ def _run(config: TrainConfig, st) -> dict:
     ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
-                      loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda)
+                      loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
+                      source_names=ds.train_names)
     run_config = dataclasses.asdict(config)
 
     def save(it):
@@ -93,10 +99,10 @@ def _run(config: TrainConfig, st) -> dict:
                                extra={"data_signature": signature}, run_config=run_config)
 
     def validate(it):
-        loss, count = evaluate(ctx, ds.valid, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size,
-                               t.eval_iters)
+        loss, count, by_source = evaluate_by_source(ctx, ds.valid, t.global_batch_size, t.micro_batch_size,
+                                                    st.dp_rank, st.dp_size, t.eval_iters)
         if ds.valid is not None:
-            log.validation(it, loss, count)
+            log.validation(it, loss, count, by_source)
         return loss, count
 
     history, exit_reason, last_ckpt = [], "completed", None
@@ -155,6 +161,7 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
         "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
+        **({"source lm loss": rec["source lm loss"]} if "source lm loss" in rec else {}),
     })
 
 

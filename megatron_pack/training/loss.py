@@ -40,13 +40,16 @@ def segment_ids(cu_seqlens: torch.Tensor, num_cu_seqlens: int, total: int) -> to
 
 
 def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = "token",
-                cu_seqlens: torch.Tensor | None = None, num_cu_seqlens: int | None = None):
+                cu_seqlens: torch.Tensor | None = None, num_cu_seqlens: int | None = None,
+                source: torch.Tensor | None = None, num_sources: int = 0):
     """``(loss sum, count, report)`` for Megatron-Core's per-token-loss schedules.
 
     ``losses`` and ``loss_mask`` have the same shape (``[1, T]`` for a THD row). For
     ``sample`` weighting, ``cu_seqlens`` (THD, ``-1`` padded) and ``num_cu_seqlens`` mark
     the samples. ``report["lm loss"]`` is ``[loss sum, count]``, the pair that is summed
     over micro-batches and ranks before dividing, so logs show the exact objective.
+    With ``source`` (blends: the source id of each of the B sequences laid end to end in the
+    row) ``report["source loss"]`` holds ``[token loss sum, supervised tokens]`` per source.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -67,8 +70,37 @@ def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = 
         has = seg_cnt > 0
         loss = torch.sum(seg_sum[has] / seg_cnt[has])
         count = has.sum().to(torch.int)
-    report = torch.stack([loss.detach().clone(), count.to(loss.dtype)])
-    return loss, count, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss.detach().clone(), count.to(loss.dtype)])}
+    if source is not None and num_sources:
+        report["source loss"] = source_sums(losses.detach(), mask, source.to(losses.device), num_sources)
+    return loss, count, report
+
+
+def source_sums(losses: torch.Tensor, mask: torch.Tensor, source: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """``[num_sources, 2]``: masked token-loss sum and supervised-token count per source, for a
+    row of ``len(source)`` equal-length sequences (row ``b`` from ``source[b]``)."""
+    per_token = source.to(torch.int64).repeat_interleave(losses.numel() // source.numel())
+    out = torch.zeros(num_sources, 2, dtype=losses.dtype, device=losses.device)
+    out[:, 0].index_add_(0, per_token, losses * mask)
+    out[:, 1].index_add_(0, per_token, mask)
+    return out
+
+
+def reduce_source_reports(reports: list, num_sources: int, group=None) -> list:
+    """Per-source ``(mean token loss, supervised tokens)`` from the ``"source loss"`` reports,
+    summed over micro-batches and all-reduced over ``group`` like :func:`reduce_reports`."""
+    total = torch.zeros(num_sources, 2, dtype=torch.float64)
+    for r in reports:
+        total += r["source loss"].detach().to("cpu", torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = total.to(_collective_device())
+        torch.distributed.all_reduce(t, group=group)
+        total = t.cpu()
+    out = []
+    for loss_sum, count in total.tolist():
+        n = int(round(count))
+        out.append((loss_sum / n if n else float("nan"), n))
+    return out
 
 
 def reduce_reports(reports: list, key: str = "lm loss", group=None) -> tuple[float, int]:

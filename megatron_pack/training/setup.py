@@ -12,7 +12,15 @@ def resolve_vocab_size(config: TrainConfig, preset) -> int:
     """The run's unpadded vocabulary (:mod:`megatron_pack.model.vocab` has the rule)."""
     from megatron_pack.model.vocab import resolve_vocab_size as rule
 
-    return rule(config.model.vocab_size, config.model.tokenizer_model, preset, config.data.data_path)
+    d = config.data
+    value = d.train_data_path if d.train_data_path is not None else d.data_path
+    if isinstance(value, str):
+        return rule(config.model.vocab_size, config.model.tokenizer_model, preset, value)
+    from megatron_pack.data.blend import parse_blend
+
+    # A blend: the rule per source (the same unless it falls through to the data's largest id).
+    return max(rule(config.model.vocab_size, config.model.tokenizer_model, preset, p)
+               for p in parse_blend(value).prefixes)
 
 
 def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16: bool, use_cuda: bool):

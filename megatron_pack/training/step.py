@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from megatron_pack.data.sampling import eval_batches
-from megatron_pack.training.loss import masked_loss, reduce_reports
+from megatron_pack.training.loss import masked_loss, reduce_reports, reduce_source_reports
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,24 +32,27 @@ class StepContext:
     seq_length: int  # a THD micro-batch is one row of micro_batch_size * padded length tokens
     loss_owner: bool  # last stage, TP rank 0: one copy of each report in the all-reduce
     use_cuda: bool
+    source_names: tuple = ()  # training blend's sources: the step record gets a loss per source
 
 
-def forward_step(device, weighting: str, data_iterator, model):
+def forward_step(device, weighting: str, data_iterator, model, num_sources: int = 0):
     """Megatron's forward_step_func, run on every stage with the same micro-batch."""
     from megatron_pack.model.packed import model_inputs
 
     batch = next(data_iterator)
     output = model(**model_inputs(batch, device=device))
     return output, partial(_loss_func, batch["loss_mask"].to(device), batch["cu_seqlens"], batch["num_cu_seqlens"],
-                           weighting)
+                           weighting, batch.get("source") if num_sources else None, num_sources)
 
 
-def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, output_tensor):
-    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens)
+def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, source, num_sources, output_tensor):
+    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens,
+                       source, num_sources)
 
 
-def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool) -> list:
-    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting),
+def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool, num_sources: int = 0) -> list:
+    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting,
+                                                          num_sources=num_sources),
                                 data_iterator=iter(micro), model=[ctx.model], num_microbatches=len(micro),
                                 seq_length=ctx.seq_length, micro_batch_size=1, forward_only=forward_only)
 
@@ -60,8 +63,10 @@ def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, la
     t0 = time.perf_counter()
     ctx.optimizer.zero_grad()
     ctx.model.zero_grad_buffer()
-    reports = _run(ctx, micro, weighting, False)  # every rank runs it; one copy of each report counts
+    n_src = len(ctx.source_names)
+    reports = _run(ctx, micro, weighting, False, n_src)  # every rank runs it; one copy of each report counts
     loss, count = reduce_reports(reports if ctx.loss_owner else [])
+    by_source = reduce_source_reports(reports if ctx.loss_owner else [], n_src) if n_src else []
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"iteration {iteration}: lm loss is {loss} over {count} supervised tokens; stopping before the "
@@ -75,19 +80,31 @@ def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, la
         torch.cuda.synchronize()
     return {"iteration": iteration, "lm loss": loss, "tokens": count, "learning rate": lr,
             "grad norm": None if grad_norm is None else float(grad_norm), "seconds": time.perf_counter() - t0,
-            "skipped": 0 if ok else 1}
+            "skipped": 0 if ok else 1,
+            **({"source lm loss": {n: v for n, (v, _) in zip(ctx.source_names, by_source)}} if n_src else {})}
 
 
 def evaluate(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
              eval_iters) -> tuple:
     """Token-weighted held-out loss over ``valid`` (every sequence once across DP ranks):
     ``(loss, supervised tokens)``, or ``(None, 0)`` without a held-out split."""
+    return evaluate_by_source(ctx, valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters)[:2]
+
+
+def evaluate_by_source(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_size: int, eval_iters) -> tuple:
+    """:func:`evaluate` plus ``{source name: (loss, tokens)}`` for a blended held-out set
+    (``{}`` otherwise)."""
     if valid is None:
-        return None, 0
+        return None, 0, {}
+    names = tuple(getattr(valid, "names", ()))
     ctx.model.eval()
     reports = []
     with torch.no_grad():
         for micro in eval_batches(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters):
-            reports += _run(ctx, micro, "token", True)
+            reports += _run(ctx, micro, "token", True, len(names))
     ctx.model.train()
-    return reduce_reports(reports if ctx.loss_owner else [])
+    owned = reports if ctx.loss_owner else []
+    loss, count = reduce_reports(owned)
+    by_source = dict(zip(names, reduce_source_reports(owned, len(names)))) if names else {}
+    return loss, count, by_source

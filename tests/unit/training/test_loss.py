@@ -66,3 +66,27 @@ def test_segment_ids_and_bad_bounds():
 def test_empty_report_gives_nan():
     mean, count = reduce_reports([])
     assert count == 0 and mean != mean
+
+
+def test_per_source_sums_split_the_token_loss():
+    from megatron_pack.training.loss import reduce_source_reports
+
+    torch.manual_seed(0)
+    losses = torch.rand(1, 12)
+    mask = (torch.rand(1, 12) > 0.3).float()
+    source = torch.tensor([2, 0, 2])  # three sequences of 4 tokens laid end to end
+    loss, count, rep = masked_loss(losses, mask, "token", source=source, num_sources=3)
+    sums = rep["source loss"]
+    assert sums.shape == (3, 2)
+    assert torch.allclose(sums[:, 0].sum(), loss) and int(sums[:, 1].sum()) == int(count)
+    assert float(sums[1, 1]) == 0.0  # source 1 has no sequence here
+    expect0 = float((losses[0, 4:8] * mask[0, 4:8]).sum())
+    assert float(sums[0, 0]) == pytest.approx(expect0)
+    by = reduce_source_reports([rep, rep], 3)
+    assert by[0] == (pytest.approx(expect0 / float(mask[0, 4:8].sum())), 2 * int(mask[0, 4:8].sum()))
+    assert by[1][1] == 0
+    # negative control: swapping the sources moves the sums
+    _, _, rep2 = masked_loss(losses, mask, "token", source=torch.tensor([0, 2, 0]), num_sources=3)
+    assert not torch.equal(rep2["source loss"], sums)
+    # no source, no per-source report (plain runs are unchanged)
+    assert "source loss" not in masked_loss(losses, mask)[2]
