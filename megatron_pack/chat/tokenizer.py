@@ -278,6 +278,32 @@ def _read_chat_template(directory: str, config: dict) -> Optional[str]:
     return template if isinstance(template, str) else None
 
 
+#: Megatron-LM ``--tokenizer-type`` -> the file a path of that kind holds.
+TOKENIZER_TYPE_FILES = {"HuggingFaceTokenizer": ("tokenizer.json", ".json"),
+                        "SentencePieceTokenizer": ("tokenizer.model", ".model")}
+
+
+def tokenizer_path_for_type(path: str, tokenizer_type: Optional[str]) -> str:
+    """The file ``--tokenizer-type`` selects at ``path`` (a directory may hold both kinds);
+    TokenizerError when ``path`` holds no tokenizer of that kind. Reads nothing but names."""
+    if tokenizer_type is None:
+        return path
+    if tokenizer_type not in TOKENIZER_TYPE_FILES:
+        raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r}; choose from {sorted(TOKENIZER_TYPE_FILES)}")
+    name, suffix = TOKENIZER_TYPE_FILES[tokenizer_type]
+    if os.path.isdir(path):
+        found = os.path.join(path, name)
+        if os.path.isfile(found):
+            return found
+        raise TokenizerError(f"{path}: --tokenizer-type {tokenizer_type} needs {name} in this directory")
+    if not os.path.exists(path):
+        raise TokenizerError(f"{path}: tokenizer path does not exist")
+    if not path.endswith(suffix):
+        raise TokenizerError(f"{path}: --tokenizer-type {tokenizer_type} expects a {suffix} file or a directory "
+                             f"with {name}")
+    return path
+
+
 def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
     """Tokenizer at ``path`` (file or directory); TokenizerError says what is wrong.
 

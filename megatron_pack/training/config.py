@@ -83,6 +83,20 @@ class ModelArgs:
               f"must be > 0, got {self.init_method_std}")
         if self.tokenizer_type is not None:
             _need(self.tokenizer_model is not None, "--tokenizer-type", "needs --tokenizer-model")
+            self.tokenizer_path  # a kind the path does not hold fails here, before any heavy import
+
+    @property
+    def tokenizer_path(self) -> Optional[str]:
+        """The tokenizer file to read: --tokenizer-model, narrowed by --tokenizer-type (a directory
+        with both tokenizer.json and tokenizer.model); ConfigError on a mismatch."""
+        if self.tokenizer_model is None:
+            return None
+        from megatron_pack.chat.tokenizer import TokenizerError, tokenizer_path_for_type
+
+        try:
+            return tokenizer_path_for_type(self.tokenizer_model, self.tokenizer_type)
+        except TokenizerError as e:
+            raise ConfigError(f"--tokenizer-model: {e}") from None
 
 
 @dataclass

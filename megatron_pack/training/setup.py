@@ -15,11 +15,11 @@ def resolve_vocab_size(config: TrainConfig, preset) -> int:
     d = config.data
     value = d.train_data_path if d.train_data_path is not None else d.data_path
     if isinstance(value, str):
-        return rule(config.model.vocab_size, config.model.tokenizer_model, preset, value)
+        return rule(config.model.vocab_size, config.model.tokenizer_path, preset, value)
     from megatron_pack.data.blend import parse_blend
 
     # A blend: the rule per source (the same unless it falls through to the data's largest id).
-    return max(rule(config.model.vocab_size, config.model.tokenizer_model, preset, p)
+    return max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p)
                for p in parse_blend(value).prefixes)
 
 
@@ -47,6 +47,7 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
         use_cpu_initialization=not use_cuda,
         recompute_granularity=config.model.recompute_granularity,
         calculate_per_token_loss=True,  # sums per micro-batch; finalize_model_grads divides globally
+        **({"init_method_std": config.model.init_method_std} if config.model.init_method_std else {}),
         **recompute,
     )
     model = build_model(preset, tcfg, vocab_size=vocab_size, backend=config.model.backend)
