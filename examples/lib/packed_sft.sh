@@ -54,6 +54,9 @@ if [ "$DRY_RUN" = "1" ]; then
         "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" ${PLAN_JSON:+--json "$PLAN_JSON"} ${MFU:+--mfu "$MFU"} "$@"
 fi
 
+# examples/slurm/*.sbatch source this file for the arrays only and launch with srun themselves.
+if [ "${PACKED_SFT_ARRAYS_ONLY:-0}" = "1" ]; then return 0; fi
+
 export CUDA_DEVICE_MAX_CONNECTIONS=1        # sequence-parallel comm/compute overlap (Megatron's advice)
 
 torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
