@@ -123,3 +123,48 @@ def get_block_spec(config, backend: str = "auto", vp_stage: int | None = None):
         final_norm = TorchNorm if norm in (TorchNorm, WrappedTorchNorm) else norm
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kernels: chosen here, once, from what is installed (the presets leave them off).
+# --------------------------------------------------------------------------------------------
+
+#: TransformerConfig switch -> why it is on or what it needs.
+FUSION_NEEDS = {
+    "gradient_accumulation_fusion": "CUDA + apex's fused_weight_gradient_mlp_cuda (Megatron's output layer "
+                                    "uses it even with TE layers)",
+    "apply_rope_fusion": "CUDA + Transformer Engine's fused RoPE (THD included)",
+    "bias_activation_fusion": "CUDA (Megatron's jit-fused SwiGLU)",
+    "masked_softmax_fusion": "CUDA + apex's scaled_masked_softmax_cuda (used only by Megatron's own "
+                             "DotProductAttention; TE and flash attention fuse their softmax anyway)",
+}
+
+
+def _te_fused_rope() -> bool:
+    if not te_available():
+        return False
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+    except Exception:
+        return False
+    return rope_utils.fused_apply_rotary_pos_emb is not None or rope_utils.fused_apply_rotary_pos_emb_thd is not None
+
+
+def choose_fusions(use_cuda: bool | None = None) -> dict:
+    """``TransformerConfig`` fusion switches for this machine: every one off without CUDA, each
+    on where its kernel imports (see :data:`FUSION_NEEDS`). Passed by the training setup as
+    overrides of :func:`megatron_pack.model.presets.transformer_config`."""
+    cuda = torch.cuda.is_available() if use_cuda is None else bool(use_cuda)
+    return {
+        "gradient_accumulation_fusion": cuda and _importable("fused_weight_gradient_mlp_cuda"),
+        "apply_rope_fusion": cuda and _te_fused_rope(),
+        "bias_activation_fusion": cuda,
+        "masked_softmax_fusion": cuda and _importable("scaled_masked_softmax_cuda"),
+    }
+
+
+def describe_fusions(config) -> str:
+    """One line for the run header: each fusion switch of ``config`` on or off."""
+    short = {"gradient_accumulation_fusion": "grad-accum", "apply_rope_fusion": "rope",
+             "bias_activation_fusion": "bias-swiglu", "masked_softmax_fusion": "masked-softmax"}
+    return "fusions: " + ", ".join(f"{short[k]} {'on' if getattr(config, k, False) else 'off'}" for k in short)

@@ -69,11 +69,14 @@ def _run(config: TrainConfig, st) -> dict:
     log.train_iters = total_iters
     preset = get_preset(config.model.model)
     vocab = resolve_vocab_size(config, preset)
-    model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
+    model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
+    from megatron_pack.model.spec import describe, describe_fusions
+
+    log.print(f"> layers: {describe(tcfg, config.model.backend)}; {describe_fusions(tcfg)}")
     log.print(f"> data {config.data.data_path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
               f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "

@@ -32,6 +32,7 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
 
     from megatron_pack.model.builder import build_model
     from megatron_pack.model.presets import transformer_config
+    from megatron_pack.model.spec import choose_fusions
 
     p = config.parallel
     recompute = {}
@@ -48,6 +49,7 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
         recompute_granularity=config.model.recompute_granularity,
         calculate_per_token_loss=True,  # sums per micro-batch; finalize_model_grads divides globally
         **({"init_method_std": config.model.init_method_std} if config.model.init_method_std else {}),
+        **choose_fusions(use_cuda),  # off on CPU, on where the kernels import
         **recompute,
     )
     model = build_model(preset, tcfg, vocab_size=vocab_size, backend=config.model.backend)

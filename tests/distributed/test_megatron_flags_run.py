@@ -18,6 +18,8 @@ def test_train_samples_init_std_and_eval_flags(tmp_path_factory):
     for res in (plain, tuned):
         assert sorted(res.steps) == [1, 2]  # 10 samples // 4 per step
         assert "; 2 steps" in res.output
+        # the spec provider's fusion choice is in the header: all off on CPU
+        assert "fusions: grad-accum off, rope off, bias-swiglu off, masked-softmax off" in res.output
     # std 0.02 starts near ln(vocab); std 0.5 starts far above it
     assert abs(plain.steps[1]["lm loss"] - math.log(256)) < 0.5, plain.steps[1]["lm loss"]
     assert tuned.steps[1]["lm loss"] > plain.steps[1]["lm loss"] + 2.0, tuned.steps[1]["lm loss"]
