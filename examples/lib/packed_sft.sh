@@ -36,7 +36,8 @@ MODEL_ARGS=(--model "$MODEL" --bf16 --transformer-impl transformer_engine)
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
                --sequence-parallel --use-distributed-optimizer)
 DATA_ARGS=(--seq-length "$SEQ_LENGTH" --valid-fraction 0.01)
-[ -n "$DATA_PATH" ] && DATA_ARGS+=(--data-path "$DATA_PATH")
+read -ra DATA_PATHS <<< "$DATA_PATH"      # a blend as in Megatron-LM: DATA_PATH="0.7 /data/a 0.3 /data/b"
+[ -n "$DATA_PATH" ] && DATA_ARGS+=(--data-path "${DATA_PATHS[@]}")
 PACKING_ARGS=(--pack-mode "$PACK_MODE")
 [ "$DOCUMENT_MASK" = "0" ] && PACKING_ARGS+=(--no-document-mask)
 TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"

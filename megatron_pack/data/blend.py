@@ -168,7 +168,7 @@ class BlendedPackedDataset:
 
     def _size(self, d: int, k: int) -> int:
         if (d, k) not in self._sizes:
-            self._sizes[(d, k)] = len(self._make[d](k))
+            self._view(d, k)  # kept until set_epoch drops the views its epoch does not read
         return self._sizes[(d, k)]
 
     def _epoch_counts(self, e: int) -> np.ndarray:

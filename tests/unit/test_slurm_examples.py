@@ -86,6 +86,16 @@ def test_srun_line_runs_the_plain_scripts_flags(script, stubs):
     assert other[other.index("megatron_pack.train") + 1:] != plain
 
 
+def test_blend_in_data_path_reaches_both_launchers(stubs):
+    env, _ = stubs
+    env = {**env, "DATA_PATH": "0.7 /data/a 0.3 /data/b"}
+    line = _printed_line(os.path.join(ROOT, SBATCH[0]), env)
+    flags = line[line.index("megatron_pack.train") + 1:]
+    i = flags.index("--data-path")
+    assert flags[i:i + 5] == ["--data-path", "0.7", "/data/a", "0.3", "/data/b"]
+    assert flags == _plain_flags(SBATCH[0], env)[1]
+
+
 def test_torchrun_launcher_uses_the_allocation(stubs):
     env, _ = stubs
     line = _printed_line(os.path.join(ROOT, SBATCH[0]), {**env, "LAUNCHER": "torchrun"})
