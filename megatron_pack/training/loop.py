@@ -77,7 +77,9 @@ def _run(config: TrainConfig, st) -> dict:
     from megatron_pack.model.spec import describe, describe_fusions
 
     log.print(f"> layers: {describe(tcfg, config.model.backend)}; {describe_fusions(tcfg)}")
-    log.print(f"> data {config.data.data_path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
+    path = config.data.data_path if config.data.data_path is not None else config.data.train_data_path
+    path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
+    log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
               f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
               f"efficiency {ds.train.plan.efficiency:.2%}; {total_iters} steps")
