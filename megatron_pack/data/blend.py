@@ -10,10 +10,14 @@ keys on the source, not on the blend).
 
 Blend epoch ``e`` has ``N_e = sum_d len_d(e)`` sequences (``len_d(e)``: source ``d``'s plan
 for its epoch ``e``). Draw ``i`` goes to the source with the largest deficit
-``w_d * (i + 1) - count_d`` (Megatron-Core's ``build_blending_indices`` rule), so after any
-prefix of the epoch every source is within one sequence of its share::
+``w_d * (i + 1) - count_d`` (the rule of Megatron-Core's ``build_blending_indices``)::
 
     weights 0.5 A, 0.3 B, 0.2 C, N = 10:   A B A C A B A B A C     (5 A, 3 B, 2 C)
+
+After any prefix of an epoch no source is a sequence or more ahead of its share (the deficits
+sum to 1 before a draw, so the one drawn has at least 1/k), and with up to three sources none
+is a sequence behind either: every prefix within one sequence. With more sources the lag can
+slightly exceed one (1.1 at worst over 400 random blends of 4-10 sources; the tests bound it).
 
 Source ``d`` is read as an endless stream -- its epoch 0 order, then epoch 1's, ... -- and
 blend epoch ``e`` takes the next ``count_d(e)`` sequences of it, so a small source is
