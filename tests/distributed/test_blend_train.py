@@ -55,3 +55,18 @@ def test_two_source_blend_logs_per_source_and_resumes_exactly(tmp_path_factory):
                       tmp, name="other")
     assert other.returncodes == [1] or other.returncodes[0] != 0
     assert "data setup differs" in other.output
+
+
+def test_train_and_valid_data_paths(tmp_path_factory):
+    """--train-data-path with a separate --valid-data-path blend: nothing held out of the training
+    data, the held-out loss reported per validation source."""
+    a = shared_dataset(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("blend_valid")
+    v1, v2 = make_dataset(str(tmp / "heldout_x"), n=12, seed=7), make_dataset(str(tmp / "heldout_y"), n=9, seed=8)
+    res = run_train(1, BASE_ARGS + ["--train-data-path", a, "--valid-data-path", v1, v2, "--train-iters", "2"], tmp,
+                    name="tv")
+    assert res.returncodes == [0], describe_failure(res)
+    assert "160 train / 21 held-out conversations" in res.output
+    val = res.records[-1]
+    assert set(val["validation source lm loss"]) == {"heldout_x", "heldout_y"}
+    assert "source lm loss" not in res.steps[1]  # one plain training prefix: no per-source step loss
