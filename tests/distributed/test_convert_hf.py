@@ -263,7 +263,7 @@ def test_model_flag_conflicting_with_the_import_is_refused(hf_dirs, tmp_path):
 
     imp = tmp_path / "imp"
     convert_hf_to_megatron(str(hf_dirs["qwen2"]), str(imp), progress=False)
-    base = ["--data-path", "x", "--load", str(imp)]
+    base = ["--data-path", "x", "--train-iters", "1", "--load", str(imp)]
     arch, extras = resolve_architecture(parse_args(base))
     assert arch.family == "qwen2" and extras["special_tokens"]["eos_token_id"] == 2
     same, _ = resolve_architecture(parse_args(base + ["--model", str(hf_dirs["qwen2"])]))  # agrees: accepted
