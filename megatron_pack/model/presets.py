@@ -62,8 +62,8 @@ def get_preset(name: str) -> Architecture:
         from megatron_pack.model.hf_architecture import load_hf_architecture
 
         return load_hf_architecture(name)
-    raise ValueError(f"unknown model {name!r}: choose a preset from {sorted(PRESETS)} or give the path of a "
-                     "Hugging Face config.json or model directory")
+    raise ValueError(f"unknown model preset {name!r} and no such path: choose a preset from {sorted(PRESETS)} or "
+                     "give the path of a Hugging Face config.json or model directory")
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, multiple: int = 128) -> int:
