@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -432,3 +433,29 @@ def test_cli_reports_bad_input_and_exits_1(tmp_path):
     assert res.returncode == 1
     assert "convert_checkpoint: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("over, named", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16,
+      "max_position_embeddings": 64}, "sliding_window = 16"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts = 8"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, 'rope_scaling.rope_type = "longrope"'),
+    ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh"'),
+])
+def test_unsupported_feature_refused_at_conversion_nothing_written(tmp_path, over, named):
+    """Weights that match the config's shapes, a feature megatron_pack would silently compute
+    differently: refused naming the key and value, no output and no temporary directory."""
+    from megatron_pack.convert import convert_hf_to_megatron
+
+    hf = tmp_path / "hf"
+    write_hf_dir(hf)
+    (hf / "config.json").write_text(json.dumps(hf_config(**over)))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=re.escape(f"{hf / 'config.json'}: {named}")):
+        convert_hf_to_megatron(str(hf), str(out), progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+    # the command line says the same in one line and exits 2
+    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools",
+                                                       "convert_checkpoint.py"), "hf-to-megatron", "--hf-dir", str(hf),
+                          "--output", str(out), "--no-progress"], capture_output=True, text=True)
+    assert res.returncode != 0 and named in res.stderr and not out.exists()

@@ -60,15 +60,20 @@ def test_megatron_core_hard_coded_llama3_scaling_differs():
 def test_built_model_uses_the_architecture_rope():
     from megatron_pack.model.builder import build_model
     from megatron_pack.model.presets import transformer_config
-    from megatron_pack.parallel import initialize_distributed
+    from megatron_pack.parallel import destroy_distributed, initialize_distributed
 
+    owns = not torch.distributed.is_initialized()
     initialize_distributed(1, 1)
-    arch = Architecture("t", **BASE, **SCALINGS["llama3"][0])
-    model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), backend="local")
-    assert torch.equal(model.rotary_pos_emb.inv_freq.cpu(), hf_inv_freq(SCALINGS["llama3"][1]))
-    qwen = dataclasses.replace(arch, family="qwen2", qkv_bias=True, rope_scaling_type="none")
-    model = build_model(qwen, transformer_config(qwen, use_cpu_initialization=True), backend="local")
-    assert model.decoder.layers[0].self_attention.linear_qkv.bias.shape == (128,)
+    try:
+        arch = Architecture("t", **BASE, **SCALINGS["llama3"][0])
+        model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), backend="local")
+        assert torch.equal(model.rotary_pos_emb.inv_freq.cpu(), hf_inv_freq(SCALINGS["llama3"][1]))
+        qwen = dataclasses.replace(arch, family="qwen2", qkv_bias=True, rope_scaling_type="none")
+        model = build_model(qwen, transformer_config(qwen, use_cpu_initialization=True), backend="local")
+        assert model.decoder.layers[0].self_attention.linear_qkv.bias.shape == (128,)
+    finally:
+        if owns:
+            destroy_distributed()
 
 
 def test_architecture_json_round_trip_and_differences():

@@ -314,3 +314,18 @@ def test_cli_model_path_is_a_hf_config(tmp_path, capsys):
     (tmp_path / "qwen2.5-0.5b" / "config.json").write_text(json.dumps(cfg))
     rc = plan_parallel.main(["--model", str(tmp_path / "qwen2.5-0.5b"), "--no-progress"])
     assert rc == 2 and 'rope_scaling.rope_type = "yarn"' in capsys.readouterr().err
+
+
+def test_smollm_style_llama_from_its_config(tmp_path):
+    """The issue's model: a small Llama (SmolLM2-135M's config.json: 30 layers, hidden 576,
+    9 heads / 3 KV groups, tied embeddings, theta 1e5) is no preset; its config is enough."""
+    from megatron_pack.model.presets import get_preset
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+           "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
+           "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": True,
+           "max_position_embeddings": 8192, "hidden_act": "silu", "rope_scaling": None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = get_preset(str(tmp_path / "config.json"))
+    assert (arch.kv_channels, arch.tie_word_embeddings, arch.rope_theta) == (64, True, 100000.0)
+    assert count_parameters(arch).total_unpadded == 134_515_008  # the published 135M
