@@ -29,8 +29,11 @@ def recorded_architecture(path: str):
         return None, {}
     if not os.path.isfile(run_config):
         return None, {}
-    with open(run_config) as f:
-        rc = json.load(f)
+    try:
+        with open(run_config) as f:
+            rc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{run_config}: not valid JSON ({e}); cannot read the architecture the run recorded") from None
     if rc.get("architecture"):
         return preset_from_metadata(rc), rc.get("hf") or {}
     name = (rc.get("model") or {}).get("model")  # checkpoints from before architectures were recorded
