@@ -23,7 +23,8 @@ from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
 from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
 
 #: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
-PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
+PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9, "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9,
+                        "qwen2.5-7b": 7.61e9, "qwen2.5-72b": 72.7e9, "mistral-7b": 7.25e9}
 
 
 class LayoutError(ValueError):

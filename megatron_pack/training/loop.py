@@ -24,7 +24,7 @@ from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_i
 from megatron_pack.training.config import TrainConfig
 from megatron_pack.training.logging import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
-from megatron_pack.training.setup import resolve_vocab_size, setup_model_and_optimizer
+from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import NonFiniteLossError, StepContext, evaluate, train_step  # noqa: F401
 
 
@@ -51,7 +51,6 @@ def train(config: TrainConfig) -> dict:
 def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_pack.model.presets import get_preset
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -66,7 +65,7 @@ def _run(config: TrainConfig, st) -> dict:
     t, ck = config.train, config.checkpoint
     total_iters = t.train_iters or epochs_to_iters(ds.train, t.global_batch_size, t.train_epochs)
     log.train_iters = total_iters
-    preset = get_preset(config.model.model)
+    preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
@@ -87,6 +86,7 @@ def _run(config: TrainConfig, st) -> dict:
                       seq_length=t.micro_batch_size * ds.train.padded_length,
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda)
     run_config = dataclasses.asdict(config)
+    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),
