@@ -23,6 +23,7 @@ import argparse
 import itertools
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,8 @@ import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: Llama-3.2-1B's architecture (tied embeddings): the "1B" of the model-step section.
+#: Llama-3.2-1B's shape (tied embeddings, no RoPE scaling): the "1B" of the model-step section,
+#: given to train() as a HF config.json.
 ONE_B = dict(name="llama3.2-1b", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
              num_query_groups=8, vocab_size=128256, tie_word_embeddings=True)
 GPU_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("A800", "a800"))
@@ -253,18 +255,36 @@ def peak_flops(device) -> tuple:
     return None, None
 
 
-def matmul_parameters(models: list) -> dict:
+def model_arguments(models: list, workdir: str) -> dict:
+    """name -> ``--model`` value: a preset name, or for the 1.2B model the path of a HF
+    ``config.json`` written here (any supported config is a valid ``--model``)."""
+    import json
+
+    from megatron_pack.model.architecture import Architecture
+    from megatron_pack.model.hf_architecture import hf_config_from_architecture
+
+    out = {}
+    for name in models:
+        if name == ONE_B["name"]:
+            path = os.path.join(workdir, name, "config.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(hf_config_from_architecture(Architecture(**ONE_B), "bfloat16"), f, indent=1)
+            out[name] = path
+        else:
+            out[name] = name
+    return out
+
+
+def matmul_parameters(model_args: dict) -> dict:
     """The planner's matmul parameter count (the N of 6*N*S) per model. Call it before any
     process group exists: the planner builds each shard under a fake one."""
     from megatron_pack.model import presets
     from megatron_pack.planning.params import count_parameters
 
     out = {}
-    for name in models:
-        if name == ONE_B["name"] and name not in presets.PRESETS:
-            # benchmark-only architecture, registered in this process (not a training --model choice)
-            presets.PRESETS[name] = presets.LlamaPreset(**ONE_B)
-        preset = presets.get_preset(name)
+    for name, arg in model_args.items():
+        preset = presets.get_preset(arg)
         out[name] = count_parameters(preset, vocab_size=preset.vocab_size or 256).matmul_total
     return out
 
@@ -283,10 +303,10 @@ def model_flops_per_step(preset, matmul: int, prefix: str, seq_length: int, mode
     return estimate(preset, matmul, plan_stats(plan), tcfg).model_flops_per_step
 
 
-def model_step_bench(device, workdir: str, *, matmul: dict, modes: list, seq_length: int, steps: int, gbs: int,
+def model_step_bench(device, workdir: str, *, model_args: dict, matmul: dict, modes: list, seq_length: int, steps: int, gbs: int,
                      budget: Budget, seconds_per_run: float) -> list:
-    """``train()`` for ``steps`` steps per (model, mode) of ``matmul`` (:func:`matmul_parameters`);
-    returns one row each."""
+    """``train()`` for ``steps`` steps per (model, mode); ``model_args`` from :func:`model_arguments`,
+    ``matmul`` from :func:`matmul_parameters`. Returns one row each."""
     import torch
 
     from megatron_pack.model import presets, spec
@@ -297,8 +317,8 @@ def model_step_bench(device, workdir: str, *, matmul: dict, modes: list, seq_len
     use_te = device.type == "cuda" and spec.te_available()
     gpu_name, peak = peak_flops(device)
     rows = []
-    for model_name in matmul:
-        preset = presets.get_preset(model_name)
+    for model_name, model_arg in model_args.items():
+        preset = presets.get_preset(model_arg)
         vocab = preset.vocab_size or 256
         prefix = make_dataset(os.path.join(workdir, f"data_{model_name}"), n=max(200, 24 * gbs), max_len=seq_length,
                               vocab=min(vocab, 32000), padding=0.45)
@@ -309,7 +329,7 @@ def model_step_bench(device, workdir: str, *, matmul: dict, modes: list, seq_len
                 rows.append({**row, "skipped": f"time budget ({budget.left():.0f} s left)"})
                 continue
             cfg = TrainConfig(
-                model=ModelArgs(model=model_name, vocab_size=vocab, bf16=device.type == "cuda",
+                model=ModelArgs(model=model_arg, vocab_size=vocab, bf16=device.type == "cuda",
                                 transformer_impl="transformer_engine" if use_te else "local"),
                 data=DataArgs(data_path=prefix, seq_length=seq_length, valid_fraction=0.0,
                               packing=PackingArgs(pack_mode=mode)),
@@ -451,9 +471,11 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     models = args.models.split(",") if args.models else (["tiny", ONE_B["name"]] if cuda else ["tiny"])
-    matmul = matmul_parameters(models)  # before the process group (the planner fakes its own)
     from megatron_pack.parallel import destroy_distributed, initialize_distributed
 
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    model_args = model_arguments(models, work)
+    matmul = matmul_parameters(model_args)  # before the process group (the planner fakes its own)
     initialize_distributed()  # one rank; train() below reuses the group
     try:
         if cuda:
@@ -465,12 +487,12 @@ def main(argv=None) -> int:
         report["model_step_setup"] = (f"seq {seq}, global batch {gbs} x micro-batch 1, {steps} steps (first not "
                                       f"timed), ~45% padding when padded, MFU = planner model FLOPs / step time / "
                                       f"peak bf16")
-        with tempfile.TemporaryDirectory() as work:
-            report["model_steps"] = model_step_bench(device, work, matmul=matmul, modes=args.modes.split(","),
-                                                     seq_length=seq, steps=steps, gbs=gbs, budget=budget,
-                                                     seconds_per_run=45.0 if cuda else 0.0)
+        report["model_steps"] = model_step_bench(device, work, model_args=model_args, matmul=matmul,
+                                                 modes=args.modes.split(","), seq_length=seq, steps=steps, gbs=gbs,
+                                                 budget=budget, seconds_per_run=45.0 if cuda else 0.0)
     finally:
         destroy_distributed()
+        shutil.rmtree(work, ignore_errors=True)
     report["skipped"] = collect_skips(report)
     report["seconds"] = time.time() - t0
     md, js = write(report, args.out_dir)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pack.model.presets import PRESETS as _PRESETS
 from megatron_pack.model.vocab import VOCAB_RULE
 from megatron_pack.packing.plan import OVERLONG_CHOICES, overlong_policy
+
+
+MODEL_PRESETS = tuple(_PRESETS)
 
 
 class ConfigError(ValueError):
@@ -54,7 +59,10 @@ def _need(cond: bool, flag: str, msg: str):
 class ModelArgs:
     """Which network and in what precision."""
 
-    model: str = arg("tiny", "Architecture preset.", choices=("tiny", "llama3-8b", "llama3-70b"))
+    model: Optional[str] = arg(None, "Architecture: a preset (" + ", ".join(MODEL_PRESETS) + ") or the path of "
+                                     "a Hugging Face config.json / model directory. Default: the architecture "
+                                     "recorded in --load / --pretrained-checkpoint, else tiny; given with one, "
+                                     "it must agree with it.", metavar="PRESET|PATH")
     vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
@@ -79,6 +87,9 @@ class ModelArgs:
 
     def __post_init__(self):
         _need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
+        _need(self.model is None or self.model in MODEL_PRESETS or os.path.exists(self.model), "--model",
+              f"unknown model {self.model!r}: a preset ({', '.join(MODEL_PRESETS)}) or the path of a Hugging "
+              "Face config.json / model directory")
         _need(self.init_method_std is None or self.init_method_std > 0, "--init-method-std",
               f"must be > 0, got {self.init_method_std}")
         if self.tokenizer_type is not None:

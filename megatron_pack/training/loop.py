@@ -24,7 +24,7 @@ from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_i
 from megatron_pack.training.config import TrainConfig, total_train_iters
 from megatron_pack.training.logging import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
-from megatron_pack.training.setup import resolve_vocab_size, setup_model_and_optimizer
+from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import (NonFiniteLossError, StepContext, evaluate, evaluate_by_source,  # noqa: F401
                                          train_step)
 
@@ -52,7 +52,6 @@ def train(config: TrainConfig) -> dict:
 def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_pack.model.presets import get_preset
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -67,7 +66,7 @@ def _run(config: TrainConfig, st) -> dict:
     t, ck = config.train, config.checkpoint
     total_iters = total_train_iters(t, lambda epochs: epochs_to_iters(ds.train, t.global_batch_size, epochs))
     log.train_iters = total_iters
-    preset = get_preset(config.model.model)
+    preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
@@ -98,6 +97,7 @@ def _run(config: TrainConfig, st) -> dict:
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
                       source_names=ds.train_names)
     run_config = dataclasses.asdict(config)
+    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),

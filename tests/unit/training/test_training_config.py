@@ -64,8 +64,20 @@ def test_bad_values_name_the_flag(argv, flag, capsys):
 
 def test_choices_are_enforced(capsys):
     with pytest.raises(SystemExit):
-        parse_args(BASE + ["--model", "gpt5"])
+        parse_args(BASE + ["--transformer-impl", "fast"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_model_is_a_preset_or_a_hf_config_path(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--model", "gpt5"])
+    err = capsys.readouterr().err
+    assert "--model" in err and "unknown model 'gpt5'" in err
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    assert parse_args(BASE + ["--model", str(cfg)]).model.model == str(cfg)
+    assert parse_args(BASE + ["--model", "qwen2.5-7b"]).model.model == "qwen2.5-7b"
+    assert parse_args(BASE).model.model is None  # the architecture then comes from --load, else tiny
 
 
 def test_resolve_checks_batch_divisibility():
