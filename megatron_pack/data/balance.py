@@ -104,34 +104,37 @@ def _lpt(costs: np.ndarray, k: int, cap: int) -> list[list[int]]:
     return parts
 
 
-def _improve_by_swaps(costs: np.ndarray, parts: list[list[int]], max_rounds: int = 200) -> list[list[int]]:
+def _improve_by_swaps(costs: np.ndarray, parts: list[list[int]], max_rounds: int = 500) -> list[list[int]]:
     """Swap one item of the most expensive part with one of another part while that lowers
     the larger of the two below the current maximum (the count per part is unchanged)."""
-    parts = [list(p) for p in parts]
-    sums = np.array([costs[p].sum() for p in parts], dtype=np.float64)
+    idx = np.array(parts, dtype=np.int64)  # [k, n/k]: every part has the same count
+    k = idx.shape[0]
+    sums = costs[idx].sum(axis=1)
+    bound = lower_bound(costs, k)
     for _ in range(max_rounds):
         hi = int(np.argmax(sums))
-        best = None  # (new max of the pair, lo, i, j)
-        a = np.asarray(parts[hi])
-        for lo in range(len(parts)):
-            if lo == hi or not parts[lo]:
-                continue
-            b = np.asarray(parts[lo])
-            delta = costs[a][:, None] - costs[b][None, :]  # moving a->lo, b->hi
-            new_hi, new_lo = sums[hi] - delta, sums[lo] + delta
-            pair_max = np.maximum(new_hi, new_lo)
-            ij = np.unravel_index(int(np.argmin(pair_max)), pair_max.shape)
-            m = float(pair_max[ij])
-            if m < sums[hi] * (1 - 1e-12) and (best is None or m < best[0]):
-                best = (m, lo, int(ij[0]), int(ij[1]))
-        if best is None:
+        if sums[hi] <= bound * (1 + 1e-9):
             break
-        _, lo, i, j = best
-        x, y = parts[hi][i], parts[lo][j]
-        parts[hi][i], parts[lo][j] = y, x
+        a = costs[idx[hi]]  # [p]
+        delta = a[:, None, None] - costs[idx][None, :, :]  # [p, k, p]: a goes to lo, b comes to hi
+        pair_max = np.maximum(sums[hi] - delta, sums[None, :, None] + delta)
+        pair_max[:, hi, :] = np.inf
+        i, lo, j = np.unravel_index(int(np.argmin(pair_max)), pair_max.shape)
+        if not pair_max[i, lo, j] < sums[hi] * (1 - 1e-12):
+            break
+        x, y = idx[hi, i], idx[lo, j]
+        idx[hi, i], idx[lo, j] = y, x
         sums[hi] += costs[y] - costs[x]
         sums[lo] += costs[x] - costs[y]
-    return parts
+    return idx.tolist()
+
+
+def lower_bound(costs: np.ndarray, k: int) -> float:
+    """No split into k parts of equal count beats the mean part or the part holding the heaviest item
+    together with the lightest others."""
+    per = costs.size // k
+    asc = np.sort(costs)
+    return float(max(costs.sum() / k, asc[-1] + asc[:per - 1].sum()))
 
 
 def partition(costs, k: int) -> list[list[int]]:
@@ -146,11 +149,14 @@ def partition(costs, k: int) -> list[list[int]]:
     if n == k:
         return [[i] for i in range(n)]
     best, best_max = None, None
-    for parts in (_karmarkar_karp(costs, k), _lpt(costs, k, n // k)):
-        parts = _improve_by_swaps(costs, parts)
+    bound = lower_bound(costs, k)
+    for build in (_karmarkar_karp, lambda c, k: _lpt(c, k, n // k)):
+        parts = _improve_by_swaps(costs, build(costs, k))
         m = max(costs[p].sum() for p in parts)
         if best is None or m < best_max * (1 - 1e-12):
             best, best_max = parts, m
+        if best_max <= bound * (1 + 1e-9):  # provably optimal already
+            break
     # canonical order: parts by their smallest position, items ascending
     return sorted((sorted(p) for p in best), key=lambda p: p[0])
 
