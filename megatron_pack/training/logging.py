@@ -8,9 +8,8 @@ extra ``| key: value |`` fields::
      [2026-01-01 12:00:00] iteration       10/     100 | consumed samples:          160 |
      elapsed time per iteration (ms): 812.3 | learning rate: 9.755283E-06 | global batch size:    16 |
      lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 1.234 | real tokens/s: 9876.5 |
-     padding fraction: 0.0312 | samples/s: 45.67 | compute imbalance: 1.004 |
-     number of skipped iterations:   0 |
-     number of nan iterations:   0 |
+     padding fraction: 0.0312 | samples/s: 45.67 | number of skipped iterations:   0 |
+     number of nan iterations:   0 | compute imbalance: 1.004 |
 
 (one line in the log). Only one rank prints (the last rank, Megatron's ``print_rank_last``,
 which owns the loss).
@@ -96,10 +95,10 @@ def format_step(iteration: int, train_iters: int, m: dict) -> str:
     s += " real tokens/s: {:.1f} |".format(m["real tokens/s"])
     s += " padding fraction: {:.4f} |".format(m["padding fraction"])
     s += " samples/s: {:.2f} |".format(m["samples/s"])
-    if m.get("compute imbalance") is not None:  # max/mean FLOPs over DP ranks (data.balance)
-        s += " compute imbalance: {:.3f} |".format(m["compute imbalance"])
     s += " number of skipped iterations: {:3d} |".format(m.get("skipped", 0))
     s += " number of nan iterations: {:3d} |".format(m.get("nan", 0))
+    if m.get("compute imbalance") is not None:  # max/mean FLOPs over DP ranks (data.balance)
+        s += " compute imbalance: {:.3f} |".format(m["compute imbalance"])
     return s
 
 
