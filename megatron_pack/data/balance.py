@@ -8,9 +8,9 @@ the model learns: the step still consumes the same set of sequences and the loss
 normalised over the global batch's supervised tokens (:mod:`megatron_pack.training.loss`);
 only *which rank and micro-batch* gets each sequence changes::
 
-    step's sequences (costs)   9 1 1 1 | 8 2 1 1         contiguous: rank 0 = 12, rank 1 = 12
-                               9 8 1 1 | 2 1 1 1         (an unlucky step) 19 vs 5: max/mean 1.58
-    balanced                   9 1 1 1 | 8 2 1 1  ->     12 vs 12: max/mean 1.00
+    a step of 8 sequences, DP 2 (costs)   9 8 1 1 2 1 1 1
+    contiguous (Megatron)    rank 0: 9 8 1 1 = 19    rank 1: 2 1 1 1 = 5     max/mean 1.58
+    balanced                 rank 0: 9 1 1 1 = 12    rank 1: 8 2 1 1 = 12    max/mean 1.00
 
 :func:`place` splits the step's ``G`` sequences into ``D`` ranks of ``G/D`` (the same count
 per rank, as the schedule needs) minimising the most expensive rank, then each rank's share
