@@ -168,7 +168,6 @@ def test_balanced_stream_resumes_at_any_step(prefix):
     full = _streams(prefix, 2, True, gbs=8)
     steps = [[s.next_step() for s in full] for _ in range(20)]  # crosses epoch boundaries
     for k in (3, 11):
-        pos = DataPosition(epoch=0, step_in_epoch=0)
         probe = _streams(prefix, 2, True)
         for _ in range(k):
             [s.next_step() for s in probe]
@@ -177,7 +176,7 @@ def test_balanced_stream_resumes_at_any_step(prefix):
             got = [s.next_step() for s in resumed]
             for r in range(2):
                 assert _rows(got[r]) == _rows(steps[j][r]), (k, j, r)
-        assert pos.epoch == 0
+    assert full[0].pos.epoch >= 2  # the run crossed epoch boundaries (new plan order each)
 
 
 def test_placement_does_not_change_a_globally_normalised_loss(prefix):
