@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     # Megatron-Core warns at import that TE/apex are absent; irrelevant to a plan.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
 
-    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, render, write_json
+    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan
+    from megatron_pack.planning.render import render, write_json
     from megatron_pack.planning.timing import DEFAULT_MFU
 
     try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -12,7 +13,8 @@ from megatron_pack.model.presets import PRESETS
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import GIB, MemoryConfig, layer_activation_bytes_per_token, state_bytes_per_param
 from megatron_pack.planning.params import count_parameters
-from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, render, validate_layout
+from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, validate_layout
+from megatron_pack.planning.render import render
 from megatron_pack.planning.timing import SequenceStats, TimingConfig, estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -172,7 +174,7 @@ def test_plan_70b_memory_and_json_keys(p70, monkeypatch):
     assert t["model_flops_per_step"] == pytest.approx(flops)
     assert t["step_seconds"] == pytest.approx(flops / (32 * 312e12 * 0.4) * (1 + 3 / 64))
     text = render(plan)
-    assert "FITS" in text and "70,553,706,496" in text and "| 0 | 4 |" in text
+    assert "FITS" in text and "70,553,706,496" in text and re.search(r"\| 0 +\| +4 \|", text)
     json.dumps(plan)  # serialisable as is
 
 
@@ -249,7 +251,7 @@ def test_cli_on_builtin_sample(tmp_path, capsys):
     assert rows["padding"]["num_sequences"] == 480 - 24 and rows["bfd"]["num_sequences"] < rows["greedy"]["num_sequences"] + 1
     assert rows["bfd"]["epoch_seconds"] < 0.2 * rows["padding"]["epoch_seconds"]
     assert rows["bfd"]["train_steps"] == 2 * rows["bfd"]["steps"]
-    assert "| bfd * |" in text and "not modelled, ignored: --lr 1e-5 --save /ckpt" in text
+    assert re.search(r"\| bfd \* +\|", text) and "not modelled, ignored: --lr 1e-5 --save /ckpt" in text
 
 
 def test_cli_rejects_and_oom(capsys):
@@ -293,4 +295,5 @@ def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
     assert row["step_seconds_balanced"] < row["step_seconds_contiguous"]
     assert row["step_seconds_balanced"] >= row["step_seconds"] * (1 - 1e-12)  # never better than perfect
     text = render(plan)
-    assert "Compute imbalance over DP 4" in text and "| bfd * | 4 |" in text
+    assert "Compute imbalance over DP 4" in text
+    assert any(line.replace(" ", "").startswith("|bfd*|4|") for line in text.splitlines())
