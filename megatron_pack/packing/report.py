@@ -181,10 +181,13 @@ def run(
     overlong: str = "truncate",
     json_out: str | None = None,
     plot_out: str | None = None,
+    plans: dict | None = None,
 ) -> list[dict]:
-    """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG."""
+    """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG.
+    Pass a dict as ``plans`` to get the plans back (mode name -> plan)."""
     lengths, turns = load_lengths(data_prefix, lengths_file)
-    plans = {} if plot_out else None
+    if plans is None and plot_out:
+        plans = {}
     rows = report(lengths, max_seq_length, modes, seed=seed, overlong=overlong, turn_starts=turns, plans=plans)
     src = data_prefix or lengths_file
     print(f"{src}: {lengths.size:,} samples, {int(lengths.sum()):,} tokens, max length {max_seq_length}, "

@@ -143,8 +143,11 @@ def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
     return MemoryConfig(**kw)
 
 
-def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool) -> tuple[list, dict]:
+def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool,
+               lay: Layout | None = None) -> tuple[list, dict]:
+    from megatron_pack.data.balance_forecast import forecast
     from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.model.cost import CostModel
     from megatron_pack.packing.plan import build_plan, get_mode
     from megatron_pack.data.sampling import split_indices
 
@@ -168,6 +171,16 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
         rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),
                      "efficiency": float(plan.efficiency), "real_tokens": stats.real_tokens,
                      "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
+        if lay is not None and not cfg.pad_attention:
+            # per-step imbalance over DP ranks: the step waits for the slowest rank
+            cost = CostModel.from_architecture(preset, matmul_params=params.matmul_total,
+                                               cp=cfg.context_parallel_size)
+            f = forecast(plan, cost, global_batch_size=cfg.global_batch_size, dp_size=lay.data_parallel_size,
+                         micro_batch_size=cfg.micro_batch_size, padded_length=lay.padded_seq_length,
+                         document_mask=cfg.document_mask, seed=cfg.seed)
+            rows[-1].update({"balance": f.to_json(),
+                             "step_seconds_contiguous": est.step_seconds * f.slowdown_contiguous,
+                             "step_seconds_balanced": est.step_seconds * f.slowdown_balanced})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
         r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
@@ -213,7 +226,7 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
                         global_batch_size=cfg.global_batch_size, seq_length=lay.padded_seq_length, mfu=cfg.mfu,
                         recompute_granularity=cfg.recompute_granularity)
     if cfg.data_path:
-        modes, data = _mode_rows(cfg, preset, params, tcfg, progress)
+        modes, data = _mode_rows(cfg, preset, params, tcfg, progress, lay)
     else:
         n = (cfg.train_iters or 1) * cfg.global_batch_size
         modes, data = [], None

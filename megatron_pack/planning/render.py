@@ -60,6 +60,15 @@ def _modes_table(plan: dict) -> str:
     return markdown_table(heads, rows)
 
 
+def _balance_table(rows: list) -> str:
+    cells = [[f"{r['mode']}{' *' if r['selected'] else ''}", str(r["balance"]["sequences_per_rank"]),
+              f"{r['balance']['imbalance_contiguous']:.3f}", f"{r['balance']['imbalance_balanced']:.3f}",
+              f"{r['balance']['bound']:.3f}", f"{r['step_seconds_contiguous']:.2f} s",
+              f"{r['step_seconds_balanced']:.2f} s", f"{r['balance']['gain']:.3f}x"] for r in rows]
+    return markdown_table(["mode", "seq/rank", "contiguous", "balanced", "lower bound", "step contiguous",
+                           "step balanced", "gain"], cells)
+
+
 def render(plan: dict) -> str:
     """The plan as text: layout, parameters, memory, verdict, time per packing mode."""
     c, lay, g = plan["config"], plan["layout"], plan["gpu"]
@@ -102,6 +111,13 @@ def render(plan: dict) -> str:
         out += ["", _modes_table(plan)]
         out.append("(* = --pack-mode; time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble); "
                    "FLOPs include padding positions)")
+        bal = [r for r in plan["modes"] if "balance" in r]
+        if bal and lay["dp"] > 1:
+            out += ["", f"Compute imbalance over DP {lay['dp']} (max/mean rank FLOPs per step, first "
+                        f"{max(r['balance']['steps'] for r in bal)} steps; the step waits for the slowest rank):",
+                    _balance_table(bal),
+                    "(balanced = --balance-batches, the training default when DP > 1 or PP > 1; lower bound = "
+                    "the best any placement of the same sequences could do)"]
     else:
         out.append(f"  {t['basis']}: {t['model_flops_per_step'] / 1e15:.2f} PFLOP/step, {t['step_seconds']:.2f} s/step"
                    + (f", {c['train_iters']} steps = {_hours(t['train_seconds'])}" if "train_seconds" in t else ""))

@@ -331,3 +331,20 @@ def test_smollm_style_llama_from_its_config(tmp_path):
     arch = get_preset(str(tmp_path / "config.json"))
     assert (arch.kv_channels, arch.tie_word_embeddings, arch.rope_theta) == (64, True, 100000.0)
     assert count_parameters(arch).total_unpadded == 134_515_008  # the published 135M
+def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
+    # long-tailed: a few conversations fill a 2048-token sequence alone, the rest are short
+    rng = np.random.default_rng(0)
+    lengths = [int(rng.integers(1500, 2048)) if i % 10 == 0 else int(rng.integers(20, 200)) for i in range(400)]
+    _write_dataset(tmp_path / "d", lengths)
+    cfg = PlanConfig(model="tiny", vocab_size=256, nnodes=1, gpus_per_node=4, seq_length=2048, global_batch_size=16,
+                     data_path=str(tmp_path / "d"), modes=("bfd",), valid_fraction=0.0)
+    plan = make_plan(cfg)
+    (row,) = plan["modes"]
+    f = row["balance"]
+    assert f["sequences_per_rank"] == 4 and f["steps"] == row["steps"]
+    assert f["imbalance_balanced"] < f["imbalance_contiguous"] and f["imbalance_balanced"] >= 1.0
+    assert row["step_seconds_balanced"] < row["step_seconds_contiguous"]
+    assert row["step_seconds_balanced"] >= row["step_seconds"] * (1 - 1e-12)  # never better than perfect
+    text = render(plan)
+    assert "Compute imbalance over DP 4" in text
+    assert any(line.replace(" ", "").startswith("|bfd*|4|") for line in text.splitlines())

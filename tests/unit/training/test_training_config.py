@@ -101,3 +101,20 @@ def test_warmup_steps():
     assert warmup_steps(OptimArgs(lr_warmup_fraction=0.2), 100) == 20
     assert warmup_steps(OptimArgs(lr_warmup_iters=7), 100) == 7
     assert warmup_steps(OptimArgs(lr_warmup_iters=700), 100) == 100
+
+
+def test_balance_batches_flag_and_default():
+    from types import SimpleNamespace
+
+    from megatron_pack.model.presets import get_preset
+    from megatron_pack.training.loop import _balancer
+
+    assert parse_args(BASE).train.balance_batches is None
+    assert parse_args(BASE + ["--balance-batches"]).train.balance_batches is True
+    off = parse_args(BASE + ["--no-balance-batches"])
+    assert off.train.balance_batches is False and parse_args(to_argv(off)).train.balance_batches is False
+    st = lambda dp, pp: SimpleNamespace(dp_size=dp, pp_size=pp, tp_size=1, cp_size=1)  # noqa: E731
+    tiny, t = get_preset("tiny"), parse_args(BASE).train
+    assert [_balancer(t, tiny, 256, st(*s)).enabled for s in ((1, 1), (2, 1), (1, 2))] == [False, True, True]
+    assert _balancer(off.train, tiny, 256, st(2, 1)).enabled is False
+    assert _balancer(parse_args(BASE + ["--balance-batches"]).train, tiny, 256, st(1, 1)).enabled is True
