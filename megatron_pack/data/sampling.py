@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_pack.data.collate import collate_thd
+from megatron_pack.data.collate import collate_thd, trim_to_longest
 from megatron_pack.files.indexed import SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
 
@@ -134,7 +134,7 @@ def _annotate(dataset: PackedSFTDataset, idx: list, batch: dict) -> dict:
     """Add per-batch counters the logs need: samples placed and capacity."""
     counts = dataset.plan.pieces_per_sequence()[dataset.order[np.asarray(idx)]]
     batch["num_samples"] = torch.tensor(int(counts.sum()), dtype=torch.int64)
-    batch["capacity"] = torch.tensor(len(idx) * dataset.padded_length, dtype=torch.int64)
+    batch["capacity"] = torch.tensor(batch["tokens"].numel(), dtype=torch.int64)  # cut with pad_to=longest
     return batch
 
 
@@ -176,15 +176,23 @@ class TrainStream:
         seqs = self.ds.order[idx]
         samples = int(self.ds.plan.pieces_per_sequence()[seqs].sum())
         # Global-batch figures for the logs, from the plan: no communication needed.
+        capacity = self.gbs * self.ds.padded_length
+        if self.ds.mode.pads_to_longest:  # each micro-batch as long as its longest sequence
+            lens = self.ds.plan.sequence_lengths()[seqs].reshape(-1, self.mbs).max(axis=1)
+            m = self.ds.pad_multiple
+            capacity = int((np.maximum(m, -(-lens // m) * m).clip(max=self.ds.padded_length) * self.mbs).sum())
         self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()), "samples": samples,
-                           "capacity": self.gbs * self.ds.padded_length}
+                           "capacity": capacity}
         self.pos.step_in_epoch += 1
         self.pos.consumed_samples += self.gbs
         self.pos.consumed_conversations += samples
         return micro
 
     def micro_batch(self, idx: list) -> dict:
-        return _annotate(self.ds, idx, collate_thd([self.ds[i] for i in idx]))
+        items = [self.ds[i] for i in idx]
+        if self.ds.mode.pads_to_longest:
+            items = trim_to_longest(items, self.ds.pad_multiple)
+        return _annotate(self.ds, idx, collate_thd(items))
 
 
 def epochs_to_iters(dataset: PackedSFTDataset, global_batch_size: int, epochs: float) -> int:
