@@ -37,12 +37,16 @@ def _one_per_sequence(mode: str) -> bool:
 
 
 def expand_settings(modes, masks=(True,)) -> list[Setting]:
-    """Every mode under every mask choice, padding modes once (with the mask: identical)."""
+    """Every mode under every mask choice, padding modes once (with the mask: identical);
+    a spec with its own ``/mask`` or ``/nomask`` is taken as written."""
     out = []
     for spec in modes:
         for mask in masks:
             s = Setting.parse(spec)
-            s = Setting(s.mode, True if _one_per_sequence(s.mode) else bool(mask))
+            if "/" not in spec:
+                s = Setting(s.mode, bool(mask))
+            if _one_per_sequence(s.mode):
+                s = Setting(s.mode, True)
             if s not in out:
                 out.append(s)
     return out

@@ -12,6 +12,8 @@ def test_settings_cross_modes_and_masks_padding_once():
     got = [s.name for s in expand_settings(["padding", "greedy:chunk=1000", "bfd"], [True, False])]
     assert got == ["padding", "greedy:chunk=1000", "greedy:chunk=1000/nomask", "bfd", "bfd/nomask"]
     assert Setting.parse("random:chunk=7/nomask") == Setting("random:chunk=7", False)
+    assert [s.name for s in expand_settings(["bfd", "bfd/nomask", "padding/nomask"], [True])] == [
+        "bfd", "bfd/nomask", "padding"]
     assert baseline(expand_settings(["bfd", "padding:pad_to=longest"])).name == "padding:pad_to=longest"
     for bad in ("tetris", "bfd/maybe", "greedy:chunk=x"):
         with pytest.raises(ValueError):
