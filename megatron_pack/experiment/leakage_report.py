@@ -74,7 +74,7 @@ def attention_table(att: dict, max_buckets: int = 8) -> str:
 
 
 def contamination_table(con: dict) -> str:
-    heads = ["separator", "documents", "mean (nats)", "mean |x|", "p5", "median", "p95"]
+    heads = ["separator", "documents", "mean (nats)", "mean abs", "p5", "median", "p95"]
     f = lambda c, k: f"{c[k]:+.4f}" if k in c else "n/a"  # noqa: E731
     rows = [[v, str(c.get("documents", 0)), f(c, "mean"), f(c, "mean_abs"), f(c, "p5"), f(c, "p50"), f(c, "p95")]
             for v, c in con.items()]
