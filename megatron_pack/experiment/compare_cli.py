@@ -62,6 +62,10 @@ def main(argv=None) -> int:
         print("error: --evals-per-run: must be >= 0", file=sys.stderr)
         return 2
     if "--data-path" not in flags:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print("error: under torchrun pass --data-path after -- (prepare the data once, before launching)",
+                  file=sys.stderr)
+            return 2
         from megatron_pack.experiment.sample_data import prepare_sample_data
 
         prefix, tok = prepare_sample_data(os.path.join(args.output_dir, "data"), args.synthetic)

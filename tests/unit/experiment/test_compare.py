@@ -57,3 +57,14 @@ def test_outputs_and_curves(comparison):
     assert "speedup" in open(os.path.join(out, "time.md")).read()
     assert "held-out loss" in open(os.path.join(out, "loss.md")).read()
     assert os.path.getsize(os.path.join(out, "loss_vs_time.png")) > 0
+
+
+def test_cli_rejects_bad_input_before_training(capsys, monkeypatch, tmp_path):
+    from megatron_pack.experiment.compare_cli import main
+
+    assert main(["--modes", "tetris", "--output-dir", str(tmp_path)]) == 2
+    assert "--modes" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--output-dir", str(tmp_path)]) == 2  # no racing sample preparation under torchrun
+    assert "--data-path" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing half-written
