@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_pack.data.collate import collate_thd
+from megatron_pack.data.collate import collate_thd, trim_to_longest
 from megatron_pack.files.indexed import SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
 
@@ -138,7 +138,7 @@ def _annotate(dataset: PackedSFTDataset, idx: list, batch: dict) -> dict:
     """Add per-batch counters the logs need: samples placed and capacity."""
     counts = dataset.plan.pieces_per_sequence()[dataset.order[np.asarray(idx)]]
     batch["num_samples"] = torch.tensor(int(counts.sum()), dtype=torch.int64)
-    batch["capacity"] = torch.tensor(len(idx) * dataset.padded_length, dtype=torch.int64)
+    batch["capacity"] = torch.tensor(batch["tokens"].numel(), dtype=torch.int64)  # cut with pad_to=longest
     return batch
 
 
@@ -178,23 +178,34 @@ class TrainStream:
         per_rank = self.gbs // self.dp_size
         seqs = self.ds.order[idx]
         balance = {}
-        if self.balancer is None:
-            mine = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-            micro = [self.micro_batch(mine[i:i + self.mbs].tolist()) for i in range(0, per_rank, self.mbs)]
+        if self.balancer is None:  # contiguous: rank r takes the r-th slice, cut into micro-batches
+            placement = [[np.arange(r * per_rank + i, r * per_rank + i + self.mbs) for i in range(0, per_rank, self.mbs)]
+                         for r in range(self.dp_size)]
         else:
             placement, balance = self.balancer.placement(self.ds, seqs)
-            micro = [self.micro_batch(idx[mb].tolist()) for mb in placement[self.dp_rank]]
+        micro = [self.micro_batch(idx[mb].tolist()) for mb in placement[self.dp_rank]]
         samples = int(self.ds.plan.pieces_per_sequence()[seqs].sum())
         # Global-batch figures for the logs, from the plan: no communication needed.
+        capacity = self.gbs * self.ds.padded_length
+        if self.ds.mode.pads_to_longest:  # each micro-batch as long as its longest sequence
+            lens = self.ds.plan.sequence_lengths()[seqs]
+            m = self.ds.pad_multiple
+            capacity = 0
+            for mb in (mb for rank in placement for mb in rank):
+                longest = int(lens[mb].max())
+                capacity += min(self.ds.padded_length, max(m, -(-longest // m) * m)) * len(mb)
         self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()), "samples": samples,
-                           "capacity": self.gbs * self.ds.padded_length, **balance}
+                           "capacity": capacity, **balance}
         self.pos.step_in_epoch += 1
         self.pos.consumed_samples += self.gbs
         self.pos.consumed_conversations += samples
         return micro
 
     def micro_batch(self, idx: list) -> dict:
-        return _annotate(self.ds, idx, collate_thd([self.ds[i] for i in idx]))
+        items = [self.ds[i] for i in idx]
+        if self.ds.mode.pads_to_longest:
+            items = trim_to_longest(items, self.ds.pad_multiple)
+        return _annotate(self.ds, idx, collate_thd(items))
 
 
 def epochs_to_iters(dataset: PackedSFTDataset, global_batch_size: int, epochs: float) -> int:

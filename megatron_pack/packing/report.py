@@ -53,6 +53,8 @@ def plan_row(plan: PackingPlan, seconds: float, padding_cost: float) -> dict:
         "placed_tokens": int(s.placed_tokens),
         "truncated_tokens": int(s.truncated_tokens),
         "dropped_tokens": int(s.dropped_tokens),
+        "mode_dropped_samples": int(s.mode_dropped_docs),  # paper-code variants: in dropped_* already
+        "mode_dropped_tokens": int(s.mode_dropped_tokens),
         "attention_cost_doc_mask": _sum_sq(plan.piece_lengths) / max(padding_cost, 1.0),
         "attention_cost_no_mask": _sum_sq(plan.sequence_lengths()) / max(padding_cost, 1.0),
         "seconds": float(seconds),

@@ -255,6 +255,12 @@ class TrainConfig:
         if self.parallel.sequence_parallel:
             _need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
                   "needs --tensor-model-parallel-size > 1")
+        if self.parallel.pipeline_model_parallel_size > 1:
+            from megatron_pack.packing.modes import get_mode
+
+            _need(not get_mode(self.data.packing.pack_mode).pads_to_longest, "--pack-mode padding:pad_to=longest",
+                  "changes the sequence length per micro-batch; pipeline parallelism needs fixed shapes "
+                  "(use --pipeline-model-parallel-size 1 or --pack-mode padding)")
 
     def resolve(self, world_size: int) -> "ResolvedSizes":
         """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""

@@ -52,6 +52,9 @@ def test_defaults_and_round_trip():
     (BASE + ["--valid-fraction", "1.0"], "--valid-fraction"),
     (BASE + ["--no-document-mask", "--loss-weighting", "sample"], "--loss-weighting sample"),
     (BASE + ["--sequence-parallel"], "--sequence-parallel"),
+    (BASE + ["--pack-mode", "padding:pad_to=longest", "--pipeline-model-parallel-size", "2"],
+     "--pack-mode padding:pad_to=longest"),
+    (BASE + ["--pack-mode", "greedy:chunk=x"], "--pack-mode"),
     (BASE + ["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--train-iters", "3"], "--data-path"),
 ])
