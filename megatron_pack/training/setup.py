@@ -39,6 +39,8 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
         use_cpu_initialization=not use_cuda,
         recompute_granularity=config.model.recompute_granularity,
         calculate_per_token_loss=True,  # sums per micro-batch; finalize_model_grads divides globally
+        cp_comm_type=({"allgather": "all_gather"}.get(p.cp_comm_type, p.cp_comm_type)
+                      if p.context_parallel_size > 1 else None),
         **recompute,
     )
     model = build_model(preset, tcfg, vocab_size=vocab_size, backend=config.model.backend)

@@ -89,3 +89,24 @@ def test_warmup_steps():
     assert warmup_steps(OptimArgs(lr_warmup_fraction=0.2), 100) == 20
     assert warmup_steps(OptimArgs(lr_warmup_iters=7), 100) == 7
     assert warmup_steps(OptimArgs(lr_warmup_iters=700), 100) == 100
+
+
+def test_context_parallel_flags_and_bad_input(capsys):
+    cfg = parse_args(BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--seq-length", "4096"])
+    assert (cfg.parallel.context_parallel_size, cfg.parallel.cp_comm_type) == (2, "a2a")
+    bad = [
+        (["--context-parallel-size", "2", "--seq-length", "4098"],
+         "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2"),
+        (["--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
+          "--seq-length", "4100"], "--seq-length: 4100 must be a multiple of 8"),  # lcm(2*CP, TP*CP)
+        (["--context-parallel-size", "2", "--loss-weighting", "sample"], "--loss-weighting sample: is not supported"),
+        (["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
+         "--cp-comm-type: allgather does not take packed"),
+    ]
+    for argv, msg in bad:
+        with pytest.raises(SystemExit):
+            parse_args(BASE + argv)
+        assert msg in capsys.readouterr().err, msg
+    cfg = parse_args(BASE + ["--context-parallel-size", "3", "--global-batch-size", "4", "--seq-length", "4098"])
+    with pytest.raises(ConfigError, match="context-model-parallel-size: TP\\*PP\\*CP = 1\\*1\\*3 = 3 does not divide"):
+        cfg.resolve(4)
