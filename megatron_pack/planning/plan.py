@@ -122,7 +122,8 @@ def validate_layout(cfg: PlanConfig) -> Layout:
     mult = required_multiple(tp, cp, cfg.sequence_parallel)
     if cp > 1 and cfg.seq_length % mult:
         raise LayoutError(f"--seq-length {cfg.seq_length} must be a multiple of {mult} under "
-                          f"--context-parallel-size {cp} (every document splits into 2*CP chunks, each over TP with sequence parallel)")
+                          f"--context-parallel-size {cp} (every document splits into 2*CP chunks, each over TP "
+                          "with sequence parallel)")
     s = -(-cfg.seq_length // mult) * mult
     if s != cfg.seq_length:
         warnings.append(f"sequences padded from --seq-length {cfg.seq_length} to {s} (a multiple of {mult} "
