@@ -11,7 +11,8 @@ offset by ``j*c``::
     rank 0, chunk 0 (q0 q1)   -> keys k0..k1      (plain causal)
     rank 0, chunk 3 (q6 q7)   -> keys k0..k7      q6 sees k0..k6, q7 sees k0..k7
 
-The cost is sum over segments of c * (j+1) * c per chunk, never a dense (sum s)^2 mask. This
+Memory is O(tokens) per segment (fused causal kernels, no mask tensor), never a dense
+(sum s)^2 mask; chunk j computes (j+1)^2 c^2 / 2 scores, its dummy rows included. This
 is the simple "all-gather K/V" scheme (Megatron-LM's ``--cp-comm-type allgather``); it is
 what runs on every commit, and the reference TE's ring (p2p) exchange is checked against.
 """
@@ -53,14 +54,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, offset: int, scale: float, dropout_
     if k.size(1) != q.size(1):
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if offset:
+        # SDPA's is_causal aligns the diagonal top-left; with ``offset`` dummy query rows in
+        # front, query row offset+i sees keys <= offset+i, as it must. No mask tensor is
+        # built, so the fused (flash) kernels apply and keep no c x (offset+c) score matrix;
+        # the dummy rows cost compute, not memory, and are dropped.
+        q = torch.cat([q.new_zeros(offset, q.size(1), q.size(2)), q])
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, s, d]
-    if offset == 0:
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale)
-    else:
-        c = q.size(0)
-        mask = torch.ones(c, offset + c, dtype=torch.bool, device=q.device).tril(offset)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return o.squeeze(0).transpose(0, 1)
+    o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale)
+    return o.squeeze(0).transpose(0, 1)[offset:]
 
 
 def cp_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_padded: Tensor, cp_group, *, scale: float,
