@@ -163,7 +163,18 @@ def planner_part() -> list:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import megatron_pack.planning.params as params_mod
     from megatron_pack.planning.plan import PlanConfig, make_plan
+
+    built, count = {}, params_mod.count_parameters
+
+    def count_once(preset, **kw):  # shards do not depend on CP or the sequence length: build them once
+        key = (preset.name, kw.get("tensor_model_parallel_size"), kw.get("pipeline_model_parallel_size"))
+        if key not in built:
+            built[key] = count(preset, **kw)
+        return built[key]
+
+    params_mod.count_parameters = count_once
 
     rows = []
     for seq in (32768, 131072):
