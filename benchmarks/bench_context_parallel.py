@@ -200,6 +200,21 @@ def planner_part() -> list:
         print(f"| {r['seq_length'] // 1024}k | {r['cp']} | {r['dp']} | {r['activations_gb']:.1f} | "
               f"{r['peak_gb']:.1f} | {'yes' if r['fits'] else 'no'} | {r['proposed_cp']} | "
               f"{r['step_seconds']:.0f} s | {kv} |")
+    # Without full recompute the activations of a long micro-batch do not fit at CP 1:
+    # on 16 x 8 A800 (CP up to 8 beside TP 8 x PP 2) the planner proposes the smallest CP that does.
+    print("\nPlanner, selective recompute instead, 16 x 8 A800, TP 8 x PP 2: peak GiB per GPU at each CP\n")
+    print("| seq | CP 1 | CP 2 | CP 4 | CP 8 | proposed CP |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for seq in (32768, 131072):
+        plan = make_plan(PlanConfig(model="llama3-70b", nnodes=16, gpus_per_node=8, tensor_model_parallel_size=8,
+                                    pipeline_model_parallel_size=2, sequence_parallel=True,
+                                    use_distributed_optimizer=True, recompute_granularity="selective",
+                                    seq_length=seq, global_batch_size=64, gpu="a800"))
+        opts = {o["cp"]: o["peak_gb"] for o in plan["cp_options_gb"]}
+        cells = " | ".join(f"{opts[c]:.1f}" if c in opts else "-" for c in (1, 2, 4, 8))
+        print(f"| {seq // 1024}k | {cells} | {plan['proposed_cp']} |")
+        rows.append({"seq_length": seq, "nnodes": 16, "recompute": "selective", "cp_options_gb": opts,
+                     "proposed_cp": plan["proposed_cp"]})
     return rows
 
 
