@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pack.training.config import TrainConfig
+from megatron_pack.training.config import ConfigError, TrainConfig
 
 
 def resolve_vocab_size(config: TrainConfig, preset) -> int:
@@ -26,6 +26,12 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
     from megatron_pack.model.presets import transformer_config
 
     p = config.parallel
+    if p.context_parallel_size > 1 and p.cp_comm_type not in ("p2p", "a2a"):
+        from megatron_pack.model.spec import resolve_backend
+
+        if resolve_backend(config.model.backend) == "te":  # also when --transformer-impl auto picked TE
+            raise ConfigError(f"--cp-comm-type: {p.cp_comm_type} does not take packed (THD) sequences in "
+                              "Transformer Engine; use p2p or a2a")
     recompute = {}
     if config.model.recompute_granularity == "full":
         recompute = dict(recompute_method="uniform", recompute_num_layers=1)
