@@ -151,3 +151,14 @@ def test_random_mode_cuts_at_padded_multiples():
     assert (plan.piece_lengths > 0).all()
     with pytest.raises(ValueError, match="not a multiple"):
         build_plan(lengths, 18, "bfd", pad_multiple=4)
+
+
+def test_plan_cache_keys_the_padding(tmp_path):
+    data = write(tmp_path / "c", [(list(range(1, n + 1)), [1] * n, [0]) for n in (5, 3, 7, 2, 9, 1, 6)])
+    cached = PackedSFTDataset(data, 16, "bfd", document_multiple=4, cache_dir=str(tmp_path / "plans"))
+    plain = PackedSFTDataset(data, 16, "bfd", cache_dir=str(tmp_path / "plans"))
+    fresh = PackedSFTDataset(data, 16, "bfd", document_multiple=4, use_cache=False)
+    assert np.array_equal(cached.plan.pieces, fresh.plan.pieces)
+    assert not np.array_equal(np.asarray(plain.plan.seq_offsets), np.asarray(cached.plan.seq_offsets))
+    stems = sorted(p.name for p in (tmp_path / "plans").glob("*.json"))
+    assert len(stems) == 2 and sum("_P4_" in s for s in stems) == 1
