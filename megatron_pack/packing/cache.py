@@ -170,8 +170,8 @@ def get_plan(
     rank, barrier = _dist()
 
     def build() -> PackingPlan:
-        return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong, turn_starts=dataset.turns,
-                          pad_multiple=pad_multiple)
+        return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong,
+                          turn_starts=dataset.turns, pad_multiple=pad_multiple)
 
     def try_load() -> PackingPlan | None:
         try:

@@ -56,7 +56,8 @@ def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, output_tensor):
 
 
 def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool) -> list:
-    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting, cp_group=ctx.cp_group),
+    step = partial(forward_step, ctx.device, weighting, cp_group=ctx.cp_group)
+    return ctx.forward_backward(forward_step_func=step,
                                 data_iterator=iter(micro), model=[ctx.model], num_microbatches=len(micro),
                                 seq_length=ctx.seq_length, micro_batch_size=1, forward_only=forward_only)
 
