@@ -1,9 +1,12 @@
-"""Packed == padded, and TP/PP/DP layouts == one process, on CPU with gloo (tiny model, fp32).
+"""Packed == padded, TP/PP/DP layouts == one process, and context parallel (CP) == CP 1, on
+CPU with gloo (tiny model, fp32).
 
 Three launches share one reference: a single process saves the tiny model's weights as a
 Megatron dist checkpoint; 2-rank and 4-rank launches reload them resharded (TP1 -> TP2/PP2)
 so every layout starts from the same numbers. Each launch runs several layouts to pay the
-torch + Megatron-Core start-up once.
+torch + Megatron-Core start-up once. The CP layouts (``cp1`` in the single process, ``cp2``,
+``tp2spcp2``, ``pp2cp2``) run on their own data: documents of odd lengths, several shorter
+than 2*CP, packed by one plan at padded lengths so every CP size sees the same sequences.
 """
 
 import math
@@ -50,7 +53,8 @@ def _layouts(nprocs, names, sft_prefix, cp_prefix, run_dir, reference):
     assert reference  # the checkpoint must exist first
     names = names + CP_LAYOUTS.get(nprocs, [])
     ranks = launch(nprocs, ["--data", sft_prefix, "--ckpt", str(run_dir / "ckpt"), "--scenario", "layouts",
-                            "--layouts", ",".join(names), "--cp-data", cp_prefix], run_dir / f"w{nprocs}")
+                            "--layouts", ",".join(names), "--cp-data", cp_prefix], run_dir / f"w{nprocs}",
+                   timeout=480.0)  # several layouts per launch on a shared 2-core machine
     return {name: [r[name] for r in ranks] for name in names}
 
 
