@@ -35,7 +35,7 @@ CP_LAYOUTS = {2: ["cp2"], 4: ["tp2spcp2", "pp2cp2"]}
 @pytest.fixture(scope="module")
 def launched_reference(sft_prefix, cp_prefix, run_dir):
     out = launch(1, ["--data", sft_prefix, "--ckpt", str(run_dir / "ckpt"), "--scenario", "reference",
-                     "--layouts", "cp1", "--cp-data", cp_prefix], run_dir / "ref")
+                     "--layouts", "cp1", "--cp-data", cp_prefix], run_dir / "ref", timeout=480.0)
     return out[0]
 
 
