@@ -100,5 +100,8 @@ def split_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
     out = dict(batch)
     for k in _PER_TOKEN:
         out[k] = batch[k].index_select(-1, idx.to(batch[k].device))
+    lens = (bounds[1:] - bounds[:-1]).to(torch.int64)
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)  # segment of every global position
+    out["segment_ids"] = seg.index_select(0, idx).unsqueeze(0)  # for per-sample loss weighting
     out["cp_size"] = cp_size
     return out

@@ -251,9 +251,6 @@ class TrainConfig:
             _need(self.data.seq_length % m == 0, "--seq-length",
                   f"{self.data.seq_length} must be a multiple of {m} under --context-parallel-size {cp} "
                   "(2 x CP, and TP x CP with --sequence-parallel) so every document splits into whole chunks")
-            _need(self.train.loss_weighting == "token", "--loss-weighting sample",
-                  "is not supported with --context-parallel-size > 1 (a sample's tokens are spread over CP ranks); "
-                  "use token weighting")
             if self.model.transformer_impl == "transformer_engine":
                 _need(self.parallel.cp_comm_type in ("p2p", "a2a"), "--cp-comm-type",
                       f"{self.parallel.cp_comm_type} does not take packed (THD) sequences in Transformer Engine; "

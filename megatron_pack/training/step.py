@@ -48,11 +48,12 @@ def forward_step(device, weighting: str, data_iterator, model, cp_group=None):
         batch = split_batch_for_cp(batch, cp_group.size(), cp_group.rank())
     output = model(**model_inputs(batch, device=device, cp_group=cp_group))
     return output, partial(_loss_func, batch["loss_mask"].to(device), batch["cu_seqlens"], batch["num_cu_seqlens"],
-                           weighting)
+                           weighting, batch.get("segment_ids"), cp_group)
 
 
-def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, output_tensor):
-    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens)
+def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, segment_ids, cp_group, output_tensor):
+    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens,
+                       segment_ids=segment_ids, cp_group=cp_group)
 
 
 def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool) -> list:

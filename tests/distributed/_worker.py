@@ -92,7 +92,7 @@ def build(tp, pp, ckpt, save=False, sp=False, cp=1):
     return state, cfg, ddp, opt
 
 
-def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False):
+def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False, weighting="token"):
     """What the training loop does on every stage: read the micro-batch, pass packed params."""
     from megatron.core import parallel_state as ps
 
@@ -110,6 +110,13 @@ def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False):
     out = model(**kwargs)
 
     def loss_func(per_token):
+        if weighting == "sample":  # the library's per-sample loss, CP-aware
+            from megatron_pack.training.loss import masked_loss
+
+            loss, n, rep = masked_loss(per_token, batch["loss_mask"], "sample", batch["cu_seqlens"],
+                                       batch["num_cu_seqlens"], segment_ids=batch.get("segment_ids"),
+                                       cp_group=cp_group)
+            return loss, n, {"lm": rep["lm loss"]}
         mask = batch["loss_mask"].float()
         loss = (per_token.float() * mask).sum()
         n = mask.sum().to(torch.int)
@@ -244,6 +251,7 @@ def cp_check(state, cfg, ddp, cp_data, grads_dir):
             ref = torch.load(path)
             out[f"grad_max_abs_diff_{tag}"] = max(float((g[k] - ref[k]).abs().max()) for k in g)
         if mask:
+            out["loss_sample"] = run_batch(state, cfg, ddp, thd, forward_only=True, weighting="sample")
             out["num_micro_batches"] = len(thd)
             out["doc_lengths"] = sorted(int(x) for x in ds.plan.piece_lengths)
             if state.cp_size > 1:

@@ -170,6 +170,14 @@ def test_cp2_equals_cp1_loss_and_gradients(two_ranks, cp_reference, mask):
     assert abs(ref["loss_on"] - ref["loss_off"]) > 100 * TOL  # the mask really changes the batch
 
 
+def test_cp2_sample_weighting_equals_cp1(two_ranks, cp_reference):
+    """--loss-weighting sample: each sample's tokens are counted over the CP group."""
+    ref = cp_reference["cp"]
+    assert abs(ref["loss_sample"] - ref["loss_on"]) > 100 * TOL  # a different objective than token weighting
+    for r in two_ranks["cp2"]:
+        assert abs(r["cp"]["loss_sample"] - ref["loss_sample"]) <= TOL, (r["cp"]["loss_sample"], ref["loss_sample"])
+
+
 def test_cp_negative_control_chunks_not_reordered(two_ranks, cp_reference):
     """Keys used in the ranks' storage order (chunk r, chunk 2CP-1-r per rank) instead of the
     global order: the equality check above would catch it."""

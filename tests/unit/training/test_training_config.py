@@ -99,7 +99,6 @@ def test_context_parallel_flags_and_bad_input(capsys):
          "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2"),
         (["--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
           "--seq-length", "4100"], "--seq-length: 4100 must be a multiple of 8"),  # lcm(2*CP, TP*CP)
-        (["--context-parallel-size", "2", "--loss-weighting", "sample"], "--loss-weighting sample: is not supported"),
         (["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
          "--cp-comm-type: allgather does not take packed"),
     ]
