@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from megatron_pack.data.collate import collate_thd, trim_to_longest
+from megatron_pack.data.context_parallel import document_multiple
 from megatron_pack.files.indexed import SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
 
@@ -102,7 +103,8 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
                          f"--valid-fraction {d.valid_fraction} of {len(base)}")
     multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
-                  cache_dir=d.data_cache_path, group=group)
+                  cache_dir=d.data_cache_path, group=group,
+                  document_multiple=document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel))
     train = PackedSFTDataset(SFTSubset(base, train_idx), d.seq_length, p.pack_mode,
                              document_mask=p.document_mask, **common)
     valid = None

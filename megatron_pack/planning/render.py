@@ -43,6 +43,14 @@ def _alternatives_table(plan: dict) -> str:
     return markdown_table(["sequence parallel", "distributed optimizer", "recompute none", "selective", "full"], rows)
 
 
+def _cp_table(plan: dict) -> str:
+    lay = plan["layout"]
+    rows = [[f"{o['cp']}{' *' if o['cp'] == lay['cp'] else ''}", str(lay["world_size"] // (lay["tp"] * lay["pp"] * o["cp"])),
+             f"{o['peak_gb']:.1f}", "yes" if o["peak_gb"] <= plan["gpu_memory_gb"] else "no"]
+            for o in plan["cp_options_gb"]]
+    return markdown_table(["CP", "DP", "peak GiB", "fits"], rows)
+
+
 def _modes_table(plan: dict) -> str:
     epochs = plan["config"]["train_epochs"]
     heads = ["mode", "sequences", "efficiency", "steps/epoch", "attention FLOPs", "PFLOP/step", "step", "epoch",
@@ -100,9 +108,19 @@ def render(plan: dict) -> str:
     out.append(f"peak {peak:.1f} GiB (stage {plan['memory_peak_stage']}) of {plan['gpu_memory_gb']:.0f} GiB: "
                f"{verdict} ({plan['gpu_memory_gb'] - peak:+.1f} GiB headroom)")
     out += ["", "Peak GiB per GPU for other settings:", _alternatives_table(plan)]
+    if plan.get("cp_options_gb"):
+        out += ["", f"Context parallel (TP {lay['tp']} x PP {lay['pp']} kept; activations / CP):", _cp_table(plan)]
+        p = plan["proposed_cp"]
+        out.append(f"proposed CP: {p} (the smallest that fits)" if p is not None else
+                   "proposed CP: none fits with this TP/PP; raise TP/PP, recompute or nodes")
     t = plan["timing"]
     out += ["", f"Time: {g['name']} {t['gpu_peak_tflops']:.0f} TFLOP/s bf16 peak, MFU {t['mfu']:.2f} assumed, "
                 f"pipeline bubble (PP-1)/M = {t['bubble']:.1%}"]
+    x = t.get("cp_kv_exchange") or {}
+    if x.get("cp", 1) > 1:
+        out.append(f"  CP {x['cp']} K/V ring: {x['bytes_per_step'] / 1e9:.1f} GB sent per GPU and step over {x['link']} "
+                   f"({x['link_gbps']:.0f} GB/s): {x['seconds_per_step']:.2f} s, "
+                   f"{x['exposed_seconds_per_step']:.2f} s not hidden behind attention (added to the step)")
     if plan["modes"]:
         d = plan["data"]
         out.append(f"  dataset {d['data_path']}: {d['num_conversations']:,} conversations, {d['tokens']:,} tokens; "

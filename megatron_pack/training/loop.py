@@ -69,7 +69,7 @@ def _run(config: TrainConfig, st) -> dict:
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
-    log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} DP {st.dp_size}, "
+    log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
     log.print(f"> data {config.data.data_path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
@@ -86,7 +86,8 @@ def _run(config: TrainConfig, st) -> dict:
     ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
-                      loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda)
+                      loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
+                      cp_group=_cp_group(st.cp_size))
     run_config = dataclasses.asdict(config)
     run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
 
@@ -147,6 +148,14 @@ def _run(config: TrainConfig, st) -> dict:
     return _results(history, iteration=iteration, train_iters=total_iters, exit_reason=exit_reason,
                     valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(ds.train),
                     checkpoint=last_ckpt, data_position=stream.pos.state_dict(), world_size=st.world_size)
+
+
+def _cp_group(cp_size: int):
+    if cp_size == 1:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group()
 
 
 def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> None:

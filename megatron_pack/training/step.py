@@ -32,24 +32,33 @@ class StepContext:
     seq_length: int  # a THD micro-batch is one row of micro_batch_size * padded length tokens
     loss_owner: bool  # last stage, TP rank 0: one copy of each report in the all-reduce
     use_cuda: bool
+    cp_group: object = None  # context parallel: each CP rank takes its chunks of every document
 
 
-def forward_step(device, weighting: str, data_iterator, model):
-    """Megatron's forward_step_func, run on every stage with the same micro-batch."""
+def forward_step(device, weighting: str, data_iterator, model, cp_group=None):
+    """Megatron's forward_step_func, run on every stage with the same micro-batch.
+
+    Under context parallelism every CP rank reads the whole micro-batch and keeps its chunks;
+    the loss sums its own tokens and the counts add up over DP x CP in ``finalize_model_grads``."""
+    from megatron_pack.data.context_parallel import split_batch_for_cp
     from megatron_pack.model.packed import model_inputs
 
     batch = next(data_iterator)
-    output = model(**model_inputs(batch, device=device))
+    if cp_group is not None and cp_group.size() > 1:
+        batch = split_batch_for_cp(batch, cp_group.size(), cp_group.rank())
+    output = model(**model_inputs(batch, device=device, cp_group=cp_group))
     return output, partial(_loss_func, batch["loss_mask"].to(device), batch["cu_seqlens"], batch["num_cu_seqlens"],
-                           weighting)
+                           weighting, batch.get("segment_ids"), cp_group)
 
 
-def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, output_tensor):
-    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens)
+def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, segment_ids, cp_group, output_tensor):
+    return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens,
+                       segment_ids=segment_ids, cp_group=cp_group)
 
 
 def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool) -> list:
-    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting),
+    step = partial(forward_step, ctx.device, weighting, cp_group=ctx.cp_group)
+    return ctx.forward_backward(forward_step_func=step,
                                 data_iterator=iter(micro), model=[ctx.model], num_microbatches=len(micro),
                                 seq_length=ctx.seq_length, micro_batch_size=1, forward_only=forward_only)
 

@@ -121,3 +121,21 @@ def test_balance_batches_flag_and_default():
     assert [_balancer(t, tiny, 256, st(*s)).enabled for s in ((1, 1), (2, 1), (1, 2))] == [False, True, True]
     assert _balancer(off.train, tiny, 256, st(2, 1)).enabled is False
     assert _balancer(parse_args(BASE + ["--balance-batches"]).train, tiny, 256, st(1, 1)).enabled is True
+def test_context_parallel_flags_and_bad_input(capsys):
+    cfg = parse_args(BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--seq-length", "4096"])
+    assert (cfg.parallel.context_parallel_size, cfg.parallel.cp_comm_type) == (2, "a2a")
+    bad = [
+        (["--context-parallel-size", "2", "--seq-length", "4098"],
+         "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2"),
+        (["--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
+          "--seq-length", "4100"], "--seq-length: 4100 must be a multiple of 8"),  # lcm(2*CP, TP*CP)
+        (["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
+         "--cp-comm-type: allgather does not take packed"),
+    ]
+    for argv, msg in bad:
+        with pytest.raises(SystemExit):
+            parse_args(BASE + argv)
+        assert msg in capsys.readouterr().err, msg
+    cfg = parse_args(BASE + ["--context-parallel-size", "3", "--global-batch-size", "4", "--seq-length", "4098"])
+    with pytest.raises(ConfigError, match="context-model-parallel-size: TP\\*PP\\*CP = 1\\*1\\*3 = 3 does not divide"):
+        cfg.resolve(4)
