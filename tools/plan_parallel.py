@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default="p2p", choices=("p2p", "a2a", "allgather", "a2a+p2p"),
+                   help="costed as TE's ring (p2p); accepted so launch scripts can pass it")
     g.add_argument("--sequence-parallel", action=b, default=False)
     g.add_argument("--use-distributed-optimizer", action=b, default=False)
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)

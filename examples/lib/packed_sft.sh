@@ -20,6 +20,8 @@ DOCUMENT_MASK=${DOCUMENT_MASK:-1}           # 0 = the paper's setting (attention
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
 TP=${TP:-8}
 PP=${PP:-4}
+CP=${CP:-1}                                 # context parallel: each document split over CP ranks (long sequences)
+CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}           # TE K/V exchange under CP with THD: p2p | a2a
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-3}
@@ -34,7 +36,8 @@ MODEL_ARGS=(--model "$MODEL" --bf16 --transformer-impl transformer_engine)
 [ -n "${RECOMPUTE:-}" ] && MODEL_ARGS+=(--recompute-granularity "$RECOMPUTE")
 [ -n "$TOKENIZER" ] && MODEL_ARGS+=(--tokenizer-model "$TOKENIZER")
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-               --sequence-parallel --use-distributed-optimizer)
+               --context-parallel-size "$CP" --sequence-parallel --use-distributed-optimizer)
+[ "$CP" != "1" ] && PARALLEL_ARGS+=(--cp-comm-type "$CP_COMM_TYPE")
 DATA_ARGS=(--seq-length "$SEQ_LENGTH" --valid-fraction 0.01)
 read -ra DATA_PATHS <<< "$DATA_PATH"      # a blend as in Megatron-LM: DATA_PATH="0.7 /data/a 0.3 /data/b"
 [ -n "$DATA_PATH" ] && DATA_ARGS+=(--data-path "${DATA_PATHS[@]}")

@@ -113,11 +113,14 @@ def blend_schedule(shares: Sequence[float], n: int) -> np.ndarray:
 
 
 class _BlendPlan:
-    """The per-sequence figures :class:`~megatron_pack.data.sampling.TrainStream` reads from a
-    plan (``pieces_per_sequence``, ``sequence_lengths``), over the blend's sequences."""
+    """The per-sequence figures the stream and the batch balancer read from a plan
+    (``pieces_per_sequence``, ``sequence_lengths``, ``piece_lengths``/``seq_offsets``), over the
+    blend's sequences in blend order."""
 
-    def __init__(self, pieces: np.ndarray, lengths: np.ndarray, capacity: int):
+    def __init__(self, pieces: np.ndarray, lengths: np.ndarray, piece_lengths: np.ndarray, capacity: int):
         self._pieces, self._lengths, self.max_seq_length = pieces, lengths, capacity
+        self.piece_lengths = piece_lengths
+        self.seq_offsets = np.concatenate([[0], np.cumsum(pieces)]).astype(np.int64)
 
     @property
     def num_sequences(self) -> int:
@@ -156,7 +159,7 @@ class BlendedPackedDataset:
         self._counts: dict = {}  # blend epoch -> sequences per source
         first = self._view(0, 0)
         self.padded_length, self.seq_length = first.padded_length, first.seq_length
-        self.document_mask = first.document_mask
+        self.document_mask, self.mode, self.pad_multiple = first.document_mask, first.mode, first.pad_multiple
         self.set_epoch(epoch)
 
     @property
@@ -212,14 +215,23 @@ class BlendedPackedDataset:
         self._views = {key: v for key, v in self._views.items() if key in keep}
         pieces = np.zeros(n, dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
+        groups = []
         for d, k in sorted(keep):
             v = self._view(d, k)
             sel = np.flatnonzero((self.source == d) & (self._where[:, 0] == k))
             seqs = v.order[self._where[sel, 1]]
             pieces[sel] = v.plan.pieces_per_sequence()[seqs]
             lengths[sel] = v.plan.sequence_lengths()[seqs]
+            groups.append((v, sel, seqs))
+        offsets = np.concatenate([[0], np.cumsum(pieces)])
+        piece_lengths = np.zeros(int(offsets[-1]), dtype=np.int64)
+        for v, sel, seqs in groups:  # each blend sequence's pieces, copied from its source plan
+            cnt = pieces[sel]
+            within = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            src = np.repeat(np.asarray(v.plan.seq_offsets)[seqs], cnt) + within
+            piece_lengths[np.repeat(offsets[sel], cnt) + within] = np.asarray(v.plan.piece_lengths)[src]
         self.cu_seqlens_len = max([self._views[key].cu_seqlens_len for key in keep] or [2])
-        self.plan = _BlendPlan(pieces, lengths, self.seq_length)
+        self.plan = _BlendPlan(pieces, lengths, piece_lengths, self.seq_length)
         self.order = np.arange(n)
 
     def __len__(self) -> int:
@@ -236,10 +248,12 @@ class BlendedPackedDataset:
         """Source id, and ``cu_seqlens`` padded to the blend's common length so items stack."""
         import torch
 
-        cu = item["cu_seqlens"]
-        if cu.numel() < self.cu_seqlens_len:
-            cu = torch.cat([cu, torch.full((self.cu_seqlens_len - cu.numel(),), -1, dtype=cu.dtype)])
-        return {**item, "cu_seqlens": cu, "source": d}
+        out = {**item, "source": d}
+        for key in ("cu_seqlens", "cu_seqlens_padded"):  # the latter under context parallelism
+            cu = item.get(key)
+            if cu is not None and cu.numel() < self.cu_seqlens_len:
+                out[key] = torch.cat([cu, torch.full((self.cu_seqlens_len - cu.numel(),), -1, dtype=cu.dtype)])
+        return out
 
     def _assemble(self, tok, mask, seg_lens) -> dict:
         """An item from raw tokens (the all-padding filler of :func:`eval_batches`)."""

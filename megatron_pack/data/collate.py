@@ -20,6 +20,10 @@ own (zero loss) so the segments tile the whole row and no real token attends to 
     cu_seqlens  [0, 3, 5, 6, 10, 12, -1, ...]   (B*K + 1 entries, -1 padded)
                  a     b  .  c      ..
     num_cu_seqlens 6, max_seqlen 4 (over all segments, padding included)
+
+Items with ``cu_seqlens_padded`` (context parallelism, every segment padded to 2*CP) keep
+both lists: ``cu_seqlens_padded`` shifted as above, ``cu_seqlens`` the real tokens cumulated
+(TE's convention), the tail segment holding none.
 """
 
 from __future__ import annotations
@@ -49,23 +53,47 @@ def collate_thd(batch: list[dict]) -> dict:
         raise ValueError("empty batch")
     out = {k: torch.cat([b[k] for b in batch]).unsqueeze(0) for k in _PER_TOKEN}
     S, K = batch[0]["tokens"].numel(), batch[0]["cu_seqlens"].numel()
-    bounds = [0]
+    padded = "cu_seqlens_padded" in batch[0]
+    bounds, real = [0], [0]  # segment starts in the row; real tokens cumulated (context parallel)
     max_seqlen = 0
     for i, b in enumerate(batch):
         if b["tokens"].numel() != S or b["cu_seqlens"].numel() != K:
             raise ValueError(f"batch item {i} has shape {tuple(b['tokens'].shape)}/{K}, expected ({S},)/{K}")
-        cu = b["cu_seqlens"][: int(b["num_cu_seqlens"])].tolist()
+        if ("cu_seqlens_padded" in b) != padded:
+            raise ValueError(f"batch item {i}: some items have cu_seqlens_padded and some do not")
+        n = int(b["num_cu_seqlens"])
+        cu = (b["cu_seqlens_padded"] if padded else b["cu_seqlens"])[:n].tolist()
         bounds.extend(i * S + c for c in cu[1:])
+        if padded:
+            base = real[-1]
+            real.extend(base + c for c in b["cu_seqlens"][1:n].tolist())
         if cu[-1] < S:  # the padding tail is its own segment
             bounds.append((i + 1) * S)
+            real.append(real[-1])  # with no real token in it
             max_seqlen = max(max_seqlen, S - cu[-1])
         max_seqlen = max(max_seqlen, int(b["max_seqlen"]))
     cu_seqlens = torch.full((len(batch) * K + 1,), -1, dtype=torch.int32)
-    cu_seqlens[: len(bounds)] = torch.tensor(bounds, dtype=torch.int32)
+    cu_seqlens[: len(bounds)] = torch.tensor(real if padded else bounds, dtype=torch.int32)
     out["cu_seqlens"] = cu_seqlens
+    if padded:
+        cu_padded = torch.full((len(batch) * K + 1,), -1, dtype=torch.int32)
+        cu_padded[: len(bounds)] = torch.tensor(bounds, dtype=torch.int32)
+        out["cu_seqlens_padded"] = cu_padded
     out["num_cu_seqlens"] = torch.tensor(len(bounds), dtype=torch.int64)
     out["max_seqlen"] = torch.tensor(max_seqlen, dtype=torch.int64)
     out["num_real_tokens"] = torch.tensor(sum(int(b["num_real_tokens"]) for b in batch), dtype=torch.int64)
     if "source" in batch[0]:  # blends: the source of each row, for the per-source loss
         out["source"] = torch.tensor([int(b["source"]) for b in batch], dtype=torch.int64)
     return out
+
+
+def trim_to_longest(batch: list[dict], multiple: int = 1) -> list[dict]:
+    """Cut every item to the longest one's real tokens, rounded up to ``multiple``: the HF
+    collator's "pad to the longest in the micro-batch" (``padding:pad_to=longest``).
+
+    Items keep their ``cu_seqlens``: every boundary lies within the real tokens, which all fit.
+    """
+    longest = max(int(b["num_real_tokens"]) for b in batch)
+    S = batch[0]["tokens"].numel()
+    L = min(S, max(multiple, -(-longest // multiple) * multiple))
+    return [{**b, **{k: b[k][:L] for k in _PER_TOKEN}} for b in batch]

@@ -18,6 +18,9 @@ run 0..S-1 and ``cu_seqlens = [0, 7, -1, ...]``.
 items stack; the padding tail is outside every segment. S is ``seq_length`` rounded up to
 ``pad_to_multiple_of`` (see :func:`required_multiple` for TP sequence parallel and CP);
 the plan's capacity stays ``seq_length``.
+
+With context parallelism (``document_multiple`` > 1) every segment is padded to a multiple
+of 2*CP and items carry ``cu_seqlens_padded`` too; see :mod:`megatron_pack.data.context_parallel`.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ import math
 import numpy as np
 import torch
 
+from megatron_pack.data.context_parallel import document_multiple, padded_lengths
 from megatron_pack.files.indexed import SFTIndexedDataset
 from megatron_pack.packing.plan import PackingPlan, get_mode
 
 
 def required_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False) -> int:
     """What S must divide by: ``tp`` with sequence parallel (sequence split over TP ranks),
-    ``2 * cp`` with context parallel (each CP rank takes two load-balanced chunks)."""
+    the per-document multiple with context parallel (:func:`document_multiple`)."""
     m = tp_size if sequence_parallel and tp_size > 1 else 1
     if cp_size > 1:
-        m = math.lcm(m, 2 * cp_size)
+        m = math.lcm(m, document_multiple(cp_size, tp_size, sequence_parallel))
     return m
 
 
@@ -58,6 +62,9 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         cache_dir: plan cache directory (default ``PREFIX_plans``); ``use_cache=False`` plans
             in memory. ``plan`` skips planning altogether (tests, custom plans).
         group: process group for the build-on-rank-0 step of the cache.
+        document_multiple: context parallelism: pad every segment to this multiple
+            (:func:`~megatron_pack.data.context_parallel.document_multiple`), pack at padded
+            lengths and add ``cu_seqlens_padded``; ``seq_length`` must be a multiple of it.
     """
 
     def __init__(
@@ -77,14 +84,20 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         use_cache: bool = True,
         plan: PackingPlan | None = None,
         group=None,
+        document_multiple: int = 1,
     ):
         self.data = dataset if isinstance(dataset, SFTIndexedDataset) else SFTIndexedDataset(dataset)
         if seq_length < 2:
             raise ValueError(f"seq_length must be >= 2, got {seq_length}")
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if document_multiple < 1 or seq_length % document_multiple:
+            raise ValueError(f"--seq-length {seq_length} must be a multiple of {document_multiple} (2 x context "
+                             "parallel size, times TP with sequence parallel) so every rank gets whole chunks")
+        self.document_multiple = int(document_multiple)
         self.seq_length = int(seq_length)
         self.padded_length = -(-self.seq_length // pad_to_multiple_of) * pad_to_multiple_of
+        self.pad_multiple = int(pad_to_multiple_of)
         self.mode = get_mode(mode)
         self.seed, self.overlong = seed, overlong
         self.document_mask = document_mask
@@ -103,12 +116,14 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             from megatron_pack.packing.cache import get_plan
 
             self.plan = get_plan(self.data, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
-                                 overlong=self.overlong, cache_dir=self.cache_dir, group=self.group)
+                                 overlong=self.overlong, cache_dir=self.cache_dir, group=self.group,
+                                 pad_multiple=self.document_multiple)
         else:
             from megatron_pack.packing.plan import build_plan
 
             self.plan = build_plan(self.data.lengths, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
-                                   overlong=self.overlong, turn_starts=self.data.turns)
+                                   overlong=self.overlong, turn_starts=self.data.turns,
+                                   pad_multiple=self.document_multiple)
         if self.plan.max_seq_length > self.seq_length:
             raise ValueError(f"plan capacity {self.plan.max_seq_length} exceeds seq_length {self.seq_length}")
         n = self.plan.num_sequences
@@ -131,6 +146,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         return self._assemble(flat_tok, flat_mask, seg_lens)
 
     def _assemble(self, tok: np.ndarray, mask: np.ndarray, seg_lens: np.ndarray) -> dict:
+        if self.document_multiple > 1:
+            return self._assemble_padded_docs(tok, mask, seg_lens)
         S, R = self.padded_length, len(tok)
         if R > S:
             raise ValueError(f"sequence holds {R} tokens, more than {S}")
@@ -166,5 +183,51 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "num_cu_seqlens": len(cu),
             "max_seqlen": max_seqlen,
+            "num_real_tokens": R,
+        }
+
+    def _assemble_padded_docs(self, tok: np.ndarray, mask: np.ndarray, seg_lens: np.ndarray) -> dict:
+        """Context parallelism: every segment padded to ``document_multiple`` (see
+        :mod:`megatron_pack.data.context_parallel`). Without the document mask the real tokens
+        are one segment. Adds ``cu_seqlens_padded``; ``cu_seqlens`` counts real tokens."""
+        S, R = self.padded_length, len(tok)
+        if not self.document_mask:
+            seg_lens = np.asarray([R] if R else [], dtype=np.int64)
+        seg_lens = np.asarray(seg_lens, dtype=np.int64)
+        padded = padded_lengths(seg_lens, self.document_multiple)
+        P = int(padded.sum())
+        if P > S:
+            raise ValueError(f"sequence holds {P} tokens after per-document padding, more than {S}")
+        real_starts = np.cumsum(seg_lens) - seg_lens
+        pad_starts = np.cumsum(padded) - padded
+        # where each real token goes in the padded row
+        dest = np.arange(R, dtype=np.int64) + np.repeat(pad_starts - real_starts, seg_lens)
+        tokens = np.full(S, self.pad_token_id, dtype=np.int64)
+        labels = np.full(S, self.pad_token_id, dtype=np.int64)
+        loss_mask = np.zeros(S, dtype=np.float32)
+        tokens[dest] = tok
+        nxt = np.ones(R, dtype=bool)
+        nxt[np.cumsum(seg_lens) - 1] = False  # the last token of a segment predicts nothing
+        src = np.flatnonzero(nxt)
+        labels[dest[src]] = tok[src + 1]
+        loss_mask[dest[src]] = mask[src + 1]
+        position_ids = np.arange(S, dtype=np.int64)
+        position_ids[:P] -= np.repeat(pad_starts, padded)  # restart per segment, padding continues
+        if P < S:
+            position_ids[P:] = np.arange(S - P) + (int(padded[-1]) if len(padded) else 0)
+        K = self.cu_seqlens_len
+        cu = np.full(K, -1, dtype=np.int32)
+        cu_pad = np.full(K, -1, dtype=np.int32)
+        cu[: len(seg_lens) + 1] = np.concatenate([[0], np.cumsum(seg_lens)])
+        cu_pad[: len(seg_lens) + 1] = np.concatenate([[0], np.cumsum(padded)])
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.from_numpy(cu),
+            "cu_seqlens_padded": torch.from_numpy(cu_pad),
+            "num_cu_seqlens": len(seg_lens) + 1,
+            "max_seqlen": int(padded.max(initial=0)),
             "num_real_tokens": R,
         }

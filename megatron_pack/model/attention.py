@@ -14,6 +14,8 @@ Each segment is attended on its own, so the cost is sum(s_i^2), never a dense
 (sum s_i)^2 mask. The kernel is picked once by the spec provider
 (:func:`megatron_pack.model.spec.get_layer_spec`): ``flash`` (``flash_attn_varlen_func``,
 CUDA + fp16/bf16) or ``torch`` (``scaled_dot_product_attention`` per segment, any device).
+With context parallelism the ``torch`` kernel all-gathers K/V over the CP group
+(:mod:`megatron_pack.model.cp_attention`); ``flash`` refuses CP.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_pack.model.cp_attention import cp_varlen
 
 # --------------------------------------------------------------------------------------------
 # Kernels. THD: q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d].  SBHD: q [s, b, hq, d] -> same.
@@ -135,15 +139,19 @@ class VarlenCoreAttention(MegatronModule):
         kernel: str = "torch",
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs Transformer Engine attention (get_layer_spec backend='te')")
+        if config.context_parallel_size > 1 and kernel != "torch":
+            raise ValueError(f"--context-parallel-size {config.context_parallel_size}: the local backend's {kernel!r} "
+                             "kernel has no context-parallel path; use --transformer-impl transformer_engine, or "
+                             "fp32 for the PyTorch kernel (all-gathers K/V over the CP group)")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding_causal):
             raise ValueError(f"VarlenCoreAttention supports causal/no_mask attention, got {attn_mask_type}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose from {sorted(KERNELS)}")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
+        self.cp_reorder = True  # tests switch it off for the negative control
         tp = pg_collection.tp.size()
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -182,9 +190,19 @@ class VarlenCoreAttention(MegatronModule):
                 if packed_seq_params.cu_seqlens_kv is not None and not torch.equal(
                         packed_seq_params.cu_seqlens_kv, packed_seq_params.cu_seqlens_q):
                     raise ValueError("self-attention needs cu_seqlens_kv == cu_seqlens_q")
+                if self.cp_group is not None and self.cp_group.size() > 1:
+                    if not causal:
+                        raise ValueError("context-parallel VarlenCoreAttention supports causal attention only")
+                    if packed_seq_params.cu_seqlens_q_padded is None:
+                        raise ValueError("context parallelism needs cu_seqlens_q_padded (per-document padding)")
+                    out = cp_varlen(q, k, v, cu, self.cp_group, scale=self.softmax_scale, dropout_p=dropout_p,
+                                    reorder=self.cp_reorder)
+                    return out.reshape(out.size(0), -1)
                 out = self._varlen(q, k, v, cu, packed_seq_params.max_seqlen_q, causal=causal,
                                    scale=self.softmax_scale, dropout_p=dropout_p)
                 return out.reshape(out.size(0), -1)
+            if self.cp_group is not None and self.cp_group.size() > 1:
+                raise ValueError("context parallelism needs packed (THD) micro-batches (collate_thd)")
             out = self._dense(query, key, value, causal=causal, scale=self.softmax_scale, dropout_p=dropout_p,
                               attention_mask=attention_mask)
             return out.reshape(out.size(0), out.size(1), -1)

@@ -30,7 +30,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 
-def packed_seq_params_from_batch(batch: dict, *, device: Optional[torch.device] = None) -> Optional[PackedSeqParams]:
+def packed_seq_params_from_batch(batch: dict, *, device: Optional[torch.device] = None,
+                                 cp_group=None) -> Optional[PackedSeqParams]:
     """``PackedSeqParams`` for a THD batch; ``None`` for a padded batch (one document per row).
 
     THD batches have a 1-D ``cu_seqlens`` (collate_thd). A padded batch (``[B, K]``
@@ -50,6 +51,10 @@ def packed_seq_params_from_batch(batch: dict, *, device: Optional[torch.device] 
         return None
     if cu.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D (THD) or 2-D (padded), got shape {tuple(cu.shape)}")
+    if "cu_seqlens_padded" in batch:
+        return _cp_packed_seq_params(batch, device, cp_group)
+    if int(batch.get("cp_size", 1)) > 1:
+        raise ValueError("a context-parallel batch needs cu_seqlens_padded")
     n = int(batch["num_cu_seqlens"]) if "num_cu_seqlens" in batch else int((cu >= 0).sum())
     cu = cu[:n].to(dtype=torch.int32)
     total = batch["tokens"].numel() if "tokens" in batch else None
@@ -62,12 +67,38 @@ def packed_seq_params_from_batch(batch: dict, *, device: Optional[torch.device] 
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
-def model_inputs(batch: dict, *, device: Optional[torch.device] = None) -> dict:
+def _cp_packed_seq_params(batch: dict, device, cp_group) -> PackedSeqParams:
+    """Per-document padded THD (context parallelism): ``cu_seqlens`` counts real tokens,
+    ``cu_seqlens_padded`` places the segments in the *global* row (CP x this rank's tokens);
+    Megatron-Core's RoPE and attention take the padded list and the CP group."""
+    n = int(batch["num_cu_seqlens"])
+    cp_size = int(batch.get("cp_size", 1))
+    if cp_group is not None and cp_group.size() != cp_size:
+        raise ValueError(f"batch split for CP {cp_size} but the CP group has {cp_group.size()} ranks")
+    cu = batch["cu_seqlens"][:n].to(torch.int32)
+    cu_pad = batch["cu_seqlens_padded"][:n].to(torch.int32)
+    total = batch["tokens"].numel() * cp_size
+    lens, plens = cu[1:] - cu[:-1], cu_pad[1:] - cu_pad[:-1]
+    if (n < 2 or int(cu_pad[0]) != 0 or int(cu[0]) != 0 or int(cu_pad[-1]) != total or bool((lens < 0).any())
+            or bool((lens > plens).any()) or bool((plens % (2 * cp_size) != 0).any() if cp_size > 1 else False)):
+        raise ValueError(f"cu_seqlens {cu.tolist()} / cu_seqlens_padded {cu_pad.tolist()} do not describe "
+                         f"{total} tokens in segments padded to multiples of 2 x CP = {2 * cp_size}")
+    if device is not None:
+        cu, cu_pad = cu.to(device, non_blocking=True), cu_pad.to(device, non_blocking=True)
+    max_seqlen = int(plens.max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+                           cu_seqlens_kv_padded=cu_pad, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+                           cp_group=cp_group)
+
+
+def model_inputs(batch: dict, *, device: Optional[torch.device] = None, cp_group=None) -> dict:
     """Keyword arguments for ``GPTModel.forward`` from a collated micro-batch, for any stage.
 
     Returns ``input_ids``, ``position_ids``, ``attention_mask=None`` (causal/segment masking is
     the core attention's job), ``labels`` and ``packed_seq_params`` (``None`` for padded rows).
     The loss mask stays with the caller: ``output * loss_mask`` on the last stage.
+    With context parallelism the batch is this rank's share
+    (:func:`megatron_pack.data.context_parallel.split_batch_for_cp`) and ``cp_group`` its group.
     """
     def move(x):
         return x if device is None else x.to(device, non_blocking=True)
@@ -77,5 +108,5 @@ def model_inputs(batch: dict, *, device: Optional[torch.device] = None) -> dict:
         position_ids=move(batch["position_ids"]),
         attention_mask=None,
         labels=move(batch["labels"]) if "labels" in batch else None,
-        packed_seq_params=packed_seq_params_from_batch(batch, device=device),
+        packed_seq_params=packed_seq_params_from_batch(batch, device=device, cp_group=cp_group),
     )

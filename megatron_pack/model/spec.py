@@ -11,6 +11,10 @@ backend     layers                                     packed (THD) attention
 ``auto``    ``te`` if transformer_engine imports and CUDA is available, else ``local``
 ==========  =========================================  =====================================
 
+Context parallelism: TE attention takes the CP group and ``config.cp_comm_type`` (THD with
+p2p or a2a); the local ``torch`` kernel all-gathers K/V over the CP group
+(:mod:`megatron_pack.model.cp_attention`); the local ``flash`` kernel refuses CP.
+
 Both produce the same parameter layout in checkpoints (the local spec maps its norms onto
 TE's fused names), so a run can switch backends between save and load. Without apex the
 local norms are :class:`megatron_pack.model.norm.TorchNorm`, which (unlike Megatron-Core's
@@ -67,9 +71,12 @@ def attention_kernel(config) -> str:
 def describe(config, backend: str = "auto") -> str:
     """One line for the run log: which layers and which packed-attention kernel."""
     resolved = resolve_backend(backend)
+    cp = int(getattr(config, "context_parallel_size", 1) or 1)
     if resolved == "te":
-        return "transformer-engine layers, TE fused attention (thd)"
-    return f"megatron-core local layers, VarlenCoreAttention[{attention_kernel(config)}]"
+        comm = f", CP {cp} {getattr(config, 'cp_comm_type', None) or 'p2p'}" if cp > 1 else ""
+        return f"transformer-engine layers, TE fused attention (thd{comm})"
+    return (f"megatron-core local layers, VarlenCoreAttention[{attention_kernel(config)}]"
+            + (f", CP {cp} all-gather K/V" if cp > 1 else ""))
 
 
 def get_layer_spec(config, backend: str = "auto"):

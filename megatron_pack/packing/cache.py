@@ -46,9 +46,12 @@ def dataset_fingerprint(prefix: str, lengths: np.ndarray) -> dict:
     return {"files": files, "num_docs": int(lengths.size), "lengths_sha256": _sha256(lengths)}
 
 
-def plan_key_inputs(fingerprint: dict, mode: PackingMode, seq_length: int, seed: int, epoch: int, overlong: str) -> dict:
-    shuffles = type(mode).shuffles
+def plan_key_inputs(fingerprint: dict, mode: PackingMode, seq_length: int, seed: int, epoch: int, overlong: str,
+                    pad_multiple: int = 1) -> dict:
+    shuffles = mode.shuffles
+    extra = {"pad_multiple": int(pad_multiple)} if pad_multiple > 1 else {}  # old keys stay valid
     return {
+        **extra,
         "version": CACHE_VERSION,
         "dataset": fingerprint,
         "mode": mode.key(),
@@ -151,6 +154,7 @@ def get_plan(
     overlong: str = "truncate",
     cache_dir: str | None = None,
     group=None,
+    pad_multiple: int = 1,
 ) -> PackingPlan:
     """The plan for ``dataset``, from the cache when valid; rank 0 builds, others mmap.
 
@@ -158,14 +162,16 @@ def get_plan(
     """
     mode = get_mode(mode)
     lengths = dataset.lengths
-    inputs = plan_key_inputs(dataset_fingerprint(dataset.prefix, lengths), mode, seq_length, seed, epoch, overlong)
+    inputs = plan_key_inputs(dataset_fingerprint(dataset.prefix, lengths), mode, seq_length, seed, epoch, overlong,
+                             pad_multiple)
     key = plan_key(inputs)
     cache_dir = cache_dir or default_cache_dir(dataset.prefix)
-    stem = f"{mode.name}_L{seq_length}_{key[:16]}"
+    stem = f"{mode.name}_L{seq_length}{f'_P{pad_multiple}' if pad_multiple > 1 else ''}_{key[:16]}"
     rank, barrier = _dist()
 
     def build() -> PackingPlan:
-        return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong, turn_starts=dataset.turns)
+        return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong,
+                          turn_starts=dataset.turns, pad_multiple=pad_multiple)
 
     def try_load() -> PackingPlan | None:
         try:

@@ -70,6 +70,10 @@ class PlanStats:
     turn_split_docs: int = 0  # over-long conversations cut into several items at turn starts
     in_turn_cuts: int = 0  # cuts that had to fall inside a turn (one turn > max length)
     split_items: int = 0  # items split across sequences by the mode (``random``)
+    # Dropped by the mode itself (the paper-code variants ``greedy:chunk=N``/``random:chunk=N``:
+    # over-long conversations, chunk remainders); already included in ``dropped_*``.
+    mode_dropped_docs: int = 0  # conversations of which no token was placed
+    mode_dropped_tokens: int = 0
 
 
 @dataclass
@@ -167,6 +171,17 @@ def apply_overlong(
     return items, stats
 
 
+def _drop_empty(pieces: np.ndarray, seq_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove pieces with no tokens, and sequences left without pieces."""
+    keep = pieces[:, 2] > pieces[:, 1]
+    if keep.all():
+        return pieces, seq_offsets
+    seq_of = np.repeat(np.arange(len(seq_offsets) - 1), np.diff(seq_offsets))
+    counts = np.bincount(seq_of[keep], minlength=len(seq_offsets) - 1)
+    counts = counts[counts > 0]
+    return pieces[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
 def _gather_turns(docs: np.ndarray, turn_starts) -> tuple[np.ndarray, np.ndarray]:
     """Turn starts of ``docs`` as flat ``(offsets, values)`` for the engine."""
     if turn_starts is None:
@@ -195,23 +210,50 @@ def build_plan(
     turn_starts=None,
     overlong: OverlongPolicy = "truncate",
     engine: Engine = "cpp",
+    pad_multiple: int = 1,
 ) -> PackingPlan:
     """Pack conversations of ``lengths`` tokens into sequences of ``max_seq_length``.
 
     ``mode`` is a registry name (see :data:`PACKING_MODES`) or config; shuffling modes
     draw their permutation from ``(seed, epoch)``, so each epoch gets a new one and the
     same arguments always give the same plan. ``engine="reference"`` runs the Python twin.
+
+    ``pad_multiple`` > 1 (context parallelism: every document is padded to a multiple of
+    2*CP) packs each item at its *padded* length, so the padded pieces of a sequence never
+    exceed ``max_seq_length`` (which must then be a multiple of it); the pieces keep their
+    real token ranges. Splitting modes cut at multiples of it, so a cut piece pads back to
+    at most what it was given.
     """
     mode = get_mode(mode)
-    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
+    if pad_multiple < 1 or (pad_multiple > 1 and max_seq_length % pad_multiple):
+        raise ValueError(f"max_seq_length {max_seq_length} is not a multiple of the per-document padding "
+                         f"{pad_multiple}")
+    if mode.keeps_overlong:  # the paper-code variants see every conversation whole
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        items, stats = apply_overlong(lengths, max(max_seq_length, int(lengths.max(initial=1))), "truncate")
+    else:
+        items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
+    if pad_multiple > 1:
+        item_len = -(-item_len // pad_multiple) * pad_multiple
     item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
     item = np.asarray(item, dtype=np.int64)
     pieces = np.take(items, item, axis=0)  # much faster than items[item] for [n, 3]
     if lo is not None:
+        real_end = pieces[:, 2].copy()
         pieces[:, 2] = pieces[:, 1] + np.asarray(hi)
         pieces[:, 1] += np.asarray(lo)
+        if pad_multiple > 1:  # a cut may fall in an item's padding: clip, drop padding-only pieces
+            pieces[:, 2] = np.minimum(pieces[:, 2], real_end)
+            pieces, seq_offsets = _drop_empty(pieces, np.asarray(seq_offsets, dtype=np.int64))
     stats.split_items = int(split)
+    if mode.keeps_overlong:
+        placed = int((pieces[:, 2] - pieces[:, 1]).sum())
+        stats.mode_dropped_tokens = stats.placed_tokens - placed
+        stats.mode_dropped_docs = int(items.shape[0] - np.unique(pieces[:, 0]).size)
+        stats.dropped_tokens += stats.mode_dropped_tokens
+        stats.dropped_docs += stats.mode_dropped_docs
+        stats.placed_tokens = placed
     return PackingPlan(
         pieces=np.ascontiguousarray(pieces),
         seq_offsets=np.asarray(seq_offsets, dtype=np.int64),

@@ -20,6 +20,9 @@ class GPUSpec:
     """NVLink bandwidth per GPU, GB/s (all links, both directions)."""
     hbm_gbps: float
     """Memory bandwidth, GB/s."""
+    network_gbps: float = 25.0
+    """Inter-node bandwidth per GPU, GB/s one direction: one 200 Gb/s HDR InfiniBand NIC per GPU
+    (DGX A100 / HGX A800 layout) by default, 400 Gb/s NDR (50 GB/s) for Hopper. An assumption."""
 
     @property
     def peak_flops(self) -> float:
@@ -40,8 +43,10 @@ def register_gpu(spec: GPUSpec, *aliases: str) -> GPUSpec:
 # A800: the A100 with NVLink cut to 400 GB/s (export variant); same compute and HBM.
 register_gpu(GPUSpec("A800-80GB", bf16_tflops=312.0, memory_gib=80.0, nvlink_gbps=400.0, hbm_gbps=2039.0), "a800")
 register_gpu(GPUSpec("A100-80GB", bf16_tflops=312.0, memory_gib=80.0, nvlink_gbps=600.0, hbm_gbps=2039.0), "a100")
-register_gpu(GPUSpec("H100-80GB", bf16_tflops=989.0, memory_gib=80.0, nvlink_gbps=900.0, hbm_gbps=3350.0), "h100")
-register_gpu(GPUSpec("H200", bf16_tflops=989.0, memory_gib=141.0, nvlink_gbps=900.0, hbm_gbps=4800.0), "h200-141gb")
+register_gpu(GPUSpec("H100-80GB", bf16_tflops=989.0, memory_gib=80.0, nvlink_gbps=900.0, hbm_gbps=3350.0,
+                     network_gbps=50.0), "h100")
+register_gpu(GPUSpec("H200", bf16_tflops=989.0, memory_gib=141.0, nvlink_gbps=900.0, hbm_gbps=4800.0,
+                     network_gbps=50.0), "h200-141gb")
 
 
 def get_gpu(name: str) -> GPUSpec:

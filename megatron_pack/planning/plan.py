@@ -19,6 +19,7 @@ from megatron_pack.packing.modes import DEFAULT_MODES
 from megatron_pack.packing.plan import overlong_policy
 from megatron_pack.parallel.layout import check_layout
 from megatron_pack.planning.catalogue import get_gpu
+from megatron_pack.planning.context_parallel import cp_options, exposed_seconds, kv_exchange, smallest_fitting_cp
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
 from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
 
@@ -119,6 +120,10 @@ def validate_layout(cfg: PlanConfig) -> Layout:
     if cfg.use_distributed_optimizer and dp * cp == 1:
         warnings.append("--use-distributed-optimizer with DP*CP = 1 shards nothing")
     mult = required_multiple(tp, cp, cfg.sequence_parallel)
+    if cp > 1 and cfg.seq_length % mult:
+        raise LayoutError(f"--seq-length {cfg.seq_length} must be a multiple of {mult} under "
+                          f"--context-parallel-size {cp} (every document splits into 2*CP chunks, each over TP "
+                          "with sequence parallel)")
     s = -(-cfg.seq_length // mult) * mult
     if s != cfg.seq_length:
         warnings.append(f"sequences padded from --seq-length {cfg.seq_length} to {s} (a multiple of {mult} "
@@ -143,8 +148,12 @@ def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
     return MemoryConfig(**kw)
 
 
-def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool) -> tuple[list, dict]:
+def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool,
+               lay: Layout | None = None) -> tuple[list, dict]:
+    from megatron_pack.data.balance_forecast import forecast
+    from megatron_pack.data.context_parallel import document_multiple
     from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.model.cost import CostModel
     from megatron_pack.packing.plan import build_plan, get_mode
     from megatron_pack.data.sampling import split_indices
 
@@ -162,12 +171,24 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
     for spec in modes:
         t0 = time.perf_counter()
         plan = build_plan(lengths, cfg.seq_length, spec, seed=cfg.seed, overlong=cfg.overlong,
-                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if overlong_policy(cfg.overlong) == "cut-at-turns" else None)
+                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if overlong_policy(cfg.overlong) == "cut-at-turns" else None,
+                          pad_multiple=document_multiple(cfg.context_parallel_size, cfg.tensor_model_parallel_size,
+                                                         cfg.sequence_parallel))
         stats = plan_stats(plan, document_mask=cfg.document_mask, pad_attention=cfg.pad_attention)
         est = estimate(preset, params.matmul_total, stats, tcfg)
         rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),
                      "efficiency": float(plan.efficiency), "real_tokens": stats.real_tokens,
                      "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
+        if lay is not None and not cfg.pad_attention:
+            # per-step imbalance over DP ranks: the step waits for the slowest rank
+            cost = CostModel.from_architecture(preset, matmul_params=params.matmul_total,
+                                               cp=cfg.context_parallel_size)
+            f = forecast(plan, cost, global_batch_size=cfg.global_batch_size, dp_size=lay.data_parallel_size,
+                         micro_batch_size=cfg.micro_batch_size, padded_length=lay.padded_seq_length,
+                         document_mask=cfg.document_mask, seed=cfg.seed)
+            rows[-1].update({"balance": f.to_json(),
+                             "step_seconds_contiguous": est.step_seconds * f.slowdown_contiguous,
+                             "step_seconds_balanced": est.step_seconds * f.slowdown_balanced})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
         r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
@@ -209,11 +230,17 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
                 row[rc or "none"] = max(s.total for s in plan_memory(preset, mc, params))
             alternatives.append(row)
 
+    def peak_at(c: PlanConfig) -> float:
+        return max(st.total for st in plan_memory(preset, _memory_config(c, validate_layout(c)), params))
+
+    options = cp_options(cfg, peak_at)
+    proposed_cp = smallest_fitting_cp(options, gpu.memory_gib)
+
     tcfg = TimingConfig(gpu=gpu, num_gpus=cfg.world_size, pp=cfg.pipeline_model_parallel_size, num_microbatches=m,
                         global_batch_size=cfg.global_batch_size, seq_length=lay.padded_seq_length, mfu=cfg.mfu,
                         recompute_granularity=cfg.recompute_granularity)
     if cfg.data_path:
-        modes, data = _mode_rows(cfg, preset, params, tcfg, progress)
+        modes, data = _mode_rows(cfg, preset, params, tcfg, progress, lay)
     else:
         n = (cfg.train_iters or 1) * cfg.global_batch_size
         modes, data = [], None
@@ -230,6 +257,14 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         "basis": f"{selected['mode']} plan of {cfg.data_path}" if selected else
                  "full sequences, one document each (no dataset given)",
     }
+    exchange = kv_exchange(preset, gpu, tp=cfg.tensor_model_parallel_size, cp=cfg.context_parallel_size,
+                           pp=cfg.pipeline_model_parallel_size, seq_length=lay.padded_seq_length,
+                           micro_batch_size=cfg.micro_batch_size, num_microbatches=m,
+                           gpus_per_node=cfg.gpus_per_node)
+    exchange["exposed_seconds_per_step"] = exposed_seconds(
+        exchange, timing["step_seconds"], selected["attention_share"] if selected else est.attention_share)
+    timing["cp_kv_exchange"] = exchange
+    timing["step_seconds"] += exchange["exposed_seconds_per_step"]
     if selected and cfg.train_epochs is not None:
         timing["train_seconds"] = selected["train_seconds"]
     elif not selected and cfg.train_iters:
@@ -261,6 +296,8 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         "memory_alternatives_gb": alternatives,
         "gpu_memory_gb": gpu.memory_gib,
         "fits": bool(peak.total <= gpu.memory_gib),
+        "cp_options_gb": options,
+        "proposed_cp": proposed_cp,
         "timing": timing,
         "data": data,
         "modes": modes,

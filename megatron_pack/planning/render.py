@@ -43,6 +43,14 @@ def _alternatives_table(plan: dict) -> str:
     return markdown_table(["sequence parallel", "distributed optimizer", "recompute none", "selective", "full"], rows)
 
 
+def _cp_table(plan: dict) -> str:
+    lay = plan["layout"]
+    rows = [[f"{o['cp']}{' *' if o['cp'] == lay['cp'] else ''}", str(lay["world_size"] // (lay["tp"] * lay["pp"] * o["cp"])),
+             f"{o['peak_gb']:.1f}", "yes" if o["peak_gb"] <= plan["gpu_memory_gb"] else "no"]
+            for o in plan["cp_options_gb"]]
+    return markdown_table(["CP", "DP", "peak GiB", "fits"], rows)
+
+
 def _modes_table(plan: dict) -> str:
     epochs = plan["config"]["train_epochs"]
     heads = ["mode", "sequences", "efficiency", "steps/epoch", "attention FLOPs", "PFLOP/step", "step", "epoch",
@@ -58,6 +66,15 @@ def _modes_table(plan: dict) -> str:
             row.append(_hours(r["train_seconds"]))
         rows.append(row)
     return markdown_table(heads, rows)
+
+
+def _balance_table(rows: list) -> str:
+    cells = [[f"{r['mode']}{' *' if r['selected'] else ''}", str(r["balance"]["sequences_per_rank"]),
+              f"{r['balance']['imbalance_contiguous']:.3f}", f"{r['balance']['imbalance_balanced']:.3f}",
+              f"{r['balance']['bound']:.3f}", f"{r['step_seconds_contiguous']:.2f} s",
+              f"{r['step_seconds_balanced']:.2f} s", f"{r['balance']['gain']:.3f}x"] for r in rows]
+    return markdown_table(["mode", "seq/rank", "contiguous", "balanced", "lower bound", "step contiguous",
+                           "step balanced", "gain"], cells)
 
 
 def render(plan: dict) -> str:
@@ -91,9 +108,19 @@ def render(plan: dict) -> str:
     out.append(f"peak {peak:.1f} GiB (stage {plan['memory_peak_stage']}) of {plan['gpu_memory_gb']:.0f} GiB: "
                f"{verdict} ({plan['gpu_memory_gb'] - peak:+.1f} GiB headroom)")
     out += ["", "Peak GiB per GPU for other settings:", _alternatives_table(plan)]
+    if plan.get("cp_options_gb"):
+        out += ["", f"Context parallel (TP {lay['tp']} x PP {lay['pp']} kept; activations / CP):", _cp_table(plan)]
+        p = plan["proposed_cp"]
+        out.append(f"proposed CP: {p} (the smallest that fits)" if p is not None else
+                   "proposed CP: none fits with this TP/PP; raise TP/PP, recompute or nodes")
     t = plan["timing"]
     out += ["", f"Time: {g['name']} {t['gpu_peak_tflops']:.0f} TFLOP/s bf16 peak, MFU {t['mfu']:.2f} assumed, "
                 f"pipeline bubble (PP-1)/M = {t['bubble']:.1%}"]
+    x = t.get("cp_kv_exchange") or {}
+    if x.get("cp", 1) > 1:
+        out.append(f"  CP {x['cp']} K/V ring: {x['bytes_per_step'] / 1e9:.1f} GB sent per GPU and step over {x['link']} "
+                   f"({x['link_gbps']:.0f} GB/s): {x['seconds_per_step']:.2f} s, "
+                   f"{x['exposed_seconds_per_step']:.2f} s not hidden behind attention (added to the step)")
     if plan["modes"]:
         d = plan["data"]
         out.append(f"  dataset {d['data_path']}: {d['num_conversations']:,} conversations, {d['tokens']:,} tokens; "
@@ -102,6 +129,13 @@ def render(plan: dict) -> str:
         out += ["", _modes_table(plan)]
         out.append("(* = --pack-mode; time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble); "
                    "FLOPs include padding positions)")
+        bal = [r for r in plan["modes"] if "balance" in r]
+        if bal and lay["dp"] > 1:
+            out += ["", f"Compute imbalance over DP {lay['dp']} (max/mean rank FLOPs per step, first "
+                        f"{max(r['balance']['steps'] for r in bal)} steps; the step waits for the slowest rank):",
+                    _balance_table(bal),
+                    "(balanced = --balance-batches, the training default when DP > 1 or PP > 1; lower bound = "
+                    "the best any placement of the same sequences could do)"]
     else:
         out.append(f"  {t['basis']}: {t['model_flops_per_step'] / 1e15:.2f} PFLOP/step, {t['step_seconds']:.2f} s/step"
                    + (f", {c['train_iters']} steps = {_hours(t['train_seconds'])}" if "train_seconds" in t else ""))

@@ -116,7 +116,12 @@ class ParallelArgs:
 
     tensor_model_parallel_size: int = arg(1, "Tensor model parallel size.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline model parallel size (1F1B schedule when > 1).")
-    context_parallel_size: int = arg(1, "Context parallel size (not supported by this loop yet; must be 1).")
+    context_parallel_size: int = arg(1, "Context parallel size: every document is padded to a multiple of 2*CP "
+                                        "and each CP rank takes 2 of its 2*CP chunks (load-balanced, as in "
+                                        "Transformer Engine).")
+    cp_comm_type: str = arg("p2p", "How Transformer Engine exchanges K/V under context parallelism (with THD "
+                                   "packing TE takes p2p and a2a). The local backend always all-gathers K/V.",
+                            choices=("p2p", "a2a", "allgather", "a2a+p2p"))
     sequence_parallel: bool = arg(False, "Megatron sequence parallelism over the TP group.")
     use_distributed_optimizer: Optional[bool] = arg(None, "Shard optimizer state over data parallel ranks; "
                                                           "default on with NCCL, off with gloo.")
@@ -127,8 +132,6 @@ class ParallelArgs:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             v = getattr(self, name)
             _need(v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
-        _need(self.context_parallel_size == 1, "--context-parallel-size",
-              "context parallelism is not supported by the training loop yet; use 1")
         _need(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "must be > 0")
 
 
@@ -239,6 +242,10 @@ class TrainArgs:
     eval_interval: Optional[int] = arg(None, "Validate every N steps (default: only at the end).")
     eval_iters: Optional[int] = arg(None, "Validation global batches (default: the whole held-out split).")
     seed: int = arg(1234, "Seed for initialisation, data order and packing.")
+    balance_batches: Optional[bool] = arg(None, "Place each global batch's sequences on data-parallel ranks and "
+                                                "micro-batches so their compute (linear + attention FLOPs) is even; "
+                                                "the same sequences per step, so the same loss. Default: on when "
+                                                "DP > 1 or PP > 1.")
 
     def __post_init__(self):
         _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
@@ -312,6 +319,24 @@ class TrainConfig:
         if self.parallel.sequence_parallel:
             _need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
                   "needs --tensor-model-parallel-size > 1")
+        if self.parallel.pipeline_model_parallel_size > 1:
+            from megatron_pack.packing.modes import get_mode
+
+            _need(not get_mode(self.data.packing.pack_mode).pads_to_longest, "--pack-mode padding:pad_to=longest",
+                  "changes the sequence length per micro-batch; pipeline parallelism needs fixed shapes "
+                  "(use --pipeline-model-parallel-size 1 or --pack-mode padding)")
+        cp = self.parallel.context_parallel_size
+        if cp > 1:
+            from megatron_pack.data.context_parallel import document_multiple
+
+            m = document_multiple(cp, self.parallel.tensor_model_parallel_size, self.parallel.sequence_parallel)
+            _need(self.data.seq_length % m == 0, "--seq-length",
+                  f"{self.data.seq_length} must be a multiple of {m} under --context-parallel-size {cp} "
+                  "(2 x CP, and TP x CP with --sequence-parallel) so every document splits into whole chunks")
+            if self.model.transformer_impl == "transformer_engine":
+                _need(self.parallel.cp_comm_type in ("p2p", "a2a"), "--cp-comm-type",
+                      f"{self.parallel.cp_comm_type} does not take packed (THD) sequences in Transformer Engine; "
+                      "use p2p or a2a")
 
     def resolve(self, world_size: int) -> "ResolvedSizes":
         """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""

@@ -70,7 +70,7 @@ def _run(config: TrainConfig, st) -> dict:
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
-    log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} DP {st.dp_size}, "
+    log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
     from megatron_pack.model.spec import describe, describe_fusions
@@ -90,12 +90,14 @@ def _run(config: TrainConfig, st) -> dict:
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log)
-    stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position)
+    stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
+                         balancer=_balancer(t, preset, vocab, st))
+    log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch)")
     ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
-                      source_names=ds.train_names)
+                      source_names=ds.train_names, cp_group=_cp_group(st.cp_size))
     run_config = dataclasses.asdict(config)
     run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
 
@@ -128,7 +130,8 @@ def _run(config: TrainConfig, st) -> dict:
             iteration += 1
             rec = train_step(ctx, micro, t.loss_weighting, iteration, last_ckpt)
             rec.update({"seconds": time.perf_counter() - t0, "real tokens": stats["real_tokens"],  # incl. data
-                        "capacity": stats["capacity"], "samples": stats["samples"]})
+                        "capacity": stats["capacity"], "samples": stats["samples"],
+                        "imbalance": stats.get("imbalance")})
             history.append(rec)
             if iteration % config.logging.log_interval == 0 or iteration == stop_at:
                 log_step(log, rec, stream.pos.consumed_samples, t.global_batch_size)
@@ -157,6 +160,14 @@ def _run(config: TrainConfig, st) -> dict:
                     checkpoint=last_ckpt, data_position=stream.pos.state_dict(), world_size=st.world_size)
 
 
+def _cp_group(cp_size: int):
+    if cp_size == 1:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group()
+
+
 def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> None:
     """One Megatron-LM style line for the step record ``rec``."""
     dt = rec["seconds"]
@@ -166,8 +177,21 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
         "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
-        **({"source lm loss": rec["source lm loss"]} if "source lm loss" in rec else {}),
+        **({k: rec[k] for k in ("source lm loss", "source tokens") if k in rec}),
+        "compute imbalance": rec.get("imbalance"),
     })
+
+
+def _balancer(t, preset, vocab: int, st):
+    """The stream's :class:`BatchBalancer`: cost from the architecture, on by default when
+    DP > 1 or PP > 1 (``--balance-batches``/``--no-balance-batches`` override)."""
+    from megatron_pack.data.balance import BatchBalancer
+    from megatron_pack.model.cost import CostModel
+    from megatron_pack.model.presets import padded_vocab_size
+
+    on = t.balance_batches if t.balance_batches is not None else (st.dp_size > 1 or st.pp_size > 1)
+    cost = CostModel.from_architecture(preset, vocab_size=padded_vocab_size(vocab, st.tp_size), cp=st.cp_size)
+    return BatchBalancer(cost, st.dp_size, t.micro_batch_size, enabled=on)
 
 
 def _results(history: list, **fields) -> dict:

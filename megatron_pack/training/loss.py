@@ -39,8 +39,12 @@ def segment_ids(cu_seqlens: torch.Tensor, num_cu_seqlens: int, total: int) -> to
     return torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
 
 
+_segment_ids = segment_ids  # masked_loss has an argument of that name
+
+
 def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = "token",
                 cu_seqlens: torch.Tensor | None = None, num_cu_seqlens: int | None = None,
+                segment_ids: torch.Tensor | None = None, cp_group=None,
                 source: torch.Tensor | None = None, num_sources: int = 0):
     """``(loss sum, count, report)`` for Megatron-Core's per-token-loss schedules.
 
@@ -48,8 +52,16 @@ def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = 
     ``sample`` weighting, ``cu_seqlens`` (THD, ``-1`` padded) and ``num_cu_seqlens`` mark
     the samples. ``report["lm loss"]`` is ``[loss sum, count]``, the pair that is summed
     over micro-batches and ranks before dividing, so logs show the exact objective.
-    With ``source`` (blends: the source id of each of the B sequences laid end to end in the
-    row) ``report["source loss"]`` holds ``[token loss sum, supervised tokens]`` per source.
+
+    Context parallelism: a sample's tokens are spread over the CP ranks. ``segment_ids``
+    (from :func:`~megatron_pack.data.context_parallel.split_batch_for_cp`) gives each local
+    token's sample; each rank divides its part of a sample's loss by the sample's supervised
+    tokens over the whole CP group, and only CP rank 0 counts the samples, so the sums over
+    ranks are exactly the CP 1 figures.
+
+    Blends: ``source`` is the source id of every token of the row (local tokens under CP, see
+    :func:`megatron_pack.training.step.token_sources`); ``report["source loss"]`` then holds
+    ``[token loss sum, supervised tokens]`` per source.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -61,15 +73,20 @@ def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = 
         loss = torch.sum(losses * mask)
         count = mask.sum().to(torch.int)
     else:
-        if cu_seqlens is None or num_cu_seqlens is None:
-            raise ValueError("sample weighting needs cu_seqlens and num_cu_seqlens")
-        seg = segment_ids(cu_seqlens, num_cu_seqlens, losses.numel())
+        if num_cu_seqlens is None or (cu_seqlens is None and segment_ids is None):
+            raise ValueError("sample weighting needs cu_seqlens (or segment_ids) and num_cu_seqlens")
+        seg = (segment_ids.reshape(-1).to(losses.device) if segment_ids is not None
+               else _segment_ids(cu_seqlens, num_cu_seqlens, losses.numel()))
         n_seg = int(num_cu_seqlens) - 1
         seg_sum = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(0, seg, losses * mask)
         seg_cnt = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(0, seg, mask)
+        if cp_group is not None and cp_group.size() > 1:
+            torch.distributed.all_reduce(seg_cnt, group=cp_group)  # counts carry no gradient
         has = seg_cnt > 0
         loss = torch.sum(seg_sum[has] / seg_cnt[has])
         count = has.sum().to(torch.int)
+        if cp_group is not None and cp_group.size() > 1 and cp_group.rank() != 0:
+            count = torch.zeros_like(count)
     report = {"lm loss": torch.stack([loss.detach().clone(), count.to(loss.dtype)])}
     if source is not None and num_sources:
         report["source loss"] = source_sums(losses.detach(), mask, source.to(losses.device), num_sources)
@@ -77,9 +94,11 @@ def masked_loss(losses: torch.Tensor, loss_mask: torch.Tensor, weighting: str = 
 
 
 def source_sums(losses: torch.Tensor, mask: torch.Tensor, source: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """``[num_sources, 2]``: masked token-loss sum and supervised-token count per source, for a
-    row of ``len(source)`` equal-length sequences (row ``b`` from ``source[b]``)."""
-    per_token = source.to(torch.int64).repeat_interleave(losses.numel() // source.numel())
+    """``[num_sources, 2]``: masked token-loss sum and supervised-token count per source.
+    ``source``: the source of every token, or of each of the equal-length sequences of the row."""
+    source = source.to(torch.int64).reshape(-1)
+    per_token = (source if source.numel() == losses.numel()
+                 else source.repeat_interleave(losses.numel() // source.numel()))
     out = torch.zeros(num_sources, 2, dtype=losses.dtype, device=losses.device)
     out[:, 0].index_add_(0, per_token, losses * mask)
     out[:, 1].index_add_(0, per_token, mask)

@@ -98,6 +98,12 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
     from megatron_pack.model.spec import choose_fusions
 
     p = config.parallel
+    if p.context_parallel_size > 1 and p.cp_comm_type not in ("p2p", "a2a"):
+        from megatron_pack.model.spec import resolve_backend
+
+        if resolve_backend(config.model.backend) == "te":  # also when --transformer-impl auto picked TE
+            raise ConfigError(f"--cp-comm-type: {p.cp_comm_type} does not take packed (THD) sequences in "
+                              "Transformer Engine; use p2p or a2a")
     recompute = {}
     if config.model.recompute_granularity == "full":
         recompute = dict(recompute_method="uniform", recompute_num_layers=1)
@@ -113,6 +119,8 @@ def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16
         calculate_per_token_loss=True,  # sums per micro-batch; finalize_model_grads divides globally
         **({"init_method_std": config.model.init_method_std} if config.model.init_method_std else {}),
         **choose_fusions(use_cuda),  # off on CPU, on where the kernels import
+        cp_comm_type=({"allgather": "all_gather"}.get(p.cp_comm_type, p.cp_comm_type)
+                      if p.context_parallel_size > 1 else None),
         **recompute,
     )
     model = build_model(preset, tcfg, vocab_size=vocab_size, backend=config.model.backend)

@@ -32,27 +32,51 @@ class StepContext:
     seq_length: int  # a THD micro-batch is one row of micro_batch_size * padded length tokens
     loss_owner: bool  # last stage, TP rank 0: one copy of each report in the all-reduce
     use_cuda: bool
+    cp_group: object = None  # context parallel: each CP rank takes its chunks of every document
     source_names: tuple = ()  # training blend's sources: the step record gets a loss per source
 
 
-def forward_step(device, weighting: str, data_iterator, model, num_sources: int = 0):
-    """Megatron's forward_step_func, run on every stage with the same micro-batch."""
+def forward_step(device, weighting: str, data_iterator, model, cp_group=None, num_sources: int = 0):
+    """Megatron's forward_step_func, run on every stage with the same micro-batch.
+
+    Under context parallelism every CP rank reads the whole micro-batch and keeps its chunks;
+    the loss sums its own tokens and the counts add up over DP x CP in ``finalize_model_grads``."""
+    from megatron_pack.data.context_parallel import split_batch_for_cp
     from megatron_pack.model.packed import model_inputs
 
     batch = next(data_iterator)
-    output = model(**model_inputs(batch, device=device))
+    if cp_group is not None and cp_group.size() > 1:
+        batch = split_batch_for_cp(batch, cp_group.size(), cp_group.rank())
+    output = model(**model_inputs(batch, device=device, cp_group=cp_group))
     return output, partial(_loss_func, batch["loss_mask"].to(device), batch["cu_seqlens"], batch["num_cu_seqlens"],
-                           weighting, batch.get("source") if num_sources else None, num_sources)
+                           weighting, batch.get("segment_ids"), cp_group,
+                           token_sources(batch) if num_sources else None, num_sources)
 
 
-def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, source, num_sources, output_tensor):
+def token_sources(batch: dict):
+    """Source id of every token of a (blended) THD micro-batch, or None: row ``b`` of the
+    micro-batch comes from ``batch["source"][b]``. Under CP the local tokens map to their
+    document (``segment_ids``), the document to its row by where it starts."""
+    src = batch.get("source")
+    if src is None:
+        return None
+    rows = src.numel()
+    if "segment_ids" in batch:  # split by split_batch_for_cp
+        bounds = batch["cu_seqlens_padded"][: int(batch["num_cu_seqlens"])].to(torch.int64)
+        row_len = int(bounds[-1]) // rows
+        return src[bounds[:-1] // row_len][batch["segment_ids"].reshape(-1).to(torch.int64)]
+    return src.repeat_interleave(batch["tokens"].numel() // rows)
+
+
+def _loss_func(loss_mask, cu_seqlens, num_cu_seqlens, weighting, segment_ids, cp_group, source, num_sources,
+               output_tensor):
     return masked_loss(output_tensor, loss_mask, weighting, cu_seqlens.to(output_tensor.device), num_cu_seqlens,
-                       source, num_sources)
+                       segment_ids=segment_ids, cp_group=cp_group, source=source, num_sources=num_sources)
 
 
 def _run(ctx: StepContext, micro: list, weighting: str, forward_only: bool, num_sources: int = 0) -> list:
-    return ctx.forward_backward(forward_step_func=partial(forward_step, ctx.device, weighting,
-                                                          num_sources=num_sources),
+    step = partial(forward_step, ctx.device, weighting, cp_group=ctx.cp_group, num_sources=num_sources)
+    return ctx.forward_backward(forward_step_func=step,
                                 data_iterator=iter(micro), model=[ctx.model], num_microbatches=len(micro),
                                 seq_length=ctx.seq_length, micro_batch_size=1, forward_only=forward_only)
 
@@ -81,7 +105,8 @@ def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, la
     return {"iteration": iteration, "lm loss": loss, "tokens": count, "learning rate": lr,
             "grad norm": None if grad_norm is None else float(grad_norm), "seconds": time.perf_counter() - t0,
             "skipped": 0 if ok else 1,
-            **({"source lm loss": {n: v for n, (v, _) in zip(ctx.source_names, by_source)}} if n_src else {})}
+            **({"source lm loss": {n: v for n, (v, _) in zip(ctx.source_names, by_source)},
+                "source tokens": {n: c for n, (_, c) in zip(ctx.source_names, by_source)}} if n_src else {})}
 
 
 def evaluate(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -46,7 +46,21 @@ def docs_of(ds, i):
     return [int(d) for d in ds.plan.sequence(int(ds.order[i]))[:, 0]]
 
 
-def build(tp, pp, ckpt, save=False, sp=False):
+def cp_datasets(prefix, cp):
+    """The CP data (docs of odd lengths, some shorter than 2*CP), mask on and off, packed by ONE
+    plan made at padded lengths (CP 2) so every CP size sees the same sequences."""
+    from megatron_pack.data.context_parallel import document_multiple
+    from megatron_pack.data.packed_dataset import PackedSFTDataset
+    from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.packing.plan import build_plan
+
+    data = SFTIndexedDataset(prefix)
+    plan = build_plan(data.lengths, SEQ, "bfd", pad_multiple=4)
+    return {mask: PackedSFTDataset(data, SEQ, plan=plan, document_mask=mask, shuffle_sequences=False,
+                                   document_multiple=document_multiple(cp)) for mask in (True, False)}
+
+
+def build(tp, pp, ckpt, save=False, sp=False, cp=1):
     from megatron.core import dist_checkpointing
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -54,12 +68,12 @@ def build(tp, pp, ckpt, save=False, sp=False):
 
     from megatron_pack.model import build_model, get_preset, transformer_config
 
-    state = initialize_distributed(tp, pp)
+    state = initialize_distributed(tp, pp, cp)
     set_seed(1234)
     preset = get_preset("tiny")
     cfg = transformer_config(preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             sequence_parallel=sp, use_cpu_initialization=True, calculate_per_token_loss=True,
-                             init_method_std=INIT_STD)
+                             context_parallel_size=cp, sequence_parallel=sp, use_cpu_initialization=True,
+                             calculate_per_token_loss=True, init_method_std=INIT_STD)
     model = build_model(preset, cfg, vocab_size=VOCAB, backend="local")
     if save:
         if state.rank == 0:
@@ -68,28 +82,41 @@ def build(tp, pp, ckpt, save=False, sp=False):
         dist_checkpointing.save(model.sharded_state_dict(), ckpt)
     else:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    dist_opt = cp == 1  # CP layouts compare whole gradients with the CP1 run: no sharded buffers there
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
-                                                 use_distributed_optimizer=True), [ddp])
+                                                 use_distributed_optimizer=dist_opt), [ddp])
     cfg.no_sync_func = ddp.no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
     return state, cfg, ddp, opt
 
 
-def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False):
+def forward_step(data_iterator, model, *, drop_packed_after_first_stage=False, weighting="token"):
     """What the training loop does on every stage: read the micro-batch, pass packed params."""
     from megatron.core import parallel_state as ps
 
     from megatron_pack.model.packed import model_inputs
 
     batch = next(data_iterator)
-    kwargs = model_inputs(batch)
+    cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+    if cp_group is not None:
+        from megatron_pack.data.context_parallel import split_batch_for_cp
+
+        batch = split_batch_for_cp(batch, cp_group.size(), cp_group.rank())
+    kwargs = model_inputs(batch, cp_group=cp_group)
     if drop_packed_after_first_stage and not ps.is_pipeline_first_stage():
         kwargs["packed_seq_params"] = None  # the Megatron-LM failure mode, for the negative check
     out = model(**kwargs)
 
     def loss_func(per_token):
+        if weighting == "sample":  # the library's per-sample loss, CP-aware
+            from megatron_pack.training.loss import masked_loss
+
+            loss, n, rep = masked_loss(per_token, batch["loss_mask"], "sample", batch["cu_seqlens"],
+                                       batch["num_cu_seqlens"], segment_ids=batch.get("segment_ids"),
+                                       cp_group=cp_group)
+            return loss, n, {"lm": rep["lm loss"]}
         mask = batch["loss_mask"].float()
         loss = (per_token.float() * mask).sum()
         n = mask.sum().to(torch.int)
@@ -113,7 +140,7 @@ def run_batch(state, cfg, ddp, micro_batches, forward_only=False, **fs_kwargs):
     if not ps.is_pipeline_last_stage():
         return None
     tot = torch.stack([x["lm"] for x in losses]).sum(0)
-    torch.distributed.all_reduce(tot, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(tot[0] / tot[1])
 
 
@@ -192,10 +219,49 @@ def train(state, cfg, ddp, opt, packed):
 
 
 def parse_layout(name):
-    m = re.fullmatch(r"(?:tp(\d+))?(sp)?(?:pp(\d+))?(?:dp(\d+))?", name)
+    """``tp2``, ``tp2sp``, ``pp2``, ``dp2``, ``cp2``, ``tp2spcp2``, ``pp2cp2`` -> (tp, pp, sp, cp)."""
+    m = re.fullmatch(r"(?:tp(\d+))?(sp)?(?:pp(\d+))?(?:dp(\d+))?(?:cp(\d+))?", name)
     if not m or not name:
         raise ValueError(f"bad layout {name!r}")
-    return int(m.group(1) or 1), int(m.group(3) or 1), bool(m.group(2))
+    return int(m.group(1) or 1), int(m.group(3) or 1), bool(m.group(2)), int(m.group(5) or 1)
+
+
+def cp_check(state, cfg, ddp, cp_data, grads_dir):
+    """Loss and gradients of the CP data's packed micro-batches, mask on and off. The CP1 run
+    (``cp1``) saves its gradients; a TP1/PP1 CP run compares with them. Negative control: the
+    gathered keys left in rank order (chunks not reordered) must change the loss."""
+    from megatron_pack.data.collate import collate_thd
+    from megatron_pack.model.attention import VarlenCoreAttention
+
+    out = {}
+    for mask, ds in cp_data.items():
+        n = len(ds) // MICRO * MICRO
+        thd = [collate_thd([ds[i + j] for j in range(MICRO)]) for i in range(0, n, MICRO)]
+        ddp.zero_grad_buffer()
+        loss = run_batch(state, cfg, ddp, thd)
+        g = grads(ddp)
+        ddp.zero_grad_buffer()
+        tag = "on" if mask else "off"
+        out[f"loss_{tag}"] = loss
+        out[f"grad_max_abs_{tag}"] = max(float(x.abs().max()) for x in g.values())
+        path = os.path.join(grads_dir, f"cp1_grads_{tag}.pt")
+        if state.cp_size == 1:
+            torch.save(g, path)
+        elif state.tp_size == state.pp_size == 1:
+            ref = torch.load(path)
+            out[f"grad_max_abs_diff_{tag}"] = max(float((g[k] - ref[k]).abs().max()) for k in g)
+        if mask:
+            out["loss_sample"] = run_batch(state, cfg, ddp, thd, forward_only=True, weighting="sample")
+            out["num_micro_batches"] = len(thd)
+            out["doc_lengths"] = sorted(int(x) for x in ds.plan.piece_lengths)
+            if state.cp_size > 1:
+                attn = [m for m in ddp.modules() if isinstance(m, VarlenCoreAttention)]
+                for m in attn:
+                    m.cp_reorder = False
+                out["loss_not_reordered"] = run_batch(state, cfg, ddp, thd, forward_only=True)
+                for m in attn:
+                    m.cp_reorder = True
+    return out
 
 
 def log(msg):
@@ -210,15 +276,25 @@ def main():
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--scenario", choices=["reference", "layouts"], required=True)
     ap.add_argument("--layouts", default="")
+    ap.add_argument("--cp-data", default=None, help="dataset of the context-parallel layouts (cp1, cp2, ...)")
     args = ap.parse_args()
     packed, padded = datasets(args.data)
     results = {}
-    layouts = ["ref"] if args.scenario == "reference" else args.layouts.split(",")
+    layouts = ["ref"] if args.scenario == "reference" else []
+    layouts += [x for x in args.layouts.split(",") if x]
     for name in layouts:
-        tp, pp, sp = (1, 1, False) if name == "ref" else parse_layout(name)
-        state, cfg, ddp, opt = build(tp, pp, args.ckpt, save=name == "ref", sp=sp)
+        tp, pp, sp, cp = (1, 1, False, 1) if name == "ref" else parse_layout(name)
+        state, cfg, ddp, opt = build(tp, pp, args.ckpt, save=name == "ref", sp=sp, cp=cp)
         log(f"{name}: built")
         res = {"state": {k: v for k, v in vars(state).items() if k != "device"} | {"device": str(state.device)}}
+        if "cp" in name:  # the context-parallel checks run on their own data
+            cp_data = cp_datasets(args.cp_data, cp)
+            res["cp"] = cp_check(state, cfg, ddp, cp_data, os.path.dirname(args.ckpt))
+            log(f"{name}: checked")
+            res["train"] = train(state, cfg, ddp, opt, cp_data[True])
+            log(f"{name}: trained")
+            results[name] = res
+            continue
         res["check"] = packed_vs_padded(state, cfg, ddp, packed, padded)
         if name == "ref":
             res["rope_restart_diff"], res["rope_scale"] = rope_restarts(ddp, packed)

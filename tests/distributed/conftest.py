@@ -18,3 +18,16 @@ def sft_prefix(tmp_path_factory):
             mask = [0] * prompt + [1] * (n - prompt)
             w.add(rng.integers(1, 256, n).tolist(), mask, [0, prompt])
     return prefix
+
+
+@pytest.fixture(scope="session")
+def cp_prefix(tmp_path_factory):
+    """Context-parallel data: 30 conversations of odd lengths 1..29, several shorter than 2*CP = 4."""
+    rng = np.random.default_rng(11)
+    prefix = str(tmp_path_factory.mktemp("cp_data") / "sft")
+    lengths = [1, 3, 2, 5, 3] + [int(2 * rng.integers(0, 15) + 1) for _ in range(25)]
+    with SFTDatasetWriter(prefix) as w:
+        for n in lengths:
+            prompt = n // 3
+            w.add(rng.integers(1, 256, n).tolist(), [0] * prompt + [1] * (n - prompt), [0, prompt] if prompt else [0])
+    return prefix

@@ -70,3 +70,23 @@ def test_train_and_valid_data_paths(tmp_path_factory):
     val = res.records[-1]
     assert set(val["validation source lm loss"]) == {"heldout_x", "heldout_y"}
     assert "source lm loss" not in res.steps[1]  # one plain training prefix: no per-source step loss
+
+
+def test_per_source_loss_under_context_parallelism(tmp_path_factory):
+    """CP 2 splits every document over two ranks: every local token is counted once, for one
+    source, so the per-source sums add up to the step's loss and supervised tokens (which source
+    a CP chunk belongs to: tests/unit/data/test_blend.py::test_token_sources_follow_rows_and_cp_chunks)."""
+    a = shared_dataset(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("blend_cp")
+    b = make_dataset(str(tmp / "other"), n=48, seed=5)
+    args = BASE_ARGS + ["--data-path", "0.7", a, "0.3", b, "--train-iters", "2", "--valid-fraction", "0",
+                        "--context-parallel-size", "2"]
+    res = run_train(2, args, tmp, name="cp2")
+    assert res.returncodes == [0, 0], describe_failure(res)
+    for it in (1, 2):
+        rec = res.steps[it]
+        loss, toks = rec["source lm loss"], rec["source tokens"]
+        assert set(loss) == {"sft", "other"} and min(toks.values()) > 0
+        assert sum(toks.values()) == rec["tokens"]
+        mean = sum(loss[k] * toks[k] for k in toks) / rec["tokens"]
+        assert math.isclose(mean, rec["lm loss"], rel_tol=1e-6), (it, mean, rec["lm loss"])

@@ -1,9 +1,12 @@
-"""Packed == padded, and TP/PP/DP layouts == one process, on CPU with gloo (tiny model, fp32).
+"""Packed == padded, TP/PP/DP layouts == one process, and context parallel (CP) == CP 1, on
+CPU with gloo (tiny model, fp32).
 
 Three launches share one reference: a single process saves the tiny model's weights as a
 Megatron dist checkpoint; 2-rank and 4-rank launches reload them resharded (TP1 -> TP2/PP2)
 so every layout starts from the same numbers. Each launch runs several layouts to pay the
-torch + Megatron-Core start-up once.
+torch + Megatron-Core start-up once. The CP layouts (``cp1`` in the single process, ``cp2``,
+``tp2spcp2``, ``pp2cp2``) run on their own data: documents of odd lengths, several shorter
+than 2*CP, packed by one plan at padded lengths so every CP size sees the same sequences.
 """
 
 import math
@@ -23,27 +26,46 @@ def run_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("dist_run")
 
 
+# Context parallel layouts ride along in the same launches (one start-up each): the single
+# process adds ``cp1`` (the CP reference on the CP data), 2 ranks ``cp2``, 4 ranks CP2 x TP2
+# (with sequence parallel) and CP2 x PP2.
+CP_LAYOUTS = {2: ["cp2"], 4: ["tp2spcp2", "pp2cp2"]}
+
+
 @pytest.fixture(scope="module")
-def reference(sft_prefix, run_dir):
-    out = launch(1, ["--data", sft_prefix, "--ckpt", str(run_dir / "ckpt"), "--scenario", "reference"], run_dir / "ref")
-    return out[0]["ref"]
+def launched_reference(sft_prefix, cp_prefix, run_dir):
+    out = launch(1, ["--data", sft_prefix, "--ckpt", str(run_dir / "ckpt"), "--scenario", "reference",
+                     "--layouts", "cp1", "--cp-data", cp_prefix], run_dir / "ref", timeout=480.0)
+    return out[0]
 
 
-def _layouts(nprocs, names, sft_prefix, run_dir, reference):
+@pytest.fixture(scope="module")
+def reference(launched_reference):
+    return launched_reference["ref"]
+
+
+@pytest.fixture(scope="module")
+def cp_reference(launched_reference):
+    return launched_reference["cp1"]
+
+
+def _layouts(nprocs, names, sft_prefix, cp_prefix, run_dir, reference):
     assert reference  # the checkpoint must exist first
+    names = names + CP_LAYOUTS.get(nprocs, [])
     ranks = launch(nprocs, ["--data", sft_prefix, "--ckpt", str(run_dir / "ckpt"), "--scenario", "layouts",
-                            "--layouts", ",".join(names)], run_dir / f"w{nprocs}")
+                            "--layouts", ",".join(names), "--cp-data", cp_prefix], run_dir / f"w{nprocs}",
+                   timeout=480.0)  # several layouts per launch on a shared 2-core machine
     return {name: [r[name] for r in ranks] for name in names}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(sft_prefix, run_dir, reference):
-    return _layouts(2, TWO_RANK_LAYOUTS, sft_prefix, run_dir, reference)
+def two_ranks(sft_prefix, cp_prefix, run_dir, reference):
+    return _layouts(2, TWO_RANK_LAYOUTS, sft_prefix, cp_prefix, run_dir, reference)
 
 
 @pytest.fixture(scope="module")
-def four_ranks(sft_prefix, run_dir, reference):
-    return _layouts(4, ["tp2pp2"], sft_prefix, run_dir, reference)
+def four_ranks(sft_prefix, cp_prefix, run_dir, reference):
+    return _layouts(4, ["tp2pp2"], sft_prefix, cp_prefix, run_dir, reference)
 
 
 def last_stage(ranks):
@@ -124,3 +146,55 @@ def test_parallel_state_grid(two_ranks, four_ranks):
     assert [(s["dp_rank"], s["dp_size"]) for s in (r["state"] for r in two_ranks["dp2"])] == [(0, 2), (1, 2)]
     grid = [(s["tp_rank"], s["pp_rank"]) for s in (r["state"] for r in four_ranks["tp2pp2"])]
     assert grid == [(0, 0), (1, 0), (0, 1), (1, 1)]  # Megatron's order: tp fastest, then pp
+
+
+# ---------------------------------------------------------------- context parallelism
+
+
+def test_cp_data_has_short_odd_documents(cp_reference):
+    lengths = cp_reference["cp"]["doc_lengths"]
+    assert sum(n < 4 for n in lengths) >= 3 and sum(n % 2 for n in lengths) >= 20
+    assert cp_reference["cp"]["num_micro_batches"] >= 3
+
+
+@pytest.mark.parametrize("mask", ["on", "off"])
+def test_cp2_equals_cp1_loss_and_gradients(two_ranks, cp_reference, mask):
+    ref = cp_reference["cp"]
+    assert ref[f"grad_max_abs_{mask}"] > 1e-3
+    ranks = two_ranks["cp2"]
+    assert sorted(r["state"]["cp_rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        c = r["cp"]
+        assert abs(c[f"loss_{mask}"] - ref[f"loss_{mask}"]) <= TOL, (c, ref)
+        assert c[f"grad_max_abs_diff_{mask}"] <= TOL, c
+    assert abs(ref["loss_on"] - ref["loss_off"]) > 100 * TOL  # the mask really changes the batch
+
+
+def test_cp2_sample_weighting_equals_cp1(two_ranks, cp_reference):
+    """--loss-weighting sample: each sample's tokens are counted over the CP group."""
+    ref = cp_reference["cp"]
+    assert abs(ref["loss_sample"] - ref["loss_on"]) > 100 * TOL  # a different objective than token weighting
+    for r in two_ranks["cp2"]:
+        assert abs(r["cp"]["loss_sample"] - ref["loss_sample"]) <= TOL, (r["cp"]["loss_sample"], ref["loss_sample"])
+
+
+def test_cp_negative_control_chunks_not_reordered(two_ranks, cp_reference):
+    """Keys used in the ranks' storage order (chunk r, chunk 2CP-1-r per rank) instead of the
+    global order: the equality check above would catch it."""
+    for r in two_ranks["cp2"]:
+        assert abs(r["cp"]["loss_not_reordered"] - cp_reference["cp"]["loss_on"]) > 100 * TOL
+
+
+@pytest.mark.parametrize("layout", ["cp2", "tp2spcp2", "pp2cp2"])
+def test_cp_layout_matches_single_process_over_3_steps(layout, cp_reference, two_ranks, four_ranks):
+    ranks = (two_ranks if layout == "cp2" else four_ranks)[layout]
+    ref = cp_reference["train"]
+    assert len(ref) == 3 and ref[0]["loss"] != ref[1]["loss"]
+    assert all(r["state"]["cp_size"] == 2 for r in ranks)
+    for r in last_stage(ranks):
+        losses = [s["loss"] for s in r["train"]]
+        assert all(abs(a - b["loss"]) <= TOL for a, b in zip(losses, ref)), (layout, losses, ref)
+        assert abs(r["cp"]["loss_on"] - cp_reference["cp"]["loss_on"]) <= TOL
+    for r in ranks:
+        norms = [s["grad_norm"] for s in r["train"]]
+        assert all(math.isclose(a, b["grad_norm"], rel_tol=TOL) for a, b in zip(norms, ref)), (layout, norms)

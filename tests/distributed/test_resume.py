@@ -60,3 +60,35 @@ def test_resume_pp2(tmp_path_factory):
     assert sorted(second.steps) == [4, 5, 6]
     _same_steps(full, first, range(1, 4))
     _same_steps(full, second, range(4, 7))
+
+
+def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
+    """Context parallel 2 (2 ranks, DP 1): stopped at step 3 and resumed, steps 4..6 equal the
+    uninterrupted run to the last bit. The CP2 checkpoint then loads in a single CP1 process:
+    its held-out loss (every token scored once, so independent of how the split is packed and
+    cut into CP chunks) equals the CP2 run's at that step."""
+    prefix = shared_dataset(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("resume_cp2")
+    args = BASE_ARGS + ["--data-path", prefix, "--train-iters", "20", "--context-parallel-size", "2",
+                        "--eval-interval", "3"]
+    full = run_train(2, args + ["--exit-interval", "6"], tmp, name="full")
+    assert full.returncodes == [0, 0], describe_failure(full)
+    assert "CP 2 DP 1" in full.output
+    ck = tmp / "ck"
+    first = run_train(2, args + ["--save", str(ck), "--exit-interval", "3"], tmp, name="first")
+    assert first.returncodes == [0, 0], describe_failure(first)
+    second = run_train(2, args + ["--load", str(ck), "--exit-interval", "6"], tmp, name="second")
+    assert second.returncodes == [0, 0], describe_failure(second)
+    assert sorted(second.steps) == [4, 5, 6]
+    _same_steps(full, first, range(1, 4))
+    _same_steps(full, second, range(4, 7))
+
+    valid = {r["iteration"]: r["validation lm loss"] for r in first.records if "validation lm loss" in r}
+    i = args.index("--context-parallel-size")
+    cp1_args = args[:i] + args[i + 2:]
+    cp1_args[cp1_args.index("--train-iters") + 1] = "3"  # resume at 3 of 3: validate, no step
+    cp1 = run_train(1, cp1_args + ["--load", str(ck)], tmp, name="cp1")
+    assert cp1.returncodes == [0], describe_failure(cp1)
+    assert "CP 1 DP 1" in cp1.output and "at iteration 3" in cp1.output
+    v = [r["validation lm loss"] for r in cp1.records if "validation lm loss" in r]
+    assert len(v) == 1 and abs(v[0] - valid[3]) <= 1e-5, (v, valid)

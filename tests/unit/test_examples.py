@@ -10,8 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ["examples/quickstart.sh", "examples/run_tiny_cpu.sh", "examples/run_llama3_8b_packed.sh",
-           "examples/run_llama3_70b_packed.sh", "examples/lib/packed_sft.sh", "scripts/install.sh",
-           "scripts/test.sh", ".ci/run"]
+           "examples/run_llama3_70b_packed.sh", "examples/run_llama3_70b_32k_cp.sh", "examples/lib/packed_sft.sh",
+           "scripts/install.sh", "scripts/test.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -32,6 +32,20 @@ def test_70b_dry_run_plans_the_scripts_layout(tmp_path):
     assert abs(plan["total_parameters"] - 70.55e9) / 70.55e9 < 1e-3
     # one entry per distinct (tp, pp) shard of the script's TP 8 x PP 4 layout
     assert len(plan["per_rank_parameters"]) == 32
+
+
+def test_70b_32k_context_parallel_example_fits(tmp_path):
+    """The long-context example: TP 8 x PP 2 x CP 2 at 32k on 4 x 8 A800 plans as fitting."""
+    env = {**os.environ, "DRY_RUN": "1", "PLAN_JSON": str(tmp_path / "plan.json"), "PYTHONWARNINGS": "ignore"}
+    env.pop("DATA_PATH", None)
+    out = subprocess.run(["bash", "examples/run_llama3_70b_32k_cp.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    plan = json.load(open(tmp_path / "plan.json"))
+    assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["cp"], plan["layout"]["dp"]) == (8, 2, 2, 1)
+    assert plan["layout"]["seq_length_padded"] == 32768 and plan["fits"] is True
+    assert plan["timing"]["cp_kv_exchange"]["cp"] == 2 and "K/V ring" in out.stdout
+    assert "--cp-comm-type" not in " ".join(plan["unmodelled_flags"])
 
 
 def test_dry_run_rejects_illegal_layout():

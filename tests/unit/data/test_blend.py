@@ -216,3 +216,32 @@ def test_valid_data_path_is_the_held_out_set(sources):
     ds = build_datasets(_cfg(sources[0], valid_data_path=["1", sources[1], "1", sources[2]], valid_fraction=0.3))
     assert ds.num_train_conversations == 80 and ds.num_valid_conversations == 90  # nothing held out of A
     assert ds.valid.names == ("b", "c") and ds.train_names == ()
+
+
+def test_blend_plan_feeds_the_batch_balancer(sources):
+    """The balancer's per-sequence attention cost from the blend's plan view equals the one
+    computed from the items the blend serves (pieces copied from each source's plan)."""
+    from megatron_pack.data.balance import sequence_sum_sq
+
+    ds = build_datasets(_cfg(["0.5", sources[0], "0.2", sources[1], "0.3", sources[2]])).train
+    sq = sequence_sum_sq(ds.plan, True)
+    for i in range(len(ds)):
+        item = ds[i]
+        cu = item["cu_seqlens"][: int(item["num_cu_seqlens"])].numpy()
+        assert sq[i] == float(((cu[1:] - cu[:-1]) ** 2).sum()), i
+    assert ds.plan.seq_offsets[-1] == ds.plan.piece_lengths.size == ds.plan.pieces_per_sequence().sum()
+
+
+def test_token_sources_follow_rows_and_cp_chunks():
+    import torch
+
+    from megatron_pack.training.step import token_sources
+
+    batch = {"source": torch.tensor([1, 0]), "tokens": torch.zeros(1, 8)}
+    assert token_sources(batch).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    # under CP: local tokens carry their document (segment) id; documents start at 0, 4, 6 of rows of 4
+    cp = {"source": torch.tensor([1, 0]), "tokens": torch.zeros(1, 4), "num_cu_seqlens": torch.tensor(4),
+          "cu_seqlens_padded": torch.tensor([0, 4, 6, 8, -1], dtype=torch.int32),
+          "segment_ids": torch.tensor([[0, 0, 1, 2]])}
+    assert token_sources(cp).tolist() == [1, 1, 0, 0]
+    assert token_sources({"tokens": torch.zeros(1, 4)}) is None

@@ -152,8 +152,10 @@ def test_module_rejects_what_it_cannot_do():
         mod(q, q[:, :2], q[:, :2], None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
     with pytest.raises(ValueError, match="attention_bias"):
         mod(q, q[:, :2], q[:, :2], None, attention_bias=torch.zeros(1))
-    with pytest.raises(ValueError, match="context parallel"):
-        _module(context_parallel_size=2)
+    cp_cfg = transformer_config(get_preset("tiny"), context_parallel_size=2)
+    with pytest.raises(ValueError, match="--context-parallel-size 2: the local backend's 'flash' kernel"):
+        VarlenCoreAttention(cp_cfg, 1, AttnMaskType.causal, "self", kernel="flash",
+                            pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
     cfg = transformer_config(get_preset("tiny"))
     with pytest.raises(ValueError, match="unknown attention kernel"):
         VarlenCoreAttention(cfg, 1, AttnMaskType.causal, "self", kernel="xformers",

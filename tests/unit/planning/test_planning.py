@@ -331,3 +331,56 @@ def test_smollm_style_llama_from_its_config(tmp_path):
     arch = get_preset(str(tmp_path / "config.json"))
     assert (arch.kv_channels, arch.tie_word_embeddings, arch.rope_theta) == (64, True, 100000.0)
     assert count_parameters(arch).total_unpadded == 134_515_008  # the published 135M
+def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
+    # long-tailed: a few conversations fill a 2048-token sequence alone, the rest are short
+    rng = np.random.default_rng(0)
+    lengths = [int(rng.integers(1500, 2048)) if i % 10 == 0 else int(rng.integers(20, 200)) for i in range(400)]
+    _write_dataset(tmp_path / "d", lengths)
+    cfg = PlanConfig(model="tiny", vocab_size=256, nnodes=1, gpus_per_node=4, seq_length=2048, global_batch_size=16,
+                     data_path=str(tmp_path / "d"), modes=("bfd",), valid_fraction=0.0)
+    plan = make_plan(cfg)
+    (row,) = plan["modes"]
+    f = row["balance"]
+    assert f["sequences_per_rank"] == 4 and f["steps"] == row["steps"]
+    assert f["imbalance_balanced"] < f["imbalance_contiguous"] and f["imbalance_balanced"] >= 1.0
+    assert row["step_seconds_balanced"] < row["step_seconds_contiguous"]
+    assert row["step_seconds_balanced"] >= row["step_seconds"] * (1 - 1e-12)  # never better than perfect
+    text = render(plan)
+    assert "Compute imbalance over DP 4" in text
+    assert any(line.replace(" ", "").startswith("|bfd*|4|") for line in text.splitlines())
+def test_context_parallel_kv_exchange_by_hand():
+    from megatron_pack.planning.context_parallel import exposed_seconds, kv_exchange
+
+    p, a800 = PRESETS["llama3-70b"], get_gpu("a800")
+    x = kv_exchange(p, a800, tp=8, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64,
+                    gpus_per_node=8)
+    # 3 x (CP-1) x K,V x (8 groups x 128 / TP 8) x 16384 local tokens x 2 bytes, 40 layers, 64 micro-batches
+    assert x["bytes_per_step"] == 3 * 1 * 2 * 128 * 16384 * 2 * 40 * 64
+    assert x["link"] == "InfiniBand" and x["seconds_per_step"] == pytest.approx(x["bytes_per_step"] / 25e9)
+    y = kv_exchange(p, a800, tp=4, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64,
+                    gpus_per_node=8)
+    assert y["link"] == "NVLink" and y["link_gbps"] == 200.0  # TP x CP = 8 fits a node
+    assert exposed_seconds(x, step_seconds=100.0, attention_share=0.5) == 0.0
+    assert exposed_seconds(x, step_seconds=1.0, attention_share=0.1) == pytest.approx(x["seconds_per_step"] - 0.1)
+    assert kv_exchange(p, a800, tp=8, cp=1, pp=2, seq_length=4096, micro_batch_size=1, num_microbatches=1,
+                       gpus_per_node=8)["bytes_per_step"] == 0
+
+
+def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
+    """70B at 256k on 8 x 8 A800, TP 8 x PP 4, full recompute, no distributed optimizer: CP 1 runs
+    out of memory (activations of a 256k micro-batch), the planner proposes the smallest CP that fits."""
+    import megatron_pack.planning.params as params_mod
+
+    monkeypatch.setattr(params_mod, "count_parameters", lambda *a, **k: p70)
+    cfg = PlanConfig(model="llama3-70b", nnodes=8, gpus_per_node=8, tensor_model_parallel_size=8,
+                     pipeline_model_parallel_size=4, sequence_parallel=True, use_distributed_optimizer=False,
+                     recompute_granularity="full", seq_length=262144, global_batch_size=64, gpu="a800")
+    plan = make_plan(cfg)
+    opts = {o["cp"]: o["peak_gb"] for o in plan["cp_options_gb"]}
+    assert sorted(opts) == [1, 2] and opts[2] < opts[1]
+    assert plan["fits"] is False and opts[1] > 80 >= opts[2] and plan["proposed_cp"] == 2
+    at2 = make_plan(PlanConfig(**{**cfg.__dict__, "context_parallel_size": 2}))
+    assert at2["fits"] is True and at2["memory_per_gpu_gb"]["total"] == pytest.approx(opts[2])
+    assert at2["timing"]["cp_kv_exchange"]["cp"] == 2 and "proposed CP: 2" in render(plan)
+    with pytest.raises(LayoutError, match="--seq-length 262142 must be a multiple of 16 under --context-parallel-size 2"):
+        validate_layout(PlanConfig(**{**cfg.__dict__, "context_parallel_size": 2, "seq_length": 262142}))

@@ -90,3 +90,19 @@ def test_per_source_sums_split_the_token_loss():
     assert not torch.equal(rep2["source loss"], sums)
     # no source, no per-source report (plain runs are unchanged)
     assert "source loss" not in masked_loss(losses, mask)[2]
+
+def test_sample_weighting_from_segment_ids_equals_cu_seqlens():
+    """The context-parallel path (segment of every local token, as split_batch_for_cp gives it)
+    is the same computation as segments from cu_seqlens."""
+    import torch
+
+    from megatron_pack.training.loss import masked_loss
+
+    losses = torch.tensor([[0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.7, 0.9]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    cu = torch.tensor([0, 2, 6, 8, -1], dtype=torch.int32)
+    a = masked_loss(losses, mask, "sample", cu, 4)
+    seg = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2]])
+    perm = torch.tensor([6, 2, 0, 7, 3, 1, 5, 4])  # any token order, as CP chunks reorder them
+    b = masked_loss(losses[:, perm], mask[:, perm], "sample", None, 4, segment_ids=seg[:, perm])
+    assert abs(float(a[0]) - 0.6) < 1e-6 and abs(float(b[0]) - 0.6) < 1e-6 and int(a[1]) == int(b[1]) == 2

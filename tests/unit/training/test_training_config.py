@@ -52,6 +52,9 @@ def test_defaults_and_round_trip():
     (BASE + ["--valid-fraction", "1.0"], "--valid-fraction"),
     (BASE + ["--no-document-mask", "--loss-weighting", "sample"], "--loss-weighting sample"),
     (BASE + ["--sequence-parallel"], "--sequence-parallel"),
+    (BASE + ["--pack-mode", "padding:pad_to=longest", "--pipeline-model-parallel-size", "2"],
+     "--pack-mode padding:pad_to=longest"),
+    (BASE + ["--pack-mode", "greedy:chunk=x"], "--pack-mode"),
     (BASE + ["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--train-iters", "3"], "--data-path"),
 ])
@@ -101,3 +104,38 @@ def test_warmup_steps():
     assert warmup_steps(OptimArgs(lr_warmup_fraction=0.2), 100) == 20
     assert warmup_steps(OptimArgs(lr_warmup_iters=7), 100) == 7
     assert warmup_steps(OptimArgs(lr_warmup_iters=700), 100) == 100
+
+
+def test_balance_batches_flag_and_default():
+    from types import SimpleNamespace
+
+    from megatron_pack.model.presets import get_preset
+    from megatron_pack.training.loop import _balancer
+
+    assert parse_args(BASE).train.balance_batches is None
+    assert parse_args(BASE + ["--balance-batches"]).train.balance_batches is True
+    off = parse_args(BASE + ["--no-balance-batches"])
+    assert off.train.balance_batches is False and parse_args(to_argv(off)).train.balance_batches is False
+    st = lambda dp, pp: SimpleNamespace(dp_size=dp, pp_size=pp, tp_size=1, cp_size=1)  # noqa: E731
+    tiny, t = get_preset("tiny"), parse_args(BASE).train
+    assert [_balancer(t, tiny, 256, st(*s)).enabled for s in ((1, 1), (2, 1), (1, 2))] == [False, True, True]
+    assert _balancer(off.train, tiny, 256, st(2, 1)).enabled is False
+    assert _balancer(parse_args(BASE + ["--balance-batches"]).train, tiny, 256, st(1, 1)).enabled is True
+def test_context_parallel_flags_and_bad_input(capsys):
+    cfg = parse_args(BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--seq-length", "4096"])
+    assert (cfg.parallel.context_parallel_size, cfg.parallel.cp_comm_type) == (2, "a2a")
+    bad = [
+        (["--context-parallel-size", "2", "--seq-length", "4098"],
+         "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2"),
+        (["--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
+          "--seq-length", "4100"], "--seq-length: 4100 must be a multiple of 8"),  # lcm(2*CP, TP*CP)
+        (["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
+         "--cp-comm-type: allgather does not take packed"),
+    ]
+    for argv, msg in bad:
+        with pytest.raises(SystemExit):
+            parse_args(BASE + argv)
+        assert msg in capsys.readouterr().err, msg
+    cfg = parse_args(BASE + ["--context-parallel-size", "3", "--global-batch-size", "4", "--seq-length", "4098"])
+    with pytest.raises(ConfigError, match="context-model-parallel-size: TP\\*PP\\*CP = 1\\*1\\*3 = 3 does not divide"):
+        cfg.resolve(4)
