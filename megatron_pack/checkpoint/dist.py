@@ -25,6 +25,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.layout import MARKER, iter_dir, latest_iteration
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
+from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.model.state_keys import unwrap
 
 
@@ -130,9 +131,10 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
     path = iter_dir(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is missing")
+    sharded, common = safe_load_strategies(path)  # reads .metadata through the allow-list first
     _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)
     unwrap(model).load_state_dict(loaded["model"])
     with torch.no_grad():  # the dp_reshardable loader copies into fp32 views of leaf params
         optimizer.load_state_dict(loaded["optimizer"])
@@ -141,7 +143,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
     rank, _ = _dist()
     rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_torch_load(rng_file))
     else:
         warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
     return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),
