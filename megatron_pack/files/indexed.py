@@ -117,14 +117,22 @@ class SFTConversation:
 
 
 class SFTIndexedDataset:
-    """Memory-mapped reader over the three parts, via Megatron-Core's ``IndexedDataset``."""
+    """Memory-mapped reader over the three parts, via Megatron-Core's ``IndexedDataset``.
 
-    def __init__(self, prefix: str):
+    ``validate`` (default) checks the files first (:mod:`megatron_pack.files.indexed_check`:
+    dtypes, pointers and sizes, mask values, turn offsets); token ids against the model's
+    vocabulary are :meth:`check_vocab`, called once per run by training."""
+
+    def __init__(self, prefix: str, validate: bool = True):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing {missing}")
+        if validate:
+            from megatron_pack.files.indexed_check import validate_dataset
+
+            validate_dataset(prefix, tuple(zip(PART_SUFFIXES, PART_DTYPES)))
         self.prefix = prefix
         self.tokens = IndexedDataset(prefix)
         self.loss_mask = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
@@ -136,6 +144,13 @@ class SFTIndexedDataset:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`~megatron_pack.files.indexed_check.DatasetError` naming the document
+        when a token id is negative or ``>= vocab_size``."""
+        from megatron_pack.files.indexed_check import check_token_ids
+
+        check_token_ids(self.prefix, vocab_size, self.tokens.sequence_lengths)
 
     @property
     def lengths(self) -> np.ndarray:
