@@ -19,11 +19,12 @@ import time
 import torch
 
 from megatron_pack.checkpoint.dist import save_checkpoint
+from megatron_pack.checkpoint.integrity import acquire_save_lock
 from megatron_pack.checkpoint.signals import SignalHandler
 from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_iters
 from megatron_pack.training.config import TrainConfig
 from megatron_pack.training.logging import TrainingLogger, is_main_logger
-from megatron_pack.training.restore import data_signature, restore
+from megatron_pack.training.restore import architecture_record, data_signature, restore
 from megatron_pack.training.setup import resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import NonFiniteLossError, StepContext, evaluate, train_step  # noqa: F401
 
@@ -61,6 +62,7 @@ def _run(config: TrainConfig, st) -> dict:
     bf16 = config.model.bf16 if config.model.bf16 is not None else use_cuda
     log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, config.logging.tensorboard_dir,
                          config.logging.log_file)
+    lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
 
     ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)
     t, ck = config.train, config.checkpoint
@@ -69,7 +71,9 @@ def _run(config: TrainConfig, st) -> dict:
     preset = get_preset(config.model.model)
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
-    scheduler = build_scheduler(optimizer, config.optim, total_iters)
+    scheduler = build_scheduler(optimizer, config.optim, total_iters,
+                                override=config.checkpoint.override_opt_param_scheduler,
+                                use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
@@ -86,11 +90,12 @@ def _run(config: TrainConfig, st) -> dict:
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda)
-    run_config = dataclasses.asdict(config)
+    run_config = dict(dataclasses.asdict(config), architecture=architecture_record(preset, vocab))
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),
-                               extra={"data_signature": signature}, run_config=run_config)
+                               extra={"data_signature": signature}, run_config=run_config,
+                               checksums=ck.checkpoint_checksums)
 
     def validate(it):
         loss, count = evaluate(ctx, ds.valid, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size,
@@ -140,6 +145,8 @@ def _run(config: TrainConfig, st) -> dict:
     finally:
         if handler:
             handler.__exit__(None, None, None)
+        if lock:
+            lock.release()
         log.close()
     return _results(history, iteration=iteration, train_iters=total_iters, exit_reason=exit_reason,
                     valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(ds.train),
