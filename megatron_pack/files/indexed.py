@@ -145,6 +145,21 @@ class SFTIndexedDataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def supervised_counts(self) -> np.ndarray:
+        """Per conversation, the trained targets: ``loss_mask[1:]`` summed (int64; one pass over
+        the mask file, cached)."""
+        if getattr(self, "_supervised", None) is None:
+            lengths = self.tokens.sequence_lengths.astype(np.int64)
+            out = np.zeros(lengths.size, dtype=np.int64)
+            if lengths.sum():
+                mask = np.memmap(self.prefix + LOSS_MASK_SUFFIX + ".bin", mode="r", dtype=np.uint8)
+                nonempty = np.flatnonzero(lengths)
+                starts = (np.cumsum(lengths) - lengths)[nonempty]
+                # segments run from one non-empty conversation's start to the next one's
+                out[nonempty] = np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]
+            self._supervised = out
+        return self._supervised
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise :class:`~megatron_pack.files.indexed_check.DatasetError` naming the document
         when a token id is negative or ``>= vocab_size``."""
