@@ -82,6 +82,9 @@ def _run(config: TrainConfig, st) -> dict:
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
               f"efficiency {ds.train.plan.efficiency:.2%}; {total_iters} steps")
 
+    if ds.train.plan.stats.unsupervised_items:
+        log.print(f"> {ds.train.plan.stats.unsupervised_items} training items without a supervised token after "
+                  f"truncation left out ({ds.train.plan.stats.unsupervised_tokens} tokens)")
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log)
@@ -124,6 +127,8 @@ def _run(config: TrainConfig, st) -> dict:
             rec.update({"seconds": time.perf_counter() - t0, "real tokens": stats["real_tokens"],  # incl. data
                         "capacity": stats["capacity"], "samples": stats["samples"]})
             history.append(rec)
+            if rec.get("note"):
+                log.print(f"> {rec['note']}")
             if iteration % config.logging.log_interval == 0 or iteration == stop_at:
                 log_step(log, rec, stream.pos.consumed_samples, t.global_batch_size)
             if t.eval_interval and iteration % t.eval_interval == 0 and iteration < total_iters:
