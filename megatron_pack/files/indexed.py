@@ -130,8 +130,9 @@ class SFTIndexedDataset:
         if missing:
             raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing {missing}")
         if validate:
-            from megatron_pack.files.indexed_check import validate_dataset
+            from megatron_pack.files.indexed_check import check_summary, validate_dataset
 
+            check_summary(prefix, dataset_files(prefix))
             validate_dataset(prefix, tuple(zip(PART_SUFFIXES, PART_DTYPES)))
         self.prefix = prefix
         self.tokens = IndexedDataset(prefix)

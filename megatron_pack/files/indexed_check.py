@@ -25,10 +25,15 @@ Every failure names the file, the document and the reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
 
 import numpy as np
+
+#: Preprocessing's summary beside the dataset: written last, it names the files it vouches for.
+SUMMARY_SUFFIX = "_summary.json"
 
 _HEADER = b"MMIDIDX\x00\x00"
 _CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -168,3 +173,42 @@ def check_token_ids(prefix: str, vocab_size: int, lengths: np.ndarray | None = N
     doc = _document_of(np.cumsum(lengths, dtype=np.int64), j)
     raise DatasetError(f"{path}: document {doc}: token id {tokens[j]} outside the model's vocabulary of "
                        f"{vocab_size} (--vocab-size / --tokenizer-model too small, or the wrong tokenizer)")
+
+
+def dataset_manifest(files) -> dict:
+    """``{basename: {"bytes": size[, "sha256": ...]}}`` for the dataset's ``files``; the ``.idx``
+    files (small: 20 bytes per conversation) are hashed, the ``.bin`` files sized."""
+    out = {}
+    for f in files:
+        entry = {"bytes": os.path.getsize(f)}
+        if f.endswith(".idx"):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            entry["sha256"] = h.hexdigest()
+        out[os.path.basename(f)] = entry
+    return out
+
+
+def check_summary(prefix: str, files) -> None:
+    """A dataset with a preprocessing summary must be the one the summary vouches for: a run
+    killed between renaming a new dataset in and writing its summary, or a dataset copied over
+    another, is refused. Datasets without a summary (written by the library directly) pass."""
+    path = prefix + SUMMARY_SUFFIX
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            vouched = json.load(f).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{path}: unreadable preprocessing summary ({type(e).__name__}: {e})") from None
+    if vouched is None:
+        return  # a summary from before summaries named their files
+    now = dataset_manifest(files)
+    for name, have in now.items():
+        want = vouched.get(name) if isinstance(vouched, dict) else None
+        if want != have:
+            raise DatasetError(f"{path}: vouches for {name} as {want}, the file is {have}: the dataset and its "
+                               "summary come from different preprocessing runs (one interrupted?); "
+                               "re-run preprocessing")
