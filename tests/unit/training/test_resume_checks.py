@@ -93,3 +93,23 @@ def test_both_scheduler_flags_refused():
     with pytest.raises(ConfigError, match="exclude each other"):
         CheckpointArgs(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True)
     assert isinstance(OptimizerParamScheduler, type)
+
+
+def test_training_setup_checks_token_ids_once_against_the_vocabulary(tmp_path):
+    from megatron_pack.files.indexed import SFTDatasetWriter
+    from megatron_pack.files.indexed_check import DatasetError
+    from megatron_pack.training.config import DataArgs, ModelArgs, TrainArgs, TrainConfig
+    from megatron_pack.training.setup import resolve_vocab_size
+
+    prefix = str(tmp_path / "d")
+    with SFTDatasetWriter(prefix) as w:
+        w.add([1, 2, 3], [0, 1, 1], [0])
+        w.add([4, 300, 5], [0, 1, 1], [0])
+
+    def config(vocab):
+        return TrainConfig(model=ModelArgs(vocab_size=vocab), data=DataArgs(data_path=prefix),
+                           train=TrainArgs(train_iters=1))
+
+    assert resolve_vocab_size(config(301), get_preset("tiny")) == 301  # negative control
+    with pytest.raises(DatasetError, match=r"d.bin: document 1: token id 300 outside the model's vocabulary of 256"):
+        resolve_vocab_size(config(256), get_preset("tiny"))
