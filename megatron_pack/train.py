@@ -9,7 +9,7 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
 Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
-2 on a bad command line.
+2 on a bad command line or a refused input (dataset, checkpoint, --save in use).
 """
 
 from __future__ import annotations

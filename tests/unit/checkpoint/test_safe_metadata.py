@@ -115,15 +115,20 @@ def test_common_pt_and_rng_refused_even_with_force_no_weights_only(tmp_path):
     marker = tmp_path / "PWNED"
     _malicious_torch_file(tmp_path / "common.pt", marker)
     code = """
-        from megatron_pack.checkpoint.safe_metadata import safe_torch_load
+        import warnings, torch, torch.distributed.checkpoint as dcp
+        from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
         from megatron_pack.checkpoint.layout import CheckpointError
-        try:
-            safe_torch_load('common.pt')
-        except CheckpointError as e:
-            print('REFUSED', e)
+        warnings.simplefilter('ignore')
+        dcp.save({'w': torch.zeros(2)}, storage_writer=dcp.FileSystemWriter('.'), no_dist=True)
+        for load in (lambda: safe_torch_load('common.pt'),  # RNG files, our own reads
+                     lambda: safe_load_strategies('.')[1].load_common('.')):  # Megatron's common.pt read
+            try:
+                load()
+            except CheckpointError as e:
+                print('REFUSED', e)
     """
     r = run_py(code, tmp_path, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    assert "REFUSED" in r.stdout and "common.pt" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("REFUSED") == 2 and "common.pt" in r.stdout, r.stdout + r.stderr
     assert not marker.exists()
     # negative control: Megatron-Core's own call (torch.load without weights_only) runs it
     r = run_py("import torch; torch.load('common.pt', map_location='cpu')", tmp_path,
