@@ -73,6 +73,10 @@ class PlanStats:
     split_items: int = 0  # items split across sequences by the mode (``random``)
     unsupervised_items: int = 0  # items left with no supervised token (after truncation): not packed
     unsupervised_tokens: int = 0
+    # Dropped by the mode itself (the paper-code variants ``greedy:chunk=N``/``random:chunk=N``:
+    # over-long conversations, chunk remainders); already included in ``dropped_*``.
+    mode_dropped_docs: int = 0  # conversations of which no token was placed
+    mode_dropped_tokens: int = 0
 
 
 @dataclass
@@ -245,7 +249,11 @@ def build_plan(
     them has no token to average over.
     """
     mode = get_mode(mode)
-    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
+    if mode.keeps_overlong:  # the paper-code variants see every conversation whole
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        items, stats = apply_overlong(lengths, max(max_seq_length, int(lengths.max(initial=1))), "truncate")
+    else:
+        items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
     if supervised is not None and len(items):
         items = drop_unsupervised(items, stats, supervised)
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
@@ -256,6 +264,13 @@ def build_plan(
         pieces[:, 2] = pieces[:, 1] + np.asarray(hi)
         pieces[:, 1] += np.asarray(lo)
     stats.split_items = int(split)
+    if mode.keeps_overlong:
+        placed = int((pieces[:, 2] - pieces[:, 1]).sum())
+        stats.mode_dropped_tokens = stats.placed_tokens - placed
+        stats.mode_dropped_docs = int(items.shape[0] - np.unique(pieces[:, 0]).size)
+        stats.dropped_tokens += stats.mode_dropped_tokens
+        stats.dropped_docs += stats.mode_dropped_docs
+        stats.placed_tokens = placed
     return PackingPlan(
         pieces=np.ascontiguousarray(pieces),
         seq_offsets=np.asarray(seq_offsets, dtype=np.int64),

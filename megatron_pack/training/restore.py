@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from megatron_pack.checkpoint.dist import load_checkpoint, saved_run_config
@@ -19,29 +18,38 @@ def data_signature(config: TrainConfig) -> dict:
 
 
 def architecture_record(preset, vocab_size: int) -> dict:
-    """What run_config.json records of the network: every preset field, vocabulary resolved."""
-    return dataclasses.asdict(preset.with_vocab(vocab_size))
+    """What run_config.json records of the network (every architecture field, vocabulary resolved)."""
+    return preset.with_vocab(vocab_size).to_dict()
 
 
 def check_architecture(saved: dict | None, preset, vocab_size: int, where: str) -> None:
-    """Refuse a checkpoint whose recorded architecture differs from this run's, naming both values.
-    Compared field by field over the preset dataclass (fields a checkpoint predates are skipped)."""
+    """Refuse a checkpoint whose recorded architecture differs from this run's, naming both values:
+    the structural fields (:func:`megatron_pack.model.architecture.architecture_differences`, so new
+    fields are compared as they are added) and the vocabulary (rows would be copied and the rest
+    left zero)."""
+    from megatron_pack.model.architecture import architecture_differences, architecture_from_dict
+
     if not saved:
         return
-    now = architecture_record(preset, vocab_size)
     rec = saved.get("architecture")
-    if not isinstance(rec, dict):  # written before the record existed: the flags are all there is
-        model = saved.get("model", {}) if isinstance(saved.get("model"), dict) else {}
-        rec = {"name": model.get("model")}
-        if model.get("vocab_size"):
-            rec["vocab_size"] = model["vocab_size"]
-    diff = [(k, rec[k], v) for k, v in now.items() if k in rec and rec[k] is not None and rec[k] != v
-            and k != "name"]
-    if not diff and rec.get("name") not in (None, now["name"]) and "num_layers" not in rec:
-        diff = [("name", rec["name"], now["name"])]
+    if isinstance(rec, dict):
+        try:
+            diff = architecture_differences(architecture_from_dict(rec), preset)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: run_config.json records an unreadable architecture ({e})") from None
+        if rec.get("vocab_size") is not None and rec["vocab_size"] != vocab_size:
+            diff["vocab_size"] = (rec["vocab_size"], vocab_size)
+    else:  # written before the record existed: the flags are all there is
+        model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+        diff = {}
+        if model.get("model") not in (None, preset.name):
+            diff["name"] = (model["model"], preset.name)
+        if model.get("vocab_size") and model["vocab_size"] != vocab_size:
+            diff["vocab_size"] = (model["vocab_size"], vocab_size)
     if diff:
-        flags = {"vocab_size": "--vocab-size/--tokenizer-model", "name": "--model"}
-        text = "; ".join(f"{k} {a!r} in the checkpoint, {b!r} now ({flags.get(k, '--model')})" for k, a, b in diff)
+        flags = {"vocab_size": "--vocab-size/--tokenizer-model"}
+        text = "; ".join(f"{k} {a!r} in the checkpoint, {b!r} now ({flags.get(k, '--model')})"
+                         for k, (a, b) in diff.items())
         raise ConfigError(f"{where}: the checkpoint's architecture differs from this run's: {text}. "
                           "Use the settings it was trained with.")
 
