@@ -72,10 +72,15 @@ def resolve_architecture(config: TrainConfig):
 
 
 def resolve_vocab_size(config: TrainConfig, preset) -> int:
-    """The run's unpadded vocabulary (:mod:`megatron_pack.model.vocab` has the rule)."""
+    """The run's unpadded vocabulary (:mod:`megatron_pack.model.vocab` has the rule), after
+    checking once that every token id of the dataset lies below it (an id past the embedding
+    fails at some step; one in the TP padding rows trains to NaN)."""
+    from megatron_pack.files.indexed_check import check_token_ids
     from megatron_pack.model.vocab import resolve_vocab_size as rule
 
-    return rule(config.model.vocab_size, config.model.tokenizer_model, preset, config.data.data_path)
+    vocab = rule(config.model.vocab_size, config.model.tokenizer_model, preset, config.data.data_path)
+    check_token_ids(config.data.data_path, vocab)
+    return vocab
 
 
 def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16: bool, use_cuda: bool):
