@@ -9,7 +9,7 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
 Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
-2 on a bad command line.
+2 on a bad command line or a refused input (dataset, checkpoint, --save in use).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_pack.training.cli import parse_args
+    from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
+    from megatron_pack.files.indexed_check import DatasetError
     from megatron_pack.training.config import ConfigError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
         # train() checks again against the real process group.
         config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         train(config)
-    except (ConfigError, ConversionError) as e:  # batch divisibility; an import of another layout
+    except (ConfigError, ConversionError, DatasetError, CheckpointError) as e:  # bad settings or files
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:

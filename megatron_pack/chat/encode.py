@@ -142,6 +142,10 @@ class ChunkEncoder:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise RecordError("malformed_json", "nested too deeply to parse") from None
+        except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+            raise RecordError("malformed_json", str(exc).splitlines()[0][:200]) from None
         schema, messages = normalize_record(record)
         self.template.validate(messages)
         return schema, messages, self.template.render(messages)
@@ -157,14 +161,20 @@ class ChunkEncoder:
                 continue  # blank lines are not records
             try:
                 schema, messages, rendered = self.parse(file, line, raw)
-            except RecordError as err:
+            except Exception as err:  # one record never stops the run: every failure is a reject
+                reason, detail = ((err.reason, err.detail) if isinstance(err, RecordError)
+                                  else ("invalid_record", f"{type(err).__name__}: {str(err)[:200]}"))
                 record = raw.decode("utf-8", errors="replace").rstrip("\n")[:MAX_REJECT_RECORD_CHARS]
-                rejects.append(Reject(file, line, err.reason, err.detail, record))
+                rejects.append(Reject(file, line, reason, detail, record))
                 continue
             schemas[schema] = schemas.get(schema, 0) + 1
             convs.append(Conversation(file, line, messages, rendered))
         read = len(convs) + len(rejects)
-        tokens, mask, doc_off, turns, turn_off = self.encode_rendered([c.rendered for c in convs])
+        try:
+            tokens, mask, doc_off, turns, turn_off = self.encode_rendered([c.rendered for c in convs])
+        except Exception:  # the tokenizer failed on some record: find it, reject it, keep the rest
+            convs = self._encodable(convs, rejects)
+            tokens, mask, doc_off, turns, turn_off = self.encode_rendered([c.rendered for c in convs])
         result = ChunkResult(tokens, mask, doc_off, turns, turn_off, read, rejects, schemas)
         lengths = np.diff(doc_off)
         over = np.flatnonzero(lengths > self.max_len) if self.max_len else np.empty(0, dtype=np.int64)
@@ -172,6 +182,16 @@ class ChunkEncoder:
             self._apply_overlong(result, convs, over)
         result.rejects.sort(key=lambda r: (r.file, r.line))
         return result
+
+    def _encodable(self, convs: list, rejects: list) -> list:
+        keep = []
+        for c in convs:
+            try:
+                self.encode_rendered([c.rendered])
+                keep.append(c)
+            except Exception as err:
+                rejects.append(Reject(c.file, c.line, "tokenizer_error", f"{type(err).__name__}: {str(err)[:200]}", ""))
+        return keep
 
     def _apply_overlong(self, res: ChunkResult, convs: list, over: np.ndarray):
         """Replace each over-long conversation by the documents its policy returns."""
@@ -185,7 +205,13 @@ class ChunkEncoder:
                 docs.append((t, m, u))
                 continue
             res.overlong["over_max"] = res.overlong.get("over_max", 0) + 1
-            outcome = self.overlong.apply(self, convs[i], t, m, u, self.max_len)
+            try:
+                outcome = self.overlong.apply(self, convs[i], t, m, u, self.max_len)
+            except Exception as err:  # a piece that fails to re-render rejects this record only
+                from megatron_pack.chat.overlong import Outcome
+
+                outcome = Outcome(reject="invalid_record", message=f"--overlong {self.overlong.name}: "
+                                  f"{type(err).__name__}: {str(err)[:200]}")
             if outcome.reject:
                 c = convs[i]
                 res.rejects.append(Reject(c.file, c.line, outcome.reject, outcome.message, ""))

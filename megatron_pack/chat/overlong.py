@@ -80,27 +80,35 @@ class SplitChat:
             offset_of[msg_idx] = off
         bounds = [min((off for mi, off in offset_of.items() if mi >= s), default=len(tokens)) for s in starts]
         bounds.append(len(tokens))
-        preamble = bounds[0]
-        groups, cur, cur_len = [], [], preamble
-        for e in range(len(starts)):
-            n = bounds[e + 1] - bounds[e]
-            if cur and cur_len + n > max_len:
-                groups.append(cur)
-                cur, cur_len = [], preamble
-            cur.append(e)
-            cur_len += n
-        groups.append(cur)
+        size = [bounds[e + 1] - bounds[e] for e in range(len(starts))]
         docs, counts = [], {"split": 1}
-        for g in groups:
-            end = starts[g[-1] + 1] if g[-1] + 1 < len(starts) else len(messages)
-            piece = system + messages[starts[g[0]]:end]
-            try:
-                encoder.template.validate(piece)
-                t, m, u = render_messages(encoder, piece)
-            except RecordError:
+        e = 0
+        while e < len(starts):
+            # Greedy group by the lengths measured in the full render, then re-render it; the
+            # estimate can be short (a BOS the full render counted in the first exchange is
+            # re-added to every piece), so a group that renders too long gives back its last
+            # exchange instead of being truncated (which would cut its final end-of-turn token).
+            stop, est = e + 1, bounds[0] + size[e]
+            while stop < len(starts) and est + size[stop] <= max_len:
+                est += size[stop]
+                stop += 1
+            while True:
+                end = starts[stop] if stop < len(starts) else len(messages)
+                piece = system + messages[starts[e]:end]
+                try:
+                    encoder.template.validate(piece)
+                    t, m, u = render_messages(encoder, piece)
+                except RecordError:
+                    t = None
+                    break
+                if len(t) <= max_len or stop - e == 1:
+                    break
+                stop -= 1
+            e = stop
+            if t is None:
                 counts["pieces_invalid"] = counts.get("pieces_invalid", 0) + 1
                 continue
-            if len(t) > max_len:
+            if len(t) > max_len:  # one exchange alone is too long: keep its head
                 t, m, u = truncate(t, m, u, max_len)
                 counts["pieces_truncated"] = counts.get("pieces_truncated", 0) + 1
             if not np.any(m):

@@ -28,7 +28,8 @@ import numpy as np
 
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.chat.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
-from megatron_pack.files.indexed import SFTDatasetWriter, dataset_files
+from megatron_pack.files.indexed import SFTDatasetWriter, dataset_exists, dataset_files
+from megatron_pack.files.indexed_check import dataset_manifest
 from megatron_pack.chat.overlong import overlong_policy
 from megatron_pack.chat.templates import TEMPLATES, auto_template_name, build_template
 from megatron_pack.chat.tokenizer import load_tokenizer
@@ -90,6 +91,33 @@ def _check_paths(cfg: PreprocessConfig):
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"{cfg.output_prefix}: output directory {out_dir} does not exist")
+
+
+def remove_stale_temps(prefix: str) -> list[str]:
+    """Delete ``PREFIX*.tmp-PID*`` files left by runs that were killed (their PID is gone);
+    a live run's files are left alone. Returns what was removed."""
+    import glob
+    import re
+
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + "*.tmp-*"):
+        m = re.search(r"\.tmp-(\d+)", path[len(prefix):])
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # alive (this host): another run in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def _chunks(inputs, chunk_size, on_bytes) -> Iterator[list]:
@@ -219,6 +247,7 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     _check_paths(cfg)
+    remove_stale_temps(cfg.output_prefix)
     tokenizer = load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     template_name = cfg.chat_template if cfg.chat_template != "auto" else auto_template_name(tokenizer)
     encoder = _make_encoder(cfg, tokenizer)
@@ -257,12 +286,20 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 bar.set_postfix(conversations=counts["read"], rejected=sum(reasons.values()), refresh=False)
             bar.close()
             if writer.num_conversations == 0:
-                # An empty indexed dataset cannot even be memory-mapped: fail, keep the rejects.
+                # An empty indexed dataset cannot even be memory-mapped: fail, keep the rejects --
+                # beside an older dataset under another name, so its own rejects stay with it.
                 rej.close()
-                os.replace(rejects_tmp, paths["rejects"])
+                where = paths["rejects"]
+                if dataset_exists(cfg.output_prefix):
+                    where = cfg.output_prefix + "_rejects.failed.jsonl"
+                os.replace(rejects_tmp, where)
                 raise PreprocessError(
                     f"{', '.join(cfg.inputs)}: no usable conversation ({counts['read']} read, rejected: "
-                    f"{dict(sorted(reasons.items()))}); see {paths['rejects']}")
+                    f"{dict(sorted(reasons.items()))}); see {where}")
+            # The summary is the commit point: the old one goes before the new dataset is renamed
+            # in, the new one (naming the files it vouches for) is written last.
+            if os.path.exists(paths["summary"]):
+                os.remove(paths["summary"])
         os.replace(rejects_tmp, paths["rejects"])
     except BaseException:
         bar.close()
@@ -294,6 +331,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "length": _length_stats(lengths),
         "overlong": {"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))},
         "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
+        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
     }
     if cfg.plot:
         _plot(lengths, cfg.max_seq_length, paths["histogram"] + tmp,

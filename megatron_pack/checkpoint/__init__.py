@@ -5,6 +5,7 @@
     rng            per-rank RNG state (tensors only)
     signals        SIGTERM -> save at the step boundary
     safe_metadata  the restricted unpickler every dist checkpoint is read through first
+    integrity      checksum manifest, one run per --save (flock), forked writers die with the run
     dist_reader    one tensor / one layer at a time from a dist checkpoint (no process group)
     imported       the hf-to-megatron import format and loading it into a model
 

@@ -11,11 +11,15 @@ Layout (Megatron-LM's names, so its tooling recognises the directory)::
 
 Every rank writes into ``iter_N.tmp``; rank 0 renames it to ``iter_N`` and then rewrites
 the marker (temp file + rename), so a crash mid-save leaves the previous checkpoint as
-the latest one.
+the latest one. Re-saving an existing ``iter_N`` moves the old one to ``iter_N.old`` first and
+deletes it only after the marker is written; a reader finding ``iter_N`` missing but
+``iter_N.old`` present puts it back (:func:`megatron_pack.checkpoint.layout.recover_iteration`),
+so the marker never points at nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -23,8 +27,10 @@ import warnings
 import torch
 
 from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.checkpoint.layout import MARKER, iter_dir, latest_iteration
+from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
+from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
+from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.model.state_keys import unwrap
 
 
@@ -85,10 +91,12 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
-                    extra: dict | None = None, run_config: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
+                    extra: dict | None = None, run_config: dict | None = None, checksums: bool = False) -> str:
+    """Collective: every rank calls it. Returns the final directory. ``checksums``: write a
+    SHA-256 manifest of the iteration's files (checked by :func:`load_checkpoint`)."""
     from megatron.core import dist_checkpointing
 
+    children_die_with_parent()  # Megatron's writer forks; a SIGKILLed run must not leave them behind
     rank, barrier = _dist()
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
@@ -108,40 +116,74 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     if rank == 0:
         if run_config is not None:
             write_json_atomic(run_config, os.path.join(tmp, "run_config.json"), default=str)
-        if os.path.isdir(final):  # re-saving the same step (resumed run): replace it
-            shutil.rmtree(final)
+        if checksums:
+            write_manifest(tmp)  # last: it vouches for everything above
+        old = final + ".old"
+        if os.path.isdir(final):  # re-saving the same step (resumed run): set the old one aside
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         marker_tmp = os.path.join(root, MARKER + ".tmp")
         with open(marker_tmp, "w") as f:
             f.write(f"{iteration}\n")
         os.replace(marker_tmp, os.path.join(root, MARKER))
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler) -> dict | None:
+def saved_run_config(path: str) -> dict | None:
+    """The ``run_config.json`` of an iteration directory (None when absent)."""
+    f = os.path.join(path, "run_config.json")
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f) as fh:
+            rc = json.load(fh)
+    except ValueError as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    if not isinstance(rc, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return rc
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=None, check_scheduler=None,
+                    verify_checksums: bool = False) -> dict | None:
     """Restore the latest checkpoint under ``root`` into model, optimizer, scheduler and the
-    RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none."""
+    RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none.
+
+    Order: ``.metadata`` through the allow-list, then the checksum manifest (``verify_checksums``),
+    then ``check_run_config(saved run_config or None, path)`` -- all before any weight is read --
+    and ``check_scheduler(saved scheduler state)`` before the scheduler takes it. The hooks raise
+    to refuse."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
     if iteration is None:
         return None
-    path = iter_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is missing")
+    path = recover_iteration(root, iteration)
+    sharded, common = safe_load_strategies(path)  # reads .metadata through the allow-list first
+    if verify_checksums:
+        if has_manifest(path):
+            verify_manifest(path)
+        else:
+            warnings.warn(f"{path}: no checksum manifest (saved without --checkpoint-checksums); not verified")
+    if check_run_config is not None:
+        check_run_config(saved_run_config(path), path)
     _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)
     unwrap(model).load_state_dict(loaded["model"])
     with torch.no_grad():  # the dp_reshardable loader copies into fp32 views of leaf params
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer, loaded["optimizer"])
+    if check_scheduler is not None:
+        check_scheduler(loaded["scheduler"])
     scheduler.load_state_dict(loaded["scheduler"])
     rank, _ = _dist()
     rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_torch_load(rng_file))
     else:
         warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
     return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
-from megatron_pack.checkpoint.safe_metadata import check_dist_metadata
+from megatron_pack.checkpoint.safe_metadata import SafeBytesMixin, read_dist_metadata, safe_load_strategies, safe_reader
 from megatron_pack.model import state_keys as K
 
 
@@ -20,7 +20,7 @@ def _slice_planner_cls():
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    class SlicePlanner(DefaultLoadPlanner):
+    class SlicePlanner(SafeBytesMixin, DefaultLoadPlanner):
         """Reads a box of each requested global tensor (``offsets`` + the destination's shape) in a
         single process: Megatron-Core's loader assumes each rank owns its part of a regular grid
         and cannot ask a world of one for one layer of a stacked tensor."""
@@ -53,12 +53,11 @@ class DistCheckpointReader:
     LAYER_PREFIX = "decoder.layers."
 
     def __init__(self, iter_path: str):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        check_dist_metadata(iter_path)
+        self._metadata = read_dist_metadata(iter_path)  # before anything else reads the directory
         self.path = iter_path
-        md = FileSystemReader(iter_path).read_metadata().state_dict_metadata
+        md = self._metadata.state_dict_metadata
         self.meta = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)
                      and not k.startswith("optimizer")}
         needed = [K.MEG_EMBEDDING, K.MEG_FINAL_NORM] + [self.LAYER_PREFIX + n for n in K.MEGATRON_LAYER_NAMES]
@@ -81,7 +80,7 @@ class DistCheckpointReader:
         import torch.distributed.checkpoint as dcp
 
         out = {k: torch.empty(shape, dtype=self.dtype(k)) for k, (_, shape) in boxes.items()}
-        dcp.load(out, storage_reader=dcp.FileSystemReader(self.path),
+        dcp.load(out, storage_reader=safe_reader(self.path, self._metadata),
                  planner=_slice_planner_cls()({k: off for k, (off, _) in boxes.items()}), no_dist=True)
         return out
 
@@ -108,8 +107,9 @@ def load_model_from_dist_checkpoint(path: str, model) -> str:
     from megatron.core import dist_checkpointing
 
     d = resolve_iteration_dir(path)
-    check_dist_metadata(d)
+    sharded, common = safe_load_strategies(d)  # reads .metadata through the allow-list first
     bare = K.unwrap(model)
-    loaded = dist_checkpointing.load({"model": bare.sharded_state_dict()}, d)
+    loaded = dist_checkpointing.load({"model": bare.sharded_state_dict()}, d, sharded_strategy=sharded,
+                                     common_strategy=common)
     bare.load_state_dict(loaded["model"])
     return d

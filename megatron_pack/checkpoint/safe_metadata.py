@@ -1,11 +1,27 @@
-"""The one place a checkpoint's pickled metadata is read: a restricted unpickler.
+"""The one place a checkpoint's pickled parts are read: a restricted unpickler and the readers
+built on it.
 
-torch.distributed.checkpoint stores its index (``.metadata``) as a pickle and unpickles it
-on load; every path that opens a dist checkpoint reads it here first.
+torch.distributed.checkpoint keeps its index (``.metadata``) as a pickle and unpickles it with
+plain ``pickle.load`` (any ``__reduce__`` runs); Megatron-Core reads ``common.pt`` with
+``torch.load`` whose ``weights_only`` default the environment can turn off
+(``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``); DCP's default load planner unpickles byte items with
+``weights_only=False``. Every path that opens a dist checkpoint (``--load``,
+``--pretrained-checkpoint``, ``megatron-to-hf``) goes through this module instead:
+
+* :func:`read_dist_metadata` unpickles ``.metadata`` allowing exact ``(module, name)`` pairs
+  (DCP's own dataclasses, ``torch.Size``, dtypes), never a dotted name (protocol 4 resolves
+  ``STACK_GLOBAL('torch.distributed.checkpoint.filesystem', 'os.system')`` through attributes);
+* :class:`SafeFileSystemReader` hands DCP that already-checked object, so torch never unpickles
+  the file itself (nothing can swap the bytes between the check and the load);
+* :func:`safe_torch_load` passes ``weights_only=True`` explicitly (the environment variable only
+  overrides an unset argument), and :func:`safe_load_strategies` gives Megatron-Core's
+  ``dist_checkpointing.load`` a common strategy and a planner that do the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 
@@ -13,33 +29,152 @@ import torch
 
 from megatron_pack.checkpoint.layout import CheckpointError
 
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                 "torch.distributed.checkpoint.planner")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                 ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+_DCP = "torch.distributed.checkpoint"
+# Every global a torch_dist checkpoint written by Megatron-Core 0.16 / torch 2.x holds.
+_ALLOWED = frozenset(
+    [(f"{_DCP}.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                       "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                       "_MEM_FORMAT_ENCODING")]
+    + [(f"{_DCP}.filesystem", n) for n in ("_StorageInfo", "_StoragePrefix")]
+    + [(f"{_DCP}.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                        "BytesIOWriteData")]
+    + [("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+       ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")]
+    + [("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)]
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        ok = module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS or (
-            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
-        if not ok:
-            raise CheckpointError(f"checkpoint metadata references {module}.{name}, which a torch_dist checkpoint "
+        if "." in name or (module, name) not in _ALLOWED:
+            raise CheckpointError(f"checkpoint metadata references {module}:{name}, which a torch_dist checkpoint "
                                   "never holds; refusing to load it")
         return super().find_class(module, name)
 
 
-def check_dist_metadata(iter_path: str) -> None:
-    """torch.distributed.checkpoint keeps its index (``.metadata``) as a pickle and unpickles it on
-    load. Unpickle it first with an allow-list of DCP's own classes: the stream is the same bytes,
-    so if this passes, torch's load constructs nothing else."""
+def read_dist_metadata(iter_path: str):
+    """``iter_path/.metadata`` unpickled with the allow-list; :class:`CheckpointError` names the
+    file and the reason when it holds anything else or is unreadable."""
     path = os.path.join(iter_path, ".metadata")
     if not os.path.isfile(path):
         raise CheckpointError(f"{iter_path}: no .metadata (not a torch_dist checkpoint directory)")
     with open(path, "rb") as f:
+        data = f.read()
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # truncated or corrupt
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not torch.distributed.checkpoint Metadata")
+    return md
+
+
+def check_dist_metadata(iter_path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``.metadata`` passes :func:`read_dist_metadata`."""
+    read_dist_metadata(iter_path)
+
+
+def safe_torch_load(path, **kw):
+    """``torch.load`` with ``weights_only=True`` passed explicitly, so
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment cannot turn code execution back on."""
+    kw.pop("weights_only", None)
+    try:
+        return torch.load(path, weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused (only tensors and plain values are loaded): "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+def _safe_reader_cls():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's reader, but the index comes from :func:`read_dist_metadata` (read once, then
+        cached: the object checked is the object used)."""
+
+        def __init__(self, path, metadata=None):
+            super().__init__(path)
+            self._checked = metadata if metadata is not None else read_dist_metadata(str(path))
+
+        def read_metadata(self, *args, **kwargs):
+            md = self._checked
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeFileSystemReader
+
+
+def safe_reader(iter_path: str, metadata=None):
+    """A ``FileSystemReader`` for ``iter_path`` that never unpickles ``.metadata`` itself."""
+    return _safe_reader_cls()(iter_path, metadata)
+
+
+class SafeBytesMixin:
+    """For DCP load planners: byte items (Megatron's ``ShardedObject``) are unpickled with
+    ``weights_only=True``, not DCP's default ``weights_only=False``."""
+
+    def load_bytes(self, read_item, value):
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # as DefaultLoadPlanner
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_load_strategies(iter_path: str, metadata=None):
+    """``(sharded_strategy, common_strategy)`` for ``megatron.core.dist_checkpointing.load``: the
+    torch_dist strategy reading through :class:`SafeFileSystemReader` with a bytes-safe planner,
+    and the torch common strategy loading ``common.pt`` with ``weights_only=True``."""
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+
+    md = metadata if metadata is not None else read_dist_metadata(iter_path)
+
+    class SafePlanner(SafeBytesMixin, mtorch.MCoreLoadPlanner):
+        pass
+
+    @contextlib.contextmanager
+    def _patched():
+        # Megatron-Core builds its reader and planner inside ``load``; swap the two module globals
+        # it looks them up by for the duration of the call (restored even on error).
+        saved = mtorch._get_filesystem_reader, mtorch.MCoreLoadPlanner
+        mtorch._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: safe_reader(
+            str(checkpoint_dir), md)
+        mtorch.MCoreLoadPlanner = SafePlanner
         try:
-            _MetadataUnpickler(f).load()
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        except Exception as e:  # truncated or corrupt
-            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+            yield
+        finally:
+            mtorch._get_filesystem_reader, mtorch.MCoreLoadPlanner = saved
+
+    class SafeShardedStrategy(mtorch.TorchDistLoadShardedStrategy):
+        def load(self, sharded_state_dict, checkpoint_dir):
+            with _patched():
+                return super().load(sharded_state_dict, checkpoint_dir)
+
+        def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+            return super().load_tensors_metadata(checkpoint_dir, md if metadata is None else metadata)
+
+        def load_sharded_metadata(self, checkpoint_dir):
+            with _patched():
+                return super().load_sharded_metadata(checkpoint_dir)
+
+    class SafeCommonStrategy(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            path = os.path.join(str(checkpoint_dir), COMMON_STATE_FNAME)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
+            return safe_torch_load(path, map_location="cpu")
+
+        def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+            raise CheckpointError(f"{checkpoint_dir}: separately saved sharded objects are not read")
+
+    return SafeShardedStrategy(), SafeCommonStrategy()

@@ -19,6 +19,10 @@ from megatron_pack.files.safetensors import release_memory, write_safetensors
 from megatron_pack.model.presets import LlamaPreset
 
 
+# safetensors header codes a weight may have (anything else -- I32, I8, U8, F8_*, ... -- is refused)
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 class SafetensorsReader:
     """Tensors of a HF directory (``model.safetensors`` or an index + shards), one at a time."""
 
@@ -83,7 +87,11 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         self.shape(name)
         code = self._shapes[name][1]
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+        if code not in FLOAT_DTYPES:
+            raise ConversionError(f"{self._path(name)}: tensor {name!r} is {code}; weights must be one of "
+                                  f"{sorted(FLOAT_DTYPES)} (an integer or quantized tensor would be cast to "
+                                  "nonsense values)")
+        return FLOAT_DTYPES[code]
 
     def validate(self, preset: LlamaPreset) -> None:
         """Every tensor the architecture needs is there with the shape the config implies
@@ -102,6 +110,8 @@ class SafetensorsReader:
             n, got, want = bad[0]
             raise ConversionError(f"{self.dir}: {len(bad)} tensors disagree with config.json, e.g. {n} has shape "
                                   f"{list(got)}, the config implies {list(want)}")
+        for n in expected:  # integer / unknown dtypes refused before anything is written
+            self.dtype(n)
         # a tied model saved with a redundant lm_head.weight: transformers ties it to the
         # embedding on load, and so does the conversion (the copy is not read)
         ignored = {M.HF_OUTPUT} if preset.tie_word_embeddings else set()

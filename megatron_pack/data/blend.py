@@ -138,6 +138,17 @@ class _BlendPlan:
         return float(self._lengths.sum()) / (n * self.max_seq_length) if n else 0.0
 
 
+def _summed_stats(stats: list):
+    """One ``PlanStats`` adding up the counters of the source plans an epoch reads."""
+    import dataclasses
+
+    if not stats:
+        return None
+    return dataclasses.replace(stats[0], **{f.name: sum(getattr(x, f.name) for x in stats)
+                                            for f in dataclasses.fields(stats[0])
+                                            if isinstance(getattr(stats[0], f.name), (int, float))})
+
+
 class BlendedPackedDataset:
     """Sequences of several packed sources, interleaved by weight (see the module docstring).
 
@@ -232,6 +243,7 @@ class BlendedPackedDataset:
             piece_lengths[np.repeat(offsets[sel], cnt) + within] = np.asarray(v.plan.piece_lengths)[src]
         self.cu_seqlens_len = max([self._views[key].cu_seqlens_len for key in keep] or [2])
         self.plan = _BlendPlan(pieces, lengths, piece_lengths, self.seq_length)
+        self.plan.stats = _summed_stats([self._views[key].plan.stats for key in sorted(keep)])
         self.order = np.arange(n)
 
     def __len__(self) -> int:

@@ -119,11 +119,12 @@ class PackedSFTDataset(torch.utils.data.Dataset):
                                  overlong=self.overlong, cache_dir=self.cache_dir, group=self.group,
                                  pad_multiple=self.document_multiple)
         else:
-            from megatron_pack.packing.plan import build_plan
+            from megatron_pack.packing.plan import build_plan, dataset_supervised
 
             self.plan = build_plan(self.data.lengths, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
                                    overlong=self.overlong, turn_starts=self.data.turns,
-                                   pad_multiple=self.document_multiple)
+                                   pad_multiple=self.document_multiple,
+                                   supervised=dataset_supervised(self.data))
         if self.plan.max_seq_length > self.seq_length:
             raise ValueError(f"plan capacity {self.plan.max_seq_length} exceeds seq_length {self.seq_length}")
         n = self.plan.num_sequences

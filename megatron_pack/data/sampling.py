@@ -53,6 +53,9 @@ class SFTSubset(SFTIndexedDataset):
     def lengths(self) -> np.ndarray:
         return self._lengths
 
+    def supervised_counts(self) -> np.ndarray:
+        return self.base.supervised_counts()[self.indices]
+
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 

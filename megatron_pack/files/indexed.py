@@ -117,14 +117,23 @@ class SFTConversation:
 
 
 class SFTIndexedDataset:
-    """Memory-mapped reader over the three parts, via Megatron-Core's ``IndexedDataset``."""
+    """Memory-mapped reader over the three parts, via Megatron-Core's ``IndexedDataset``.
 
-    def __init__(self, prefix: str):
+    ``validate`` (default) checks the files first (:mod:`megatron_pack.files.indexed_check`:
+    dtypes, pointers and sizes, mask values, turn offsets); token ids against the model's
+    vocabulary are :meth:`check_vocab`, called once per run by training."""
+
+    def __init__(self, prefix: str, validate: bool = True):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing {missing}")
+        if validate:
+            from megatron_pack.files.indexed_check import check_summary, validate_dataset
+
+            check_summary(prefix, dataset_files(prefix))
+            validate_dataset(prefix, tuple(zip(PART_SUFFIXES, PART_DTYPES)))
         self.prefix = prefix
         self.tokens = IndexedDataset(prefix)
         self.loss_mask = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
@@ -136,6 +145,28 @@ class SFTIndexedDataset:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def supervised_counts(self) -> np.ndarray:
+        """Per conversation, the trained targets: ``loss_mask[1:]`` summed (int64; one pass over
+        the mask file, cached)."""
+        if getattr(self, "_supervised", None) is None:
+            lengths = self.tokens.sequence_lengths.astype(np.int64)
+            out = np.zeros(lengths.size, dtype=np.int64)
+            if lengths.sum():
+                mask = np.memmap(self.prefix + LOSS_MASK_SUFFIX + ".bin", mode="r", dtype=np.uint8)
+                nonempty = np.flatnonzero(lengths)
+                starts = (np.cumsum(lengths) - lengths)[nonempty]
+                # segments run from one non-empty conversation's start to the next one's
+                out[nonempty] = np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]
+            self._supervised = out
+        return self._supervised
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`~megatron_pack.files.indexed_check.DatasetError` naming the document
+        when a token id is negative or ``>= vocab_size``."""
+        from megatron_pack.files.indexed_check import check_token_ids
+
+        check_token_ids(self.prefix, vocab_size, self.tokens.sequence_lengths)
 
     @property
     def lengths(self) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.files.indexed import LOSS_MASK_SUFFIX, TURNS_SUFFIX, SFTIndexedDataset
-from megatron_pack.packing.plan import PackingMode, PackingPlan, PlanStats, build_plan, get_mode
+from megatron_pack.packing.plan import PackingMode, PackingPlan, PlanStats, build_plan, dataset_supervised, get_mode
 
 CACHE_VERSION = 1
 
@@ -57,6 +57,7 @@ def plan_key_inputs(fingerprint: dict, mode: PackingMode, seq_length: int, seed:
         "mode": mode.key(),
         "seq_length": int(seq_length),
         "overlong": overlong,
+        "unsupervised": "left out",  # items without a trained target are not packed
         # deterministic modes give the same plan every epoch: share one file
         "seed": int(seed) if shuffles else None,
         "epoch": int(epoch) if shuffles else None,
@@ -110,6 +111,15 @@ def load_plan(cache_dir: str, stem: str, inputs: dict, lengths: np.ndarray) -> P
         raise
     except Exception as e:  # truncated npy, bad JSON, ...
         raise PlanCacheError(f"unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise PlanCacheError(f"meta is a JSON {type(meta).__name__}, not an object")
+    try:
+        return _checked_plan(meta, pieces, offsets, inputs, lengths)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # valid JSON, wrong shape
+        raise PlanCacheError(f"malformed meta ({type(e).__name__}: {e})") from None
+
+
+def _checked_plan(meta: dict, pieces, offsets, inputs: dict, lengths) -> PackingPlan:
     if meta.get("key") != plan_key(inputs):
         raise PlanCacheError("key does not match the requested plan")
     if meta.get("inputs", {}).get("dataset") != inputs["dataset"]:
@@ -126,7 +136,12 @@ def load_plan(cache_dir: str, stem: str, inputs: dict, lengths: np.ndarray) -> P
         raise PlanCacheError("pieces fall outside the dataset's conversations")
     if offsets[0] != 0 or offsets[-1] != len(pieces) or np.any(np.diff(offsets) < 0):
         raise PlanCacheError("sequence offsets are not a partition of the pieces")
-    return PackingPlan(pieces, offsets, int(meta["max_seq_length"]), meta["mode"], PlanStats(**meta["stats"]))
+    if int(meta["max_seq_length"]) != inputs["seq_length"]:
+        raise PlanCacheError(f"max_seq_length {meta['max_seq_length']}, requested {inputs['seq_length']}")
+    plan = PackingPlan(pieces, offsets, int(meta["max_seq_length"]), str(meta["mode"]), PlanStats(**meta["stats"]))
+    if plan.num_sequences and plan.sequence_lengths().max() > plan.max_seq_length:
+        raise PlanCacheError("a sequence holds more tokens than max_seq_length")
+    return plan
 
 
 def _dist():
@@ -171,7 +186,8 @@ def get_plan(
 
     def build() -> PackingPlan:
         return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong,
-                          turn_starts=dataset.turns, pad_multiple=pad_multiple)
+                          turn_starts=dataset.turns, pad_multiple=pad_multiple,
+                          supervised=dataset_supervised(dataset))
 
     def try_load() -> PackingPlan | None:
         try:

@@ -57,7 +57,8 @@ def overlong_policy(name: str) -> str:
 
 @dataclass
 class PlanStats:
-    """Token accounting: ``placed_tokens + truncated_tokens + dropped_tokens == total_tokens``."""
+    """Token accounting: ``placed_tokens + truncated_tokens + dropped_tokens + unsupervised_tokens
+    == total_tokens``."""
 
     num_docs: int = 0
     total_tokens: int = 0
@@ -70,6 +71,8 @@ class PlanStats:
     turn_split_docs: int = 0  # over-long conversations cut into several items at turn starts
     in_turn_cuts: int = 0  # cuts that had to fall inside a turn (one turn > max length)
     split_items: int = 0  # items split across sequences by the mode (``random``)
+    unsupervised_items: int = 0  # items left with no supervised token (after truncation): not packed
+    unsupervised_tokens: int = 0
     # Dropped by the mode itself (the paper-code variants ``greedy:chunk=N``/``random:chunk=N``:
     # over-long conversations, chunk remainders); already included in ``dropped_*``.
     mode_dropped_docs: int = 0  # conversations of which no token was placed
@@ -182,6 +185,38 @@ def _drop_empty(pieces: np.ndarray, seq_offsets: np.ndarray) -> tuple[np.ndarray
     return pieces[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+def drop_unsupervised(items: np.ndarray, stats: PlanStats, supervised) -> np.ndarray:
+    """``items`` without those whose ``supervised(items)`` count is 0; updates ``stats``."""
+    counts = np.asarray(supervised(items), dtype=np.int64)
+    if counts.shape != (len(items),):
+        raise ValueError(f"supervised() returned shape {counts.shape} for {len(items)} items")
+    empty = counts <= 0
+    if empty.any():
+        lost = int((items[empty, 2] - items[empty, 1]).sum())
+        stats.unsupervised_items = int(empty.sum())
+        stats.unsupervised_tokens = lost
+        stats.placed_tokens -= lost
+        items = items[~empty]
+    return items
+
+
+def dataset_supervised(dataset):
+    """``supervised`` for :func:`build_plan` over an SFT dataset: targets of item ``[a, b)`` are
+    ``loss_mask[a + 1 : b]`` (the first token of a piece predicts nothing across a boundary).
+    Whole conversations use the per-conversation counts; cut items read their slice."""
+    def count(items: np.ndarray) -> np.ndarray:
+        per_doc = dataset.supervised_counts()
+        lengths = dataset.lengths
+        doc, start, end = items[:, 0], items[:, 1], items[:, 2]
+        out = per_doc[doc].astype(np.int64)
+        for j in np.flatnonzero((start != 0) | (end != lengths[doc])):
+            _, mask = dataset.get_slice(int(doc[j]), int(start[j]), int(end[j]))
+            out[j] = int(np.count_nonzero(mask[1:]))
+        return out
+
+    return count
+
+
 def _gather_turns(docs: np.ndarray, turn_starts) -> tuple[np.ndarray, np.ndarray]:
     """Turn starts of ``docs`` as flat ``(offsets, values)`` for the engine."""
     if turn_starts is None:
@@ -211,6 +246,7 @@ def build_plan(
     overlong: OverlongPolicy = "truncate",
     engine: Engine = "cpp",
     pad_multiple: int = 1,
+    supervised=None,
 ) -> PackingPlan:
     """Pack conversations of ``lengths`` tokens into sequences of ``max_seq_length``.
 
@@ -223,6 +259,12 @@ def build_plan(
     exceed ``max_seq_length`` (which must then be a multiple of it); the pieces keep their
     real token ranges. Splitting modes cut at multiples of it, so a cut piece pads back to
     at most what it was given.
+
+    ``supervised(items) -> counts``, when given, says how many trained targets each item
+    ``(doc, start, end)`` holds; items with none (a prompt cut off before its answer, a
+    ``--loss-on last`` record whose answer fell off) are left out and counted in
+    ``stats.unsupervised_items``: packing them only costs compute, and a global batch made of
+    them has no token to average over.
     """
     mode = get_mode(mode)
     if pad_multiple < 1 or (pad_multiple > 1 and max_seq_length % pad_multiple):
@@ -233,6 +275,8 @@ def build_plan(
         items, stats = apply_overlong(lengths, max(max_seq_length, int(lengths.max(initial=1))), "truncate")
     else:
         items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
+    if supervised is not None and len(items):
+        items = drop_unsupervised(items, stats, supervised)
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
     if pad_multiple > 1:
         item_len = -(-item_len // pad_multiple) * pad_multiple

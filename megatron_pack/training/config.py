@@ -281,9 +281,22 @@ class CheckpointArgs:
     exit_signal_handler: bool = arg(True, "On SIGTERM, save at the next step boundary and exit 0.")
     exit_interval: Optional[int] = arg(None, "Stop (after saving) after the next iteration divisible by N, "
                                              "as in Megatron-LM; the schedule still spans the whole run.")
+    override_opt_param_scheduler: bool = arg(False, "On resume, take the lr schedule (lr, min lr, warmup, "
+                                                    "decay steps and style, weight decay) from the command line, "
+                                                    "not the checkpoint (Megatron-LM's flag).",
+                                             flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = arg(False, "On resume, keep the checkpoint's lr schedule and ignore "
+                                                          "the command line's (Megatron-LM's flag). With neither, "
+                                                          "a changed schedule is refused.",
+                                                   flag="--use-checkpoint-opt_param-scheduler")
+    checkpoint_checksums: bool = arg(False, "Write a SHA-256 manifest of every checkpoint file at save and "
+                                            "verify it at load (catches flipped bytes; costs a read of the "
+                                            "checkpoint).")
 
     def __post_init__(self):
         _need(self.save_interval is None or self.save_interval >= 1, "--save-interval", "must be >= 1")
+        _need(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+              "--override-opt_param-scheduler", "and --use-checkpoint-opt_param-scheduler exclude each other")
         _need(self.exit_interval is None or self.exit_interval >= 1, "--exit-interval", "must be >= 1")
 
 

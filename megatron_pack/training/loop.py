@@ -19,6 +19,7 @@ import time
 import torch
 
 from megatron_pack.checkpoint.dist import save_checkpoint
+from megatron_pack.checkpoint.integrity import acquire_save_lock
 from megatron_pack.checkpoint.signals import SignalHandler
 from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_iters
 from megatron_pack.training.config import TrainConfig, total_train_iters
@@ -61,6 +62,7 @@ def _run(config: TrainConfig, st) -> dict:
     bf16 = config.model.bf16 if config.model.bf16 is not None else use_cuda
     log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, config.logging.tensorboard_dir,
                          config.logging.log_file)
+    lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
 
     ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)
     t, ck = config.train, config.checkpoint
@@ -69,7 +71,9 @@ def _run(config: TrainConfig, st) -> dict:
     preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
-    scheduler = build_scheduler(optimizer, config.optim, total_iters)
+    scheduler = build_scheduler(optimizer, config.optim, total_iters,
+                                override=config.checkpoint.override_opt_param_scheduler,
+                                use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
@@ -87,6 +91,9 @@ def _run(config: TrainConfig, st) -> dict:
         log.print("> blend (sequences per epoch 0): " + ", ".join(
             f"{n} {c} ({c / len(ds.train):.1%})" for n, c in zip(ds.train_names, counts)))
 
+    if ds.train.plan.stats.unsupervised_items:
+        log.print(f"> {ds.train.plan.stats.unsupervised_items} training items without a supervised token after "
+                  f"truncation left out ({ds.train.plan.stats.unsupervised_tokens} tokens)")
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log)
@@ -103,7 +110,8 @@ def _run(config: TrainConfig, st) -> dict:
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),
-                               extra={"data_signature": signature}, run_config=run_config)
+                               extra={"data_signature": signature}, run_config=run_config,
+                               checksums=ck.checkpoint_checksums)
 
     def validate(it):
         loss, count, by_source = evaluate_by_source(ctx, ds.valid, t.global_batch_size, t.micro_batch_size,
@@ -133,6 +141,8 @@ def _run(config: TrainConfig, st) -> dict:
                         "capacity": stats["capacity"], "samples": stats["samples"],
                         "imbalance": stats.get("imbalance")})
             history.append(rec)
+            if rec.get("note"):
+                log.print(f"> {rec['note']}")
             if iteration % config.logging.log_interval == 0 or iteration == stop_at:
                 log_step(log, rec, stream.pos.consumed_samples, t.global_batch_size)
             if t.eval_interval and iteration % t.eval_interval == 0 and iteration < total_iters:
@@ -154,6 +164,8 @@ def _run(config: TrainConfig, st) -> dict:
     finally:
         if handler:
             handler.__exit__(None, None, None)
+        if lock:
+            lock.release()
         log.close()
     return _results(history, iteration=iteration, train_iters=total_iters, exit_reason=exit_reason,
                     valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(ds.train),

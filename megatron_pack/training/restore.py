@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_pack.checkpoint.dist import load_checkpoint
+from megatron_pack.checkpoint.dist import load_checkpoint, saved_run_config
 from megatron_pack.data.sampling import DataPosition
 from megatron_pack.training.config import ConfigError, TrainConfig
 
@@ -32,6 +32,65 @@ def _abs(value):
     return [x for w, p in zip(blend.weights, blend.prefixes) for x in (round(w, 12), os.path.abspath(p))]
 
 
+def architecture_record(preset, vocab_size: int) -> dict:
+    """What run_config.json records of the network (every architecture field, vocabulary resolved)."""
+    return preset.with_vocab(vocab_size).to_dict()
+
+
+def check_architecture(saved: dict | None, preset, vocab_size: int, where: str) -> None:
+    """Refuse a checkpoint whose recorded architecture differs from this run's, naming both values:
+    the structural fields (:func:`megatron_pack.model.architecture.architecture_differences`, so new
+    fields are compared as they are added) and the vocabulary (rows would be copied and the rest
+    left zero)."""
+    from megatron_pack.model.architecture import architecture_differences, architecture_from_dict
+
+    if not saved:
+        return
+    rec = saved.get("architecture")
+    if isinstance(rec, dict):
+        try:
+            diff = architecture_differences(architecture_from_dict(rec), preset)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: run_config.json records an unreadable architecture ({e})") from None
+        if rec.get("vocab_size") is not None and rec["vocab_size"] != vocab_size:
+            diff["vocab_size"] = (rec["vocab_size"], vocab_size)
+    else:  # written before the record existed: the flags are all there is
+        model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+        diff = {}
+        if model.get("model") not in (None, preset.name):
+            diff["name"] = (model["model"], preset.name)
+        if model.get("vocab_size") and model["vocab_size"] != vocab_size:
+            diff["vocab_size"] = (model["vocab_size"], vocab_size)
+    if diff:
+        flags = {"vocab_size": "--vocab-size/--tokenizer-model"}
+        text = "; ".join(f"{k} {a!r} in the checkpoint, {b!r} now ({flags.get(k, '--model')})"
+                         for k, (a, b) in diff.items())
+        raise ConfigError(f"{where}: the checkpoint's architecture differs from this run's: {text}. "
+                          "Use the settings it was trained with.")
+
+
+def _schedule_hook(ck, scheduler, load_dir: str, log):
+    from megatron_pack.training.schedule import schedule_changes
+
+    def check(saved: dict) -> None:
+        changes = schedule_changes(scheduler, saved)
+        if not changes:
+            return
+        desc = "; ".join(f"{k}: checkpoint {a}, command line {b}" for k, (a, b) in changes.items())
+        if ck.override_opt_param_scheduler:
+            log.print(f"> --override-opt_param-scheduler: the command line's lr schedule replaces the "
+                      f"checkpoint's ({desc})")
+        elif ck.use_checkpoint_opt_param_scheduler:
+            log.print(f"> --use-checkpoint-opt_param-scheduler: keeping the checkpoint's lr schedule ({desc}); "
+                      "steps past its decay steps run at its minimum learning rate")
+        else:
+            raise ConfigError(f"--load {load_dir}: the lr schedule differs from the checkpoint's ({desc}). "
+                              "Pass --override-opt_param-scheduler to use the command line's, or "
+                              "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (Megatron-LM's rule).")
+
+    return check
+
+
 def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_size: int, signature: dict,
             log) -> tuple[int, DataPosition]:
     """Apply ``--load`` / ``--pretrained-checkpoint``; returns ``(iteration, data position)``."""
@@ -49,7 +108,10 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
             log.print(f"> fine-tuning from imported weights {load_dir} (fresh optimizer, iteration 0)")
             resumed = True
         else:
-            loaded = load_checkpoint(load_dir, model, optimizer, scheduler)
+            loaded = load_checkpoint(
+                load_dir, model, optimizer, scheduler, verify_checksums=ck.checkpoint_checksums,
+                check_run_config=lambda rc, path: check_architecture(rc, preset, vocab_size, f"--load {path}"),
+                check_scheduler=_schedule_hook(ck, scheduler, load_dir, log))
             if loaded is not None:
                 saved_sig = loaded["extra"].get("data_signature", {})
                 diff = {k: (saved_sig.get(k), v) for k, v in signature.items() if saved_sig.get(k) != v}
@@ -71,7 +133,11 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
         if is_imported_checkpoint(ck.pretrained_checkpoint):
             start_from_import(ck.pretrained_checkpoint, model, optimizer, preset=preset, vocab_size=vocab_size)
         else:  # a megatron_pack training checkpoint: weights only, at any TP/PP
-            load_model_from_dist_checkpoint(ck.pretrained_checkpoint, model)
+            from megatron_pack.checkpoint.layout import resolve_iteration_dir
+
+            d = resolve_iteration_dir(ck.pretrained_checkpoint)
+            check_architecture(saved_run_config(d), preset, vocab_size, f"--pretrained-checkpoint {d}")
+            load_model_from_dist_checkpoint(d, model)
             if hasattr(optimizer, "reload_model_params"):
                 optimizer.reload_model_params()  # bf16: refresh the fp32 main copies
         log.print(f"> initial weights from {ck.pretrained_checkpoint} (fresh optimizer, iteration 0)")

@@ -72,18 +72,25 @@ def resolve_architecture(config: TrainConfig):
 
 
 def resolve_vocab_size(config: TrainConfig, preset) -> int:
-    """The run's unpadded vocabulary (:mod:`megatron_pack.model.vocab` has the rule)."""
+    """The run's unpadded vocabulary (:mod:`megatron_pack.model.vocab` has the rule), after
+    checking once that every token id of the dataset lies below it (an id past the embedding
+    fails at some step; one in the TP padding rows trains to NaN)."""
+    from megatron_pack.files.indexed_check import check_token_ids
     from megatron_pack.model.vocab import resolve_vocab_size as rule
+
+    from megatron_pack.data.blend import parse_blend
 
     d = config.data
     value = d.train_data_path if d.train_data_path is not None else d.data_path
-    if isinstance(value, str):
-        return rule(config.model.vocab_size, config.model.tokenizer_path, preset, value)
-    from megatron_pack.data.blend import parse_blend
-
+    prefixes = [value] if isinstance(value, str) else list(parse_blend(value).prefixes)
     # A blend: the rule per source (the same unless it falls through to the data's largest id).
-    return max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p)
-               for p in parse_blend(value).prefixes)
+    vocab = max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p) for p in prefixes)
+    if d.valid_data_path is not None:
+        held_out = d.valid_data_path
+        prefixes += [held_out] if isinstance(held_out, str) else list(parse_blend(held_out).prefixes)
+    for p in prefixes:
+        check_token_ids(p, vocab)
+    return vocab
 
 
 def setup_model_and_optimizer(config: TrainConfig, preset, vocab_size: int, bf16: bool, use_cuda: bool):

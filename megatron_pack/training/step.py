@@ -91,6 +91,14 @@ def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, la
     reports = _run(ctx, micro, weighting, False, n_src)  # every rank runs it; one copy of each report counts
     loss, count = reduce_reports(reports if ctx.loss_owner else [])
     by_source = reduce_source_reports(reports if ctx.loss_owner else [], n_src) if n_src else []
+    if count == 0:  # legitimate data (all prompts, answers cut off): nothing to learn, not a divergence
+        # Same decision on every rank (the count is all-reduced). Like Megatron-LM's skipped
+        # iteration: no optimizer step (Adam's momentum would still move the weights on zero
+        # gradients), no schedule step; the data position moves on.
+        return {"iteration": iteration, "lm loss": float("nan"), "tokens": 0,
+                "learning rate": ctx.optimizer.param_groups[0]["lr"], "grad norm": None,
+                "seconds": time.perf_counter() - t0, "skipped": 1,
+                "note": f"iteration {iteration}: the global batch has no supervised token; step skipped"}
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"iteration {iteration}: lm loss is {loss} over {count} supervised tokens; stopping before the "

@@ -244,7 +244,7 @@ def test_parse_size():
         parse_size("five gigs")
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "tp", "arch", "pickle_only", "bad_json"])
+@pytest.mark.parametrize("case", ["shape", "missing", "tp", "arch", "pickle_only", "bad_json", "int_dtype"])
 def test_bad_input_writes_nothing(tmp_path, case):
     from megatron_pack.convert import convert_hf_to_megatron
 
@@ -268,6 +268,12 @@ def test_bad_input_writes_nothing(tmp_path, case):
         write_hf_dir(hf)
         (hf / "config.json").write_text(json.dumps(hf_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})))
         match = 'x?rope_scaling.rope_type = "yarn"' 
+    elif case == "int_dtype":  # I32 weights used to be cast to ~1e9 floats, rc 0
+        tensors = write_hf_dir(hf)
+        key = M.hf_layer_key(0, "mlp.up_proj.weight")
+        tensors[key] = (tensors[key] * 1e3).to(torch.int32)
+        write_hf_dir(hf, tensors=tensors)
+        match = rf"tensor '{key}' is I32; weights must be one of \['BF16', 'F16', 'F32'\]"
     elif case == "pickle_only":
         hf.mkdir()
         (hf / "config.json").write_text(json.dumps(hf_config()))

@@ -118,7 +118,10 @@ def test_invariants(tmp_path, mode, cp, document_mask):
     padded = -(-plan.piece_lengths // m) * m
     per_seq = np.add.reduceat(padded, plan.seq_offsets[:-1])
     assert per_seq.max() <= S  # no sequence over capacity after per-document padding
-    assert plan.stats.placed_tokens == int(plan.piece_lengths.sum()) == sum(min(len(t), S) for t, _, _ in docs)
+    # items with no trained target are left out of the plan (counted), the rest placed whole
+    kept = [min(len(t), S) for t, mk, _ in docs if any(mk[1:min(len(t), S)])]
+    assert plan.stats.unsupervised_items == len(docs) - len(kept)
+    assert plan.stats.placed_tokens == int(plan.piece_lengths.sum()) == sum(kept)
     seen_tokens = 0
     for i in range(len(ds)):
         it = ds[i]

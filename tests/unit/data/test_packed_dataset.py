@@ -149,7 +149,9 @@ def test_invariants_on_random_data(tmp_path):
                 t, m, _ = docs[d]
                 assert it["labels"][a : a + e - s - 1].tolist() == t[s + 1 : e]
                 assert it["loss_mask"][a : a + e - s - 1].tolist() == m[s + 1 : e]
-        assert total == sum(len(d[0]) for d in docs)
+        # items with no supervised target are left out, and counted
+        assert total + ds.plan.stats.unsupervised_tokens == sum(len(d[0]) for d in docs)
+        assert ds.plan.stats.unsupervised_items > 0
 
 
 def test_set_epoch_reshuffles(data):

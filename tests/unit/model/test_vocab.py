@@ -27,6 +27,10 @@ def test_training_follows_the_rule(wordlevel_dir, tmp_path):
     from megatron_pack.training.config import DataArgs, ModelArgs, TrainArgs, TrainConfig
     from megatron_pack.training.setup import resolve_vocab_size as training_rule
 
+    from megatron_pack.files.indexed import SFTDatasetWriter
+
+    with SFTDatasetWriter(str(tmp_path / "d")) as w:  # ids below every vocabulary in play
+        w.add([1, 2, 3], [0, 1, 1], [0])
     cfg = TrainConfig(model=ModelArgs(model="llama3-8b", tokenizer_model=wordlevel_dir),
                       data=DataArgs(data_path=str(tmp_path / "d")), train=TrainArgs(train_iters=1))
     assert training_rule(cfg, get_preset("llama3-8b")) == resolve_vocab_size(None, wordlevel_dir, None)

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset
-from megatron_pack.packing.plan import build_plan
+from megatron_pack.packing.plan import build_plan, dataset_supervised
 from megatron_pack.packing.cache import get_plan
 
 
@@ -43,13 +43,13 @@ def test_build_then_mmap(data):
     again = get_plan(data, 32, "bfd")
     assert isinstance(again.pieces, np.memmap)
     same(plan, again)
-    same(again, build_plan(data.lengths, 32, "bfd"))
+    same(again, build_plan(data.lengths, 32, "bfd", supervised=dataset_supervised(data)))
     # deterministic modes share one file across epochs and seeds; shuffling modes do not
     get_plan(data, 32, "bfd", epoch=3, seed=9)
     assert len(files(data)) == 3
     r0, r1 = get_plan(data, 32, "random", epoch=0), get_plan(data, 32, "random", epoch=1)
     assert len(files(data)) == 9 and not np.array_equal(r0.pieces, r1.pieces)
-    same(r1, build_plan(data.lengths, 32, "random", epoch=1))
+    same(r1, build_plan(data.lengths, 32, "random", epoch=1, supervised=dataset_supervised(data)))
 
 
 def corrupt_npy(path):
@@ -61,7 +61,7 @@ def corrupt_npy(path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json", "fingerprint"])
 def test_damaged_cache_warns_and_rebuilds(data, damage):
     get_plan(data, 32, "greedy")
-    plan = build_plan(data.lengths, 32, "greedy")  # not the mmap: it would see the damage
+    plan = build_plan(data.lengths, 32, "greedy", supervised=dataset_supervised(data))  # not the mmap: it would see the damage
     pieces = next(f for f in files(data) if f.endswith(".pieces.npy"))
     meta = next(f for f in files(data) if f.endswith(".json"))
     if damage == "flip":
@@ -85,7 +85,7 @@ def test_changed_dataset_gets_a_new_plan(tmp_path):
     old = get_plan(data, 32, "bfd")
     data = write(tmp_path / "d", seed=1)  # same prefix, different content
     new = get_plan(data, 32, "bfd")
-    same(new, build_plan(data.lengths, 32, "bfd"))
+    same(new, build_plan(data.lengths, 32, "bfd", supervised=dataset_supervised(data)))
     assert not np.array_equal(np.asarray(old.pieces), np.asarray(new.pieces))
     assert len(files(data)) == 6
 
@@ -102,7 +102,7 @@ def test_unwritable_cache_dir_warns_and_plans_in_memory(data, tmp_path):
     blocker.write_text("")  # a file where the cache directory should go
     with pytest.warns(UserWarning, match="cannot write the packing plan cache"):
         plan = get_plan(data, 32, "bfd", cache_dir=str(blocker / "plans"))
-    same(plan, build_plan(data.lengths, 32, "bfd"))
+    same(plan, build_plan(data.lengths, 32, "bfd", supervised=dataset_supervised(data)))
 
 
 def _rank_main(rank, world, prefix, init_file, out_dir):
@@ -122,7 +122,7 @@ def test_rank0_builds_others_mmap(data, tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_rank_main, args=(2, data.prefix, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    expect = build_plan(data.lengths, 32, "bfd").pieces
+    expect = build_plan(data.lengths, 32, "bfd", supervised=dataset_supervised(data)).pieces
     for r in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), expect)
         assert np.load(tmp_path / f"mmap{r}.npy")[0]

@@ -43,8 +43,13 @@ def both_kinds(tmp_path_factory, wordlevel_dir, sp_bpe_model):
     return str(d)
 
 
-def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds):
+def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds, tmp_path):
     from megatron_pack.chat.tokenizer import load_tokenizer
+    from megatron_pack.files.indexed import SFTDatasetWriter
+
+    prefix = str(tmp_path / "sft")  # the run checks the data's ids against the vocabulary
+    with SFTDatasetWriter(prefix) as w:
+        w.add([1, 2, 3, 4], [0, 1, 1, 1], [0])
     from megatron_pack.model.presets import get_preset
     from megatron_pack.training.setup import resolve_vocab_size
 
@@ -53,12 +58,13 @@ def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds):
     assert hf != sp  # otherwise the test could not tell them apart
     sizes = {}
     for kind in ("HuggingFaceTokenizer", "SentencePieceTokenizer"):
-        cfg = parse_args(BASE + ["--train-iters", "1", "--tokenizer-model", both_kinds, "--tokenizer-type", kind])
+        cfg = parse_args(["--data-path", prefix, "--train-iters", "1", "--tokenizer-model", both_kinds,
+                          "--tokenizer-type", kind])
         assert cfg.model.tokenizer_type == kind
         sizes[kind] = resolve_vocab_size(cfg, get_preset("tiny"))
     assert sizes == {"HuggingFaceTokenizer": hf, "SentencePieceTokenizer": sp}
     # no type: the directory's default (tokenizer.json first)
-    cfg = parse_args(BASE + ["--train-iters", "1", "--tokenizer-model", both_kinds])
+    cfg = parse_args(["--data-path", prefix, "--train-iters", "1", "--tokenizer-model", both_kinds])
     assert resolve_vocab_size(cfg, get_preset("tiny")) == hf
 
 

@@ -1,0 +1,115 @@
+"""--load refuses another architecture (both values named) and a changed lr schedule unless
+Megatron-LM's --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler says which wins."""
+
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_pack.model.presets import get_preset
+from megatron_pack.training.config import CheckpointArgs, ConfigError, OptimArgs
+from megatron_pack.training.restore import _schedule_hook, architecture_record, check_architecture
+from megatron_pack.training.schedule import build_scheduler
+
+
+def test_architecture_mismatch_names_both_values():
+    tiny = get_preset("tiny")
+    saved = {"architecture": architecture_record(tiny, 256)}
+    check_architecture(saved, tiny, 256, "--load X")  # negative control: same architecture
+    with pytest.raises(ConfigError, match=r"--load X: .*vocab_size 256 in the checkpoint, 512 now \(--vocab-size"):
+        check_architecture(saved, tiny, 512, "--load X")
+    wider = dataclasses.replace(tiny, hidden_size=128)
+    with pytest.raises(ConfigError, match=r"hidden_size 64 in the checkpoint, 128 now \(--model\)"):
+        check_architecture(saved, wider, 256, "--load X")
+
+
+def test_fields_a_checkpoint_predates_are_skipped_and_old_records_use_the_flags():
+    tiny = get_preset("tiny")
+    rec = architecture_record(tiny, 256)
+    rec.pop("rope_theta")  # a field added after the checkpoint was written
+    check_architecture({"architecture": rec}, tiny, 256, "w")
+    old = {"model": {"model": "tiny", "vocab_size": 256}}  # run_config.json before the record existed
+    check_architecture(old, tiny, 256, "w")
+    with pytest.raises(ConfigError, match="vocab_size 256 in the checkpoint, 300 now"):
+        check_architecture(old, tiny, 300, "w")
+    with pytest.raises(ConfigError, match="name 'llama3-8b' in the checkpoint, 'tiny' now"):
+        check_architecture({"model": {"model": "llama3-8b"}}, tiny, 256, "w")
+    check_architecture(None, tiny, 256, "w")
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def print(self, s):
+        self.lines.append(s)
+
+
+def _sched(total, **flags):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return build_scheduler(opt, OptimArgs(lr=1e-3, lr_warmup_iters=1), total, **flags)
+
+
+def _saved_after(steps, total):
+    s = _sched(total, use_checkpoint=True)
+    for _ in range(steps):
+        s.step(1)
+    return s.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["neither", "override", "use_checkpoint"])
+def test_longer_train_iters_on_resume(mode):
+    saved = _saved_after(2, total=2)  # the run ended: lr at its minimum
+    ck = CheckpointArgs(override_opt_param_scheduler=mode == "override",
+                        use_checkpoint_opt_param_scheduler=mode == "use_checkpoint")
+    new = _sched(10, override=ck.override_opt_param_scheduler, use_checkpoint=ck.use_checkpoint_opt_param_scheduler)
+    log = _Log()
+    hook = _schedule_hook(ck, new, "CK", log)
+    if mode == "neither":
+        with pytest.raises(ConfigError, match=r"--load CK: the lr schedule differs .*decay steps.*checkpoint 2, "
+                                              r"command line 10.*--override-opt_param-scheduler"):
+            hook(saved)
+        return
+    hook(saved)
+    new.load_state_dict(saved)
+    lr = new.optimizer.param_groups[0]["lr"]
+    if mode == "override":  # step 2 of a 10-step cosine: well above the minimum
+        assert "replaces the checkpoint's" in log.lines[0] and lr > 5e-4
+    else:  # the checkpoint's 2-step schedule has ended: the added steps run at min lr (0), said so
+        assert "keeping the checkpoint's" in log.lines[0] and "minimum learning rate" in log.lines[0] and lr == 0.0
+
+
+def test_unchanged_schedule_resumes_silently():
+    saved = _saved_after(2, total=6)
+    new = _sched(6)
+    log = _Log()
+    _schedule_hook(CheckpointArgs(), new, "CK", log)(saved)
+    new.load_state_dict(saved)
+    assert log.lines == [] and new.num_steps == 2
+
+
+def test_both_scheduler_flags_refused():
+    with pytest.raises(ConfigError, match="exclude each other"):
+        CheckpointArgs(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True)
+    assert isinstance(OptimizerParamScheduler, type)
+
+
+def test_training_setup_checks_token_ids_once_against_the_vocabulary(tmp_path):
+    from megatron_pack.files.indexed import SFTDatasetWriter
+    from megatron_pack.files.indexed_check import DatasetError
+    from megatron_pack.training.config import DataArgs, ModelArgs, TrainArgs, TrainConfig
+    from megatron_pack.training.setup import resolve_vocab_size
+
+    prefix = str(tmp_path / "d")
+    with SFTDatasetWriter(prefix) as w:
+        w.add([1, 2, 3], [0, 1, 1], [0])
+        w.add([4, 300, 5], [0, 1, 1], [0])
+
+    def config(vocab):
+        return TrainConfig(model=ModelArgs(vocab_size=vocab), data=DataArgs(data_path=prefix),
+                           train=TrainArgs(train_iters=1))
+
+    assert resolve_vocab_size(config(301), get_preset("tiny")) == 301  # negative control
+    with pytest.raises(DatasetError, match=r"d.bin: document 1: token id 300 outside the model's vocabulary of 256"):
+        resolve_vocab_size(config(256), get_preset("tiny"))
