@@ -9,7 +9,9 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
 Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
-2 on a bad command line.
+2 on a bad command line or missing input. The command line, the batch arithmetic and the
+dataset's files are checked before Megatron-Core (or torch) is imported: a wrong invocation
+answers in well under a second, on one line.
 """
 
 from __future__ import annotations
@@ -18,19 +20,32 @@ import os
 import sys
 
 
-def main(argv=None) -> int:
-    from megatron_pack.training.cli import parse_args
-    from megatron_pack.convert.hf_config import ConversionError
-    from megatron_pack.training.config import ConfigError
-    from megatron_pack.training.loop import NonFiniteLossError, train
+PROG = "python -m megatron_pack.train"
 
+
+def main(argv=None) -> int:
+    from megatron_pack.files.indexed import check_dataset
+    from megatron_pack.quiet import quiet_library_noise
+    from megatron_pack.training.cli import parse_args
+    from megatron_pack.training.config import ConfigError
+
+    quiet_library_noise()
     config = parse_args(argv)
     try:
-        # Batch arithmetic against torchrun's WORLD_SIZE before paying for Megatron's import;
-        # train() checks again against the real process group.
+        # Batch arithmetic against torchrun's WORLD_SIZE and the dataset's files before paying
+        # for Megatron's import; train() checks the batch again against the real process group.
         config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
+        check_dataset(config.data.data_path)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    from megatron_pack.convert.hf_config import ConversionError
+    from megatron_pack.training.loop import NonFiniteLossError, train
+
+    try:
         train(config)
-    except (ConfigError, ConversionError) as e:  # batch divisibility; an import of another layout
+    except (ConfigError, ConversionError, FileNotFoundError) as e:  # an import of another layout, a bad --load
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:

@@ -21,9 +21,12 @@ class ConfigError(ValueError):
     """A bad training setting; the message names the flag."""
 
 
-def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None):
+def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None,
+        required: bool = False):
     """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`)."""
     meta = {"help": help}
+    if required:
+        meta["required"] = True
     if choices is not None:
         meta["choices"] = tuple(choices)
     if flag is not None:
@@ -118,7 +121,7 @@ class DataArgs:
     """Where the data is and how it is split and served."""
 
     data_path: Optional[str] = arg(None, "Prefix of the SFT indexed dataset (tools/preprocess_sft.py output).",
-                                   metavar="PREFIX")
+                                   metavar="PREFIX", required=True)
     seq_length: int = arg(4096, "Tokens per sequence (plan capacity).")
     valid_fraction: float = arg(0.05, "Fraction of conversations held out for validation (0 disables it).")
     data_cache_path: Optional[str] = arg(None, "Packing plan cache directory (default PREFIX_plans).")

@@ -18,7 +18,7 @@ PKG_DIR = os.path.dirname(megatron_pack.__file__)
 #: rank of each top-level unit of megatron_pack; a unit may import only lower ranks, or its own rank
 #: where SAME_RANK_OK allows it (and never in a cycle).
 RANK = {
-    "files": 0, "reporting": 0, "_packing": 0,
+    "files": 0, "reporting": 0, "_packing": 0, "frontdoor": 0, "quiet": 0,
     "chat": 1,
     "packing": 2,
     "data": 3, "model": 3, "parallel": 3, "checkpoint": 3,
