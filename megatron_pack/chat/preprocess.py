@@ -83,13 +83,16 @@ class PreprocessConfig:
 
 
 # -- reading ------------------------------------------------------------------------------
-def _check_paths(cfg: PreprocessConfig):
+def check_paths(cfg: PreprocessConfig):
+    """Inputs, tokenizer and output directory exist (cheap; the tool runs it before heavy imports)."""
     for path in cfg.inputs:
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: input file does not exist")
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"{cfg.output_prefix}: output directory {out_dir} does not exist")
+    if not os.path.exists(cfg.tokenizer):
+        raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
 
 
 def _chunks(inputs, chunk_size, on_bytes) -> Iterator[list]:
@@ -218,7 +221,7 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
 
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
-    _check_paths(cfg)
+    check_paths(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     template_name = cfg.chat_template if cfg.chat_template != "auto" else auto_template_name(tokenizer)
     encoder = _make_encoder(cfg, tokenizer)

@@ -27,6 +27,10 @@ from megatron_pack.files.atomic import write_json_atomic
 PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
 
 
+class CannotRunError(ValueError):
+    """The layout is legal but the data gives training nothing to do (no step in an epoch)."""
+
+
 class LayoutError(ValueError):
     """An impossible parallel layout; the message lists every reason."""
 
@@ -170,7 +174,7 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
                      "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
-        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
+        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base and base["steps"] and r["steps"] else None
         if cfg.train_epochs is not None:  # as training counts them (epochs_to_iters), from epoch 0's plan
             whole, frac = int(cfg.train_epochs), cfg.train_epochs - int(cfg.train_epochs)
             r["train_steps"] = whole * r["steps"] + int(r["steps"] * frac)
@@ -219,9 +223,10 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         modes, data = [], None
         est = estimate(preset, params.matmul_total, full_sequences(n, lay.padded_seq_length), tcfg)
     selected = next((r for r in modes if r["selected"]), None)
-    if selected and selected["steps"] == 0:
-        warnings.append(f"{selected['num_sequences']} sequences with --pack-mode {selected['mode']}: fewer than one "
-                        f"global batch of {cfg.global_batch_size}, so an epoch has no step (training refuses it)")
+    if selected and selected["steps"] == 0:  # training stops on it (data.sampling.TrainStream): so does the plan
+        raise CannotRunError(f"cannot run: an epoch of --pack-mode {selected['mode']} has {selected['num_sequences']} "
+                             f"sequences, fewer than one global batch of {cfg.global_batch_size}; lower "
+                             f"--global-batch-size or give more data")
     timing = {
         "gpu_peak_tflops": gpu.bf16_tflops, "mfu": cfg.mfu, "bubble": tcfg.bubble,
         "num_microbatches": m,
@@ -343,7 +348,7 @@ def render(plan: dict) -> str:
         for r in plan["modes"]:
             vs = f"{r['time_vs_padding']:.2f}x" if r["time_vs_padding"] is not None else "-"
             line = (f"| {r['mode']}{' *' if r['selected'] else ''} | {r['num_sequences']:,} | {r['efficiency']:.1%} | "
-                    f"{r['steps']:,} | {r['attention_share']:.1%} | {r['model_flops_per_step'] / 1e15:.2f} | "
+                    f"{r['steps']:,}{' (< 1 batch)' if not r['steps'] else ''} | {r['attention_share']:.1%} | {r['model_flops_per_step'] / 1e15:.2f} | "
                     f"{r['step_seconds']:.2f} s | {_hours(r['epoch_seconds'])} | {vs} | "
                     f"{r['real_tokens_per_second_per_gpu']:,.0f} |")
             if epochs is not None:
