@@ -4,7 +4,8 @@ Megatron-Core 0.16 and torch print, on every CPU run: four "Transformer Engine a
 not installed" warnings at import, two "Apex is not installed. Falling back to Torch Norm",
 "full scope is deprecated" for its own default ``cuda_graph_scope``, and on resume torch's
 ``load_state_dict`` / ``ShardedTensor`` FutureWarnings raised from inside Megatron-Core's
-checkpoint loader. None of them concerns a flag of ours; what *is* in use is stated once by
+checkpoint loader; the exporter reads a checkpoint in one process and torch says it assumes
+that. None of them concerns a flag of ours; what *is* in use is stated once by
 the run header instead (:func:`megatron_pack.model.spec.describe`).
 
 Each filter matches one exact message start (with its category), never a whole category
@@ -26,6 +27,8 @@ NOISE = (
     (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope"),  # Megatron-Core's own default
     (FutureWarning, "`load_state_dict` is deprecated and will be removed"),  # torch, inside Megatron's loader
     (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor"),  # ditto
+    # torch's checkpoint reader when the exporter reads a dist checkpoint in one process, as intended
+    (UserWarning, "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load"),
 )
 
 

@@ -156,6 +156,9 @@ def test_finetune_import_export_hf_loss_equals_megatron(hf_dir, tmp_path, monkey
     convert_megatron_to_hf(str(ck), str(out), tokenizer=str(hf_dir), progress=False)  # a TP2 dist checkpoint
     hf = LlamaForCausalLM.from_pretrained(str(out)).float().eval()
     base = LlamaForCausalLM.from_pretrained(str(hf_dir)).float().eval()
+    exported = json.loads((out / "config.json").read_text())  # from the import the run started from
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (base.config.bos_token_id, base.config.eos_token_id)
+    assert exported["bos_token_id"] is not None
     moved = (hf.model.layers[0].mlp.up_proj.weight - base.model.layers[0].mlp.up_proj.weight).abs().max()
     assert moved > 1e-4, "fine-tuning did not change the weights"
 
