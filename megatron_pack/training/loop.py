@@ -52,6 +52,7 @@ def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_pack.model.presets import get_preset
+    from megatron_pack.model.spec import describe as describe_backends
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -68,11 +69,12 @@ def _run(config: TrainConfig, st) -> dict:
     log.train_iters = total_iters
     preset = get_preset(config.model.model)
     vocab = resolve_vocab_size(config, preset)
-    model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
+    model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
+    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}")
     log.print(f"> data {config.data.data_path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
               f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
@@ -154,7 +156,7 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "learning rate": rec["learning rate"], "global batch size": global_batch_size, "lm loss": rec["lm loss"],
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
-        "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
+        "conversations/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
     })
 
 
