@@ -17,6 +17,8 @@ import argparse
 import os
 import time
 
+import numpy as np
+
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
 
@@ -54,18 +56,65 @@ def demo_config(prefix: str, mode: str, args) -> "TrainConfig":  # noqa: F821
     )
 
 
+#: Result columns: (heading, key, format). The timing columns all come from one robust figure,
+#: the median step time, so the speedup always agrees with the time column beside it.
+RESULT_COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("sequences", "sequences", "{:,}"),
+    ("steps", "steps", "{}"),
+    ("median ms/step", "step_ms", "{:.0f}"),
+    ("epoch time (s)", "epoch_time", "{:.1f}"),
+    ("real tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("ideal", "ideal_speedup", "{:.2f}x"),
+    ("final train loss", "final_train_loss", "{:.4f}"),
+    ("held-out loss", "valid_loss", "{:.4f}"),
+]
+
+#: Printed under the results table: what each column is and which ones to trust to the digit.
+RESULT_NOTES = (
+    "Deterministic (a re-run prints the same): sequences, steps, final train loss, held-out loss.\n"
+    "Timings (vary run to run, more on a shared machine): median ms/step over the steps after the first; "
+    "epoch time = steps x median ms/step, so one stalled step cannot decide it; real tokens/s = the epoch's "
+    "real tokens / epoch time; speedup = padding's epoch time / the mode's. The summed wall time of every "
+    "step is in results.json.\n"
+    "Ideal = padding's sequences / the mode's: a speedup above it means a padded row cost more than a packed "
+    "one (its padding tail still runs through the layers), below it is mostly timing noise.\n"
+    "Held-out loss: the same held-out conversations, scored the same way, for every mode. Packed runs take "
+    "fewer optimizer steps over the same epoch (steps column), so after one epoch their loss is higher; "
+    "that is fewer updates, not worse updates (the paper's trade-off).")
+
+
 def format_results(rows: list[dict]) -> str:
-    heads = ["mode", "sequences", "steps", "wall time (s)", "ms/step", "real tokens/s", "speedup", "ideal", "final train loss",
-             "held-out loss"]
-    cells = [[r["mode"], f"{r['sequences']:,}", str(r["steps"]), f"{r['wall_time']:.1f}", f"{r['step_s'] * 1000:.0f}",
-              f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-              f"{r['final_train_loss']:.4f}", f"{r['valid_loss']:.4f}"] for r in rows]
-    return markdown_table(heads, cells)
+    cells = [[fmt.format(r[key]) for _, key, fmt in RESULT_COLUMNS] for r in rows]
+    return markdown_table([h for h, _, _ in RESULT_COLUMNS], cells)
+
+
+def summarize_run(mode: str, res: dict) -> dict:
+    """One results row from ``train``'s figures; timings from the median step (the first,
+    which pays for warm-up, left out): a shared machine stalls single steps for seconds."""
+    import numpy as np
+
+    timed = res["history"][1:] or res["history"]
+    step_s = float(np.median([h["seconds"] for h in timed]))
+    epoch_time = res["iteration"] * step_s
+    real_tokens = float(sum(h["real tokens"] for h in res["history"]))
+    return {"mode": mode, "sequences": res["num_train_sequences"], "steps": res["iteration"],
+            "wall_time": res["wall_time"], "step_s": step_s, "step_ms": step_s * 1000.0, "epoch_time": epoch_time,
+            "real_tokens": real_tokens, "tokens_per_s": real_tokens / epoch_time if epoch_time else float("nan"),
+            "final_train_loss": res["final_train_loss"], "valid_loss": res["valid_loss"],
+            "padding_fraction": res["padding_fraction"]}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup and ideal against the padding row (else the first): both are ratios to it."""
+    base = next((r for r in rows if r["mode"] == "padding"), rows[0])
+    for r in rows:
+        r["speedup"] = base["epoch_time"] / r["epoch_time"] if r["epoch_time"] else float("nan")
+        r["ideal_speedup"] = base["sequences"] / r["sequences"]
 
 
 def run_demo(args) -> list[dict]:
-    import numpy as np
-
     from megatron_pack.files.indexed import SFTIndexedDataset
     from megatron_pack.packing.report import format_table, plot_report, report
     from megatron_pack.data.sampling import split_indices
@@ -83,46 +132,40 @@ def run_demo(args) -> list[dict]:
     ds = SFTIndexedDataset(prefix)
     train_idx, _ = split_indices(len(ds), args.valid_fraction, args.seed)
     lengths = ds.lengths[train_idx]
-    print(f"\nPacking the {lengths.size} training conversations ({int(lengths.sum()):,} tokens) "
-          f"into sequences of {args.seq_length}:")
+    over = int((lengths > args.seq_length).sum())
+    kept = int(np.minimum(lengths, args.seq_length).sum())
+    print(f"\nPacking the {lengths.size} training conversations into sequences of {args.seq_length}: "
+          f"{kept:,} tokens after truncating the {over} longer than {args.seq_length} "
+          f"({int(lengths.sum()):,} before; the 'truncated' column):")
     plans = {}
     print(format_table(report(lengths, args.seq_length, args.modes, seed=args.seed, plans=plans)), flush=True)
+    print(f"> preprocessing kept every conversation whole (no --max-seq-length; {prefix}_summary.json says "
+          f"over_max_seq_length: null); packing truncates the {over} over {args.seq_length} tokens", flush=True)
     png = plot_report(plans, lengths, args.seq_length, os.path.join(args.output_dir, "packing.png"))
     print(f"> fill-ratio and length histograms: {png} (conversation lengths: {prefix}_lengths.png)", flush=True)
 
     rows = []
     for mode in args.modes:
         print(f"\n=== {mode} ===", flush=True)
-        res = train(demo_config(prefix, mode, args))
-        timed = res["history"][1:] or res["history"]  # the first step is warm-up
-        # Median step time: a shared machine stalls single steps for seconds, and one stall
-        # would decide a sum-based figure.
-        step_s = float(np.median([h["seconds"] for h in timed]))
-        rows.append({"mode": mode, "sequences": res["num_train_sequences"], "steps": res["iteration"],
-                     "wall_time": res["wall_time"], "step_s": step_s,
-                     "tokens_per_s": float(np.mean([h["real tokens"] for h in timed])) / step_s,
-                     "final_train_loss": res["final_train_loss"], "valid_loss": res["valid_loss"],
-                     "padding_fraction": res["padding_fraction"]})
-    base = next((r for r in rows if r["mode"] == "padding"), rows[0])
-    for r in rows:
-        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else float("nan")
-        r["ideal_speedup"] = base["sequences"] / r["sequences"]
+        rows.append(summarize_run(mode, train(demo_config(prefix, mode, args))))
+    add_speedups(rows)
     table = format_results(rows)
-    print(f"\nOne epoch of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}). "
-          f"Real tokens/s: mean real tokens per step / median step time; speedup over padding beside the ideal "
-          f"(padding's sequences / the mode's); held-out loss over the same conversations for every mode:")
-    print(table, flush=True)
+    epochs = "One epoch" if args.epochs == 1 else f"{args.epochs:g} epochs"
+    print(f"\n{epochs} of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}):")
+    print(table)
+    print(RESULT_NOTES, flush=True)
     write_json_atomic(rows, os.path.join(args.output_dir, "results.json"))
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table + "\n\n" + RESULT_NOTES + "\n")
     print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (runs' step logs under "
           f"{os.path.join(args.output_dir, 'runs')}); total {time.perf_counter() - t0:.0f}s")
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from megatron_pack.frontdoor import FrontDoorParser
+
+    p = FrontDoorParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=os.path.join("outputs", "demo"))
     p.add_argument("--modes", nargs="+", default=list(DEMO_MODES))
     p.add_argument("--seq-length", type=int, default=512)
@@ -138,7 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    run_demo(build_parser().parse_args(argv))
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    args = build_parser().parse_args(argv)
+    from megatron_pack.packing.modes import get_mode
+
+    try:  # before preprocessing and Megatron's import
+        for m in args.modes:
+            get_mode(m)
+    except (KeyError, ValueError) as e:
+        from megatron_pack.frontdoor import fail
+
+        fail("python -m megatron_pack.demo", str(e).strip("'\""))
+    run_demo(args)
     return 0
 
 

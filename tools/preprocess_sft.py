@@ -65,6 +65,8 @@ def main(argv=None) -> int:
             plot=not args.no_plot,
         )
         check_paths(cfg)
+        if not os.path.exists(cfg.tokenizer):
+            raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
     except PreprocessError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the active environment's interpreter
 DRY_RUN=${DRY_RUN:-0}                       # 1: run tools/plan_parallel.py with these settings instead
 if [ "$DRY_RUN" = "1" ]; then DATA_PATH=${DATA_PATH:-}  # the planner costs every mode when a dataset is given
 else DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}; fi
@@ -49,7 +50,7 @@ LOGGING_ARGS=(--log-interval 1 --tensorboard-dir "$TENSORBOARD_DIR")
 # ---- DRY_RUN=1: validate the layout and cost the run (memory per GPU, step and epoch time
 # per packing mode) with exactly these settings; exit 0 fits, 1 does not fit, 2 illegal layout.
 if [ "$DRY_RUN" = "1" ]; then
-    exec python3 tools/plan_parallel.py --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
+    exec "$PYTHON" tools/plan_parallel.py --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
         --gpu "${GPU:-a800-80gb}" "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" \
         "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" ${PLAN_JSON:+--json "$PLAN_JSON"} ${MFU:+--mfu "$MFU"} "$@"
 fi

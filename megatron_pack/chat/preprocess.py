@@ -84,15 +84,13 @@ class PreprocessConfig:
 
 # -- reading ------------------------------------------------------------------------------
 def check_paths(cfg: PreprocessConfig):
-    """Inputs, tokenizer and output directory exist (cheap; the tool runs it before heavy imports)."""
+    """Inputs and output directory exist (cheap; the tool runs it before heavy imports)."""
     for path in cfg.inputs:
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: input file does not exist")
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"{cfg.output_prefix}: output directory {out_dir} does not exist")
-    if not os.path.exists(cfg.tokenizer):
-        raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
 
 
 def _chunks(inputs, chunk_size, on_bytes) -> Iterator[list]:
@@ -295,7 +293,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "supervised_tokens": supervised,
         "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
         "length": _length_stats(lengths),
-        "overlong": {"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))},
+        # null without --max-seq-length: nothing was measured against a limit here (packing may
+        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
+        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
+                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
         "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
     }
     if cfg.plot:
