@@ -29,8 +29,10 @@ MIN_LR=${MIN_LR:-0}
 WARMUP_RATIO=${WARMUP_RATIO:-0.2}
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}   # seconds torchrun waits on SIGTERM for the workers' save before SIGKILL
+
 DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
-                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 MODEL_ARGS=(--model "$MODEL" --bf16 --transformer-impl transformer_engine)
 [ -n "${RECOMPUTE:-}" ] && MODEL_ARGS+=(--recompute-granularity "$RECOMPUTE")
 [ -n "$TOKENIZER" ] && MODEL_ARGS+=(--tokenizer-model "$TOKENIZER")

@@ -1,7 +1,7 @@
 """Dependencies point one way (docs/architecture.md):
 
     front-ends (train, demo) -> training / planning / convert -> checkpoint / model / parallel / data
-        -> packing -> chat -> files (+ the leaf module reporting)
+        -> packing -> chat -> files (+ the leaf modules reporting, frontdoor, quiet)
 
 Every import in the package, at module level or inside a function, is read with ``ast``.
 """
