@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overhead-gb", type=float, default=3.0, help="per-GPU allowance for CUDA context, NCCL, fragmentation")
     g = p.add_argument_group("model and parallelism (training CLI names)")
     g.add_argument("--model", default="llama3-70b", choices=sorted(PRESETS))
-    g.add_argument("--vocab-size", type=int, default=None, help="default, as training: " + VOCAB_RULE)
+    g.add_argument("--vocab-size", type=int, default=None, help="without it, as training: " + VOCAB_RULE)
     g.add_argument("--tokenizer-model", default=None, help="read the vocabulary size from this tokenizer")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)

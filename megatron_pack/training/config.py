@@ -50,7 +50,7 @@ class ModelArgs:
     """Which network and in what precision."""
 
     model: str = arg("tiny", "Architecture preset.", choices=("tiny", "llama3-8b", "llama3-70b"))
-    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
+    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Without it: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
     transformer_impl: str = arg("auto", "Layer implementation: auto picks Transformer Engine when importable "
