@@ -77,6 +77,9 @@ def unknown_message(extras: list[str], known: list[str]) -> str:
         if not word.startswith("-"):
             continue  # the value of an unknown flag: reported with the flag
         flag = word.split("=", 1)[0]
+        if flag in known:  # a flag of another sub-command
+            parts.append(f"{flag} (not a flag of this command)")
+            continue
         near = [k for k in known if k.startswith(flag)][:3] or difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         parts.append(f"{flag}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
     if not parts:
