@@ -147,7 +147,10 @@ def run_demo(args) -> list[dict]:
     rows = []
     for mode in args.modes:
         print(f"\n=== {mode} ===", flush=True)
-        rows.append(summarize_run(mode, train(demo_config(prefix, mode, args))))
+        res = train(demo_config(prefix, mode, args))
+        if res["exit_reason"] == "signal":  # SIGTERM stops the whole comparison, not one run of it
+            raise SystemExit(f"> stopped by SIGTERM during {mode}; no results table")
+        rows.append(summarize_run(mode, res))
     add_speedups(rows)
     table = format_results(rows)
     epochs = "One epoch" if args.epochs == 1 else f"{args.epochs:g} epochs"
