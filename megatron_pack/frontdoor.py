@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from typing import NoReturn
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -87,7 +88,7 @@ def unknown_message(extras: list[str], known: list[str]) -> str:
     return "unrecognized argument" + ("s " if len(parts) > 1 else " ") + ", ".join(parts)
 
 
-def fail(prog: str, message: str, status: int = 2) -> "NoReturn":  # noqa: F821
+def fail(prog: str, message: str, status: int = 2) -> NoReturn:
     """One-line error for a check made after parsing (a missing file), argparse's format."""
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.exit(status)
