@@ -26,6 +26,9 @@ def models():
     bf16 = Float16Module(cfg, build_model(preset, cfg, vocab_size=256, backend="local"))
     yield {"fp32": fp32.eval(), "bf16": bf16.eval()}
     destroy_distributed()
+    from megatron_pack.parallel import cpu_compat
+
+    cpu_compat.disable()  # process-wide: the CPU redirection tests expect it off
 
 
 def test_fp32_packed_equals_padded_and_a_leak_is_far_outside_the_bound(models):
