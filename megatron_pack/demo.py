@@ -169,17 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.frontdoor import FrontDoorParser
 
     p = FrontDoorParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default=os.path.join("outputs", "demo"))
-    p.add_argument("--modes", nargs="+", default=list(DEMO_MODES))
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--valid-fraction", type=float, default=0.05)
+    p.add_argument("--output-dir", default=os.path.join("outputs", "demo"), help="data, plots, logs, results")
+    p.add_argument("--modes", nargs="+", default=list(DEMO_MODES), help="packing modes to compare")
+    p.add_argument("--seq-length", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--global-batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training conversations per mode")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine, 10%% warmup)")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="conversations held out for the loss")
     p.add_argument("--no-document-mask", action="store_true", help="the paper's setting")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234, help="split, packing and initialisation seed")
+    p.add_argument("--log-interval", type=int, default=5, help="steps between training log lines")
     return p
 
 
