@@ -26,9 +26,12 @@ class ConfigError(ValueError):
     """A bad training setting; the message names the flag."""
 
 
-def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None):
+def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None,
+        required: bool = False):
     """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`)."""
     meta = {"help": help}
+    if required:
+        meta["required"] = True
     if choices is not None:
         meta["choices"] = tuple(choices)
     if flag is not None:
@@ -55,7 +58,7 @@ class ModelArgs:
                                      "a Hugging Face config.json / model directory. Default: the architecture "
                                      "recorded in --load / --pretrained-checkpoint, else tiny; given with one, "
                                      "it must agree with it.", metavar="PRESET|PATH")
-    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
+    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Without it: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
     transformer_impl: str = arg("auto", "Layer implementation: auto picks Transformer Engine when importable "
@@ -132,7 +135,7 @@ class DataArgs:
     """Where the data is and how it is split and served."""
 
     data_path: Optional[str] = arg(None, "Prefix of the SFT indexed dataset (tools/preprocess_sft.py output).",
-                                   metavar="PREFIX")
+                                   metavar="PREFIX", required=True)
     seq_length: int = arg(4096, "Tokens per sequence (plan capacity).")
     valid_fraction: float = arg(0.05, "Fraction of conversations held out for validation (0 disables it).")
     data_cache_path: Optional[str] = arg(None, "Packing plan cache directory (default PREFIX_plans).")

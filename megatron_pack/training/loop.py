@@ -52,6 +52,7 @@ def train(config: TrainConfig) -> dict:
 def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_pack.model.spec import describe as describe_backends
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -69,13 +70,14 @@ def _run(config: TrainConfig, st) -> dict:
     log.train_iters = total_iters
     preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
     vocab = resolve_vocab_size(config, preset)
-    model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
+    model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters,
                                 override=config.checkpoint.override_opt_param_scheduler,
                                 use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
+    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}")
     log.print(f"> data {config.data.data_path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
               f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
               f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
@@ -178,7 +180,7 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "learning rate": rec["learning rate"], "global batch size": global_batch_size, "lm loss": rec["lm loss"],
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
-        "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
+        "conversations/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
         "compute imbalance": rec.get("imbalance"),
     })
 
