@@ -26,7 +26,7 @@ PP=${PP:-1}
 mkdir -p "$WORKDIR"
 DATA_PREFIX="$WORKDIR/data/sample"
 if [ ! -f "${DATA_PREFIX}_summary.json" ]; then
-    python3 -c "import sys; from megatron_pack.demo import prepare_data; print(prepare_data(sys.argv[1]))" "$WORKDIR/data"
+    "${PYTHON:-python}" -c "import sys; from megatron_pack.demo import prepare_data; print(prepare_data(sys.argv[1]))" "$WORKDIR/data"
 fi
 
 MODEL_ARGS=(--model tiny --tokenizer-model "$WORKDIR/data/tokenizer" --no-bf16)

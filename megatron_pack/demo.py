@@ -17,6 +17,8 @@ import argparse
 import os
 import time
 
+import numpy as np
+
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
 
@@ -54,13 +56,60 @@ def demo_config(prefix: str, mode: str, args) -> "TrainConfig":  # noqa: F821
     )
 
 
+#: Result columns: (heading, key, format). The timing columns all come from one robust figure,
+#: the median step time, so the speedup always agrees with the time column beside it.
+RESULT_COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("sequences", "sequences", "{:,}"),
+    ("steps", "steps", "{}"),
+    ("median ms/step", "step_ms", "{:.0f}"),
+    ("epoch time (s)", "epoch_time", "{:.1f}"),
+    ("real tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("ideal", "ideal_speedup", "{:.2f}x"),
+    ("final train loss", "final_train_loss", "{:.4f}"),
+    ("held-out loss", "valid_loss", "{:.4f}"),
+]
+
+#: Printed under the results table: what each column is and which ones to trust to the digit.
+RESULT_NOTES = (
+    "Deterministic (a re-run prints the same): sequences, steps, final train loss, held-out loss.\n"
+    "Timings (vary run to run, more on a shared machine): median ms/step over the steps after the first; "
+    "epoch time = steps x median ms/step, so one stalled step cannot decide it; real tokens/s = the epoch's "
+    "real tokens / epoch time; speedup = padding's epoch time / the mode's. The summed wall time of every "
+    "step is in results.json.\n"
+    "Ideal = padding's sequences / the mode's: a speedup above it means a padded row cost more than a packed "
+    "one (its padding tail still runs through the layers), below it is mostly timing noise.\n"
+    "Held-out loss: the same held-out conversations, scored the same way, for every mode. Packed runs take "
+    "fewer optimizer steps over the same epoch (steps column), so after one epoch their loss is higher; "
+    "that is fewer updates, not worse updates (the paper's trade-off).")
+
+
 def format_results(rows: list[dict]) -> str:
-    heads = ["mode", "sequences", "steps", "wall time (s)", "ms/step", "real tokens/s", "speedup", "ideal", "final train loss",
-             "held-out loss"]
-    cells = [[r["mode"], f"{r['sequences']:,}", str(r["steps"]), f"{r['wall_time']:.1f}", f"{r['step_s'] * 1000:.0f}",
-              f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-              f"{r['final_train_loss']:.4f}", f"{r['valid_loss']:.4f}"] for r in rows]
-    return markdown_table(heads, cells)
+    cells = [[fmt.format(r[key]) for _, key, fmt in RESULT_COLUMNS] for r in rows]
+    return markdown_table([h for h, _, _ in RESULT_COLUMNS], cells)
+
+
+def summarize_run(row: dict) -> dict:
+    """One results row from a comparison-runner row (:func:`megatron_pack.experiment.compare.run_setting`):
+    the timings all come from the median step (the first, which pays for warm-up, left out), since a
+    shared machine stalls single steps for seconds."""
+    epoch_time = row["median_time"]  # steps x median step
+    real_tokens = float(row["real_tokens_seen"])
+    return {"mode": row["mode"], "sequences": row["sequences"], "steps": row["steps"],
+            "wall_time": row["wall_time"], "step_s": row["step_s"], "step_ms": row["step_s"] * 1000.0,
+            "epoch_time": epoch_time, "real_tokens": real_tokens,
+            "tokens_per_s": real_tokens / epoch_time if epoch_time else float("nan"),
+            "final_train_loss": row["final_train_loss"], "valid_loss": row["valid_loss"],
+            "padding_fraction": row["padding_fraction"]}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup and ideal against the padding row (else the first): both are ratios to it."""
+    base = next((r for r in rows if r["mode"] == "padding"), rows[0])
+    for r in rows:
+        r["speedup"] = base["epoch_time"] / r["epoch_time"] if r["epoch_time"] else float("nan")
+        r["ideal_speedup"] = base["sequences"] / r["sequences"]
 
 
 def run_demo(args) -> list[dict]:
@@ -76,10 +125,15 @@ def run_demo(args) -> list[dict]:
     ds = SFTIndexedDataset(prefix)
     train_idx, _ = split_indices(len(ds), args.valid_fraction, args.seed)
     lengths = ds.lengths[train_idx]
-    print(f"\nPacking the {lengths.size} training conversations ({int(lengths.sum()):,} tokens) "
-          f"into sequences of {args.seq_length}:")
+    over = int((lengths > args.seq_length).sum())
+    kept = int(np.minimum(lengths, args.seq_length).sum())
+    print(f"\nPacking the {lengths.size} training conversations into sequences of {args.seq_length}: "
+          f"{kept:,} tokens after truncating the {over} longer than {args.seq_length} "
+          f"({int(lengths.sum()):,} before; the 'truncated' column):")
     plans = {}
     print(format_table(report(lengths, args.seq_length, args.modes, seed=args.seed, plans=plans)), flush=True)
+    print(f"> preprocessing kept every conversation whole (no --max-seq-length; {prefix}_summary.json says "
+          f"over_max_seq_length: null); packing truncates the {over} over {args.seq_length} tokens", flush=True)
     png = plot_report(plans, lengths, args.seq_length, os.path.join(args.output_dir, "packing.png"))
     print(f"> fill-ratio and length histograms: {png} (conversation lengths: {prefix}_lengths.png)", flush=True)
 
@@ -91,39 +145,54 @@ def run_demo(args) -> list[dict]:
     settings = expand_settings(args.modes, [not args.no_document_mask])
     comparison = run_comparison(demo_config(prefix, args.modes[0], args), settings,
                                 os.path.join(args.output_dir, "comparison"), evals_per_run=2)
-    rows = comparison["rows"]
+    rows = [summarize_run(r) for r in comparison["rows"]]
+    add_speedups(rows)
     table = format_results(rows)
-    print(f"\nOne epoch of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}). "
-          f"Real tokens/s: mean real tokens per step / median step time; speedup over padding beside the ideal "
-          f"(padding's sequences / the mode's); held-out loss over the same conversations for every mode:")
-    print(table, flush=True)
+    epochs = "One epoch" if args.epochs == 1 else f"{args.epochs:g} epochs"
+    print(f"\n{epochs} of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}):")
+    print(table)
+    print(RESULT_NOTES, flush=True)
     write_json_atomic(rows, os.path.join(args.output_dir, "results.json"))
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table + "\n\n" + RESULT_NOTES + "\n")
     print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (the comparison's tables, held-out curves and "
           f"step logs under {os.path.join(args.output_dir, 'comparison')}); total {time.perf_counter() - t0:.0f}s")
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output-dir", default=os.path.join("outputs", "demo"))
-    p.add_argument("--modes", nargs="+", default=list(DEMO_MODES))
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--valid-fraction", type=float, default=0.05)
+    from megatron_pack.frontdoor import FrontDoorParser
+
+    p = FrontDoorParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", default=os.path.join("outputs", "demo"), help="data, plots, logs, results")
+    p.add_argument("--modes", nargs="+", default=list(DEMO_MODES), help="packing modes to compare")
+    p.add_argument("--seq-length", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--global-batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training conversations per mode")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine, 10%% warmup)")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="conversations held out for the loss")
     p.add_argument("--no-document-mask", action="store_true", help="the paper's setting")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234, help="split, packing and initialisation seed")
+    p.add_argument("--log-interval", type=int, default=5, help="steps between training log lines")
     return p
 
 
 def main(argv=None) -> int:
-    run_demo(build_parser().parse_args(argv))
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    args = build_parser().parse_args(argv)
+    from megatron_pack.packing.modes import get_mode
+
+    try:  # before preprocessing and Megatron's import
+        for m in args.modes:
+            get_mode(m)
+    except (KeyError, ValueError) as e:
+        from megatron_pack.frontdoor import fail
+
+        fail("python -m megatron_pack.demo", str(e).strip("'\""))
+    run_demo(args)
     return 0
 
 

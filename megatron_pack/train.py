@@ -9,7 +9,9 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
 Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
-2 on a bad command line or a refused input (dataset, checkpoint, --save in use).
+2 on a bad command line, missing input or a refused input (dataset, checkpoint, --save in use). The
+command line, the batch arithmetic and the dataset's files are checked before Megatron-Core (or
+torch) is imported: a wrong invocation answers in well under a second, on one line.
 """
 
 from __future__ import annotations
@@ -18,22 +20,36 @@ import os
 import sys
 
 
+PROG = "python -m megatron_pack.train"
+
+
 def main(argv=None) -> int:
+    from megatron_pack.files.indexed import check_dataset
+    from megatron_pack.quiet import quiet_library_noise
     from megatron_pack.training.cli import parse_args
+    from megatron_pack.training.config import ConfigError
+
+    quiet_library_noise()
+    config = parse_args(argv)
+    try:
+        # Batch arithmetic against torchrun's WORLD_SIZE and the dataset's files before paying
+        # for Megatron's import; train() checks the batch again against the real process group.
+        config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
+        for prefix in config.data.prefixes:  # every source of a blend, and --valid-data-path's
+            check_dataset(prefix)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.files.indexed_check import DatasetError
-    from megatron_pack.training.config import ConfigError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
-    config = parse_args(argv)
     try:
-        # Batch arithmetic against torchrun's WORLD_SIZE before paying for Megatron's import;
-        # train() checks again against the real process group.
-        config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         train(config)
-    except (ConfigError, ConversionError, DatasetError, CheckpointError) as e:  # bad settings or files
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -3,7 +3,7 @@
 # torch goes first: with no torch present, pip would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${EXTRAS:-test}
 if ! $PY -c "import torch" >/dev/null 2>&1; then

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python3 -m pytest -q tests "$@"
+"${PYTHON:-$(command -v python || command -v python3)}" -m pytest -q tests "$@"

@@ -2,23 +2,50 @@
 """Convert Llama checkpoints between Hugging Face and megatron_pack (Megatron-Core).
 
     # HF -> a checkpoint that `python -m megatron_pack.train --load OUT` fine-tunes from (this TP/PP)
-    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Meta-Llama-3-8B --output ckpt/llama3-8b-tp4 \
+    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Meta-Llama-3-8B --output ckpt/llama3-8b-tp4 \\
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 --tokenizer Meta-Llama-3-8B
 
     # a training checkpoint (any TP/PP) or an import -> HF config.json + safetensors
-    python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --output llama3-8b-sft \
+    python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --output llama3-8b-sft \\
         --tokenizer Meta-Llama-3-8B --max-shard-size 5GB
 
 Both stream one layer at a time and validate everything before writing; on an error
 nothing is left at --output. Only safetensors are read from HF directories.
 """
 
-import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "convert_checkpoint.py"
+
+
+def check_inputs(args) -> None:
+    """Paths and sizes, before torch and Megatron-Core are imported (a wrong invocation fails fast)."""
+    if args.command == "hf-to-megatron":
+        if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+            raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no config.json there")
+        for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "make_vocab_size_divisible_by"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    elif not os.path.isdir(args.load):
+        raise FileNotFoundError(f"--load {args.load}: no such checkpoint directory")
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.dtype not in ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
+        raise ValueError(f"--dtype {args.dtype}: choose auto, bf16 or fp32")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--output {args.output}: parent directory {parent} does not exist")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_pack.frontdoor import FrontDoorParser, fail
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    p = FrontDoorParser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-megatron", help="HF Llama / Mistral / Qwen2 directory -> megatron_pack import checkpoint")
     a.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
@@ -42,6 +69,10 @@ def main(argv=None):
     for q in (a, b):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    try:
+        check_inputs(args)
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, str(e), status=1)
 
     from megatron_pack.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 
@@ -62,7 +93,7 @@ def main(argv=None):
             print(f"wrote {args.output} from a {res['source']}: {len(res['files'])} files "
                   f"({', '.join(res['files'][:4])}{', ...' if len(res['files']) > 4 else ''})")
     except (ConversionError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"convert_checkpoint: error: {e}")
+        fail(PROG, str(e), status=1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """Compare packing modes on a dataset's sample lengths.
 
     python tools/pack_report.py --data-prefix data/sft --max-seq-length 4096
-    python tools/pack_report.py --lengths lengths.npy --max-seq-length 16384 \
+    python tools/pack_report.py --lengths lengths.npy --max-seq-length 16384 \\
         --modes padding,greedy,random,bfd,windowed_bfd:window=4096 --json report.json --plot report.png
 
 Prints one row per mode: sequences, packing efficiency, the lower bound
@@ -17,14 +17,22 @@ architecture) with contiguous and balanced placement, and the predicted step-tim
         --data-parallel-size 8 --global-batch-size 64 --model llama3-8b
 """
 
-import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "pack_report.py"
 
 
 def main(argv=None):
-    from megatron_pack.packing.plan import OVERLONG_CHOICES
+    from megatron_pack.frontdoor import FrontDoorParser, fail
+    from megatron_pack.packing.modes import get_mode
+    from megatron_pack.packing.plan import OVERLONG_CHOICES  # numpy only: light
+    from megatron_pack.quiet import quiet_library_noise
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quiet_library_noise()
+    p = FrontDoorParser(prog=PROG, description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-prefix", help="SFT indexed dataset prefix (PREFIX.bin/.idx, written by preprocess_sft.py)")
     src.add_argument("--lengths", help="1-D integer .npy of sample lengths")
@@ -41,8 +49,9 @@ def main(argv=None):
     b.add_argument("--data-parallel-size", type=int, help="DP ranks; turns the forecast on")
     b.add_argument("--global-batch-size", type=int, help="sequences per step (required with --data-parallel-size)")
     b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
-    b.add_argument("--model", default="llama3-8b", choices=("tiny", "llama3-8b", "llama3-70b"),
-                   help="architecture the cost model reads (default llama3-8b)")
+    b.add_argument("--model", default="llama3-8b", metavar="PRESET|PATH",
+                   help="architecture the cost model reads: a preset or a HF config.json / model directory "
+                        "(default llama3-8b)")
     b.add_argument("--vocab-size", type=int, help="vocabulary for the output layer (default the preset's; "
                                                   "required for tiny)")
     args = p.parse_args(argv)
@@ -56,19 +65,36 @@ def main(argv=None):
                     f"{args.micro_batch_size} x --data-parallel-size {args.data_parallel_size}")
         if args.model == "tiny" and args.vocab_size is None:
             p.error("--model tiny needs --vocab-size")
+    modes = [m for m in args.modes.split(",") if m]
+    try:  # everything checkable before the dataset is read
+        for m in modes:
+            get_mode(m)
+        if args.max_seq_length < 1:
+            raise ValueError(f"--max-seq-length must be >= 1, got {args.max_seq_length}")
+        if args.data_prefix is not None:
+            from megatron_pack.files.indexed import check_dataset
+
+            check_dataset(args.data_prefix)
+        elif not os.path.isfile(args.lengths):
+            raise FileNotFoundError(f"{args.lengths}: no such lengths file")
+        for out in (args.json_out, args.plot_out):
+            if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+                raise FileNotFoundError(f"{out}: output directory does not exist")
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        fail(PROG, str(e).strip("'\""), status=1)
 
     from megatron_pack.packing.report import run
 
     forecast = args.data_parallel_size is not None
     plans = {} if forecast else None
     try:
-        rows = run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths,
-                   modes=[m for m in args.modes.split(",") if m], seed=args.seed, overlong=args.overlong,
-                   json_out=None if forecast else args.json_out, plot_out=args.plot_out, plans=plans)
+        rows = run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths, modes=modes,
+                   seed=args.seed, overlong=args.overlong, json_out=None if forecast else args.json_out,
+                   plot_out=args.plot_out, plans=plans)
         if forecast:
             _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"pack_report: error: {e}")
+        fail(PROG, str(e), status=1)
 
 
 def _forecast(args, rows, plans):

@@ -7,23 +7,28 @@
         --global-batch-size 64 [--data-prefix PREFIX --pack-mode bfd --train-epochs 3] [--json plan.json]
 
 Flag names are the training CLI's (Megatron-LM's), so a launch script can pass its whole
-argument arrays; flags the planner does not model are ignored and listed. Exit status 2
-for an illegal layout or bad input, with the reason.
+argument arrays; training flags the planner does not model are ignored and listed, any other
+flag is an error naming the nearest valid one. Exit status 0 fits, 1 does not fit, 2 for an
+illegal layout, bad input, or data too small for one global batch (it cannot run), with the reason.
 """
 
 import argparse
+import os
 import sys
-import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "plan_parallel.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.model.presets import PRESETS
     from megatron_pack.model.vocab import VOCAB_RULE
     from megatron_pack.packing.plan import OVERLONG_CHOICES
+    from megatron_pack.frontdoor import FrontDoorParser
 
-    # exact flag names only: a training flag must never be taken as an abbreviation of ours
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    # exact flag names only (FrontDoorParser): a training flag must never be taken as an abbreviation of ours
+    p = FrontDoorParser(prog=PROG, description=__doc__)
     b = argparse.BooleanOptionalAction
     g = p.add_argument_group("cluster")
     g.add_argument("--nnodes", type=int, default=1)
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and parallelism (training CLI names)")
     g.add_argument("--model", default="llama3-70b", metavar="PRESET|PATH",
                    help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json / model directory")
-    g.add_argument("--vocab-size", type=int, default=None, help="default, as training: " + VOCAB_RULE)
+    g.add_argument("--vocab-size", type=int, default=None, help="without it, as training: " + VOCAB_RULE)
     g.add_argument("--tokenizer-model", default=None, help="read the vocabulary size from this tokenizer")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -70,12 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    # Megatron-Core warns at import that TE/apex are absent; irrelevant to a plan.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+def split_unknown(parser, unknown: list) -> list:
+    """The training flags among ``unknown`` (with their values), to be listed as not modelled;
+    a flag that is neither ours nor the training CLI's is a usage error naming the nearest one."""
+    from megatron_pack.frontdoor import unknown_message
+    from megatron_pack.training.cli import build_parser as training_parser
 
-    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan
+    training = training_parser().known_flags()
+    typos = [w for w in unknown if w.startswith("--") and w.split("=", 1)[0] not in training]
+    if typos:
+        parser.error(unknown_message(typos, sorted(set(parser.known_flags()) | set(training))))
+    return unknown
+
+
+def main(argv=None) -> int:
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    unknown = split_unknown(parser, unknown)
+
+    from megatron_pack.planning.plan import CannotRunError, LayoutError, PlanConfig, make_plan
     from megatron_pack.planning.render import render, write_json
     from megatron_pack.planning.timing import DEFAULT_MFU
 
@@ -83,6 +104,14 @@ def main(argv=None) -> int:
         from megatron_pack.model.presets import get_preset
         from megatron_pack.model.vocab import resolve_vocab_size
 
+        from megatron_pack.files.indexed import check_dataset
+        from megatron_pack.packing.modes import get_mode
+
+        for spec in [args.pack_mode, *args.modes.split(",")]:  # bad input answers before the model is built
+            if spec:
+                get_mode(spec)
+        if args.data_path:
+            check_dataset(args.data_path)
         vocab = resolve_vocab_size(args.vocab_size, args.tokenizer_model, get_preset(args.model), args.data_path)
         cfg = PlanConfig(
             model=args.model, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
@@ -101,10 +130,10 @@ def main(argv=None) -> int:
         )
         plan = make_plan(cfg, progress=args.progress)
     except LayoutError as e:
-        print(f"plan_parallel: error: illegal layout: {e}", file=sys.stderr)
+        print(f"{PROG}: error: illegal layout: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"plan_parallel: error: {e}", file=sys.stderr)
+    except (CannotRunError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(render(plan))
     if args.json_out:

@@ -10,20 +10,22 @@ PREFIX_rejects.jsonl and PREFIX_lengths.png. Exit status 1 on bad setup or, with
 on the first bad record.
 """
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pack.chat.encode import LOSS_POLICIES  # noqa: E402
+from megatron_pack.chat.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
 from megatron_pack.chat.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
 from megatron_pack.chat.templates import TEMPLATES  # noqa: E402
+from megatron_pack.frontdoor import FrontDoorParser  # noqa: E402
+
+PROG = "preprocess_sft.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FrontDoorParser(prog=PROG, description=__doc__)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl or .jsonl.gz files, in order")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="tokenizer.json, a HF tokenizer directory, or a SentencePiece .model")
@@ -47,14 +49,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()
     args = parse_args(argv)
-    from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
+    from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, check_paths, preprocess
     from megatron_pack.chat.tokenizer import TokenizerError
 
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, kept out of the timing)
-
-    start = time.perf_counter()
-    try:
+    try:  # settings and paths first: a wrong invocation answers before the heavy imports
         cfg = PreprocessConfig(
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             chat_template=args.chat_template, max_seq_length=args.max_seq_length, overlong=args.overlong,
@@ -62,9 +64,20 @@ def main(argv=None) -> int:
             fast_tokenizer=not args.no_fast_tokenizer, progress=False if args.no_progress else None,
             plot=not args.no_plot,
         )
+        check_paths(cfg)
+        if not os.path.exists(cfg.tokenizer):
+            raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
+    except PreprocessError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, kept out of the timing)
+
+    start = time.perf_counter()
+    try:
         s = preprocess(cfg)
     except (PreprocessError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     secs = time.perf_counter() - start
     c = s["conversations"]

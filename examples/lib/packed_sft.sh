@@ -6,6 +6,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the active environment's interpreter
 DRY_RUN=${DRY_RUN:-0}                       # 1: run tools/plan_parallel.py with these settings instead
 if [ "$DRY_RUN" = "1" ]; then DATA_PATH=${DATA_PATH:-}  # the planner costs every mode when a dataset is given
 else DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}; fi
@@ -30,8 +31,10 @@ MIN_LR=${MIN_LR:-0}
 WARMUP_RATIO=${WARMUP_RATIO:-0.2}
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}   # seconds torchrun waits on SIGTERM for the workers' save before SIGKILL
+
 DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
-                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 MODEL_ARGS=(--model "$MODEL" --bf16 --transformer-impl transformer_engine)
 [ -n "${RECOMPUTE:-}" ] && MODEL_ARGS+=(--recompute-granularity "$RECOMPUTE")
 [ -n "$TOKENIZER" ] && MODEL_ARGS+=(--tokenizer-model "$TOKENIZER")
@@ -53,7 +56,7 @@ LOGGING_ARGS=(--log-interval 1 --tensorboard-dir "$TENSORBOARD_DIR")
 # ---- DRY_RUN=1: validate the layout and cost the run (memory per GPU, step and epoch time
 # per packing mode) with exactly these settings; exit 0 fits, 1 does not fit, 2 illegal layout.
 if [ "$DRY_RUN" = "1" ]; then
-    exec python3 tools/plan_parallel.py --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
+    exec "$PYTHON" tools/plan_parallel.py --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
         --gpu "${GPU:-a800-80gb}" "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" \
         "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" ${PLAN_JSON:+--json "$PLAN_JSON"} ${MFU:+--mfu "$MFU"} "$@"
 fi

@@ -84,7 +84,8 @@ class PreprocessConfig:
 
 
 # -- reading ------------------------------------------------------------------------------
-def _check_paths(cfg: PreprocessConfig):
+def check_paths(cfg: PreprocessConfig):
+    """Inputs and output directory exist (cheap; the tool runs it before heavy imports)."""
     for path in cfg.inputs:
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: input file does not exist")
@@ -246,7 +247,7 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
 
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
-    _check_paths(cfg)
+    check_paths(cfg)
     remove_stale_temps(cfg.output_prefix)
     tokenizer = load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     template_name = cfg.chat_template if cfg.chat_template != "auto" else auto_template_name(tokenizer)
@@ -329,7 +330,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "supervised_tokens": supervised,
         "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
         "length": _length_stats(lengths),
-        "overlong": {"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))},
+        # null without --max-seq-length: nothing was measured against a limit here (packing may
+        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
+        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
+                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
         "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
         "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
     }

@@ -103,7 +103,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a previous save that died half-way
-        os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(tmp)  # empty: Megatron-Core warns "Overwriting old incomplete" into a non-empty one
     barrier()
     state = _sharded_state_dict(model, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
@@ -111,6 +111,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     state["iteration"] = int(iteration)
     state["extra"] = dict(extra or {})
     dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     barrier()
     if rank == 0:

@@ -119,6 +119,10 @@ class DistSource:
         hf = rc.get("hf") or {}
         self.special = hf.get("special_tokens") or {}
         self.generation_config = hf.get("generation_config")
+        model_rc, ckpt_rc = rc.get("model", {}), rc.get("checkpoint", {})
+        # where bos/eos can come from when the run recorded none: its tokenizer, else the import it started from
+        self.tokenizer_model = model_rc.get("tokenizer_model")
+        self.started_from = [ckpt_rc.get(k) for k in ("load", "pretrained_checkpoint") if ckpt_rc.get(k)]
 
     def layer(self, i: int) -> dict:
         return M.megatron_layer_to_hf([self.reader.layer(i)], self.preset)
@@ -131,6 +135,37 @@ class DistSource:
 
     def output(self) -> Optional[torch.Tensor]:
         return self.reader.tensor(M.MEG_OUTPUT) if self.reader.has(M.MEG_OUTPUT) else None
+
+
+def special_token_ids(special: dict, tokenizers=(), imports=()) -> dict:
+    """``{"bos_token_id", "eos_token_id"}`` for ``config.json``: ``special`` (an import's HF config)
+    where set, else the first tokenizer path that loads, else the HF config recorded by the first
+    import among ``imports`` (the checkpoint a training run started from); None where none says."""
+    ids = {k: special.get(k) for k in ("bos_token_id", "eos_token_id")}
+    for path in tokenizers:
+        if all(v is not None for v in ids.values()):
+            return ids
+        if not path or not os.path.exists(path):
+            continue
+        from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+
+        try:
+            tok = load_tokenizer(path, fast=False)
+        except (TokenizerError, ValueError, OSError):
+            continue  # a file the copy step still takes (e.g. a bare config); try the next source
+        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+            ids[key] = value if ids[key] is None else ids[key]
+    for path in imports:
+        if all(v is not None for v in ids.values()):
+            break
+        try:
+            meta = C.read_import_metadata(path) if path else None
+        except Exception:  # a moved or rewritten import: not worth failing the export for
+            meta = None
+        for key in ids:
+            if meta and ids[key] is None:
+                ids[key] = meta.get("hf_config", {}).get(key)
+    return ids
 
 
 def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = None, max_shard_size="5GB",
@@ -163,13 +198,14 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
                 raise ConversionError(f"{load}: no output_layer.weight but the model is untied")
             writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
         files = writer.close()
-        cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"),
-                             src.special.get("pad_token_id"))
+        tok = tokenizer or src.tokenizer_dir
+        ids = special_token_ids(src.special, (tok, getattr(src, "tokenizer_model", None)),
+                                getattr(src, "started_from", ()))
+        cfg = hf_config_dict(preset, out_dtype, ids["bos_token_id"], ids["eos_token_id"], src.special.get("pad_token_id"))
         write_json_atomic(cfg, os.path.join(tmp, "config.json"), indent=2)
         if src.generation_config:
             write_json_atomic(src.generation_config, os.path.join(tmp, "generation_config.json"), indent=2)
             files.append("generation_config.json")
-        tok = tokenizer or src.tokenizer_dir
         files += copy_tokenizer(tok, tmp) if tok else []
         finish_output(tmp, output)
     except BaseException:

@@ -40,6 +40,17 @@ def dataset_exists(prefix: str) -> bool:
     return all(os.path.exists(p) for p in dataset_files(prefix))
 
 
+def check_dataset(prefix: str) -> None:
+    """One-line ``FileNotFoundError`` unless every part of the dataset at ``prefix`` exists."""
+    missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
+    if len(missing) == len(PART_SUFFIXES) * 2:
+        raise FileNotFoundError(f"{prefix}: no SFT dataset at this prefix (expected {prefix}.bin/.idx and its "
+                                f"_loss_mask/_turns parts, written by tools/preprocess_sft.py)")
+    if missing:
+        raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing "
+                                + ", ".join(os.path.basename(p) for p in missing))
+
+
 class SFTDatasetWriter:
     """Streams conversations into the three indexed datasets, atomically on close.
 
@@ -126,9 +137,7 @@ class SFTIndexedDataset:
     def __init__(self, prefix: str, validate: bool = True):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing {missing}")
+        check_dataset(prefix)
         if validate:
             from megatron_pack.files.indexed_check import check_summary, validate_dataset
 

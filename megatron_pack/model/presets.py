@@ -91,7 +91,7 @@ def transformer_config(
     through ``overrides`` (e.g. ``apply_rope_fusion=True`` with Transformer Engine). The layer
     implementation itself is chosen by :func:`megatron_pack.model.spec.get_layer_spec`.
     """
-    import torch
+    import torch  # here, not at module level: the command lines read presets before any heavy import
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -34,7 +34,10 @@ BACKENDS = ("auto", "te", "local")
 
 @functools.lru_cache(maxsize=None)
 def _importable(module: str) -> bool:
-    if importlib.util.find_spec(module) is None:
+    try:
+        if importlib.util.find_spec(module) is None:
+            return False
+    except ModuleNotFoundError:  # a dotted name whose parent package is absent
         return False
     try:
         importlib.import_module(module)
@@ -68,15 +71,38 @@ def attention_kernel(config) -> str:
     return "flash" if half and flash_attn_available() else "torch"
 
 
+#: TransformerConfig switches for fused kernels, named as the run header prints them.
+FUSIONS = {"bias_activation_fusion": "bias-activation", "masked_softmax_fusion": "masked-softmax",
+           "apply_rope_fusion": "rope", "gradient_accumulation_fusion": "grad-accumulation",
+           "persist_layer_norm": "persistent-layernorm"}
+
+
 def describe(config, backend: str = "auto") -> str:
-    """One line for the run log: which layers and which packed-attention kernel."""
+    """The run header's one statement of what runs: layers, packed-attention kernel, norm,
+    apex, optimizer kernel and fused kernels (in place of the libraries' import-time warnings,
+    which :mod:`megatron_pack.quiet` filters)."""
     resolved = resolve_backend(backend)
     cp = int(getattr(config, "context_parallel_size", 1) or 1)
     if resolved == "te":
-        comm = f", CP {cp} {getattr(config, 'cp_comm_type', None) or 'p2p'}" if cp > 1 else ""
-        return f"transformer-engine layers, TE fused attention (thd{comm})"
-    return (f"megatron-core local layers, VarlenCoreAttention[{attention_kernel(config)}]"
-            + (f", CP {cp} all-gather K/V" if cp > 1 else ""))
+        parts = ["layers: Transformer Engine", "attention: TE fused (THD)"
+                 + (f", CP {cp} {getattr(config, 'cp_comm_type', None) or 'p2p'}" if cp > 1 else "")]
+    else:
+        kernel = attention_kernel(config)
+        parts = ["layers: Megatron-Core local",
+                 "attention: " + ("flash-attn varlen" if kernel == "flash" else "PyTorch SDPA per document")
+                 + (f", CP {cp} all-gather K/V" if cp > 1 else "")]
+        norm = get_layer_spec(config, resolved).submodules.input_layernorm
+        parts.append(f"norm: {getattr(norm, '__name__', norm)}")
+    parts.append("apex: " + ("yes" if _importable("apex.normalization") else "no"))
+    try:
+        from megatron.core.optimizer import Adam
+
+        parts.append(f"optimizer: {Adam.__module__.split('.')[0]} {Adam.__name__}")
+    except ImportError:  # pragma: no cover - Megatron-Core always provides one
+        pass
+    fused = [name for key, name in FUSIONS.items() if getattr(config, key, False)]
+    parts.append("fusions: " + (", ".join(fused) if fused else "none"))
+    return "; ".join(parts)
 
 
 def get_layer_spec(config, backend: str = "auto"):

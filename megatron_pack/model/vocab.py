@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Optional
 
 #: The rule in words, for --help texts.
-VOCAB_RULE = ("--vocab-size, else the tokenizer's (--tokenizer-model), else the architecture's, else the "
-              "dataset's largest token id + 1; padded to a multiple of 128 x TP")
+VOCAB_RULE = ("the tokenizer's (--tokenizer-model), else the architecture's, else the dataset's largest "
+              "token id + 1; padded to a multiple of 128 x TP either way")
 
 
 def resolve_vocab_size(vocab_size: Optional[int], tokenizer_model: Optional[str], architecture=None,

@@ -28,6 +28,10 @@ PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9, "llama3.1-8b
                         "qwen2.5-7b": 7.61e9, "qwen2.5-72b": 72.7e9, "mistral-7b": 7.25e9}
 
 
+class CannotRunError(ValueError):
+    """The layout is legal but the data gives training nothing to do (no step in an epoch)."""
+
+
 class LayoutError(ValueError):
     """An impossible parallel layout; the message lists every reason."""
 
@@ -191,7 +195,7 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
                              "step_seconds_balanced": est.step_seconds * f.slowdown_balanced})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
-        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
+        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base and base["steps"] and r["steps"] else None
         if cfg.train_epochs is not None:  # as training counts them (epochs_to_iters), from epoch 0's plan
             whole, frac = int(cfg.train_epochs), cfg.train_epochs - int(cfg.train_epochs)
             r["train_steps"] = whole * r["steps"] + int(r["steps"] * frac)
@@ -246,9 +250,10 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         modes, data = [], None
         est = estimate(preset, params.matmul_total, full_sequences(n, lay.padded_seq_length), tcfg)
     selected = next((r for r in modes if r["selected"]), None)
-    if selected and selected["steps"] == 0:
-        warnings.append(f"{selected['num_sequences']} sequences with --pack-mode {selected['mode']}: fewer than one "
-                        f"global batch of {cfg.global_batch_size}, so an epoch has no step (training refuses it)")
+    if selected and selected["steps"] == 0:  # training stops on it (data.sampling.TrainStream): so does the plan
+        raise CannotRunError(f"cannot run: an epoch of --pack-mode {selected['mode']} has {selected['num_sequences']} "
+                             f"sequences, fewer than one global batch of {cfg.global_batch_size}; lower "
+                             f"--global-batch-size or give more data")
     timing = {
         "gpu_peak_tflops": gpu.bf16_tflops, "mfu": cfg.mfu, "bubble": tcfg.bubble,
         "num_microbatches": m,

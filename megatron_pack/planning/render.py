@@ -59,7 +59,7 @@ def _modes_table(plan: dict) -> str:
     for r in plan["modes"]:
         vs = f"{r['time_vs_padding']:.2f}x" if r["time_vs_padding"] is not None else "-"
         row = [f"{r['mode']}{' *' if r['selected'] else ''}", f"{r['num_sequences']:,}", f"{r['efficiency']:.1%}",
-               f"{r['steps']:,}", f"{r['attention_share']:.1%}", f"{r['model_flops_per_step'] / 1e15:.2f}",
+               f"{r['steps']:,}{' (< 1 batch)' if not r['steps'] else ''}", f"{r['attention_share']:.1%}", f"{r['model_flops_per_step'] / 1e15:.2f}",
                f"{r['step_seconds']:.2f} s", _hours(r["epoch_seconds"]), vs,
                f"{r['real_tokens_per_second_per_gpu']:,.0f}"]
         if epochs is not None:

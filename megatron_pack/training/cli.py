@@ -2,18 +2,26 @@
 
 Each leaf field becomes one flag (``tensor_model_parallel_size`` ->
 ``--tensor-model-parallel-size``, Megatron-LM's names); a bool field becomes the pair
-``--flag/--no-flag``; nested dataclasses become argument groups. Parsing builds the
-dataclasses, so their ``__post_init__`` checks run on the command line too.
+``--flag/--no-flag``; nested dataclasses become argument groups; a field whose metadata says
+``required`` is a required flag. Parsing builds the dataclasses, so their ``__post_init__``
+checks run on the command line too. The parser is :class:`megatron_pack.frontdoor.FrontDoorParser`
+(one-line errors, unknown flags answered with the nearest valid one), so new fields need
+nothing here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from typing import Optional, Union
 
+from megatron_pack.frontdoor import FrontDoorParser
 from megatron_pack.training.config import ConfigError, TrainConfig, flag_name
+
+DESCRIPTION = ("Supervised fine-tuning with sequence packing on Megatron-Core. Flag names follow "
+               "Megatron-LM; one group per concern.")
 
 
 def _base_type(tp):
@@ -41,9 +49,15 @@ def _dest(path) -> str:
     return "__".join(path)
 
 
-def build_parser(config_cls=TrainConfig, prog: str = "python -m megatron_pack.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(config_cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def plain(text: str) -> str:
+    """Docstring text for a terminal: RST roles and literals (``x``, :class:`y`) as plain words."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return " ".join(text.replace("``", "").split())
+
+
+def build_parser(config_cls=TrainConfig, prog: str = "python -m megatron_pack.train",
+                 description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    parser = FrontDoorParser(prog=prog, description=description)
     groups: dict = {}
     seen: dict = {}
     hints = typing.get_type_hints(config_cls)
@@ -51,14 +65,16 @@ def build_parser(config_cls=TrainConfig, prog: str = "python -m megatron_pack.tr
         owner = hints[path[0]] if len(path) > 1 else config_cls
         title = path[0] if len(path) > 1 else "general"
         if title not in groups:
-            groups[title] = parser.add_argument_group(title, (owner.__doc__ or "").strip())
+            groups[title] = parser.add_argument_group(title, plain(owner.__doc__ or ""))
         flag = flag_name(f)
         if flag in seen:
             raise TypeError(f"flag {flag} generated twice: {seen[flag]} and {'.'.join(path)}")
         seen[flag] = ".".join(path)
         base, _ = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=_dest(path), default=default, help=f.metadata.get("help", ""))
+        kw = dict(dest=_dest(path), default=default, help=plain(f.metadata.get("help", "")))
+        if f.metadata.get("required"):
+            kw["required"] = True
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:

@@ -31,10 +31,12 @@ TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer")
 
 
 def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None,
-        nargs: Optional[str] = None):
+        required: bool = False, nargs: Optional[str] = None):
     """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`); ``nargs="+"``
     makes a flag that takes one or more values (the field then holds a str or a list of str)."""
     meta = {"help": help}
+    if required:
+        meta["required"] = True
     if nargs is not None:
         meta["nargs"] = nargs
     if choices is not None:
@@ -63,7 +65,7 @@ class ModelArgs:
                                      "a Hugging Face config.json / model directory. Default: the architecture "
                                      "recorded in --load / --pretrained-checkpoint, else tiny; given with one, "
                                      "it must agree with it.", metavar="PRESET|PATH")
-    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
+    vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Without it: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
     tokenizer_type: Optional[str] = arg(None, "Megatron-LM's tokenizer kind for --tokenizer-model: "
@@ -196,6 +198,14 @@ class DataArgs:
         _need(self.data_path is None or self.train_data_path is None, "--train-data-path",
               "give --data-path or --train-data-path, not both")
 
+    @property
+    def prefixes(self) -> list:
+        """Every dataset prefix the run reads: the training sources, then the held-out ones."""
+        from megatron_pack.data.blend import parse_blend
+
+        return [p for v in (self.data_path, self.train_data_path, self.valid_data_path) if v is not None
+                for p in parse_blend(v).prefixes]
+
 
 @dataclass
 class OptimArgs:
@@ -325,7 +335,8 @@ class TrainConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
 
     def __post_init__(self):
-        _need(self.data.data_path is not None or self.data.train_data_path is not None, "--data-path", "required")
+        if self.data.data_path is None and self.data.train_data_path is None:  # argparse's wording
+            raise ConfigError("the following arguments are required: --data-path (or --train-data-path)")
         if self.train.loss_weighting == "sample":
             _need(self.data.packing.document_mask, "--loss-weighting sample",
                   "needs the document mask to know where samples start (drop --no-document-mask)")

@@ -8,10 +8,13 @@ extra ``| key: value |`` fields::
      [2026-01-01 12:00:00] iteration       10/     100 | consumed samples:          160 |
      elapsed time per iteration (ms): 812.3 | learning rate: 9.755283E-06 | global batch size:    16 |
      lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 1.234 | real tokens/s: 9876.5 |
-     padding fraction: 0.0312 | samples/s: 45.67 | number of skipped iterations:   0 |
+     padding fraction: 0.0312 | conversations/s: 45.67 | number of skipped iterations:   0 |
      number of nan iterations:   0 | compute imbalance: 1.004 |
 
-(one line in the log). Only one rank prints (the last rank, Megatron's ``print_rank_last``,
+(one line in the log). ``consumed samples`` keeps Megatron-LM's meaning: training *sequences*
+(packed rows of ``--seq-length`` tokens) so far, global batch x steps. ``conversations/s``
+counts the conversations (pieces, where a mode splits one) inside those sequences per second:
+with packing there are several per sequence, so the two are different units on purpose. Only one rank prints (the last rank, Megatron's ``print_rank_last``,
 which owns the loss).
 """
 
@@ -51,7 +54,7 @@ class TrainingLogger:
         line = format_step(iteration, self.train_iters, m)
         self.print(line)
         if self.enabled and self.writer is not None:
-            for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "samples/s",
+            for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
                         "compute imbalance"):
                 if m.get(key) is not None:
                     self.writer.add_scalar(key.replace(" ", "-").replace("/", "-per-"), m[key], iteration)
@@ -91,7 +94,7 @@ class TrainingLogger:
 
 def format_step(iteration: int, train_iters: int, m: dict) -> str:
     """One Megatron-LM style line; ``m`` keys: consumed samples, elapsed ms, learning rate,
-    global batch size, lm loss, grad norm, real tokens/s, padding fraction, samples/s,
+    global batch size, lm loss, grad norm, real tokens/s, padding fraction, conversations/s,
     skipped, nan."""
     s = f" [{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
     s += " iteration {:8d}/{:8d} |".format(iteration, train_iters)
@@ -107,7 +110,7 @@ def format_step(iteration: int, train_iters: int, m: dict) -> str:
         s += " grad norm: {:.3f} |".format(m["grad norm"])
     s += " real tokens/s: {:.1f} |".format(m["real tokens/s"])
     s += " padding fraction: {:.4f} |".format(m["padding fraction"])
-    s += " samples/s: {:.2f} |".format(m["samples/s"])
+    s += " conversations/s: {:.2f} |".format(m["conversations/s"])
     s += " number of skipped iterations: {:3d} |".format(m.get("skipped", 0))
     s += " number of nan iterations: {:3d} |".format(m.get("nan", 0))
     if m.get("compute imbalance") is not None:  # max/mean FLOPs over DP ranks (data.balance)

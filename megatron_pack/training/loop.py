@@ -53,6 +53,7 @@ def train(config: TrainConfig) -> dict:
 def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_pack.model.spec import describe as describe_backends
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -77,9 +78,9 @@ def _run(config: TrainConfig, st) -> dict:
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
-    from megatron_pack.model.spec import describe, describe_fusions
+    from megatron_pack.model.spec import describe_fusions
 
-    log.print(f"> layers: {describe(tcfg, config.model.backend)}; {describe_fusions(tcfg)}")
+    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}; {describe_fusions(tcfg)}")
     path = config.data.data_path if config.data.data_path is not None else config.data.train_data_path
     path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
     log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
@@ -188,7 +189,7 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "learning rate": rec["learning rate"], "global batch size": global_batch_size, "lm loss": rec["lm loss"],
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
-        "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
+        "conversations/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
         **({k: rec[k] for k in ("source lm loss", "source tokens") if k in rec}),
         "compute imbalance": rec.get("imbalance"),
     })

@@ -234,6 +234,9 @@ def test_finetune_import_without_model_flag_export_hf_loss_equals_megatron(hf_di
     assert hf.generation_config.eos_token_id == [2, 7]
     moved = (hf.model.layers[0].self_attn.q_proj.bias - base.model.layers[0].self_attn.q_proj.bias).abs().max()
     assert moved > 1e-4, "fine-tuning did not change the q bias"
+    exported = json.loads((out / "config.json").read_text())  # special ids carried from the import
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (base.config.bos_token_id, base.config.eos_token_id)
+    assert exported["bos_token_id"] is not None
 
     ds = SFTIndexedDataset(prefix)
     conv = [ds[i] for i in range(2)]

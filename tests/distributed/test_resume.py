@@ -18,6 +18,13 @@ def _same_steps(full, resumed, steps):
         assert b["grad norm"] == a["grad norm"], (it, a["grad norm"], b["grad norm"])
         assert b["learning rate"] == a["learning rate"], it
         assert b["tokens"] == a["tokens"], it
+        assert b["consumed samples"] == a["consumed samples"], it  # the data position came back too
+
+
+def _differs_when_shifted(full, resumed, steps):
+    """Negative control: the same comparison against the neighbouring step fails, so equality
+    above is not an accident of identical steps."""
+    assert any(resumed.steps[it]["lm loss"] != full.steps[it - 1]["lm loss"] for it in steps)
 
 
 def test_sigterm_save_and_resume_dp2_distributed_optimizer(tmp_path_factory):
@@ -42,8 +49,12 @@ def test_sigterm_save_and_resume_dp2_distributed_optimizer(tmp_path_factory):
     assert sorted(resumed.steps) == list(range(k + 1, 13))
     # 8 steps per epoch: the resumed run moves on to epoch 1 (new order) like the full one
     _same_steps(full, resumed, range(k + 1, 13))
+    _differs_when_shifted(full, resumed, range(k + 1, 13))
+    # the end of the resumed run is the end of the uninterrupted one: same held-out loss, same
+    # checkpoint position
     assert resumed.records[-1]["validation lm loss"] == full.records[-1]["validation lm loss"]
-    assert prefix
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert prefix in resumed.output  # it trained on the shared dataset
 
 
 def test_resume_pp2(tmp_path_factory):
@@ -58,8 +69,11 @@ def test_resume_pp2(tmp_path_factory):
     second = run_train(2, args + ["--load", str(ck), "--exit-interval", "6"], tmp, name="second")
     assert second.returncodes == [0, 0], describe_failure(second)
     assert sorted(second.steps) == [4, 5, 6]
+    assert sorted(first.steps) == [1, 2, 3]
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     _same_steps(full, first, range(1, 4))
     _same_steps(full, second, range(4, 7))
+    _differs_when_shifted(full, second, range(4, 7))
 
 
 def test_resume_cp2_and_load_at_cp1(tmp_path_factory):

@@ -11,7 +11,7 @@ from _launch_train import BASE_ARGS, REPO, describe_failure, run_train, shared_d
 STEP = re.compile(
     r" \[[\d\- :]+\] iteration\s+(\d+)/\s+12 \| consumed samples:\s+(\d+) \| elapsed time per iteration \(ms\): "
     r"[\d.]+ \| learning rate: ([\d.E+\-]+) \| global batch size:\s+8 \| lm loss: ([\d.E+\-]+) \| loss scale: 1\.0 \| "
-    r"grad norm: ([\d.]+) \| real tokens/s: ([\d.]+) \| padding fraction: ([\d.]+) \| samples/s: ([\d.]+) \| "
+    r"grad norm: ([\d.]+) \| real tokens/s: ([\d.]+) \| padding fraction: ([\d.]+) \| conversations/s: ([\d.]+) \| "
     r"number of skipped iterations:\s+0 \| number of nan iterations:\s+0 \|")
 
 

@@ -2,13 +2,17 @@
 
 * flash-attn ``flash_attn_varlen_func`` (local layers) and Transformer Engine THD attention
   against a float64 dense block-diagonal causal reference, GQA included, with gradients;
-* the whole tiny GPTModel: packed (THD) == padded on each backend, TE layers == local layers.
+* the whole tiny GPTModel: packed (THD) == padded on each backend, TE layers == local layers,
+  compared on every real token's logits (``packed_logits``: a tolerance that a document-mask
+  leak exceeds ~17x, and the leaked row as negative control that must fail the comparison).
 """
 
 import math
 
 import pytest
 import torch
+
+import packed_logits as P
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -93,30 +97,12 @@ def test_te_thd_attention_matches_reference(single_rank, head_dim):
     check_against_reference(run, d=head_dim)
 
 
-def _items(lengths, S, vocab=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for n in lengths:
-        toks = torch.randint(1, vocab, (n,), generator=g)
-        tok = torch.zeros(S, dtype=torch.long)
-        tok[:n] = toks
-        lab = torch.zeros(S, dtype=torch.long)
-        lab[: n - 1] = toks[1:]
-        lm = torch.zeros(S)
-        lm[: n - 1] = 1
-        cu = torch.tensor([0, n, -1], dtype=torch.int32)
-        items.append(dict(tokens=tok, labels=lab, loss_mask=lm, position_ids=torch.arange(S), cu_seqlens=cu,
-                          num_cu_seqlens=2, max_seqlen=n, num_real_tokens=n))
-    return items
-
-
-def _packed_and_padded_loss(model, lengths=(37, 64, 5, 90, 48)):
-    from megatron_pack.data.collate import collate_padded, collate_thd
+def _packed_and_padded_loss(model, lengths=P.LENGTHS):
     from megatron_pack.model.packed import model_inputs
 
-    items = _items(lengths, S=96)
+    items = P.make_items(lengths, S=P.SEQ)
     losses = []
-    for batch in (collate_thd(items), collate_padded(items)):
+    for batch in (P.thd_batch(items), P.padded_batch(items)):
         out = model(**model_inputs(batch, device=torch.device("cuda")))
         mask = batch["loss_mask"].cuda()
         losses.append(float((out.float() * mask).sum() / mask.sum()))
@@ -132,11 +118,10 @@ def test_model_packed_equals_padded(single_rank, backend):
         pytest.importorskip("transformer_engine")
     preset = get_preset("tiny")
     cfg = transformer_config(preset, bf16=True, init_method_std=0.1)
-    model = build_model(preset, cfg, vocab_size=256, backend=backend)
+    model = build_model(preset, cfg, vocab_size=256, backend=backend).eval()
     assert resolve_backend(backend) == backend
-    with torch.no_grad():
-        packed, padded = _packed_and_padded_loss(model)
-    assert abs(packed - padded) <= 2e-2 * abs(padded), (backend, packed, padded)
+    gaps = P.check_packed_equals_padded(model, device=torch.device("cuda"), what=backend)
+    print(backend, gaps)
 
 
 def test_model_packed_equals_padded_fp32_local_exact(single_rank):
@@ -175,7 +160,10 @@ def test_te_layers_equal_local_layers(single_rank):
     missing, unexpected = te.load_state_dict(sd, strict=False)
     assert not unexpected, unexpected
     assert all(k.endswith("_extra_state") for k in missing), missing
+    items, cuda = P.make_items(), torch.device("cuda")
     with torch.no_grad():
-        a, _ = _packed_and_padded_loss(local)
-        b, _ = _packed_and_padded_loss(te)
-    assert abs(a - b) <= 2e-2 * abs(a), (a, b)
+        a = P.doc_logits(local.eval(), P.thd_batch(items), items, cuda)
+        b = P.doc_logits(te.eval(), P.thd_batch(items), items, cuda)
+        leaked = P.doc_logits(te, P.leaked_batch(items), items, cuda)
+    P.assert_logits_match(b, a, what="te vs local")
+    assert P.logit_gap(leaked, a) > P.LOGIT_ATOL, "negative control: TE with the mask off must not match"

@@ -1,11 +1,14 @@
 """The README's front doors: launch scripts parse, DRY_RUN plans with the script's settings,
-and the quickstart's demo runs end to end on a shortened schedule."""
+and the quickstart's demo runs end to end on a shortened schedule, printing figures that agree
+with each other and with the README."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,13 +59,36 @@ def test_dry_run_rejects_illegal_layout():
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every Markdown table printed in ``text``, as lists of {heading: cell} rows."""
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            heads, rows = block[0], [r for r in block[2:]]
+            tables.append([dict(zip(heads, r)) for r in rows])
+            block = []
+    return tables
+
+
+def _num(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x"))
+
+
 def test_demo_runs_end_to_end(tmp_path):
-    """The quickstart's main job, shortened: preprocess the sample, packing table, train two modes."""
+    """The quickstart's main job, shortened: preprocess the sample, packing table, train two modes.
+    Then what it printed is checked against itself, the files it wrote and the README: truncated
+    counts agree between header, packing table and the preprocessing summary; the speedup is the
+    ratio of the time column; no library warning on stderr."""
+    from megatron_pack.demo import RESULT_COLUMNS, RESULT_NOTES
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_PACK_SHOW_LIBRARY_WARNINGS")}
     out = subprocess.run([sys.executable, "-m", "megatron_pack.demo", "--output-dir", str(tmp_path),
                           "--modes", "padding", "bfd", "--epochs", "0.1", "--log-interval", "100"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [ln for ln in out.stderr.splitlines() if "Warning" in ln] == [], out.stderr
     rows = json.load(open(tmp_path / "results.json"))
     assert [r["mode"] for r in rows] == ["padding", "bfd"]
     padding, bfd = rows
@@ -70,4 +96,48 @@ def test_demo_runs_end_to_end(tmp_path):
     for r in rows:
         assert r["steps"] >= 1 and r["valid_loss"] > 0 and r["final_train_loss"] > 0
     assert os.path.getsize(tmp_path / "packing.png") > 0
-    assert "lower" in out.stdout.lower()  # the packing table (lower bound column) was printed
+
+    packing, results = markdown_tables(out.stdout)
+    # truncation: the header's count = every mode's 'truncated' column = lengths over the limit;
+    # the summary does not claim a count of its own (preprocessing had no --max-seq-length)
+    m = re.search(r"Packing the (\d+) training conversations into sequences of (\d+): ([\d,]+) tokens after "
+                  r"truncating the (\d+) longer than", out.stdout)
+    assert m, out.stdout[:2000]
+    over = int(m.group(4))
+    assert over > 0 and all(int(r["truncated"]) == over for r in packing)
+    summary = json.load(open(tmp_path / "data" / "sample_summary.json"))
+    assert summary["max_seq_length"] is None and summary["overlong"]["over_max_seq_length"] is None
+    assert f"packing truncates the {over} over" in out.stdout
+    from megatron_pack.data.sampling import split_indices
+    from megatron_pack.files.indexed import SFTIndexedDataset
+
+    ds = SFTIndexedDataset(str(tmp_path / "data" / "sample"))
+    lengths = ds.lengths[split_indices(len(ds), 0.05, 1234)[0]]
+    assert int((lengths > 512).sum()) == over and int(m.group(1)) == lengths.size
+    assert _num(m.group(3)) == int(np.minimum(lengths, 512).sum())
+    assert all(int(r["truncated"]) + int(r["dropped"]) <= over for r in packing)
+
+    # results: one robust figure behind every timing column
+    assert list(results[0]) == [h for h, _, _ in RESULT_COLUMNS]
+    base = results[0]
+    for r, exact in zip(results, rows):
+        assert int(r["steps"]) == exact["steps"] and _num(r["sequences"]) == exact["sequences"]
+        assert exact["epoch_time"] == pytest.approx(exact["steps"] * exact["step_s"], rel=1e-9)
+        assert _num(r["epoch time (s)"]) == pytest.approx(int(r["steps"]) * _num(r["median ms/step"]) / 1000,
+                                                          abs=0.05 + 0.0005 * int(r["steps"]))
+        assert exact["speedup"] == pytest.approx(padding["epoch_time"] / exact["epoch_time"], rel=1e-9)
+        assert _num(r["speedup"]) == pytest.approx(_num(base["epoch time (s)"]) / _num(r["epoch time (s)"]),
+                                                   rel=0.1)  # from the printed, rounded columns
+        assert _num(r["ideal"]) == pytest.approx(_num(base["sequences"]) / _num(r["sequences"]), abs=0.006)
+    assert RESULT_NOTES.splitlines()[0] in out.stdout  # which columns are exact, which are timings
+    assert "Held-out loss" in out.stdout and "fewer optimizer steps" in out.stdout
+
+    # README's account of the quickstart names the columns it prints
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    said = readme[readme.index("bash examples/quickstart.sh"):readme.index("bash scripts/test.sh")]
+    said = " ".join(w for w in said.split() if w != "#")
+    assert "packing table" in said
+    for phrase in ("sequences", "steps", "median ms/step", "epoch time", "real tokens/s", "speedup", "ideal",
+                   "final train", "held-out loss"):
+        assert phrase in said, phrase
+        assert any(phrase in h for h in results[0]), phrase  # a column the demo printed

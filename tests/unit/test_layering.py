@@ -1,7 +1,7 @@
 """Dependencies point one way (docs/architecture.md):
 
     front-ends (train, demo) -> training / planning / convert -> checkpoint / model / parallel / data
-        -> packing -> chat -> files (+ the leaf module reporting)
+        -> packing -> chat -> files (+ the leaf modules reporting, frontdoor, quiet)
 
 Every import in the package, at module level or inside a function, is read with ``ast``.
 """
@@ -18,7 +18,7 @@ PKG_DIR = os.path.dirname(megatron_pack.__file__)
 #: rank of each top-level unit of megatron_pack; a unit may import only lower ranks, or its own rank
 #: where SAME_RANK_OK allows it (and never in a cycle).
 RANK = {
-    "files": 0, "reporting": 0, "_packing": 0,
+    "files": 0, "reporting": 0, "_packing": 0, "frontdoor": 0, "quiet": 0,
     "chat": 1,
     "packing": 2,
     "data": 3, "model": 3, "parallel": 3, "checkpoint": 3,

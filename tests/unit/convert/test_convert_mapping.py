@@ -437,7 +437,7 @@ def test_cli_reports_bad_input_and_exits_1(tmp_path):
     res = subprocess.run([sys.executable, tool, "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--output",
                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 1
-    assert "convert_checkpoint: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
+    assert "convert_checkpoint.py: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
     assert not (tmp_path / "out").exists()
 
 

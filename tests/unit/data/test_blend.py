@@ -63,7 +63,7 @@ def test_cli_accepts_megatron_blend_syntax(tmp_path):
 @pytest.mark.parametrize("argv, msg", [
     (["--data-path", "0.3", "A", "0.7", "--train-iters", "1"], "--data-path"),
     (["--data-path", "A", "--train-data-path", "B", "--train-iters", "1"], "--train-data-path"),
-    (["--valid-data-path", "V", "--train-iters", "1"], "--data-path: required"),
+    (["--valid-data-path", "V", "--train-iters", "1"], "required: --data-path (or --train-data-path)"),
 ])
 def test_cli_rejects_bad_blends(argv, msg, capsys):
     from megatron_pack.training.cli import parse_args

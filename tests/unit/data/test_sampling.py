@@ -87,14 +87,31 @@ def test_epochs_reshuffle_and_count(prefix):
     assert ds.epoch == 1  # counting epochs leaves the stream's epoch alone
 
 
-def test_eval_scores_every_sequence_once_across_ranks(prefix):
-    ds = PackedSFTDataset(prefix, 64, "bfd", use_cache=False, shuffle_sequences=False)
+def _sequences_seen(ds, ranks, global_batch=4, micro=1, dp=2) -> list:
+    """The real tokens of every non-empty sequence the given ranks score, as tuples."""
     seen = []
-    for rank in range(2):
-        for micro in eval_batches(ds, 4, 1, rank, 2):
-            seen += [int(m["num_real_tokens"]) for m in micro]
-    assert sum(seen) == int(ds.plan.sequence_lengths().sum())
-    assert len(seen) % 2 == 0 and len(seen) >= len(ds)  # tail padded with empty sequences
+    for rank in ranks:
+        for batch in eval_batches(ds, global_batch, micro, rank, dp):
+            for m in batch:
+                n = int(m["num_real_tokens"])
+                if n:
+                    seen.append(tuple(m["tokens"][0, :n].tolist()))
+    return seen
+
+
+def test_eval_scores_every_sequence_once_across_ranks(prefix):
+    from collections import Counter
+
+    ds = PackedSFTDataset(prefix, 64, "bfd", use_cache=False, shuffle_sequences=False)
+    expected = Counter(tuple(ds[i]["tokens"][: int(ds[i]["num_real_tokens"])].tolist()) for i in range(len(ds)))
+    assert len(ds) % 4 != 0, "the dataset must leave a partial last global batch to test the tail"
+    seen = _sequences_seen(ds, ranks=(0, 1))
+    assert len(seen) == len(ds) and Counter(seen) == expected  # each sequence once, on one rank
+    # micro-batch counts agree across ranks (the tail is padded with empty sequences)
+    counts = [sum(len(b) for b in eval_batches(ds, 4, 1, r, 2)) for r in (0, 1)]
+    assert counts[0] == counts[1] >= len(ds) / 2
+    # negative control: one rank's share scored twice is caught
+    assert Counter(_sequences_seen(ds, ranks=(0, 0))) != expected
 
 
 def test_pad_to_longest_cuts_each_micro_batch_to_its_longest(prefix):

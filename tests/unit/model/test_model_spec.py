@@ -41,7 +41,13 @@ def test_auto_without_cuda_is_local_torch():
     assert spec_mod.resolve_backend("auto") == "local"
     assert spec_mod.attention_kernel(cfg) == "torch"  # flash-attn needs CUDA
     assert core_attention(spec_mod.get_layer_spec(cfg)).module is VarlenCoreAttention
-    assert spec_mod.describe(cfg) == "megatron-core local layers, VarlenCoreAttention[torch]"
+    line = spec_mod.describe(cfg)
+    assert line.startswith("layers: Megatron-Core local; attention: PyTorch SDPA per document; norm: TorchNorm; "
+                           "apex: no; optimizer: torch"), line
+    assert line.endswith("fusions: none"), line
+    cfg.masked_softmax_fusion = True  # needs apex/TE kernels to run; here only to be named
+    fused = spec_mod.describe(cfg)
+    assert fused.endswith("fusions: masked-softmax"), fused  # negative control: a fusion that is on is named
     with pytest.raises(RuntimeError, match="transformer_engine and CUDA"):
         spec_mod.get_layer_spec(cfg, "te")
     with pytest.raises(ValueError, match="unknown layer backend"):

@@ -99,8 +99,6 @@ def test_init_method_std_reaches_the_transformer_config(monkeypatch):
         assert seen["cfg"].init_method_std == std
 
 
-@pytest.mark.xfail(strict=True, reason="the nearest-flag suggestion comes with the CLI work of issue 'frontdoors'; "
-                                       "drop this marker when it is merged")
 def test_unknown_flag_suggests_the_nearest(capsys):
     with pytest.raises(SystemExit):
         parse_args(BASE + ["--train-iters", "1", "--tokeniser-type", "HuggingFaceTokenizer"])
