@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_pack.chat.schema import Message, RecordError, normalize_record
+from megatron_pack.chat.schema import Message, RecordError, normalize_record, record_tools
 from megatron_pack.chat.templates import ChatTemplate, Rendered
 
 MAX_REJECT_RECORD_CHARS = 4000
@@ -143,10 +143,12 @@ class ChunkEncoder:
         except json.JSONDecodeError as exc:
             raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
         schema, messages = normalize_record(record)
+        tools = record_tools(record)
         self.template.validate(messages)
-        return schema, messages, self.template.render(messages)
+        return schema, messages, self.template.render(messages, tools=tools)
 
     def encode_rendered(self, rendered: Sequence[Rendered]):
+        rendered = self.template.finish(list(rendered))
         texts = [p for r in rendered for p in r.parts if isinstance(p, str)]
         return assemble(rendered, self.tok.encode_batch(texts), self.loss_on)
 
@@ -207,11 +209,12 @@ def render_messages(encoder: ChunkEncoder, messages: list[Message]):
     return tokens, mask, turns
 
 
-def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant"):
+def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant",
+                        tools=None):
     """(tokens int32, loss_mask uint8, turn_starts int32) of one validated conversation,
     exactly as preprocessing writes it (no over-long handling)."""
     template.validate(messages)
-    rendered = template.render(messages)
+    rendered = template.finish([template.render(messages, tools=tools)])[0]
     texts = [p for p in rendered.parts if isinstance(p, str)]
     tokens, mask, _, turns, _ = assemble([rendered], template.tok.encode_batch(texts), loss_on)
     return tokens, mask, turns

@@ -15,6 +15,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>")
@@ -102,9 +104,89 @@ class BaseTokenizer:
         ids = self.encode("x")
         return bool(ids) and self.id_to_piece(ids[0]).startswith(("▁", "Ġ"))
 
+    # -- the Jinja path: whole chats, the way transformers tokenizes them -----------------
+    template_tokens: dict = {}
+    """bos_token/eos_token/... as transformers passes them to a chat template."""
+
+    def added_tokens(self) -> list:
+        """(content, is_special) of every added/control token."""
+        return [(t, True) for t in self.special_tokens]
+
+    def encode_chats(self, texts, protects, added_re, control_re) -> list:
+        """Per text: (ids, char starts, char ends). Added tokens in the text become their ids
+        except inside the ``protects`` ranges (message text kept as text)."""
+        return [self._split_encode(t, p, added_re) for t, p in zip(texts, protects)]
+
+    def _segments(self, text, protect, added_re):
+        """(start, end, token id or None) pieces: added tokens outside ``protect`` are single
+        ids; text between them, cut at the protected ranges, is encoded as plain text."""
+        cuts = sorted({x for a, b in protect for x in (a, b)})
+        matches = [m for m in added_re.finditer(text)] if added_re else []
+        out, pos = [], 0
+        pi = 0
+        for m in matches:
+            if any(a < m.end() and m.start() < b for a, b in protect):
+                continue
+            while pi < len(cuts) and cuts[pi] <= m.start():
+                if cuts[pi] > pos:
+                    out.append((pos, cuts[pi], None))
+                    pos = cuts[pi]
+                pi += 1
+            if m.start() > pos:
+                out.append((pos, m.start(), None))
+            out.append((m.start(), m.end(), self._piece_to_id(m.group())))
+            pos = m.end()
+        for c in cuts[pi:]:
+            if pos < c <= len(text):
+                out.append((pos, c, None))
+                pos = c
+        if pos < len(text):
+            out.append((pos, len(text), None))
+        return out
+
+    def _split_encode(self, text, protect, added_re):
+        ids, starts, ends = [], [], []
+        raw = text.encode("utf-8")
+        char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1 if raw else None
+        byte_at = _byte_offsets(text)
+        for a, b, tid in self._segments(text, protect, added_re):
+            if tid is not None:
+                ids.append(tid)
+                starts.append(a)
+                ends.append(b)
+                continue
+            seg_ids, seg_lens = self._encode_bytes(text[a:b])
+            base = byte_at(a)
+            bend = base + np.cumsum(seg_lens, dtype=np.int64)
+            bstart = bend - np.asarray(seg_lens, dtype=np.int64)
+            ids.extend(seg_ids)
+            if len(seg_ids):
+                starts.extend(char_of_byte[np.minimum(bstart, len(raw) - 1)].tolist())
+                ends.extend((char_of_byte[np.maximum(bend - 1, 0)] + 1).tolist())
+        return ids, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+    def _encode_bytes(self, text):
+        """(ids, byte length of each token) of plain text (no added tokens)."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
+def _byte_offsets(text: str):
+    """char position -> utf-8 byte position, for increasing queries (linear overall)."""
+    state = [0, 0]  # (char, byte)
+
+    def at(pos: int) -> int:
+        c, b = state
+        if pos < c:
+            c, b = 0, 0
+        b += len(text[c:pos].encode("utf-8"))
+        state[0], state[1] = pos, b
+        return b
+
+    return at
 
 
 # GPT-2's pre-tokenizer regex (what ByteLevel(use_regex=True) applies).
@@ -206,6 +288,70 @@ class HFTokenizer(BaseTokenizer):
         self.special_tokens = sorted(
             (t.content for t in self._tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
         )
+        self.template_tokens = {k: n for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                                if (n := _token_name(config.get(k))) is not None}
+        self._hf = self._hf_text = None
+        self._byte_len = None
+
+    def added_tokens(self):
+        return [(t.content, t.special) for t in self._tok.get_added_tokens_decoder().values()]
+
+    def encode_chats(self, texts, protects, added_re, control_re):
+        if self._tiktoken is not None:
+            return super().encode_chats(texts, protects, added_re, control_re)
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            # Added tokens matched in text (transformers' default), and a twin that matches none.
+            self._hf = Tokenizer.from_str(self._tok.to_str())
+            self._hf.encode_special_tokens = False
+            self._hf_text = Tokenizer.from_str(self._tok.to_str())
+            self._hf_text.encode_special_tokens = True
+        out = [None] * len(texts)
+        plain = [i for i, p in enumerate(protects) if not p]
+        for i, enc in zip(plain, self._hf.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
+            out[i] = _from_encoding(enc)
+        for i, p in enumerate(protects):
+            if p:
+                out[i] = self._encode_marked(texts[i], p)
+        return out
+
+    def _encode_marked(self, text, protect):
+        """transformers' ``encode_marked_chat``: cut at each protected control-token string,
+        encode it as text, and every piece after the first behind a newline it then drops."""
+        newline = self._hf.encode("\n", add_special_tokens=False).ids
+        cuts = [0] + sorted({x for a, b in protect for x in (a, b)}) + [len(text)]
+        ids, starts, ends = [], [], []
+        for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            if b <= a:
+                continue
+            tok = self._hf_text if (a, b) in protect else self._hf
+            if j == 0:
+                p_ids, p_s, p_e = _from_encoding(tok.encode(text[a:b], add_special_tokens=False))
+            else:
+                p_ids, p_s, p_e = _from_encoding(tok.encode("\n" + text[a:b], add_special_tokens=False))
+                if p_ids[:len(newline)] == newline:
+                    p_ids, p_s, p_e = p_ids[len(newline):], p_s[len(newline):] - 1, p_e[len(newline):] - 1
+                else:
+                    p_ids, p_s, p_e = _from_encoding(tok.encode(text[a:b], add_special_tokens=False))
+            ids.extend(p_ids)
+            starts.append(np.maximum(p_s, 0) + a)
+            ends.append(np.maximum(p_e, 0) + a)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        return ids, cat(starts), cat(ends)
+
+    def _encode_bytes(self, text):
+        if self._byte_len is None:
+            enc = self._tiktoken
+            lens = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(enc.n_vocab):
+                try:
+                    lens[i] = len(enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pass
+            self._byte_len = lens
+        ids = self._tiktoken.encode_ordinary(text)
+        return ids, self._byte_len[ids] if ids else np.zeros(0, np.int64)
 
     def _configured(self, config, key, candidates) -> Optional[int]:
         name = _token_name(config.get(key))
@@ -226,6 +372,11 @@ class HFTokenizer(BaseTokenizer):
 
     def id_to_piece(self, token_id):
         return self._tok.id_to_token(int(token_id))
+
+
+def _from_encoding(enc):
+    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    return list(enc.ids), off[:, 0], off[:, 1]
 
 
 class SentencePieceTokenizer(BaseTokenizer):
@@ -250,6 +401,19 @@ class SentencePieceTokenizer(BaseTokenizer):
         self.special_tokens = sorted(
             (self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)), key=len, reverse=True
         )
+        unk = self._sp.IdToPiece(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
+        # transformers' LlamaTokenizer defaults for a bare .model
+        self.template_tokens = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                                  ("unk_token", unk)) if v}
+
+    def _encode_bytes(self, text):
+        ids = self._sp.Encode(text, add_bos=False, add_eos=False)
+        lens = np.array([1 if self._sp.IsByte(i) else len(self._sp.IdToPiece(i).replace("\u2581", " ").encode())
+                         for i in ids], dtype=np.int64)
+        excess = int(lens.sum()) - len(text.encode("utf-8")) if len(lens) else 0
+        if excess > 0:  # the dummy-prefix "▁" stands for no input character
+            lens[0] = max(0, lens[0] - excess)
+        return ids, lens
 
     def _encode_batch(self, texts):
         # Control pieces (<s>, </s>) are never produced from text by SentencePiece.

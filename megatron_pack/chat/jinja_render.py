@@ -1,0 +1,197 @@
+"""One conversation through its Jinja chat template: the exact text, and where every message is.
+
+``apply_chat_template`` gives a string; training also needs to know which characters are the
+assistant's. We find out *without searching the text* for the message: the template is rendered
+with each message string replaced by a unique placeholder (private-use characters around an
+index, the string's leading/trailing whitespace kept outside so ``trim`` behaves the same), the
+placeholders are replaced by the real strings, and the result is checked equal to a render of
+the real conversation. Each string's character span is then known exactly. A template that
+reads message text (``'</think>' in content``) fails the check; the record is rejected as
+``template_mask_unknown`` rather than trained on a guessed mask.
+
+Spans trained for an assistant message (when the template has no ``{% generation %}`` block;
+with one, its spans are used, exactly as transformers' ``return_assistant_tokens_mask``)::
+
+    ...user text<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n  Hello!<|eot_id|>
+                 └ first special token after the previous message ┘└ generation prompt ┘
+                                                                         [trained ........]
+    from the end of the generation prompt (or, for templates without one, from the end of the
+    first special token after the previous message) to the end of the first special token after
+    the message's last string (its end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+OPEN, CLOSE = "\U000f0000", "\U000f0001"  # supplementary private use: never in real text
+_PH = re.compile(OPEN + r"(\d+)" + CLOSE)
+_JSON_INERT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class RenderReject(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class TextRender:
+    """A rendered conversation before tokenization (character coordinates)."""
+
+    text: str
+    slots: list                       # (start, end, msg) of each message string in ``text``
+    trained: list                     # (start, end, msg) spans the loss is computed on
+    regions: list                     # (start, msg): where each message's turn begins, sorted
+    protect: list = field(default_factory=list)  # (start, end) message text holding control-token strings
+
+
+class Placeholders:
+    """Message strings -> placeholders, and back."""
+
+    def __init__(self):
+        self.cores: list[str] = []
+        self.msgs: list[int] = []
+
+    def put(self, value: str, msg: int) -> str:
+        if OPEN in value or CLOSE in value:
+            raise RenderReject("reserved_character", "message text contains U+F0000/U+F0001")
+        core = value.strip()
+        if core:
+            lead = value[: len(value) - len(value.lstrip())]
+            trail = value[len(value.rstrip()):]
+        else:
+            lead, trail = value, ""
+        self.cores.append(core)
+        self.msgs.append(msg)
+        return f"{lead}{OPEN}{len(self.cores) - 1}{CLOSE}{trail}"
+
+    def message(self, m: dict, msg: int) -> dict:
+        """A copy of message ``m`` with its content and tool-call names as placeholders."""
+        out = dict(m)
+        if isinstance(m.get("content"), str) and m["content"]:  # "" stays "": templates test it
+            out["content"] = self.put(m["content"], msg)
+        calls = m.get("tool_calls")
+        if isinstance(calls, list):
+            new_calls = []
+            for call in calls:
+                call = dict(call) if isinstance(call, dict) else call
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str) and _JSON_INERT.match(fn["name"]):
+                    call["function"] = {**fn, "name": self.put(fn["name"], msg)}
+                new_calls.append(call)
+            out["tool_calls"] = new_calls
+        return out
+
+    def align(self, rendered: str, real: str):
+        """(slots, offset_map) locating each placeholder's string in ``real``, the render of the
+        real conversation, or None when the two renders differ outside the strings.
+
+        Walks both renders together: template text between placeholders must be identical, and
+        at a placeholder ``real`` must continue with the string as printed (``core``) or as
+        ``tojson`` prints it inside quotes. Positional checks only, no search.
+        ``offset_map(x)`` maps a position of ``rendered`` to the same position of ``real``."""
+        slots, shift_at, shift_by = [], [], []
+        pos = out = 0
+        for m in _PH.finditer(rendered):
+            seg = m.start() - pos
+            if rendered[pos:m.start()] != real[out:out + seg]:
+                return None
+            out += seg
+            core = self.cores[int(m.group(1))]
+            for form in (core, json.dumps(core, ensure_ascii=False)[1:-1]):
+                if real.startswith(form, out):
+                    break
+            else:
+                return None
+            slots.append((out, out + len(form), self.msgs[int(m.group(1))]))
+            out += len(form)
+            shift_at.append(m.end())
+            shift_by.append(len(form) - (m.end() - m.start()))
+            pos = m.end()
+        if rendered[pos:] != real[out:]:
+            return None
+        ends = np.array(shift_at, dtype=np.int64)
+        cum = np.cumsum(shift_by, dtype=np.int64)
+
+        def offset_map(x: int) -> int:
+            i = int(np.searchsorted(ends, x, side="right"))
+            return x + (int(cum[i - 1]) if i else 0)
+
+        return slots, offset_map
+
+
+def _first_special(specials: Sequence[tuple], lo: int, hi: int) -> Optional[tuple]:
+    """First (start, end) special-token occurrence with lo <= start and end <= hi."""
+    import bisect
+
+    i = bisect.bisect_left(specials, (lo, -1))
+    if i < len(specials) and specials[i][1] <= hi:
+        return specials[i]
+    return None
+
+
+def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_messages: int, roles: list):
+    """(trained spans, turn regions) from the message slots; see the module docstring."""
+    first, last = {}, {}
+    for s, e, m in slots:
+        first[m] = min(first.get(m, s), s)
+        last[m] = max(last.get(m, e), e)
+    order = sorted(first, key=lambda m: (first[m], m))
+    ends = {}
+    for j, m in enumerate(order):
+        nxt = first[order[j + 1]] if j + 1 < len(order) else len(text)
+        sp = _first_special(specials, last[m], max(nxt, last[m]))
+        ends[m] = sp[1] if sp else last[m]
+    regions, trained = [], []
+    prev_end = prev_last = 0
+    for j, m in enumerate(order):
+        boundary = prev_end
+        while boundary < first[m] and text[boundary].isspace():
+            boundary += 1
+        region = boundary if j else 0
+        if roles[m] == "assistant":
+            sp = _first_special(specials, prev_last, first[m])
+            b = sp[1] if sp else first[m]
+            while b < first[m] and text[b].isspace():
+                b += 1
+            if gen_prompt and text.startswith(gen_prompt, b) and b + len(gen_prompt) <= first[m]:
+                start = b + len(gen_prompt)
+            elif not gen_prompt:
+                start = b
+                if sp is None:  # Llama-2: ' ' + answer, the space is the answer's first token
+                    while start > prev_last and text[start - 1].isspace():
+                        start -= 1
+            else:
+                start = first[m]  # header text the probe did not predict: train from the text on
+            trained.append((start, ends[m], m))
+            if sp is None and j:  # no end token between (Llama-2): the turn starts at the answer
+                region = max(region, start)
+        regions.append((region, m))
+        prev_end, prev_last = ends[m], last[m]
+    return trained, regions
+
+
+def token_flags(starts: np.ndarray, ends: np.ndarray, spans: list, regions: list):
+    """Per token: trained (overlaps a span, transformers' rule) and the message of its region."""
+    if spans:
+        sp = np.array(sorted((s, e) for s, e, _ in spans if e > s), dtype=np.int64).reshape(-1, 2)
+    else:
+        sp = np.zeros((0, 2), dtype=np.int64)
+    idx = np.searchsorted(sp[:, 1], starts, side="right")
+    ok = idx < len(sp)
+    trained = np.zeros(len(starts), dtype=bool)
+    trained[ok] = sp[idx[ok], 0] < ends[ok]
+    r_starts = np.array([r[0] for r in regions], dtype=np.int64)
+    r_msgs = np.array([r[1] for r in regions], dtype=np.int64)
+    if len(r_starts):
+        which = np.maximum(np.searchsorted(r_starts, starts, side="right") - 1, 0)
+        msg = r_msgs[which]
+    else:
+        msg = np.zeros(len(starts), dtype=np.int64)
+    return trained, msg
