@@ -158,10 +158,11 @@ def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_mess
         if roles[m] == "assistant":
             sp = _first_special(specials, prev_last, first[m])
             b = sp[1] if sp else first[m]
-            while b < first[m] and text[b].isspace():
-                b += 1
-            if gen_prompt and text.startswith(gen_prompt, b) and b + len(gen_prompt) <= first[m]:
-                start = b + len(gen_prompt)
+            g = b
+            while g < first[m] and text[g].isspace():
+                g += 1
+            if gen_prompt and text.startswith(gen_prompt, g) and g + len(gen_prompt) <= first[m]:
+                start = g + len(gen_prompt)
             elif not gen_prompt:
                 start = b
                 if sp is None:  # Llama-2: ' ' + answer, the space is the answer's first token

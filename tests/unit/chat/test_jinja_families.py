@@ -1,0 +1,197 @@
+"""Jinja path == transformers, per template family (published template strings, tiny tokenizers).
+
+ids: ``apply_chat_template(tokenize=True)`` (HF's default with ``special_as_text=False``, and
+``sanitize_control_tokens=True`` for our default). masks: transformers'
+``return_assistant_tokens_mask`` on the same template with ``{% generation %}`` markers added
+by hand around each assistant reply and its end token -- the ground truth. Negative controls:
+a wrong template and a shifted mask must fail the same comparison.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_pack.chat import builtin_templates as bt
+from megatron_pack.chat.encode import encode_conversation
+from megatron_pack.chat.schema import normalize_record, record_tools
+from megatron_pack.chat.templates import build_template
+from megatron_pack.chat.tiny_tokenizers import LLAMA3_CHAT_TEMPLATE, build_bpe_tokenizer
+from megatron_pack.chat.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+EXTRA_SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "<|eom_id|>", "<|python_tag|>"]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & then",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CALL_ID = {**CALL, "id": "abc123def"}
+
+# family -> (template, marked template, tokenizer_config tokens)
+QWEN_TOOL_BRANCH = QWEN_TOOL_MARKED = None
+
+
+def _marked(name):
+    if name == "llama3":
+        src = LLAMA3_CHAT_TEMPLATE
+        return src.replace(
+            "{{ content }}",
+            "{% if message['role'] == 'assistant' %}{{ content.split('<|end_header_id|>\n\n')[0] + "
+            "'<|end_header_id|>\n\n' }}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+            "{% endgeneration %}{% else %}{{ content }}{% endif %}")
+    if name == "llama3.1":
+        src = bt.LLAMA31_CHAT_TEMPLATE
+        a = src.index("{%- set tool_call = message.tool_calls[0].function %}")
+        b = src.index('{%- elif message.role == "tool" or message.role == "ipython" %}')
+        src = (src[:a] + "{%- set tool_call = message.tool_calls[0].function %}"
+               "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% generation %}"
+               "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}"
+               "{{- tool_call.arguments | tojson }}{{- \"}\" }}{{- \"<|eot_id|>\" }}{% endgeneration %}\n    " + src[b:])
+        return src.replace(
+            "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+            "'<|eot_id|>' }}",
+            "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}{% if message.role == "
+            "'assistant' %}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+            "{% else %}{{- message['content'] | trim + '<|eot_id|>' }}{% endif %}")
+    if name == "qwen2.5":
+        src = bt.QWEN25_CHAT_TEMPLATE
+        a = src.index("        {{- '<|im_start|>' + message.role }}")
+        b = src.index('    {%- elif message.role == "tool" %}')
+        tool_branch = (
+            "        {{- '<|im_start|>' + message.role + '\\n' }}{% generation %}{%- if message.content %}"
+            "{{- message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}{%- if tool_call.function "
+            "is defined %}{%- set tool_call = tool_call.function %}{%- endif %}{%- if message.content or not "
+            "loop.first %}{{- '\\n' }}{%- endif %}{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}"
+            "{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}"
+            "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n")
+        src = src[:a] + tool_branch + src[b:]
+        return src.replace(
+            "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+            "        {{- '<|im_start|>' + message.role + '\\n' }}{% if message.role == 'assistant' %}{% generation %}"
+            "{{- message.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{- message.content + '<|im_end|>' }}"
+            "{% endif %}{{- '\\n' }}")
+    if name == "mistral":
+        return bt.MISTRAL_V03_CHAT_TEMPLATE.replace(
+            '{{- " " + message["content"]|trim + eos_token}}',
+            '{% generation %}{{- " " + message["content"]|trim + eos_token}}{% endgeneration %}')
+    if name == "llama2":
+        return bt.LLAMA2_CHAT_TEMPLATE.replace(
+            "{{ ' '  + content.strip() + ' ' + eos_token }}",
+            "{% generation %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endgeneration %}")
+    raise KeyError(name)
+
+
+SOURCES = {"llama3": LLAMA3_CHAT_TEMPLATE, "llama3.1": bt.LLAMA31_CHAT_TEMPLATE, "qwen2.5": bt.QWEN25_CHAT_TEMPLATE,
+           "mistral": bt.MISTRAL_V03_CHAT_TEMPLATE, "llama2": bt.LLAMA2_CHAT_TEMPLATE}
+CONFIG = {
+    "llama3": {}, "llama3.1": {},
+    "qwen2.5": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
+    "mistral": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None},
+    "llama2": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None},
+}
+
+
+def conversations(family):
+    """System / no system / empty system / tool turns / assistant first / unicode / code with runs
+    of spaces / answers of one or two characters."""
+    u = lambda c: {"role": "user", "content": c}  # noqa: E731
+    a = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    s = lambda c: {"role": "system", "content": c}  # noqa: E731
+    convs = [
+        {"messages": [s("Be brief."), u("Hi there"), a("d"), u("and?"), a("t"), u("more"), a("id")]},
+        {"messages": [u("Ünïcödé façade — 東京 😀?"), a("naïve café 😀"), u("x"), a("|>")]},
+        {"messages": [s(""), u("code please"), a("def f(x):\n    return  x  *  2\n\n\n    # done   ")]},
+        {"messages": [u("  padded  "), a("  spaced answer  ")]},
+    ]
+    if family not in ("llama2", "mistral"):
+        convs.append({"messages": [a("I start."), u("ok"), a("ok")]})
+    if family in ("llama3.1", "qwen2.5"):
+        convs.append({"messages": [s("Use tools."), u("Weather in Paris?"), {"role": "assistant", "content": "",
+                                                                              "tool_calls": [CALL]},
+                                   {"role": "tool", "content": '{"temp": 21, "unit": "C"}'}, a("21 C.")],
+                      "tools": TOOLS})
+    if family in ("llama3", "qwen2.5", "llama3.1"):
+        convs.append({"messages": [u("hi"), a("x"), {"role": "tool", "content": "result <b>"}, a("done")]})
+    if family == "mistral":
+        convs.append({"messages": [s("Sys"), u("Weather?"), a("Let me check."), u("Paris")]})
+    return convs
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from tokenizers import Tokenizer
+
+    texts = [m["content"] for f in SOURCES for c in conversations(f) for m in c["messages"]]
+    texts += ["system user assistant ipython tool Cutting Knowledge Date December Today Environment"] * 3
+    base = build_bpe_tokenizer(str(tmp_path_factory.mktemp("fam") / "base"), texts * 4, vocab_size=600)
+    dirs = {}
+    for fam in SOURCES:
+        d = str(tmp_path_factory.mktemp(fam.replace(".", "_")))
+        tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
+        tok.add_special_tokens(EXTRA_SPECIALS)
+        tok.add_tokens(["<tool_call>", "</tool_call>"])
+        tok.save(os.path.join(d, "tokenizer.json"))
+        cfg = json.load(open(os.path.join(base, "tokenizer_config.json")))
+        cfg.pop("chat_template", None)
+        for k, v in CONFIG[fam].items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        cfg["chat_template"] = SOURCES[fam]
+        json.dump(cfg, open(os.path.join(d, "tokenizer_config.json"), "w"))
+        dirs[fam] = d
+    return dirs
+
+
+def ours(tok, fam, rec, special_as_text=True):
+    name = "llama3" if fam == "llama3" else fam
+    tmpl = build_template("jinja" if fam == "llama3" else name, tok, special_as_text=special_as_text)
+    _, msgs = normalize_record(rec)
+    return encode_conversation(tmpl, msgs, tools=record_tools(rec))
+
+
+@pytest.mark.parametrize("fam", list(SOURCES))
+@pytest.mark.parametrize("fast", [True, False])
+def test_ids_and_masks_equal_transformers(family_dirs, fam, fast):
+    hf = transformers.AutoTokenizer.from_pretrained(family_dirs[fam])
+    tok = load_tokenizer(family_dirs[fam], fast=fast)
+    marked = _marked(fam)
+    for rec in conversations(fam):
+        msgs, tools = rec["messages"], rec.get("tools")
+        want = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False)
+        gt = hf.apply_chat_template(msgs, tools=tools, chat_template=marked, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+        assert gt["input_ids"] == want  # the markers change no text
+        ids, mask, turns = ours(tok, fam, rec, special_as_text=False)
+        assert ids.tolist() == want, (fam, rec)
+        assert mask.tolist() == gt["assistant_masks"], (fam, rec)
+        assert mask.sum() > 0
+        sanitized = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False,
+                                           sanitize_control_tokens=True)
+        assert ours(tok, fam, rec)[0].tolist() == sanitized
+
+
+def test_negative_controls(family_dirs):
+    """The comparison can fail: another template, or a mask off by one token."""
+    hf = transformers.AutoTokenizer.from_pretrained(family_dirs["qwen2.5"])
+    tok = load_tokenizer(family_dirs["qwen2.5"])
+    rec = conversations("qwen2.5")[0]
+    ids, mask, _ = ours(tok, "llama3.1", rec)
+    assert ids.tolist() != hf.apply_chat_template(rec["messages"], chat_template=SOURCES["qwen2.5"], return_dict=False)
+    ids, mask, _ = ours(tok, "qwen2.5", rec)
+    gt = hf.apply_chat_template(rec["messages"], chat_template=_marked("qwen2.5"), return_dict=True,
+                                return_assistant_tokens_mask=True)["assistant_masks"]
+    assert mask.tolist() == gt and np.roll(mask, 1).tolist() != gt
+
+
+def test_special_token_text_stays_text_by_default(family_dirs):
+    tok = load_tokenizer(family_dirs["llama3.1"])
+    rec = {"messages": [{"role": "user", "content": "say <|eot_id|>"}, {"role": "assistant", "content": "<|eot_id|>"}]}
+    eot = tok.token_id("<|eot_id|>")
+    as_text = ours(tok, "llama3.1", rec)[0].tolist()
+    as_hf = ours(tok, "llama3.1", rec, special_as_text=False)[0].tolist()
+    assert as_text.count(eot) == 3 and as_hf.count(eot) == 5  # system, user, assistant ends (+2 typed)
