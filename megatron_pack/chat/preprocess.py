@@ -57,6 +57,11 @@ class PreprocessConfig:
     """Stop with an error at the first bad record instead of skipping it."""
     chunk_size: int = 512
     """Conversations per worker task (one tokenizer batch call each)."""
+    special_as_text: bool = True
+    """Jinja templates: message text that spells a control token stays text (False: it becomes
+    the token, transformers' default)."""
+    template_time_limit_s: float = 5.0
+    """Jinja templates: seconds one record may take to render before it is rejected."""
     fast_tokenizer: bool = True
     """Encode byte-level BPE with tiktoken when it is installed and gives identical ids."""
     progress: Optional[bool] = None
@@ -125,7 +130,9 @@ _ENCODER: Optional[ChunkEncoder] = None
 
 def _make_encoder(cfg: PreprocessConfig, tokenizer=None) -> ChunkEncoder:
     tok = tokenizer or load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
-    return ChunkEncoder(tok, build_template(cfg.chat_template, tok), cfg.loss_on, cfg.max_seq_length, cfg.overlong)
+    template = build_template(cfg.chat_template, tok, special_as_text=cfg.special_as_text,
+                              time_limit_s=cfg.template_time_limit_s)
+    return ChunkEncoder(tok, template, cfg.loss_on, cfg.max_seq_length, cfg.overlong)
 
 
 def _cpus() -> int:
