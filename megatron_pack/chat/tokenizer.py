@@ -6,7 +6,8 @@ bos/eos/pad ids. Accepted paths:
 
 - ``tokenizer.json`` (HF ``tokenizers``), or a directory holding one, optionally with
   ``tokenizer_config.json`` (bos/eos/pad names, ``chat_template``) and ``chat_template.jinja``;
-- a SentencePiece ``.model`` file (Llama-2 / Mistral), or a directory with ``tokenizer.model``.
+- a SentencePiece ``.model`` file (Llama-2 / Mistral), or a directory with ``tokenizer.model``;
+- Meta's tiktoken ``tokenizer.model`` (Llama-3 ``original/``), see ``chat.tiktoken_model``.
 """
 
 from __future__ import annotations
@@ -442,6 +443,15 @@ def _read_chat_template(directory: str, config: dict) -> Optional[str]:
     return template if isinstance(template, str) else None
 
 
+def _model_file(path: str) -> BaseTokenizer:
+    """A ``.model`` file: SentencePiece, or Meta's tiktoken BPE (Llama-3 ``original/``)."""
+    from megatron_pack.chat.tiktoken_model import TiktokenModelTokenizer, is_tiktoken_model
+
+    if is_tiktoken_model(path):
+        return TiktokenModelTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
 def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
     """Tokenizer at ``path`` (file or directory); TokenizerError says what is wrong.
 
@@ -463,14 +473,14 @@ def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
             return HFTokenizer(json_path, config, _read_chat_template(path, config), fast=fast)
         sp_path = os.path.join(path, "tokenizer.model")
         if os.path.isfile(sp_path):
-            tok = SentencePieceTokenizer(sp_path)
+            tok = _model_file(sp_path)
             tok.chat_template = _read_chat_template(path, config)
             return tok
         raise TokenizerError(f"{path}: directory has neither tokenizer.json nor tokenizer.model")
     if path.endswith(".json"):
         return HFTokenizer(path, fast=fast)
     if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
+        return _model_file(path)
     raise TokenizerError(
         f"{path}: not a tokenizer (expected tokenizer.json, a SentencePiece .model, or a directory with one)"
     )
