@@ -154,11 +154,9 @@ def ours(tok, fam, rec, special_as_text=True):
     return encode_conversation(tmpl, msgs, tools=record_tools(rec))
 
 
-@pytest.mark.parametrize("fam", list(SOURCES))
-@pytest.mark.parametrize("fast", [True, False])
-def test_ids_and_masks_equal_transformers(family_dirs, fam, fast):
-    hf = transformers.AutoTokenizer.from_pretrained(family_dirs[fam])
-    tok = load_tokenizer(family_dirs[fam], fast=fast)
+def check_family(tok_dir, fam, fast):
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir, fast=fast)
     marked = _marked(fam)
     for rec in conversations(fam):
         msgs, tools = rec["messages"], rec.get("tools")
@@ -173,6 +171,60 @@ def test_ids_and_masks_equal_transformers(family_dirs, fam, fast):
         sanitized = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False,
                                            sanitize_control_tokens=True)
         assert ours(tok, fam, rec)[0].tolist() == sanitized
+
+
+@pytest.mark.parametrize("fam", list(SOURCES))
+@pytest.mark.parametrize("fast", [True, False])
+def test_ids_and_masks_equal_transformers(family_dirs, fam, fast):
+    """Byte-level BPE tokenizer.json (Llama-3 / Qwen style), tiktoken fast path and tokenizers."""
+    check_family(family_dirs[fam], fam, fast)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_json_dirs(tmp_path_factory):
+    """SentencePiece-style tokenizer.json (Metaspace, a "▁" before every word, as Llama-2's and
+    Mistral's HF files): encoding pieces separately adds a "▁" per message -- the old bug."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    texts = [m["content"] for f in ("llama2", "mistral") for c in conversations(f) for m in c["messages"]]
+    dirs = {}
+    for fam in ("llama2", "mistral"):
+        tok = SentencePieceBPETokenizer()
+        tok.train_from_iterator(texts * 4 + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 4, vocab_size=400,
+                                special_tokens=["<unk>", "<s>", "</s>"] + EXTRA_SPECIALS[2:])
+        d = str(tmp_path_factory.mktemp("spjson_" + fam))
+        tok.save(os.path.join(d, "tokenizer.json"))
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "chat_template": SOURCES[fam]},
+                  open(os.path.join(d, "tokenizer_config.json"), "w"))
+        dirs[fam] = d
+    return dirs
+
+
+@pytest.mark.parametrize("fam", ["llama2", "mistral"])
+def test_sentencepiece_tokenizer_json_equals_transformers(sentencepiece_json_dirs, fam):
+    check_family(sentencepiece_json_dirs[fam], fam, True)
+
+
+def test_raw_sentencepiece_model_equals_meta_reference(sp_bpe_model):
+    """A raw .model has no HF tokenizer.json; Meta's Llama-2 reference encodes each exchange
+    ``[INST] prompt [/INST] answer `` with SentencePiece between BOS and EOS. Same ids here."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_bpe_model)
+    tok = load_tokenizer(sp_bpe_model)
+    system, pairs = "Be brief.", [("hello there", "fine thanks"), ("  and you? ", "d")]
+    msgs = [{"role": "system", "content": system}]
+    for q, a in pairs:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    ids, mask, _ = ours(tok, "llama2", {"messages": msgs})
+    want = []
+    for i, (q, a) in enumerate(pairs):
+        prompt = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}" if i == 0 else q
+        want += [sp.bos_id()] + sp.Encode(f"[INST] {prompt.strip()} [/INST] {a.strip()} ") + [sp.eos_id()]
+    assert ids.tolist() == want
+    assert sp.DecodeIds([t for t, m in zip(ids.tolist(), mask.tolist()) if m and t != sp.eos_id()]).split() == [
+        "fine", "thanks", "d"]
 
 
 def test_negative_controls(family_dirs):
