@@ -117,6 +117,11 @@ def conversations(family):
         convs.append({"messages": [u("hi"), a("x"), {"role": "tool", "content": "result <b>"}, a("done")]})
     if family == "mistral":
         convs.append({"messages": [s("Sys"), u("Weather?"), a("Let me check."), u("Paris")]})
+    # Generated multi-turn chats (the sample generator: 1-6 exchanges, three schemas).
+    from megatron_pack.chat.sample import generate_conversations
+
+    for rec in generate_conversations(6, seed=7):
+        convs.append({"messages": [m.as_dict() for m in normalize_record(rec)[1]]})
     return convs
 
 
@@ -247,3 +252,24 @@ def test_special_token_text_stays_text_by_default(family_dirs):
     as_text = ours(tok, "llama3.1", rec)[0].tolist()
     as_hf = ours(tok, "llama3.1", rec, special_as_text=False)[0].tolist()
     assert as_text.count(eot) == 3 and as_hf.count(eot) == 5  # system, user, assistant ends (+2 typed)
+
+
+@pytest.mark.parametrize("fast_path", ["llama3", "chatml"])
+def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
+    """The token-level built-ins are only a speed-up: ids, masks and turns equal the Jinja path
+    rendering the published template they follow (negative control: another template differs)."""
+    from megatron_pack.chat.builtin_templates import FAST_PATH_REFERENCES
+    from megatron_pack.chat.jinja_template import JinjaTemplate
+
+    tok = load_tokenizer(family_dirs["llama3"])
+    reference = JinjaTemplate(tok, FAST_PATH_REFERENCES[fast_path])
+    other = JinjaTemplate(tok, FAST_PATH_REFERENCES["chatml" if fast_path == "llama3" else "llama3"])
+    for rec in conversations("llama3"):
+        _, msgs = normalize_record(rec)
+        if any(m.role == "tool" for m in msgs):
+            continue  # the fast path names the tool role "ipython" (Llama 3.1+); Meta's 3.0 template has none
+        for loss_on in ("assistant", "last"):
+            fast = encode_conversation(build_template(fast_path, tok), msgs, loss_on)
+            ref = encode_conversation(reference, msgs, loss_on)
+            assert fast[0].tolist() == ref[0].tolist() and fast[1].tolist() == ref[1].tolist()
+            assert encode_conversation(other, msgs, loss_on)[0].tolist() != fast[0].tolist()
