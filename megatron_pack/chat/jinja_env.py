@@ -46,8 +46,16 @@ class _Bounds:
             raise TemplateLimitError(f"{what} would build {n:,} items (limit {self.max_chars:,})")
 
     def binop(self, env_binop):
+        max_chars = self.max_chars
+
         def call_binop(context, operator, left, right):
-            if operator == "*":
+            if operator == "+":
+                if type(left) is str and type(right) is str:  # the common case, kept cheap
+                    if len(left) + len(right) > max_chars:
+                        self.check(len(left) + len(right), "'+'")
+                    return left + right
+                self.check(_size(left) + _size(right), "'+'")
+            elif operator == "*":
                 if isinstance(left, int) and not isinstance(left, bool):
                     left, right = right, left
                 if _size(left) and isinstance(right, int):
@@ -55,8 +63,6 @@ class _Bounds:
             elif operator == "**":
                 if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
                     self.check(abs(right) * max(1, abs(left).bit_length()) // 3, "'**'")
-            elif operator == "+":
-                self.check(_size(left) + _size(right), "'+'")
             elif operator == "%" and isinstance(left, str):
                 widths = [int(w) for w in re.findall(r"%[-+ #0]*(\d+)", left)]
                 self.check(len(left) + sum(widths), "'%'")

@@ -88,6 +88,25 @@ class Placeholders:
             out["tool_calls"] = new_calls
         return out
 
+    def substitute(self, rendered: str):
+        """(text, slots, offset_map): every placeholder replaced by its string as printed. Exact
+        for templates that only print message text (see ``builtin_templates.PRINT_ONLY``)."""
+        pieces, slots, shift_at, shift_by = [], [], [], []
+        pos = out = 0
+        for m in _PH.finditer(rendered):
+            pieces.append(rendered[pos:m.start()])
+            out += m.start() - pos
+            k = int(m.group(1))
+            core = self.cores[k]
+            pieces.append(core)
+            slots.append((out, out + len(core), self.msgs[k]))
+            out += len(core)
+            shift_at.append(m.end())
+            shift_by.append(len(core) - (m.end() - m.start()))
+            pos = m.end()
+        pieces.append(rendered[pos:])
+        return "".join(pieces), slots, _offset_map(shift_at, shift_by)
+
     def align(self, rendered: str, real: str):
         """(slots, offset_map) locating each placeholder's string in ``real``, the render of the
         real conversation, or None when the two renders differ outside the strings.
@@ -116,14 +135,18 @@ class Placeholders:
             pos = m.end()
         if rendered[pos:] != real[out:]:
             return None
-        ends = np.array(shift_at, dtype=np.int64)
-        cum = np.cumsum(shift_by, dtype=np.int64)
+        return slots, _offset_map(shift_at, shift_by)
 
-        def offset_map(x: int) -> int:
-            i = int(np.searchsorted(ends, x, side="right"))
-            return x + (int(cum[i - 1]) if i else 0)
 
-        return slots, offset_map
+def _offset_map(shift_at, shift_by):
+    ends = np.array(shift_at, dtype=np.int64)
+    cum = np.cumsum(shift_by, dtype=np.int64)
+
+    def offset_map(x: int) -> int:
+        i = int(np.searchsorted(ends, x, side="right"))
+        return x + (int(cum[i - 1]) if i else 0)
+
+    return offset_map
 
 
 def _first_special(specials: Sequence[tuple], lo: int, hi: int) -> Optional[tuple]:

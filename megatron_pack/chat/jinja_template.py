@@ -61,12 +61,17 @@ class JinjaTemplate(ChatTemplate):
 
     def __init__(self, tokenizer, source: Optional[str] = None, special_as_text: bool = True,
                  time_limit_s: float = DEFAULT_TIME_LIMIT_S, max_chars: int = DEFAULT_MAX_CHARS,
-                 date: Optional[datetime] = None):
+                 date: Optional[datetime] = None, verify: Optional[bool] = None):
         super().__init__(tokenizer)
         source = source or tokenizer.chat_template
         if not source:
             raise TokenizerError(f"{tokenizer.path}: tokenizer has no chat_template for the jinja template")
         self.source = source
+        from megatron_pack.chat.builtin_templates import PRINT_ONLY
+
+        # verify: render the real chat too and check it against the placeholder render. Off only
+        # for published templates known to print message text and nothing else.
+        self._unverified_roles = None if verify or source not in PRINT_ONLY else (PRINT_ONLY[source] or ())
         self.special_as_text = special_as_text
         self.time_limit_s, self.max_chars = time_limit_s, max_chars
         self.date = date or datetime.now()
@@ -125,7 +130,8 @@ class JinjaTemplate(ChatTemplate):
             masked = [ph.message(d, i) for i, d in enumerate(dicts)]
             tracker = ([], []) if self.has_generation else None
             rendered = self._render_text(masked, tools, tracker=tracker)
-            real = self._render_text(dicts, tools)
+            check = self._unverified_roles is None or any(m.role in self._unverified_roles for m in messages)
+            real = self._render_text(dicts, tools) if check else None
         except RenderReject as exc:
             raise RecordError(exc.reason, exc.detail) from None
         except TemplateLimitError as exc:
@@ -135,12 +141,15 @@ class JinjaTemplate(ChatTemplate):
             raise RecordError("template_error", f"chat_template: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
             raise RecordError("template_error", f"chat_template failed: {type(exc).__name__}: {exc}") from None
-        aligned = ph.align(rendered, real)
-        if aligned is None:
-            raise RecordError("template_mask_unknown",
-                              "the chat template reads message text (not only prints it), so the assistant spans "
-                              "cannot be located; add {% generation %} markers to the template")
-        text, (slots, to_text) = real, aligned
+        if check:
+            aligned = ph.align(rendered, real)
+            if aligned is None:
+                raise RecordError("template_mask_unknown",
+                                  "the chat template reads message text (not only prints it), so the assistant spans "
+                                  "cannot be located; add {% generation %} markers to the template")
+            text, (slots, to_text) = real, aligned
+        else:
+            text, slots, to_text = ph.substitute(rendered)
         if self.has_generation:
             trained = []
             for s, e in tracker[1]:

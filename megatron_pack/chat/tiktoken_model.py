@@ -89,7 +89,7 @@ class TiktokenModelTokenizer(BaseTokenizer):
 
     def _encode_bytes(self, text):
         ids = self._enc.encode_ordinary(text)
-        return ids, self._byte_len[ids] if ids else np.zeros(0, np.int64)
+        return ids, self._byte_len[ids].tolist() if ids else []
 
     def _piece_to_id(self, name: str) -> Optional[int]:
         if name in self._specials:

@@ -146,25 +146,25 @@ class BaseTokenizer:
         return out
 
     def _split_encode(self, text, protect, added_re):
-        ids, starts, ends = [], [], []
-        raw = text.encode("utf-8")
-        char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1 if raw else None
-        byte_at = _byte_offsets(text)
+        # Segments tile the text, so token byte offsets are one cumulative sum.
+        ids, lens = [], []
         for a, b, tid in self._segments(text, protect, added_re):
             if tid is not None:
                 ids.append(tid)
-                starts.append(a)
-                ends.append(b)
-                continue
-            seg_ids, seg_lens = self._encode_bytes(text[a:b])
-            base = byte_at(a)
-            bend = base + np.cumsum(seg_lens, dtype=np.int64)
-            bstart = bend - np.asarray(seg_lens, dtype=np.int64)
-            ids.extend(seg_ids)
-            if len(seg_ids):
-                starts.extend(char_of_byte[np.minimum(bstart, len(raw) - 1)].tolist())
-                ends.extend((char_of_byte[np.maximum(bend - 1, 0)] + 1).tolist())
-        return ids, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+                lens.append(len(text[a:b].encode("utf-8")))
+            else:
+                seg_ids, seg_lens = self._encode_bytes(text[a:b])
+                ids.extend(seg_ids)
+                lens.extend(seg_lens)
+        raw = text.encode("utf-8")
+        if not ids or not raw:
+            return ids, np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
+        char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1
+        bend = np.cumsum(np.asarray(lens, dtype=np.int64))
+        bstart = bend - np.asarray(lens, dtype=np.int64)
+        starts = char_of_byte[np.minimum(bstart, len(raw) - 1)]
+        ends = char_of_byte[np.clip(bend - 1, 0, len(raw) - 1)] + 1
+        return ids, starts, ends
 
     def _encode_bytes(self, text):
         """(ids, byte length of each token) of plain text (no added tokens)."""
@@ -173,21 +173,6 @@ class BaseTokenizer:
     def describe(self) -> dict:
         return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
-
-
-def _byte_offsets(text: str):
-    """char position -> utf-8 byte position, for increasing queries (linear overall)."""
-    state = [0, 0]  # (char, byte)
-
-    def at(pos: int) -> int:
-        c, b = state
-        if pos < c:
-            c, b = 0, 0
-        b += len(text[c:pos].encode("utf-8"))
-        state[0], state[1] = pos, b
-        return b
-
-    return at
 
 
 # GPT-2's pre-tokenizer regex (what ByteLevel(use_regex=True) applies).
@@ -352,7 +337,7 @@ class HFTokenizer(BaseTokenizer):
                     pass
             self._byte_len = lens
         ids = self._tiktoken.encode_ordinary(text)
-        return ids, self._byte_len[ids] if ids else np.zeros(0, np.int64)
+        return ids, self._byte_len[ids].tolist() if ids else []
 
     def _configured(self, config, key, candidates) -> Optional[int]:
         name = _token_name(config.get(key))
@@ -414,7 +399,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         excess = int(lens.sum()) - len(text.encode("utf-8")) if len(lens) else 0
         if excess > 0:  # the dummy-prefix "▁" stands for no input character
             lens[0] = max(0, lens[0] - excess)
-        return ids, lens
+        return ids, lens.tolist()
 
     def _encode_batch(self, texts):
         # Control pieces (<s>, </s>) are never produced from text by SentencePiece.

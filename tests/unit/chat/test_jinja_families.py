@@ -273,3 +273,19 @@ def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
             ref = encode_conversation(reference, msgs, loss_on)
             assert fast[0].tolist() == ref[0].tolist() and fast[1].tolist() == ref[1].tolist()
             assert encode_conversation(other, msgs, loss_on)[0].tolist() != fast[0].tolist()
+
+
+@pytest.mark.parametrize("fam", ["llama3.1", "qwen2.5", "llama2"])
+def test_print_only_shortcut_equals_verified_render(family_dirs, fam):
+    """Published print-only templates skip the verifying second render; forcing it changes nothing."""
+    from megatron_pack.chat.jinja_template import JinjaTemplate
+
+    tok = load_tokenizer(family_dirs[fam])
+    quick, checked = JinjaTemplate(tok, SOURCES[fam]), JinjaTemplate(tok, SOURCES[fam], verify=True)
+    assert quick._unverified_roles is not None and checked._unverified_roles is None
+    for rec in conversations(fam):
+        _, msgs = normalize_record(rec)
+        a = encode_conversation(quick, msgs, tools=record_tools(rec))
+        b = encode_conversation(checked, msgs, tools=record_tools(rec))
+        for x, y in zip(a, b):
+            assert x.tolist() == y.tolist()
