@@ -139,10 +139,14 @@ class Placeholders:
 
 
 def _offset_map(shift_at, shift_by):
-    ends = np.array(shift_at, dtype=np.int64)
-    cum = np.cumsum(shift_by, dtype=np.int64)
+    """Position in the placeholder render -> position in the real one (built on first use:
+    only templates with ``{% generation %}`` ask)."""
+    cache = []
 
     def offset_map(x: int) -> int:
+        if not cache:
+            cache.extend((np.array(shift_at, dtype=np.int64), np.cumsum(shift_by, dtype=np.int64)))
+        ends, cum = cache
         i = int(np.searchsorted(ends, x, side="right"))
         return x + (int(cum[i - 1]) if i else 0)
 
