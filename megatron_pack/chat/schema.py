@@ -106,7 +106,7 @@ def _from_turns(turns, role_key: str, content_key: str, field: str) -> list[Mess
         if not isinstance(turn, dict):
             raise RecordError("unknown_schema", f"{where} is {type(turn).__name__}, expected an object")
         role = _role(turn.get(role_key), where)
-        extra = {k: turn[k] for k in EXTRA_KEYS if turn.get(k) is not None} or None
+        extra = ({k: turn[k] for k in EXTRA_KEYS if turn.get(k) is not None} or None) if len(turn) > 2 else None
         # transformers renders an empty system prompt and a tool-call turn without text.
         allow_empty = role == "system" or bool(extra and extra.get("tool_calls"))
         messages.append(Message(role, _content_text(turn.get(content_key), where, allow_empty), extra))

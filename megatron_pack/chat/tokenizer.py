@@ -34,6 +34,20 @@ def _token_name(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def _char_offsets(text: str, byte_lens):
+    """Character (start, end) of consecutive tokens of ``text`` given their byte lengths; a token
+    that ends inside a multi-byte character counts that character (as ``tokenizers`` does)."""
+    raw = text.encode("utf-8")
+    lens = np.asarray(byte_lens, dtype=np.int64)
+    if not len(lens) or not raw:
+        return np.zeros(len(lens), np.int64), np.zeros(len(lens), np.int64)
+    char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1
+    bend = np.cumsum(lens)
+    starts = char_of_byte[np.minimum(bend - lens, len(raw) - 1)]
+    ends = char_of_byte[np.clip(bend - 1, 0, len(raw) - 1)] + 1
+    return starts, ends
+
+
 class BaseTokenizer:
     """Shared behaviour; subclasses fill ``_encode_batch``, ``_piece_to_id`` and friends."""
 
@@ -156,15 +170,7 @@ class BaseTokenizer:
                 seg_ids, seg_lens = self._encode_bytes(text[a:b])
                 ids.extend(seg_ids)
                 lens.extend(seg_lens)
-        raw = text.encode("utf-8")
-        if not ids or not raw:
-            return ids, np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
-        char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1
-        bend = np.cumsum(np.asarray(lens, dtype=np.int64))
-        bstart = bend - np.asarray(lens, dtype=np.int64)
-        starts = char_of_byte[np.minimum(bstart, len(raw) - 1)]
-        ends = char_of_byte[np.clip(bend - 1, 0, len(raw) - 1)] + 1
-        return ids, starts, ends
+        return ids, *_char_offsets(text, lens)
 
     def _encode_bytes(self, text):
         """(ids, byte length of each token) of plain text (no added tokens)."""
@@ -284,7 +290,7 @@ class HFTokenizer(BaseTokenizer):
 
     def encode_chats(self, texts, protects, added_re, control_re):
         if self._tiktoken is not None:
-            return super().encode_chats(texts, protects, added_re, control_re)
+            return self._tiktoken_chats(texts, protects, added_re)
         if self._hf is None:
             from tokenizers import Tokenizer
 
@@ -326,8 +332,12 @@ class HFTokenizer(BaseTokenizer):
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         return ids, cat(starts), cat(ends)
 
-    def _encode_bytes(self, text):
+    def _tiktoken_chats(self, texts, protects, added_re):
+        """One tiktoken call per chat, the added tokens registered as its special tokens (split
+        out in Rust, as ``tokenizers`` splits them); chats with protected text go piecewise."""
         if self._byte_len is None:
+            import tiktoken
+
             enc = self._tiktoken
             lens = np.zeros(self.vocab_size, dtype=np.int64)
             for i in range(enc.n_vocab):
@@ -335,7 +345,24 @@ class HFTokenizer(BaseTokenizer):
                     lens[i] = len(enc.decode_single_token_bytes(i))
                 except KeyError:
                     pass
+            added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+            for content, i in added.items():
+                lens[i] = len(content.encode("utf-8"))
             self._byte_len = lens
+            self._tiktoken_added = tiktoken.Encoding("megatron_pack_chat", pat_str=enc._pat_str,
+                                                     mergeable_ranks=enc._mergeable_ranks, special_tokens=added)
+        out = []
+        for text, protect in zip(texts, protects):
+            if protect:
+                out.append(self._split_encode(text, protect, added_re))
+                continue
+            ids = self._tiktoken_added.encode(text, allowed_special="all", disallowed_special=())
+            out.append((ids, *_char_offsets(text, self._byte_len[ids] if ids else [])))
+        return out
+
+    def _encode_bytes(self, text):
+        if self._byte_len is None:
+            self._tiktoken_chats([], [], None)
         ids = self._tiktoken.encode_ordinary(text)
         return ids, self._byte_len[ids].tolist() if ids else []
 
