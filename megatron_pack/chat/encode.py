@@ -145,7 +145,9 @@ class ChunkEncoder:
         schema, messages = normalize_record(record)
         tools = record_tools(record)
         self.template.validate(messages)
-        return schema, messages, self.template.render(messages, tools=tools)
+        rendered = self.template.render(messages, tools=tools)
+        rendered.tools = tools  # split-chat re-renders pieces with them
+        return schema, messages, rendered
 
     def encode_rendered(self, rendered: Sequence[Rendered]):
         rendered = self.template.finish(list(rendered))
@@ -202,9 +204,9 @@ class ChunkEncoder:
         res.turn_off = np.concatenate([[0], np.cumsum([len(d[2]) for d in docs], dtype=np.int64)])
 
 
-def render_messages(encoder: ChunkEncoder, messages: list[Message]):
+def render_messages(encoder: ChunkEncoder, messages: list[Message], tools=None):
     """Tokens, mask and turns of one message list (used to re-render split pieces)."""
-    rendered = encoder.template.render(messages)
+    rendered = encoder.template.render(messages, tools=tools)
     tokens, mask, _, turns, _ = encoder.encode_rendered([rendered])
     return tokens, mask, turns
 

@@ -96,7 +96,7 @@ class SplitChat:
             piece = system + messages[starts[g[0]]:end]
             try:
                 encoder.template.validate(piece)
-                t, m, u = render_messages(encoder, piece)
+                t, m, u = render_messages(encoder, piece, getattr(conv.rendered, "tools", None))
             except RecordError:
                 counts["pieces_invalid"] = counts.get("pieces_invalid", 0) + 1
                 continue

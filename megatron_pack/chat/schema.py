@@ -55,6 +55,9 @@ class Message:
         return isinstance(other, Message) and (self.role, self.content, self.extra or None) == (
             other.role, other.content, other.extra or None)
 
+    def __hash__(self):
+        return hash((self.role, self.content))
+
 
 class RecordError(ValueError):
     """A record that cannot be used; ``reason`` is a stable key for counting."""

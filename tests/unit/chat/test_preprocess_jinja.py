@@ -68,3 +68,22 @@ def test_split_chat_rerenders_pieces_with_the_template(bpe_dir, tmp_path):
     s = run(tmp_path, tok, [long], max_seq_length=260, overlong="split-chat")
     assert s["overlong"]["split"] == 1 and s["documents"] >= 3
     assert s["length"]["max"] <= 260
+
+
+def test_record_over_the_render_bound_is_rejected_and_the_run_goes_on(bpe_dir, tmp_path):
+    slow = ("{% for m in messages %}{% for i in range(m.content | length * 20) %}{% for j in range(2000) %}"
+            "{% endfor %}{% endfor %}{{ m.content }}{% endfor %}")
+    tok = tokenizer_with(bpe_dir, tmp_path, slow)
+    s = run(tmp_path, tok, [{"messages": [U("hi"), A("ok")]}, {"messages": [U("x" * 5000), A("ok")]},
+                            {"messages": [U("yo"), A("ok")]}], template_time_limit_s=0.5)
+    assert s["conversations"]["written"] == 2 and s["conversations"]["rejected_by_reason"] == {"template_limit": 1}
+
+
+def test_strftime_now_is_the_runs_date(bpe_dir, tmp_path):
+    tok = tokenizer_with(bpe_dir, tmp_path, "{{ strftime_now('%d %b %Y') }}{% for m in messages %}{{ m.content }}"
+                                            "{% endfor %}")
+    s = run(tmp_path, tok, [{"messages": [U("hi"), A("ok")]}], template_date="2024-07-26")
+    hf = transformers.AutoTokenizer.from_pretrained(tok)
+    assert s["tokens"] == len(hf.encode("26 Jul 2024hiok", add_special_tokens=False))
+    with pytest.raises(Exception, match="not YYYY-MM-DD"):
+        run(tmp_path, tok, [{"messages": [U("hi"), A("ok")]}], template_date="yesterday")

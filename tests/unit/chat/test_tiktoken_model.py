@@ -74,3 +74,15 @@ def test_neither_format_is_refused(tmp_path):
     assert not is_tiktoken_model(str(path))
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         load_tokenizer(str(path))
+
+
+def test_without_tiktoken_it_is_refused_with_what_it_is_and_how_to_convert(bpe_dir, tmp_path, monkeypatch):
+    import sys
+
+    path = str(tmp_path / "tokenizer.model")
+    write_tiktoken_model(bpe_dir, path)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer(path)
+    msg = str(err.value)
+    assert "Meta tiktoken BPE file" in msg and "convert_llama_weights_to_hf" in msg and "\n" not in msg
