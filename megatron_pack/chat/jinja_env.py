@@ -27,6 +27,7 @@ from typing import Optional
 DEFAULT_TIME_LIMIT_S = 5.0
 DEFAULT_MAX_CHARS = 32_000_000
 MAX_TEMPLATE_CHARS = 1_000_000
+MAX_TOJSON_INDENT = 1000
 
 
 class TemplateLimitError(RuntimeError):
@@ -101,13 +102,19 @@ def bounded_environment(max_chars: int = DEFAULT_MAX_CHARS, date: Optional[datet
     for name in ("center", "indent"):
         env.filters[name] = bounds.wrap_width(base.filters[name], name)
     fmt = base.filters["format"]
-    env.filters["format"] = lambda value, *a, **k: (bounds.check(len(str(value)) + sum(
-        int(w) for w in re.findall(r"%[-+ #0]*(\d+)", str(value))), "format"), fmt(value, *a, **k))[1]
+
+    def bounded_format(value, *args, **kwargs):  # "%9999999d" | format(1)
+        widths = re.findall(r"%[-+ #0]*(\d+)", str(value))
+        bounds.check(len(str(value)) + sum(map(int, widths)), "format")
+        return fmt(value, *args, **kwargs)
+
+    env.filters["format"] = bounded_format
     tojson = base.filters["tojson"]
 
     def bounded_tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        if isinstance(indent, int):
-            bounds.check(abs(indent), "tojson indent")
+        # The indent repeats on every line of the output: keep it to what templates use.
+        if isinstance(indent, int) and abs(indent) > MAX_TOJSON_INDENT:
+            raise TemplateLimitError(f"tojson indent {indent:,} (limit {MAX_TOJSON_INDENT})")
         return tojson(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env.filters["tojson"] = bounded_tojson

@@ -3,7 +3,6 @@ renders are kept (tools, empty or late system prompt, assistant first), the rest
 the template's own words; over-long chats split and re-rendered through the same template."""
 
 import json
-import os
 import shutil
 
 import pytest

@@ -5,7 +5,6 @@ import base64
 import json
 import os
 
-import numpy as np
 import pytest
 
 from megatron_pack.chat.encode import encode_conversation
