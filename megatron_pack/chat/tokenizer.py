@@ -34,20 +34,6 @@ def _token_name(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _char_offsets(text: str, byte_lens):
-    """Character (start, end) of consecutive tokens of ``text`` given their byte lengths; a token
-    that ends inside a multi-byte character counts that character (as ``tokenizers`` does)."""
-    raw = text.encode("utf-8")
-    lens = np.asarray(byte_lens, dtype=np.int64)
-    if not len(lens) or not raw:
-        return np.zeros(len(lens), np.int64), np.zeros(len(lens), np.int64)
-    char_of_byte = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1
-    bend = np.cumsum(lens)
-    starts = char_of_byte[np.minimum(bend - lens, len(raw) - 1)]
-    ends = char_of_byte[np.clip(bend - 1, 0, len(raw) - 1)] + 1
-    return starts, ends
-
-
 class BaseTokenizer:
     """Shared behaviour; subclasses fill ``_encode_batch``, ``_piece_to_id`` and friends."""
 
@@ -130,47 +116,9 @@ class BaseTokenizer:
     def encode_chats(self, texts, protects, added_re, control_re) -> list:
         """Per text: (ids, char starts, char ends). Added tokens in the text become their ids
         except inside the ``protects`` ranges (message text kept as text)."""
-        return [self._split_encode(t, p, added_re) for t, p in zip(texts, protects)]
+        from megatron_pack.chat.chat_encoding import split_encode
 
-    def _segments(self, text, protect, added_re):
-        """(start, end, token id or None) pieces: added tokens outside ``protect`` are single
-        ids; text between them, cut at the protected ranges, is encoded as plain text."""
-        cuts = sorted({x for a, b in protect for x in (a, b)})
-        matches = [m for m in added_re.finditer(text)] if added_re else []
-        out, pos = [], 0
-        pi = 0
-        for m in matches:
-            if any(a < m.end() and m.start() < b for a, b in protect):
-                continue
-            while pi < len(cuts) and cuts[pi] <= m.start():
-                if cuts[pi] > pos:
-                    out.append((pos, cuts[pi], None))
-                    pos = cuts[pi]
-                pi += 1
-            if m.start() > pos:
-                out.append((pos, m.start(), None))
-            out.append((m.start(), m.end(), self._piece_to_id(m.group())))
-            pos = m.end()
-        for c in cuts[pi:]:
-            if pos < c <= len(text):
-                out.append((pos, c, None))
-                pos = c
-        if pos < len(text):
-            out.append((pos, len(text), None))
-        return out
-
-    def _split_encode(self, text, protect, added_re):
-        # Segments tile the text, so token byte offsets are one cumulative sum.
-        ids, lens = [], []
-        for a, b, tid in self._segments(text, protect, added_re):
-            if tid is not None:
-                ids.append(tid)
-                lens.append(len(text[a:b].encode("utf-8")))
-            else:
-                seg_ids, seg_lens = self._encode_bytes(text[a:b])
-                ids.extend(seg_ids)
-                lens.extend(seg_lens)
-        return ids, *_char_offsets(text, lens)
+        return [split_encode(self, t, p, added_re) for t, p in zip(texts, protects)]
 
     def _encode_bytes(self, text):
         """(ids, byte length of each token) of plain text (no added tokens)."""
@@ -289,80 +237,15 @@ class HFTokenizer(BaseTokenizer):
         return [(t.content, t.special) for t in self._tok.get_added_tokens_decoder().values()]
 
     def encode_chats(self, texts, protects, added_re, control_re):
-        if self._tiktoken is not None:
-            return self._tiktoken_chats(texts, protects, added_re)
-        if self._hf is None:
-            from tokenizers import Tokenizer
+        from megatron_pack.chat.chat_encoding import hf_encode_chats
 
-            # Added tokens matched in text (transformers' default), and a twin that matches none.
-            self._hf = Tokenizer.from_str(self._tok.to_str())
-            self._hf.encode_special_tokens = False
-            self._hf_text = Tokenizer.from_str(self._tok.to_str())
-            self._hf_text.encode_special_tokens = True
-        out = [None] * len(texts)
-        plain = [i for i, p in enumerate(protects) if not p]
-        for i, enc in zip(plain, self._hf.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
-            out[i] = _from_encoding(enc)
-        for i, p in enumerate(protects):
-            if p:
-                out[i] = self._encode_marked(texts[i], p)
-        return out
-
-    def _encode_marked(self, text, protect):
-        """transformers' ``encode_marked_chat``: cut at each protected control-token string,
-        encode it as text, and every piece after the first behind a newline it then drops."""
-        newline = self._hf.encode("\n", add_special_tokens=False).ids
-        cuts = [0] + sorted({x for a, b in protect for x in (a, b)}) + [len(text)]
-        ids, starts, ends = [], [], []
-        for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
-            if b <= a:
-                continue
-            tok = self._hf_text if (a, b) in protect else self._hf
-            if j == 0:
-                p_ids, p_s, p_e = _from_encoding(tok.encode(text[a:b], add_special_tokens=False))
-            else:
-                p_ids, p_s, p_e = _from_encoding(tok.encode("\n" + text[a:b], add_special_tokens=False))
-                if p_ids[:len(newline)] == newline:
-                    p_ids, p_s, p_e = p_ids[len(newline):], p_s[len(newline):] - 1, p_e[len(newline):] - 1
-                else:
-                    p_ids, p_s, p_e = _from_encoding(tok.encode(text[a:b], add_special_tokens=False))
-            ids.extend(p_ids)
-            starts.append(np.maximum(p_s, 0) + a)
-            ends.append(np.maximum(p_e, 0) + a)
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-        return ids, cat(starts), cat(ends)
-
-    def _tiktoken_chats(self, texts, protects, added_re):
-        """One tiktoken call per chat, the added tokens registered as its special tokens (split
-        out in Rust, as ``tokenizers`` splits them); chats with protected text go piecewise."""
-        if self._byte_len is None:
-            import tiktoken
-
-            enc = self._tiktoken
-            lens = np.zeros(self.vocab_size, dtype=np.int64)
-            for i in range(enc.n_vocab):
-                try:
-                    lens[i] = len(enc.decode_single_token_bytes(i))
-                except KeyError:
-                    pass
-            added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
-            for content, i in added.items():
-                lens[i] = len(content.encode("utf-8"))
-            self._byte_len = lens
-            self._tiktoken_added = tiktoken.Encoding("megatron_pack_chat", pat_str=enc._pat_str,
-                                                     mergeable_ranks=enc._mergeable_ranks, special_tokens=added)
-        out = []
-        for text, protect in zip(texts, protects):
-            if protect:
-                out.append(self._split_encode(text, protect, added_re))
-                continue
-            ids = self._tiktoken_added.encode(text, allowed_special="all", disallowed_special=())
-            out.append((ids, *_char_offsets(text, self._byte_len[ids] if ids else [])))
-        return out
+        return hf_encode_chats(self, texts, protects, added_re)
 
     def _encode_bytes(self, text):
         if self._byte_len is None:
-            self._tiktoken_chats([], [], None)
+            from megatron_pack.chat.chat_encoding import tiktoken_tables
+
+            tiktoken_tables(self)
         ids = self._tiktoken.encode_ordinary(text)
         return ids, self._byte_len[ids].tolist() if ids else []
 
@@ -385,11 +268,6 @@ class HFTokenizer(BaseTokenizer):
 
     def id_to_piece(self, token_id):
         return self._tok.id_to_token(int(token_id))
-
-
-def _from_encoding(enc):
-    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-    return list(enc.ids), off[:, 0], off[:, 1]
 
 
 class SentencePieceTokenizer(BaseTokenizer):
