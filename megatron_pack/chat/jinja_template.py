@@ -106,16 +106,22 @@ class JinjaTemplate(ChatTemplate):
                               add_generation_prompt=add_generation_prompt, **self.kwargs)
 
     def _generation_prompt(self) -> str:
-        """What ``add_generation_prompt`` appends (the assistant header), from a probe chat."""
-        probe = [{"role": "user", "content": "x"}]
-        try:
-            with_prompt = self._render_text(probe, None, True)
-            without = self._render_text(probe, None, False)
-        except TemplateLimitError as exc:
-            raise TokenizerError(f"{self.tok.path}: chat template {exc} on a one-message chat") from None
-        except Exception:
-            return ""
-        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+        """What ``add_generation_prompt`` appends (the assistant header), from probe chats; ""
+        for templates without one (Llama-2, Mistral) or that refuse every probe."""
+        probes = ([{"role": "user", "content": "x"}],
+                  [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}],
+                  [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                   {"role": "user", "content": "z"}])
+        for probe in probes:
+            try:
+                with_prompt = self._render_text(probe, None, True)
+                without = self._render_text(probe, None, False)
+            except TemplateLimitError as exc:
+                raise TokenizerError(f"{self.tok.path}: chat template {exc} on a short probe chat") from None
+            except Exception:
+                continue
+            return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+        return ""
 
     # -- rendering ---------------------------------------------------------------------
     def validate(self, messages):
@@ -141,6 +147,8 @@ class JinjaTemplate(ChatTemplate):
             raise RecordError("template_error", f"chat_template: {exc}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
             raise RecordError("template_error", f"chat_template failed: {type(exc).__name__}: {exc}") from None
+        except MemoryError:
+            raise RecordError("template_limit", "rendering the chat template ran out of memory") from None
         if check:
             aligned = ph.align(rendered, real)
             if aligned is None:

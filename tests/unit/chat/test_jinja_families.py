@@ -289,3 +289,14 @@ def test_print_only_shortcut_equals_verified_render(family_dirs, fam):
         b = encode_conversation(checked, msgs, tools=record_tools(rec))
         for x, y in zip(a, b):
             assert x.tolist() == y.tolist()
+
+
+def test_generation_prompt_found_when_the_template_needs_a_system_message(family_dirs):
+    """A template that refuses a lone user message still has its assistant header found (it is
+    not trained), from a probe with a system message."""
+    from megatron_pack.chat.jinja_template import JinjaTemplate
+
+    src = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+           + bt.CHATML_CHAT_TEMPLATE)
+    t = JinjaTemplate(load_tokenizer(family_dirs["qwen2.5"]), src)
+    assert t.gen_prompt == "<|im_start|>assistant\n"
