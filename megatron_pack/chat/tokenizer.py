@@ -228,7 +228,8 @@ class HFTokenizer(BaseTokenizer):
         self.special_tokens = sorted(
             (t.content for t in self._tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
         )
-        self.template_tokens = {k: n for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        self.template_tokens = {k: n for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                               "cls_token", "mask_token")
                                 if (n := _token_name(config.get(k))) is not None}
         self._hf = self._hf_text = None
         self._byte_len = None
