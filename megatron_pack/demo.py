@@ -64,18 +64,11 @@ def format_results(rows: list[dict]) -> str:
 
 
 def run_demo(args) -> list[dict]:
-    import numpy as np
-
     from megatron_pack.files.indexed import SFTIndexedDataset
     from megatron_pack.packing.report import format_table, plot_report, report
     from megatron_pack.data.sampling import split_indices
-    from megatron_pack.training.loop import train
 
-    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    for mode in args.modes:  # a fresh log per run
-        path = os.path.join(args.output_dir, "runs", f"{mode}.jsonl")
-        if os.path.exists(path):
-            os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.perf_counter()
     prefix = prepare_data(os.path.join(args.output_dir, "data"))
     print(f"> data ready in {time.perf_counter() - t0:.1f}s: {prefix}", flush=True)
@@ -90,23 +83,15 @@ def run_demo(args) -> list[dict]:
     png = plot_report(plans, lengths, args.seq_length, os.path.join(args.output_dir, "packing.png"))
     print(f"> fill-ratio and length histograms: {png} (conversation lengths: {prefix}_lengths.png)", flush=True)
 
-    rows = []
-    for mode in args.modes:
-        print(f"\n=== {mode} ===", flush=True)
-        res = train(demo_config(prefix, mode, args))
-        timed = res["history"][1:] or res["history"]  # the first step is warm-up
-        # Median step time: a shared machine stalls single steps for seconds, and one stall
-        # would decide a sum-based figure.
-        step_s = float(np.median([h["seconds"] for h in timed]))
-        rows.append({"mode": mode, "sequences": res["num_train_sequences"], "steps": res["iteration"],
-                     "wall_time": res["wall_time"], "step_s": step_s,
-                     "tokens_per_s": float(np.mean([h["real tokens"] for h in timed])) / step_s,
-                     "final_train_loss": res["final_train_loss"], "valid_loss": res["valid_loss"],
-                     "padding_fraction": res["padding_fraction"]})
-    base = next((r for r in rows if r["mode"] == "padding"), rows[0])
-    for r in rows:
-        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else float("nan")
-        r["ideal_speedup"] = base["sequences"] / r["sequences"]
+    from megatron_pack.experiment.compare import run_comparison
+    from megatron_pack.experiment.settings import expand_settings
+
+    # The comparison runner (tools/compare_modes.py) trains every mode from the same initial
+    # weights and scores the same held-out split; its tables and curves go to comparison/.
+    settings = expand_settings(args.modes, [not args.no_document_mask])
+    comparison = run_comparison(demo_config(prefix, args.modes[0], args), settings,
+                                os.path.join(args.output_dir, "comparison"), evals_per_run=2)
+    rows = comparison["rows"]
     table = format_results(rows)
     print(f"\nOne epoch of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}). "
           f"Real tokens/s: mean real tokens per step / median step time; speedup over padding beside the ideal "
@@ -115,8 +100,8 @@ def run_demo(args) -> list[dict]:
     write_json_atomic(rows, os.path.join(args.output_dir, "results.json"))
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
-    print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (runs' step logs under "
-          f"{os.path.join(args.output_dir, 'runs')}); total {time.perf_counter() - t0:.0f}s")
+    print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (the comparison's tables, held-out curves and "
+          f"step logs under {os.path.join(args.output_dir, 'comparison')}); total {time.perf_counter() - t0:.0f}s")
     return rows
 
 

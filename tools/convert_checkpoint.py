@@ -20,7 +20,7 @@ import sys
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-megatron", help="HF Llama directory -> megatron_pack import checkpoint")
+    a = sub.add_parser("hf-to-megatron", help="HF Llama / Mistral / Qwen2 directory -> megatron_pack import checkpoint")
     a.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     a.add_argument("--output", required=True, help="new checkpoint directory (pass it to --load)")
     a.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -29,14 +29,16 @@ def main(argv=None):
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="vocabulary padding multiple (times TP), Megatron's rule")
     a.add_argument("--tokenizer", help="tokenizer directory or file to copy into OUTPUT/tokenizer")
-    b = sub.add_parser("megatron-to-hf", help="training checkpoint (any TP/PP) or import -> HF Llama directory")
+    b = sub.add_parser("megatron-to-hf", help="training checkpoint (any TP/PP) or import -> HF directory "
+                           "(Llama, Mistral or Qwen2)")
     b.add_argument("--load", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt) or iter_*")
     b.add_argument("--output", required=True, help="new HF model directory")
     b.add_argument("--dtype", default="auto", help="auto (keep), bf16 or fp32")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     b.add_argument("--tokenizer", help="tokenizer directory or file to copy (default: the import's copy)")
     b.add_argument("--vocab-size", type=int, help="true vocabulary size when the run did not record it")
-    b.add_argument("--model", help="model preset when the checkpoint has no run_config.json")
+    b.add_argument("--model", help="preset or HF config.json / model directory, when the checkpoint records no "
+                   "architecture (runs before architectures were recorded)")
     for q in (a, b):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

@@ -8,6 +8,13 @@
 Prints one row per mode: sequences, packing efficiency, the lower bound
 ceil(tokens / max length) and the gap to it, samples per sequence, split/truncated
 samples, attention cost relative to padding, planning seconds.
+
+With ``--data-parallel-size`` (and ``--global-batch-size``), also the expected per-step
+compute imbalance over DP ranks (max/mean of linear + attention FLOPs, ``--model``'s
+architecture) with contiguous and balanced placement, and the predicted step-time gain::
+
+    python tools/pack_report.py --lengths lengths.npy --max-seq-length 32768 \
+        --data-parallel-size 8 --global-batch-size 64 --model llama3-8b
 """
 
 import argparse
@@ -30,16 +37,58 @@ def main(argv=None):
                         "tokens at turn starts (split_turns: deprecated spelling)")
     p.add_argument("--json", dest="json_out", help="write the rows as JSON here")
     p.add_argument("--plot", dest="plot_out", help="write fill-ratio and length histograms (PNG) here")
+    b = p.add_argument_group("balance forecast (per-step compute imbalance over data-parallel ranks)")
+    b.add_argument("--data-parallel-size", type=int, help="DP ranks; turns the forecast on")
+    b.add_argument("--global-batch-size", type=int, help="sequences per step (required with --data-parallel-size)")
+    b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    b.add_argument("--model", default="llama3-8b", choices=("tiny", "llama3-8b", "llama3-70b"),
+                   help="architecture the cost model reads (default llama3-8b)")
+    b.add_argument("--vocab-size", type=int, help="vocabulary for the output layer (default the preset's; "
+                                                  "required for tiny)")
     args = p.parse_args(argv)
+    if args.data_parallel_size is not None:
+        if args.data_parallel_size < 1:
+            p.error(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+        if args.global_batch_size is None:
+            p.error("--data-parallel-size needs --global-batch-size")
+        if args.global_batch_size % (args.data_parallel_size * max(args.micro_batch_size, 1)):
+            p.error(f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
+                    f"{args.micro_batch_size} x --data-parallel-size {args.data_parallel_size}")
+        if args.model == "tiny" and args.vocab_size is None:
+            p.error("--model tiny needs --vocab-size")
 
     from megatron_pack.packing.report import run
 
+    forecast = args.data_parallel_size is not None
+    plans = {} if forecast else None
     try:
-        run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths,
-            modes=[m for m in args.modes.split(",") if m], seed=args.seed, overlong=args.overlong,
-            json_out=args.json_out, plot_out=args.plot_out)
+        rows = run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths,
+                   modes=[m for m in args.modes.split(",") if m], seed=args.seed, overlong=args.overlong,
+                   json_out=None if forecast else args.json_out, plot_out=args.plot_out, plans=plans)
+        if forecast:
+            _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"pack_report: error: {e}")
+
+
+def _forecast(args, rows, plans):
+    from megatron_pack.data.balance_forecast import forecast, format_forecasts
+    from megatron_pack.files.atomic import write_json_atomic
+    from megatron_pack.model.cost import CostModel
+    from megatron_pack.model.presets import get_preset, padded_vocab_size
+
+    preset = get_preset(args.model)
+    cost = CostModel.from_architecture(preset, vocab_size=padded_vocab_size(args.vocab_size or preset.vocab_size, 1))
+    out = {mode: forecast(plan, cost, global_batch_size=args.global_batch_size, dp_size=args.data_parallel_size,
+                          micro_batch_size=args.micro_batch_size, seed=args.seed)
+           for mode, plan in plans.items()}
+    print()
+    print(format_forecasts(out, args.data_parallel_size, args.global_batch_size))
+    if args.json_out:
+        for row, f in zip(rows, out.values()):
+            row["balance"] = f.to_json()
+        write_json_atomic(rows, args.json_out)
+        print(f"wrote {args.json_out}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mfu", type=float, default=None, help="assumed model FLOP utilisation while computing (default 0.40)")
     g.add_argument("--overhead-gb", type=float, default=3.0, help="per-GPU allowance for CUDA context, NCCL, fragmentation")
     g = p.add_argument_group("model and parallelism (training CLI names)")
-    g.add_argument("--model", default="llama3-70b", choices=sorted(PRESETS))
+    g.add_argument("--model", default="llama3-70b", metavar="PRESET|PATH",
+                   help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json / model directory")
     g.add_argument("--vocab-size", type=int, default=None, help="default, as training: " + VOCAB_RULE)
     g.add_argument("--tokenizer-model", default=None, help="read the vocabulary size from this tokenizer")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     # Megatron-Core warns at import that TE/apex are absent; irrelevant to a plan.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
 
-    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, render, write_json
+    from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan
+    from megatron_pack.planning.render import render, write_json
     from megatron_pack.planning.timing import DEFAULT_MFU
 
     try:

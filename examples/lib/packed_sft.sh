@@ -10,7 +10,7 @@ DRY_RUN=${DRY_RUN:-0}                       # 1: run tools/plan_parallel.py with
 if [ "$DRY_RUN" = "1" ]; then DATA_PATH=${DATA_PATH:-}  # the planner costs every mode when a dataset is given
 else DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}; fi
 TOKENIZER=${TOKENIZER:-}                    # tokenizer dir/file; default vocab: the preset's 128256
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}_${PACK_MODE:-greedy}}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL##*/}_${PACK_MODE:-greedy}}  # MODEL: a preset or a HF dir
 LOAD_DIR=${LOAD_DIR:-$CHECKPOINT_DIR}       # resume this run; or an hf-to-megatron import to fine-tune from
                                             # (the same command then resumes from CHECKPOINT_DIR once it holds one)
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}

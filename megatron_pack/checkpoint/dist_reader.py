@@ -93,12 +93,13 @@ class DistCheckpointReader:
         """Canonical-name tensors of global layer ``i`` (unsharded: qkv interleaved, fc1 [gate; up])."""
         if not 0 <= i < self.num_layers:
             raise IndexError(f"layer {i} of {self.num_layers}")
+        names = K.MEGATRON_LAYER_NAMES + tuple(n for n in K.OPTIONAL_LAYER_NAMES if self.has(self.LAYER_PREFIX + n))
         boxes = {}
-        for n in K.MEGATRON_LAYER_NAMES:
+        for n in names:
             shape = self.shape(self.LAYER_PREFIX + n)
             boxes[self.LAYER_PREFIX + n] = ((i,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
         got = self._read(boxes)
-        return {n: got[self.LAYER_PREFIX + n][0] for n in K.MEGATRON_LAYER_NAMES}
+        return {n: got[self.LAYER_PREFIX + n][0] for n in names}
 
 
 def load_model_from_dist_checkpoint(path: str, model) -> str:

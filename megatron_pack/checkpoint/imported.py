@@ -6,7 +6,8 @@ dist checkpoint (torch_dist) save needs the whole model's state dict in one plac
 Megatron-LM's legacy per-rank layout with safetensors instead of pickles::
 
     OUT/latest_checkpointed_iteration.txt          "0"
-    OUT/iter_0000000/megatron_pack_import.json     format, TP, PP, architecture, vocab sizes, dtype
+    OUT/iter_0000000/megatron_pack_import.json     format, TP, PP, architecture, vocab sizes, dtype,
+                                                   special token ids, generation_config.json
     OUT/iter_0000000/mp_rank_{tp:02d}_{pp:03d}/
         embedding.safetensors                      first stage: this rank's padded vocab rows
         layer_{local:03d}.safetensors              each of this stage's layers, this rank's shards
@@ -19,7 +20,6 @@ written for; each rank reads only its own directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Optional
@@ -29,6 +29,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.layout import CheckpointError, latest_iteration, resolve_iteration_dir
 from megatron_pack.model import state_keys as K
+from megatron_pack.model.architecture import architecture_differences, architecture_from_dict
 from megatron_pack.model.presets import LlamaPreset
 
 IMPORT_FORMAT = "megatron_pack.hf_import"
@@ -76,8 +77,8 @@ def is_imported_checkpoint(path: Optional[str]) -> bool:
 
 
 def preset_from_metadata(meta: dict) -> LlamaPreset:
-    fields = {f.name for f in dataclasses.fields(LlamaPreset)}
-    return LlamaPreset(**{k: v for k, v in meta["architecture"].items() if k in fields})
+    """The architecture an import (or a training checkpoint's run_config.json) records."""
+    return architecture_from_dict(meta["architecture"])
 
 
 # ---- writing the import format ------------------------------------------------------------------
@@ -104,10 +105,7 @@ def read_tensors(path: str) -> dict:
 
 def check_architecture(meta: dict, preset: LlamaPreset, vocab_size: Optional[int] = None, where: str = "") -> None:
     """The run's preset/vocabulary must be the imported model's; say what differs."""
-    got = preset_from_metadata(meta)
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-            "rope_theta", "norm_eps", "tie_word_embeddings")
-    diff = {k: (getattr(got, k), getattr(preset, k)) for k in keys if getattr(got, k) != getattr(preset, k)}
+    diff = architecture_differences(preset_from_metadata(meta), preset)
     if diff:
         raise CheckpointError(f"{where}: the imported model's architecture differs from --model {preset.name} "
                               f"(imported, run): {diff}")

@@ -1,4 +1,4 @@
-"""HF Llama <-> Megatron-Core checkpoint conversion (streamed, TP/PP aware).
+"""HF Llama / Mistral / Qwen2 <-> Megatron-Core checkpoint conversion (streamed, TP/PP aware).
 
 ``convert_hf_to_megatron`` writes the import format that ``--load`` fine-tunes from;
 ``convert_megatron_to_hf`` exports a training checkpoint (any TP/PP) or an import.

@@ -102,10 +102,14 @@ class SafetensorsReader:
             n, got, want = bad[0]
             raise ConversionError(f"{self.dir}: {len(bad)} tensors disagree with config.json, e.g. {n} has shape "
                                   f"{list(got)}, the config implies {list(want)}")
-        extra = [n for n in self.weight_map if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+        # a tied model saved with a redundant lm_head.weight: transformers ties it to the
+        # embedding on load, and so does the conversion (the copy is not read)
+        ignored = {M.HF_OUTPUT} if preset.tie_word_embeddings else set()
+        extra = [n for n in self.weight_map if n not in expected and n not in ignored
+                 and not n.endswith("rotary_emb.inv_freq")]
         if extra:
-            raise ConversionError(f"{self.dir}: unexpected tensors for a Llama model, e.g. {extra[:3]} "
-                                  "(a different architecture?)")
+            raise ConversionError(f"{self.dir}: unexpected tensors for a {preset.family} model as config.json "
+                                  f"describes it, e.g. {extra[:3]} (a different architecture?)")
 
     def close(self) -> None:
         self._shapes.clear()

@@ -1,4 +1,4 @@
-"""HF Llama directory -> megatron_pack import checkpoint for one TP/PP layout, one layer at a time.
+"""HF Llama / Mistral / Qwen2 directory -> megatron_pack import checkpoint for one TP/PP layout, one layer at a time.
 
 Peak memory is one HF layer plus its TP shards, or one TP block of the embedding/output
 table (read as a row range, never the whole table): ``benchmarks/bench_convert.py``
@@ -18,7 +18,8 @@ import torch
 from megatron_pack.checkpoint import imported as C
 from megatron_pack.convert import mapping as M
 from megatron_pack.checkpoint.layout import MARKER, iter_dir
-from megatron_pack.convert.hf_config import DTYPE_NAMES, ConversionError, copy_tokenizer, load_hf_config, parse_dtype
+from megatron_pack.convert.hf_config import (DTYPE_NAMES, ConversionError, copy_tokenizer, load_hf_config, parse_dtype,
+                                            read_generation_config, special_tokens)
 from megatron_pack.convert.hf_safetensors import SafetensorsReader
 from megatron_pack.files.safetensors import release_memory
 from megatron_pack.model.presets import padded_vocab_size
@@ -63,6 +64,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
         raise ConversionError(f"{os.path.join(hf_dir, 'config.json')}: {e}") from None
     reader = SafetensorsReader(hf_dir)
     reader.validate(preset)
+    generation = read_generation_config(hf_dir)
     out_dtype = parse_dtype(dtype) or reader.dtype(M.HF_EMBEDDING)
     vocab = preset.vocab_size
     padded = padded_vocab_size(vocab, tp, make_vocab_size_divisible_by)
@@ -91,7 +93,7 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
             release_memory()
         with _progress(preset.num_layers, "hf-to-megatron", progress) as bar:
             for i in range(preset.num_layers):
-                hf = {n: reader.get(M.hf_layer_key(i, n)).to(out_dtype) for n in M.HF_LAYER_NAMES}
+                hf = {n: reader.get(M.hf_layer_key(i, n)).to(out_dtype) for n in M.hf_layer_names(preset)}
                 stage, local = divmod(i, per_stage)
                 shards = M.hf_layer_to_megatron(hf, preset, tp)
                 del hf  # drop each layer as soon as it is written: peak = one layer + its shards
@@ -109,11 +111,12 @@ def convert_hf_to_megatron(hf_dir: str, output: str, *, tensor_model_parallel_si
         meta = {
             "format": C.IMPORT_FORMAT, "version": C.IMPORT_VERSION,
             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-            "architecture": {k: getattr(preset, k) for k in preset.__dataclass_fields__},
+            "architecture": preset.to_dict(),
             "vocab_size": vocab, "padded_vocab_size": padded,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
             "dtype": DTYPE_NAMES[out_dtype], "source": os.path.abspath(hf_dir),
-            "hf_config": {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")},
+            "hf_config": {**special_tokens(hf_cfg), "max_position_embeddings": hf_cfg.get("max_position_embeddings")},
+            "generation_config": generation,
         }
         C.write_metadata(it, meta)
         with open(os.path.join(tmp, MARKER), "w") as f:

@@ -1,4 +1,4 @@
-"""HF Llama <-> Megatron-Core GPTModel weight mapping, with tensor-parallel sharding.
+"""HF Llama / Mistral / Qwen2 <-> Megatron-Core GPTModel weight mapping, with tensor-parallel sharding.
 
 Pure tensor functions, no I/O. Names on the Megatron side are *canonical*: Transformer
 Engine's fused names, which are also what Megatron-Core writes into dist checkpoints for
@@ -12,6 +12,7 @@ Fused tensors (per layer, ``G`` query groups, ``H/G`` query heads per group, hea
     linear_fc1  rows: [gate_r ; up_r] on TP rank r, gate/up each split in tp row blocks;
                 unsharded (TP 1, and the dist checkpoint's global tensor): [gate ; up]
 
+Qwen2's q/k/v biases go into ``linear_qkv.bias`` in the same group-interleaved row order.
 RoPE needs no permutation: HF Llama weights are stored for ``rotate_half`` and Megatron-Core
 (``rotary_interleaved=False``) rotates halves the same way (the logits tests check it).
 """
@@ -34,7 +35,14 @@ HF_LAYER_NAMES = (
     "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
+HF_QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+MEG_QKV_BIAS = "self_attention.linear_qkv.bias"
 HF_EMBEDDING, HF_FINAL_NORM, HF_OUTPUT = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def hf_layer_names(preset: LlamaPreset) -> tuple:
+    """HF names of one layer's tensors for this architecture (Qwen2 adds the q/k/v biases)."""
+    return HF_LAYER_NAMES + (HF_QKV_BIASES if preset.qkv_bias else ())
 
 
 def hf_layer_key(layer: int, name: str) -> str:
@@ -65,6 +73,11 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset: Ll
     h = q.shape[-1]
     qkv = torch.cat([q.reshape(g, per * d, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1)
     return qkv.reshape(g * (per + 2) * d, h)
+
+
+def interleave_qkv_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset: LlamaPreset) -> torch.Tensor:
+    """The q/k/v biases in ``linear_qkv``'s row order (a bias is a weight with one column)."""
+    return interleave_qkv(q[:, None], k[:, None], v[:, None], preset)[:, 0]
 
 
 def split_qkv(qkv: torch.Tensor, preset: LlamaPreset, groups: int | None = None):
@@ -132,6 +145,7 @@ def hf_layer_to_megatron(hf: dict, preset: LlamaPreset, tp: int) -> list:
     (canonical Megatron names)."""
     qkv = interleave_qkv(hf["self_attn.q_proj.weight"], hf["self_attn.k_proj.weight"],
                          hf["self_attn.v_proj.weight"], preset)
+    bias = (interleave_qkv_bias(*(hf[n] for n in HF_QKV_BIASES), preset) if preset.qkv_bias else None)
     out = []
     for r in range(tp):
         out.append({
@@ -142,6 +156,8 @@ def hf_layer_to_megatron(hf: dict, preset: LlamaPreset, tp: int) -> list:
             "mlp.linear_fc1.weight": fc1_shard(hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"], tp, r),
             "mlp.linear_fc2.weight": shard(hf["mlp.down_proj.weight"], tp, r, 1),
         })
+        if bias is not None:
+            out[-1][MEG_QKV_BIAS] = shard(bias, tp, r, 0)
     return out
 
 
@@ -155,7 +171,7 @@ def megatron_layer_to_hf(shards: list, preset: LlamaPreset) -> dict:
         first = shards[0][name]
         if any(not torch.equal(first, s[name]) for s in shards[1:]):
             raise ValueError(f"{name} differs between the {tp} TP ranks (it must be replicated)")
-    return {
+    out = {
         # clones: a tensor read from a safetensors file may keep the file's whole mapping resident
         "input_layernorm.weight": shards[0]["self_attention.linear_qkv.layer_norm_weight"].clone(),
         "self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
@@ -164,6 +180,12 @@ def megatron_layer_to_hf(shards: list, preset: LlamaPreset) -> dict:
         "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
         "mlp.down_proj.weight": torch.cat([s["mlp.linear_fc2.weight"] for s in shards], dim=1),
     }
+    if preset.qkv_bias:
+        if any(MEG_QKV_BIAS not in s for s in shards):
+            raise ValueError(f"the architecture has q/k/v biases but a shard lacks {MEG_QKV_BIAS}")
+        bias = torch.cat([s[MEG_QKV_BIAS] for s in shards], dim=0)[:, None]
+        out.update(zip(HF_QKV_BIASES, (b[:, 0] for b in split_qkv(bias, preset))))
+    return out
 
 
 def hf_shapes(preset: LlamaPreset) -> dict:
@@ -176,6 +198,9 @@ def hf_shapes(preset: LlamaPreset) -> dict:
         "self_attn.o_proj.weight": (h, nq * d), "post_attention_layernorm.weight": (h,),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
+    if preset.qkv_bias:
+        layer.update({"self_attn.q_proj.bias": (nq * d,), "self_attn.k_proj.bias": (nkv * d,),
+                      "self_attn.v_proj.bias": (nkv * d,)})
     top = {HF_EMBEDDING: (v, h), HF_FINAL_NORM: (h,)}
     if not preset.tie_word_embeddings:
         top[HF_OUTPUT] = (v, h)

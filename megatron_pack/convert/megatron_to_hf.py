@@ -1,4 +1,5 @@
-"""Megatron checkpoint (a training dist checkpoint at any TP/PP, or an import) -> HF Llama directory.
+"""Megatron checkpoint (a training dist checkpoint at any TP/PP, or an import) -> HF directory
+(Llama, Mistral or Qwen2, as the recorded architecture says).
 
 Streams layer by layer into :class:`~megatron_pack.convert.hf_safetensors.ShardedSafetensorsWriter`:
 peak memory is one layer (all its TP shards merged) plus the shard being filled. Writes
@@ -39,6 +40,7 @@ class ImportSource:
         root = os.path.dirname(self.dir)
         self.tokenizer_dir = os.path.join(root, "tokenizer") if os.path.isdir(os.path.join(root, "tokenizer")) else None
         self.special = meta.get("hf_config", {})
+        self.generation_config = meta.get("generation_config")
 
     def _rank(self, r, s, name):
         return C.read_tensors(os.path.join(C.rank_dir(self.dir, r, s), name))
@@ -84,10 +86,20 @@ class DistSource:
     def __init__(self, iter_path: str, vocab_size: Optional[int] = None, model: Optional[str] = None):
         self.reader = DistCheckpointReader(iter_path)
         rc = _run_config(iter_path)
-        name = model or rc.get("model", {}).get("model")
-        if not name:
-            raise ConversionError(f"{iter_path}: no run_config.json naming the model preset; pass --model")
-        preset = get_preset(name)
+        if model:
+            try:
+                preset = get_preset(model)
+            except ValueError as e:
+                raise ConversionError(f"--model: {e}") from None
+            name = preset.name
+        elif rc.get("architecture"):  # recorded by every run since architectures are data
+            preset = C.preset_from_metadata(rc)
+            name = preset.name
+        else:
+            name = rc.get("model", {}).get("model")
+            if not name:
+                raise ConversionError(f"{iter_path}: no run_config.json recording the architecture; pass --model")
+            preset = get_preset(name)
         vocab = vocab_size or training_vocab_size(rc, preset)
         if not vocab:
             raise ConversionError(f"{iter_path}: the run's vocabulary size is not recorded; pass --vocab-size")
@@ -95,13 +107,18 @@ class DistSource:
         emb = self.reader.shape(M.MEG_EMBEDDING)
         self.dtype = self.reader.dtype(M.MEG_EMBEDDING)
         if emb[0] < vocab or emb[1] != preset.hidden_size:
-            raise ConversionError(f"{iter_path}: embedding {list(emb)} does not fit preset {name} "
+            raise ConversionError(f"{iter_path}: embedding {list(emb)} does not fit architecture {name} "
                                   f"with vocabulary {vocab}")
         if self.reader.num_layers != preset.num_layers:
-            raise ConversionError(f"{iter_path}: {self.reader.num_layers} layers, preset {name} has "
+            raise ConversionError(f"{iter_path}: {self.reader.num_layers} layers, architecture {name} has "
                                   f"{preset.num_layers}")
+        if self.reader.has(self.reader.LAYER_PREFIX + M.MEG_QKV_BIAS) != preset.qkv_bias:
+            raise ConversionError(f"{iter_path}: q/k/v biases {'present' if not preset.qkv_bias else 'absent'} "
+                                  f"but architecture {name} has qkv_bias={preset.qkv_bias}")
         self.tokenizer_dir = None
-        self.special = {}
+        hf = rc.get("hf") or {}
+        self.special = hf.get("special_tokens") or {}
+        self.generation_config = hf.get("generation_config")
 
     def layer(self, i: int) -> dict:
         return M.megatron_layer_to_hf([self.reader.layer(i)], self.preset)
@@ -146,8 +163,12 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
                 raise ConversionError(f"{load}: no output_layer.weight but the model is untied")
             writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
         files = writer.close()
-        cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"))
+        cfg = hf_config_dict(preset, out_dtype, src.special.get("bos_token_id"), src.special.get("eos_token_id"),
+                             src.special.get("pad_token_id"))
         write_json_atomic(cfg, os.path.join(tmp, "config.json"), indent=2)
+        if src.generation_config:
+            write_json_atomic(src.generation_config, os.path.join(tmp, "generation_config.json"), indent=2)
+            files.append("generation_config.json")
         tok = tokenizer or src.tokenizer_dir
         files += copy_tokenizer(tok, tmp) if tok else []
         finish_output(tmp, output)

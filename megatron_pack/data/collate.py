@@ -67,3 +67,15 @@ def collate_thd(batch: list[dict]) -> dict:
     out["max_seqlen"] = torch.tensor(max_seqlen, dtype=torch.int64)
     out["num_real_tokens"] = torch.tensor(sum(int(b["num_real_tokens"]) for b in batch), dtype=torch.int64)
     return out
+
+
+def trim_to_longest(batch: list[dict], multiple: int = 1) -> list[dict]:
+    """Cut every item to the longest one's real tokens, rounded up to ``multiple``: the HF
+    collator's "pad to the longest in the micro-batch" (``padding:pad_to=longest``).
+
+    Items keep their ``cu_seqlens``: every boundary lies within the real tokens, which all fit.
+    """
+    longest = max(int(b["num_real_tokens"]) for b in batch)
+    S = batch[0]["tokens"].numel()
+    L = min(S, max(multiple, -(-longest // multiple) * multiple))
+    return [{**b, **{k: b[k][:L] for k in _PER_TOKEN}} for b in batch]

@@ -85,6 +85,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.seq_length = int(seq_length)
         self.padded_length = -(-self.seq_length // pad_to_multiple_of) * pad_to_multiple_of
+        self.pad_multiple = int(pad_to_multiple_of)
         self.mode = get_mode(mode)
         self.seed, self.overlong = seed, overlong
         self.document_mask = document_mask

@@ -1,11 +1,12 @@
-"""megatron_pack.model: Llama presets, layer-spec provider, varlen core attention, GPTModel builder.
+"""megatron_pack.model: architectures (Llama / Mistral / Qwen2) and presets, layer-spec provider, varlen core attention, GPTModel builder.
 
 Submodules import Megatron-Core lazily where they need it; ``presets`` works without it.
 """
 
+from megatron_pack.model.architecture import Architecture, ArchitectureError
 from megatron_pack.model.presets import PRESETS, LlamaPreset, get_preset, padded_vocab_size, transformer_config
 
-__all__ = ["PRESETS", "LlamaPreset", "get_preset", "padded_vocab_size", "transformer_config",
+__all__ = ["Architecture", "ArchitectureError", "PRESETS", "LlamaPreset", "get_preset", "padded_vocab_size", "transformer_config",
            "build_model", "model_provider", "get_layer_spec", "get_block_spec", "packed_seq_params_from_batch", "model_inputs"]
 
 

@@ -28,8 +28,8 @@ def build_model(
     stage. ``vocab_size`` (the tokenizer's) overrides the preset's and is padded Megatron's way
     (a multiple of ``128 * TP``); unlike Megatron-LM, the padded rows are kept out of the loss
     (:class:`~megatron_pack.model.gpt.SFTGPTModel`).
-    RoPE uses the preset's theta; the output layer is untied unless the preset ties it. The
-    model is on this rank's device (CPU without CUDA).
+    RoPE uses the architecture's theta and scaling (:func:`install_rope`); the output layer is
+    untied unless the architecture ties it. The model is on this rank's device (CPU without CUDA).
     """
     from megatron.core import parallel_state as ps
     from megatron_pack.model.gpt import SFTGPTModel
@@ -58,10 +58,35 @@ def build_model(
         rotary_base=int(preset.rope_theta) if float(preset.rope_theta).is_integer() else preset.rope_theta,
         vp_stage=vp_stage,
     )
+    install_rope(model, preset)
     on_meta = any(p.is_meta for p in model.parameters())  # the planner counts shards on meta
     if torch.cuda.is_available() and not on_meta:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def install_rope(model, arch: LlamaPreset) -> None:
+    """Replace the rotary embedding's frequencies with transformers' for ``arch``.
+
+    Megatron-Core 0.16 computes plain RoPE itself, but its Llama-3.1 scaling
+    (``GPTModel(rope_scaling=True)``) hard-codes low/high frequency factors 1 and 4 and an
+    original context of 8192, and has no ``linear`` variant other than scaling the positions.
+    Computing ``inv_freq`` from the config's values (:func:`rope_inv_freq`) honours every one of
+    them and matches transformers' rounding; the rotary module caches nothing before the first
+    forward, so replacing the buffer here is enough.
+    """
+    from megatron_pack.model.architecture import rope_inv_freq
+
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    current = rope.inv_freq
+    if current.is_meta:
+        return
+    inv = rope_inv_freq(arch)
+    if inv.shape != current.shape:
+        raise ValueError(f"rotary embedding has {current.numel()} frequencies, the architecture implies {inv.numel()}")
+    rope.inv_freq = inv.to(device=current.device, dtype=current.dtype)
 
 
 def model_provider(preset: "LlamaPreset | str", config, **kwargs):

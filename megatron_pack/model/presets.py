@@ -1,60 +1,69 @@
-"""Llama-3 family presets and their mapping to Megatron-Core's ``TransformerConfig``.
+"""Named architectures (presets) and their mapping to Megatron-Core's ``TransformerConfig``.
 
-A preset is the architecture only (what a HF ``config.json`` says); parallel layout and
-precision come from the run and are applied in ``transformer_config``.
+A preset is the architecture only (what a HF ``config.json`` says, see
+:mod:`megatron_pack.model.architecture`); parallel layout and precision come from the run and
+are applied in ``transformer_config``. ``--model`` takes a preset name or the path of any
+supported HF config (:func:`get_preset`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import os
 from typing import Optional
 
-import torch
+from megatron_pack.model.architecture import Architecture  # noqa: F401  (re-exported)
 
 
-@dataclass(frozen=True)
-class LlamaPreset:
-    """Architecture of a Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE, untied output."""
+#: The name most modules import; an architecture is not only a named preset any more.
+LlamaPreset = Architecture
 
-    name: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: Optional[int]  # None: taken from the tokenizer (the tiny preset)
-    rope_theta: float = 500000.0
-    max_position_embeddings: int = 8192
-    norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    init_method_std: float = 0.02
+_LLAMA31_ROPE = dict(rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
 
-    @property
-    def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def with_vocab(self, vocab_size: int) -> "LlamaPreset":
-        return dataclasses.replace(self, vocab_size=vocab_size)
-
-
-PRESETS: dict[str, LlamaPreset] = {
+# Published config.json values of each model (Hugging Face hub).
+PRESETS: dict[str, Architecture] = {
     # Runs a training step in well under a second on one CPU core.
-    "tiny": LlamaPreset("tiny", num_layers=2, hidden_size=64, ffn_hidden_size=176,
-                        num_attention_heads=4, num_query_groups=2, vocab_size=None,
-                        max_position_embeddings=4096),
-    "llama3-8b": LlamaPreset("llama3-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
-                             num_attention_heads=32, num_query_groups=8, vocab_size=128256),
-    "llama3-70b": LlamaPreset("llama3-70b", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
-                              num_attention_heads=64, num_query_groups=8, vocab_size=128256),
+    "tiny": Architecture("tiny", num_layers=2, hidden_size=64, ffn_hidden_size=176,
+                         num_attention_heads=4, num_query_groups=2, vocab_size=None,
+                         max_position_embeddings=4096),
+    "llama3-8b": Architecture("llama3-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                              num_attention_heads=32, num_query_groups=8, vocab_size=128256),
+    "llama3-70b": Architecture("llama3-70b", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+                               num_attention_heads=64, num_query_groups=8, vocab_size=128256),
+    # Llama-3.1-8B(-Instruct); Llama-3.1-70B and Llama-3.3-70B(-Instruct) share one architecture.
+    "llama3.1-8b": Architecture("llama3.1-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                                num_attention_heads=32, num_query_groups=8, vocab_size=128256,
+                                max_position_embeddings=131072, **_LLAMA31_ROPE),
+    "llama3.1-70b": Architecture("llama3.1-70b", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+                                 num_attention_heads=64, num_query_groups=8, vocab_size=128256,
+                                 max_position_embeddings=131072, **_LLAMA31_ROPE),
+    "qwen2.5-7b": Architecture("qwen2.5-7b", family="qwen2", num_layers=28, hidden_size=3584,
+                               ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
+                               vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=32768,
+                               norm_eps=1e-6, qkv_bias=True),
+    "qwen2.5-72b": Architecture("qwen2.5-72b", family="qwen2", num_layers=80, hidden_size=8192,
+                                ffn_hidden_size=29568, num_attention_heads=64, num_query_groups=8,
+                                vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=32768,
+                                norm_eps=1e-6, qkv_bias=True),
+    # Mistral-7B(-Instruct)-v0.3: no sliding window, 32768-token vocabulary.
+    "mistral-7b": Architecture("mistral-7b", family="mistral", num_layers=32, hidden_size=4096,
+                               ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+                               vocab_size=32768, rope_theta=1000000.0, max_position_embeddings=32768),
 }
 
 
-def get_preset(name: str) -> LlamaPreset:
+def get_preset(name: str) -> Architecture:
+    """A preset by name, or the architecture of a HF ``config.json`` / model directory at ``name``."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}") from None
+        pass
+    if os.path.exists(name):
+        from megatron_pack.model.hf_architecture import load_hf_architecture
+
+        return load_hf_architecture(name)
+    raise ValueError(f"unknown model preset {name!r} and no such path: choose a preset from {sorted(PRESETS)} or "
+                     "give the path of a Hugging Face config.json or model directory")
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, multiple: int = 128) -> int:
@@ -82,6 +91,7 @@ def transformer_config(
     through ``overrides`` (e.g. ``apply_rope_fusion=True`` with Transformer Engine). The layer
     implementation itself is chosen by :func:`megatron_pack.model.spec.get_layer_spec`.
     """
+    import torch
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -97,7 +107,7 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=preset.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=preset.init_method_std,

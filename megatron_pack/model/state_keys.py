@@ -13,6 +13,8 @@ MEGATRON_LAYER_NAMES = (
     "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
     "mlp.linear_fc2.weight",
 )
+#: Per-layer tensors only some architectures have (Qwen2's q/k/v bias).
+OPTIONAL_LAYER_NAMES = ("self_attention.linear_qkv.bias",)
 MEG_EMBEDDING, MEG_FINAL_NORM, MEG_OUTPUT = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
                                              "output_layer.weight")
 # Local (non-TE) layer specs name the norms on their own modules.

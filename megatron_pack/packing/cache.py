@@ -47,7 +47,7 @@ def dataset_fingerprint(prefix: str, lengths: np.ndarray) -> dict:
 
 
 def plan_key_inputs(fingerprint: dict, mode: PackingMode, seq_length: int, seed: int, epoch: int, overlong: str) -> dict:
-    shuffles = type(mode).shuffles
+    shuffles = mode.shuffles
     return {
         "version": CACHE_VERSION,
         "dataset": fingerprint,

@@ -70,6 +70,10 @@ class PlanStats:
     turn_split_docs: int = 0  # over-long conversations cut into several items at turn starts
     in_turn_cuts: int = 0  # cuts that had to fall inside a turn (one turn > max length)
     split_items: int = 0  # items split across sequences by the mode (``random``)
+    # Dropped by the mode itself (the paper-code variants ``greedy:chunk=N``/``random:chunk=N``:
+    # over-long conversations, chunk remainders); already included in ``dropped_*``.
+    mode_dropped_docs: int = 0  # conversations of which no token was placed
+    mode_dropped_tokens: int = 0
 
 
 @dataclass
@@ -203,7 +207,11 @@ def build_plan(
     same arguments always give the same plan. ``engine="reference"`` runs the Python twin.
     """
     mode = get_mode(mode)
-    items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
+    if mode.keeps_overlong:  # the paper-code variants see every conversation whole
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        items, stats = apply_overlong(lengths, max(max_seq_length, int(lengths.max(initial=1))), "truncate")
+    else:
+        items, stats = apply_overlong(lengths, max_seq_length, overlong, turn_starts, engine)
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
     item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
     item = np.asarray(item, dtype=np.int64)
@@ -212,6 +220,13 @@ def build_plan(
         pieces[:, 2] = pieces[:, 1] + np.asarray(hi)
         pieces[:, 1] += np.asarray(lo)
     stats.split_items = int(split)
+    if mode.keeps_overlong:
+        placed = int((pieces[:, 2] - pieces[:, 1]).sum())
+        stats.mode_dropped_tokens = stats.placed_tokens - placed
+        stats.mode_dropped_docs = int(items.shape[0] - np.unique(pieces[:, 0]).size)
+        stats.dropped_tokens += stats.mode_dropped_tokens
+        stats.dropped_docs += stats.mode_dropped_docs
+        stats.placed_tokens = placed
     return PackingPlan(
         pieces=np.ascontiguousarray(pieces),
         seq_offsets=np.asarray(seq_offsets, dtype=np.int64),

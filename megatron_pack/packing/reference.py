@@ -194,3 +194,91 @@ def split_turns(lengths, turn_offsets, turn_values, capacity: int):
             pos = nxt
     as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return as64(owner), as64(start), as64(end), inside
+
+
+# --- The released code of "Packing Analysis" (a LLaMA-Factory fork), as it behaves --------------
+# Both rules work inside chunks of ``chunk`` consecutive items in dataset order (the
+# ``datasets.map`` batch, 1,000 by default) and take items of any length: the code's own
+# handling of over-long samples replaces the over-long policy.
+
+
+def _chunks(n: int, chunk: int):
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [list(range(c0, min(n, c0 + chunk))) for c0 in range(0, n, chunk)]
+
+
+def _check_positive(lengths) -> list[int]:
+    lengths = [int(x) for x in lengths]
+    bad = [i for i, x in enumerate(lengths) if x < 1]
+    if bad:
+        raise ValueError(f"item {bad[0]} has length {lengths[bad[0]]} < 1")
+    return lengths
+
+
+def pack_greedy_chunked(lengths, capacity: int, chunk: int):
+    """``packing_style full-no-cut``, literally: per chunk, sort longest first; for each
+    unused item open a sequence and scan it and every later unused item, taking each that
+    still fits. An item longer than ``capacity`` never fits, so the sequence opened at it
+    fills with later items and it is never placed: silently dropped (absent from ``order``).
+
+    Example, capacity 8, chunk 3, lengths [5, 9, 2, 6, 3]::
+
+        chunk 0: sorted 9 5 2 -> open at 9: 9 does not fit, takes 5 and 2 -> [0, 2]; 9 never placed
+        chunk 1: sorted 6 3   -> [3] then [4]          (6 + 3 > 8)
+        order = [0, 2, 3, 4], seq_offsets = [0, 2, 3, 4]; item 1 dropped
+    """
+    lengths = _check_positive(lengths)
+    order, offsets = [], [0]
+    for idx in _chunks(len(lengths), chunk):
+        idx = _sort_desc(lengths, idx)
+        used = [False] * len(idx)
+        for a in range(len(idx)):
+            if used[a]:
+                continue
+            seq, fill = [], 0
+            for b in range(a, len(idx)):
+                if not used[b] and fill + lengths[idx[b]] <= capacity:
+                    used[b] = True
+                    seq.append(idx[b])
+                    fill += lengths[idx[b]]
+            if seq:
+                order.extend(seq)
+                offsets.append(len(order))
+    return _result(order, offsets)
+
+
+def pack_random_chunked(lengths, capacity: int, chunk: int):
+    """``packing_style full``: per chunk, concatenate in dataset order, keep
+    ``total // capacity * capacity`` tokens, cut every ``capacity``; the remainder of every
+    chunk is dropped (a chunk shorter than ``capacity`` entirely). Returns
+    ``(item, lo, hi, seq_offsets, num_split_items)`` like :func:`pack_random`.
+
+    Example, capacity 4, chunk 2, lengths [3, 3, 5]::
+
+        chunk 0: a a a b b b -> keep 4: [a a a b]; b's last 2 tokens dropped
+        chunk 1: c c c c c   -> keep 4: [c c c c]; c's last token dropped
+    """
+    lengths = _check_positive(lengths)
+    item, lo, hi, offsets = [], [], [], [0]
+    num_split = 0
+    for idx in _chunks(len(lengths), chunk):
+        keep = sum(lengths[i] for i in idx) // capacity * capacity
+        fill = pos = 0
+        for i in idx:
+            off = pieces = 0
+            while off < lengths[i] and pos < keep:
+                take = min(lengths[i] - off, capacity - fill)
+                item.append(i)
+                lo.append(off)
+                hi.append(off + take)
+                off += take
+                fill += take
+                pos += take
+                pieces += 1
+                if fill == capacity:
+                    offsets.append(len(item))
+                    fill = 0
+            num_split += pieces > 1
+    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return as64(item), as64(lo), as64(hi), as64(offsets), num_split

@@ -53,6 +53,8 @@ def plan_row(plan: PackingPlan, seconds: float, padding_cost: float) -> dict:
         "placed_tokens": int(s.placed_tokens),
         "truncated_tokens": int(s.truncated_tokens),
         "dropped_tokens": int(s.dropped_tokens),
+        "mode_dropped_samples": int(s.mode_dropped_docs),  # paper-code variants: in dropped_* already
+        "mode_dropped_tokens": int(s.mode_dropped_tokens),
         "attention_cost_doc_mask": _sum_sq(plan.piece_lengths) / max(padding_cost, 1.0),
         "attention_cost_no_mask": _sum_sq(plan.sequence_lengths()) / max(padding_cost, 1.0),
         "seconds": float(seconds),
@@ -181,10 +183,13 @@ def run(
     overlong: str = "truncate",
     json_out: str | None = None,
     plot_out: str | None = None,
+    plans: dict | None = None,
 ) -> list[dict]:
-    """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG."""
+    """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG.
+    Pass a dict as ``plans`` to get the plans back (mode name -> plan)."""
     lengths, turns = load_lengths(data_prefix, lengths_file)
-    plans = {} if plot_out else None
+    if plans is None and plot_out:
+        plans = {}
     rows = report(lengths, max_seq_length, modes, seed=seed, overlong=overlong, turn_starts=turns, plans=plans)
     src = data_prefix or lengths_file
     print(f"{src}: {lengths.size:,} samples, {int(lengths.sum()):,} tokens, max length {max_seq_length}, "

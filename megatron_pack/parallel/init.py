@@ -189,10 +189,11 @@ def set_seed(seed: int, *, data_parallel_random_init: bool = False) -> int:
 
 
 def destroy_distributed() -> None:
-    """Tear down Megatron-Core's groups and the process group (safe to call twice)."""
+    """Tear down Megatron-Core's groups, the process group and the CPU redirection (safe to call twice)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_compat.disable()  # the CUDA -> CPU redirection lives exactly as long as the groups

@@ -21,10 +21,10 @@ from megatron_pack.parallel.layout import check_layout
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
 from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
-from megatron_pack.files.atomic import write_json_atomic
 
 #: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
-PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9}
+PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9, "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9,
+                        "qwen2.5-7b": 7.61e9, "qwen2.5-72b": 72.7e9, "mistral-7b": 7.25e9}
 
 
 class LayoutError(ValueError):
@@ -143,8 +143,11 @@ def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
     return MemoryConfig(**kw)
 
 
-def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool) -> tuple[list, dict]:
+def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool,
+               lay: Layout | None = None) -> tuple[list, dict]:
+    from megatron_pack.data.balance_forecast import forecast
     from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.model.cost import CostModel
     from megatron_pack.packing.plan import build_plan, get_mode
     from megatron_pack.data.sampling import split_indices
 
@@ -168,6 +171,16 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
         rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),
                      "efficiency": float(plan.efficiency), "real_tokens": stats.real_tokens,
                      "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
+        if lay is not None and not cfg.pad_attention:
+            # per-step imbalance over DP ranks: the step waits for the slowest rank
+            cost = CostModel.from_architecture(preset, matmul_params=params.matmul_total,
+                                               cp=cfg.context_parallel_size)
+            f = forecast(plan, cost, global_batch_size=cfg.global_batch_size, dp_size=lay.data_parallel_size,
+                         micro_batch_size=cfg.micro_batch_size, padded_length=lay.padded_seq_length,
+                         document_mask=cfg.document_mask, seed=cfg.seed)
+            rows[-1].update({"balance": f.to_json(),
+                             "step_seconds_contiguous": est.step_seconds * f.slowdown_contiguous,
+                             "step_seconds_balanced": est.step_seconds * f.slowdown_balanced})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
         r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base else None
@@ -213,7 +226,7 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
                         global_batch_size=cfg.global_batch_size, seq_length=lay.padded_seq_length, mfu=cfg.mfu,
                         recompute_granularity=cfg.recompute_granularity)
     if cfg.data_path:
-        modes, data = _mode_rows(cfg, preset, params, tcfg, progress)
+        modes, data = _mode_rows(cfg, preset, params, tcfg, progress, lay)
     else:
         n = (cfg.train_iters or 1) * cfg.global_batch_size
         modes, data = [], None
@@ -269,95 +282,3 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         "plan_seconds": time.perf_counter() - t0,
     }
     return out
-
-
-def write_json(plan: dict, path: str) -> str:
-    return write_json_atomic(plan, path, indent=2)
-
-
-def _hours(s: float) -> str:
-    return f"{s / 3600:.2f} h" if s >= 360 else f"{s:.1f} s"
-
-
-def render(plan: dict) -> str:
-    """The plan as text: layout, parameters, memory, verdict, time per packing mode."""
-    c, lay, g = plan["config"], plan["layout"], plan["gpu"]
-    rc = c["recompute_granularity"] or "none"
-    out = [
-        f"Plan: {plan['model']} on {c['nnodes']} x {c['gpus_per_node']} {g['name']} ({lay['world_size']} GPUs): "
-        f"TP {lay['tp']} x PP {lay['pp']} x CP {lay['cp']} x DP {lay['dp']}",
-        f"  sequence parallel {'on' if c['sequence_parallel'] else 'off'}, distributed optimizer "
-        f"{'on' if c['use_distributed_optimizer'] else 'off'}, recompute {rc}, {'bf16' if c['bf16'] else 'fp32'}; "
-        f"global batch {c['global_batch_size']} = micro-batch {c['micro_batch_size']} x {lay['num_microbatches']} "
-        f"micro-batches x DP {lay['dp']}, {c['seq_length']} tokens per sequence",
-        "",
-        f"Parameters: Megatron-Core GPTModel built per rank on the meta device under a fake "
-        f"{lay['world_size']}-rank process group ({plan['param_build']['distinct_ranks']} distinct (tp, pp) "
-        f"shards, {plan['param_build']['seconds']:.1f} s)",
-        f"  {'built model (vocab padded to ' + format(plan['padded_vocab_size'], ',') + ')':<40}"
-        f"{plan['total_parameters']:>17,}",
-        f"  {'unpadded vocab ' + format(plan['vocab_size'], ',') + ' (compared)':<40}"
-        f"{plan['total_parameters_unpadded']:>17,} = {plan['total_parameters_unpadded'] / 1e9:.2f}B",
-    ]
-    if plan["published_parameters"]:
-        out.append(f"  published {plan['published_parameters'] / 1e9:.2f}B: relative error "
-                   f"{plan['published_relative_error']:+.4%}")
-    out += ["", "| stage | layers | embedding | output | params per GPU (each TP rank) | TP-replicated |",
-            "|---:|---:|:-:|:-:|---:|---:|"]
-    for s in range(lay["pp"]):
-        r = [x for x in plan["per_rank_parameters"] if x["pp_rank"] == s]
-        counts = sorted({x["parameters"] for x in r})
-        out.append(f"| {s} | {r[0]['num_layers']} | {'yes' if r[0]['has_embedding'] else ''} | "
-                   f"{'yes' if r[0]['has_output_layer'] else ''} | {' / '.join(f'{n:,}' for n in counts)} | "
-                   f"{r[0]['tp_replicated']:,} |")
-    out += ["", f"Memory per GPU (GiB; 1F1B keeps min(PP - stage, M) micro-batches in flight; overhead "
-                f"{c['overhead_gb']} GiB assumed)",
-            "| stage | in flight | weights | grads | optimizer | activations | logits | overhead | total |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in plan["memory_per_stage_gb"]:
-        out.append(f"| {s['pp_rank']} | {s['microbatches_in_flight']} | {s['weights']:.1f} | {s['grads']:.1f} | "
-                   f"{s['optimizer']:.1f} | {s['activations']:.1f} | {s['logits']:.1f} | {s['overhead']:.1f} | "
-                   f"{s['total']:.1f} |")
-    peak = plan["memory_per_gpu_gb"]["total"]
-    verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
-    out.append(f"peak {peak:.1f} GiB (stage {plan['memory_peak_stage']}) of {plan['gpu_memory_gb']:.0f} GiB: "
-               f"{verdict} ({plan['gpu_memory_gb'] - peak:+.1f} GiB headroom)")
-    out += ["", "Peak GiB per GPU for other settings:",
-            "| sequence parallel | distributed optimizer | recompute none | selective | full |", "|:-:|:-:|---:|---:|---:|"]
-    for a in plan["memory_alternatives_gb"]:
-        cells = [f"{a[k]:.1f}{'' if a[k] <= plan['gpu_memory_gb'] else ' (OOM)'}" for k in ("none", "selective", "full")]
-        out.append(f"| {'on' if a['sequence_parallel'] else 'off'} | {'on' if a['use_distributed_optimizer'] else 'off'}"
-                   f" | {' | '.join(cells)} |")
-    t = plan["timing"]
-    out += ["", f"Time: {g['name']} {t['gpu_peak_tflops']:.0f} TFLOP/s bf16 peak, MFU {t['mfu']:.2f} assumed, "
-                f"pipeline bubble (PP-1)/M = {t['bubble']:.1%}"]
-    if plan["modes"]:
-        d = plan["data"]
-        out.append(f"  dataset {d['data_path']}: {d['num_conversations']:,} conversations, {d['tokens']:,} tokens; "
-                   f"attention over {'document segments' if d['document_mask'] else 'whole sequences'}"
-                   f"{' (padded to S)' if d['pad_attention'] else ''}")
-        epochs = c["train_epochs"]
-        head = "| mode | sequences | efficiency | steps/epoch | attention FLOPs | PFLOP/step | step | epoch | vs padding |"
-        head += " real tok/s/GPU |" + (f" {epochs:g} epochs |" if epochs is not None else "")
-        out += ["", head, "|:--|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if epochs is not None else "")]
-        for r in plan["modes"]:
-            vs = f"{r['time_vs_padding']:.2f}x" if r["time_vs_padding"] is not None else "-"
-            line = (f"| {r['mode']}{' *' if r['selected'] else ''} | {r['num_sequences']:,} | {r['efficiency']:.1%} | "
-                    f"{r['steps']:,} | {r['attention_share']:.1%} | {r['model_flops_per_step'] / 1e15:.2f} | "
-                    f"{r['step_seconds']:.2f} s | {_hours(r['epoch_seconds'])} | {vs} | "
-                    f"{r['real_tokens_per_second_per_gpu']:,.0f} |")
-            if epochs is not None:
-                line += f" {_hours(r['train_seconds'])} |"
-            out.append(line)
-        out.append("(* = --pack-mode; time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble); "
-                   "FLOPs include padding positions)")
-    else:
-        out.append(f"  {t['basis']}: {t['model_flops_per_step'] / 1e15:.2f} PFLOP/step, {t['step_seconds']:.2f} s/step"
-                   + (f", {c['train_iters']} steps = {_hours(t['train_seconds'])}" if "train_seconds" in t else ""))
-    for w in plan["warnings"]:
-        out.append(f"warning: {w}")
-    if plan["param_build"]["notes"]:
-        out += [f"note: {n}" for n in plan["param_build"]["notes"]]
-    if plan["unmodelled_flags"]:
-        out.append("note: not modelled, ignored: " + " ".join(plan["unmodelled_flags"]))
-    return "\n".join(out)

@@ -1,6 +1,7 @@
 """Step and epoch time from model FLOPs, an assumed utilisation and the pipeline bubble.
 
-FLOPs of one training sequence (forward + backward = 3 x forward)::
+FLOPs of one training sequence (forward + backward = 3 x forward), from
+:class:`megatron_pack.model.cost.CostModel` (the formula the batch balancer uses too)::
 
     dense      6 * N_matmul * S                 every position of the S-token sequence,
                                                 padding included (the sequence is computed
@@ -16,6 +17,8 @@ FLOPs of one training sequence (forward + backward = 3 x forward)::
 sample or slice, its own cu_seqlens segment); without it, the real tokens of the whole
 sequence (cu_seqlens = [0, real]); with ``pad_attention`` (a BSHD kernel over the padded
 batch), S for every sequence. Without a dataset, every sequence is one S-token document.
+The padding tail of a sequence (a segment of its own in the THD row) is left out here; the
+batch balancer (:mod:`megatron_pack.data.balance`) counts it, since it decides per sequence.
 
 Recompute executes more than the model FLOPs: full recompute one more forward (+1/3 of
 everything), selective the attention forward (+1/3 of attention).
@@ -37,8 +40,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import numpy as np
 
+from megatron_pack.data.balance import sequence_sum_sq
+from megatron_pack.model.cost import CostModel
 from megatron_pack.model.presets import LlamaPreset
 from megatron_pack.planning.catalogue import GPUSpec
 
@@ -80,9 +84,7 @@ def plan_stats(plan, document_mask: bool = True, pad_attention: bool = False) ->
     if pad_attention:
         sum_sq = float(plan.num_sequences) * plan.max_seq_length ** 2
     else:
-        seg = plan.piece_lengths if document_mask else plan.sequence_lengths()
-        seg = np.asarray(seg, dtype=np.float64)
-        sum_sq = float(np.dot(seg, seg))
+        sum_sq = float(sequence_sum_sq(plan, document_mask).sum())
     return SequenceStats(int(plan.num_sequences), int(plan.stats.placed_tokens), sum_sq)
 
 
@@ -108,14 +110,15 @@ class TimeEstimate:
 
 
 def attention_flops_per_sq_token(preset: LlamaPreset) -> float:
-    return 6.0 * preset.num_layers * preset.num_attention_heads * preset.kv_channels
+    return CostModel.from_architecture(preset, matmul_params=0).attention_flops_per_sq
 
 
 def estimate(preset: LlamaPreset, matmul_params: int, stats: SequenceStats, cfg: TimingConfig) -> TimeEstimate:
     """Time of one pass over ``stats``' sequences in steps of ``global_batch_size``."""
     n = max(stats.num_sequences, 1)
-    dense = 6.0 * matmul_params * cfg.seq_length * n
-    attn = attention_flops_per_sq_token(preset) * stats.sum_sq
+    cost = CostModel.from_architecture(preset, matmul_params=matmul_params)
+    dense = cost.linear_flops_per_token * cfg.seq_length * n
+    attn = cost.attention_flops_per_sq * stats.sum_sq
     model = dense + attn
     extra = {"full": model / 3.0, "selective": attn / 3.0}.get(cfg.recompute_granularity, 0.0)
     per_seq_model, per_seq_exec = model / n, (model + extra) / n

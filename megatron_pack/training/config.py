@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pack.model.presets import PRESETS as _PRESETS
 from megatron_pack.model.vocab import VOCAB_RULE
 from megatron_pack.packing.plan import OVERLONG_CHOICES, overlong_policy
+
+
+MODEL_PRESETS = tuple(_PRESETS)
 
 
 class ConfigError(ValueError):
@@ -46,7 +51,10 @@ def _need(cond: bool, flag: str, msg: str):
 class ModelArgs:
     """Which network and in what precision."""
 
-    model: str = arg("tiny", "Architecture preset.", choices=("tiny", "llama3-8b", "llama3-70b"))
+    model: Optional[str] = arg(None, "Architecture: a preset (" + ", ".join(MODEL_PRESETS) + ") or the path of "
+                                     "a Hugging Face config.json / model directory. Default: the architecture "
+                                     "recorded in --load / --pretrained-checkpoint, else tiny; given with one, "
+                                     "it must agree with it.", metavar="PRESET|PATH")
     vocab_size: Optional[int] = arg(None, "Vocabulary size before TP padding. Default: " + VOCAB_RULE + ".")
     tokenizer_model: Optional[str] = arg(None, "Tokenizer (tokenizer.json, HF directory or .model) to read "
                                                "the vocabulary size from.")
@@ -64,6 +72,9 @@ class ModelArgs:
 
     def __post_init__(self):
         _need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
+        _need(self.model is None or self.model in MODEL_PRESETS or os.path.exists(self.model), "--model",
+              f"unknown model {self.model!r}: a preset ({', '.join(MODEL_PRESETS)}) or the path of a Hugging "
+              "Face config.json / model directory")
 
 
 @dataclass
@@ -171,6 +182,10 @@ class TrainArgs:
     eval_interval: Optional[int] = arg(None, "Validate every N steps (default: only at the end).")
     eval_iters: Optional[int] = arg(None, "Validation global batches (default: the whole held-out split).")
     seed: int = arg(1234, "Seed for initialisation, data order and packing.")
+    balance_batches: Optional[bool] = arg(None, "Place each global batch's sequences on data-parallel ranks and "
+                                                "micro-batches so their compute (linear + attention FLOPs) is even; "
+                                                "the same sequences per step, so the same loss. Default: on when "
+                                                "DP > 1 or PP > 1.")
 
     def __post_init__(self):
         _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
@@ -240,6 +255,12 @@ class TrainConfig:
         if self.parallel.sequence_parallel:
             _need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
                   "needs --tensor-model-parallel-size > 1")
+        if self.parallel.pipeline_model_parallel_size > 1:
+            from megatron_pack.packing.modes import get_mode
+
+            _need(not get_mode(self.data.packing.pack_mode).pads_to_longest, "--pack-mode padding:pad_to=longest",
+                  "changes the sequence length per micro-batch; pipeline parallelism needs fixed shapes "
+                  "(use --pipeline-model-parallel-size 1 or --pack-mode padding)")
 
     def resolve(self, world_size: int) -> "ResolvedSizes":
         """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""

@@ -9,7 +9,7 @@ extra ``| key: value |`` fields::
      elapsed time per iteration (ms): 812.3 | learning rate: 9.755283E-06 | global batch size:    16 |
      lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 1.234 | real tokens/s: 9876.5 |
      padding fraction: 0.0312 | samples/s: 45.67 | number of skipped iterations:   0 |
-     number of nan iterations:   0 |
+     number of nan iterations:   0 | compute imbalance: 1.004 |
 
 (one line in the log). Only one rank prints (the last rank, Megatron's ``print_rank_last``,
 which owns the loss).
@@ -51,7 +51,8 @@ class TrainingLogger:
         line = format_step(iteration, self.train_iters, m)
         self.print(line)
         if self.enabled and self.writer is not None:
-            for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "samples/s"):
+            for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "samples/s",
+                        "compute imbalance"):
                 if m.get(key) is not None:
                     self.writer.add_scalar(key.replace(" ", "-").replace("/", "-per-"), m[key], iteration)
         self._json({"iteration": iteration, **m})
@@ -96,6 +97,8 @@ def format_step(iteration: int, train_iters: int, m: dict) -> str:
     s += " samples/s: {:.2f} |".format(m["samples/s"])
     s += " number of skipped iterations: {:3d} |".format(m.get("skipped", 0))
     s += " number of nan iterations: {:3d} |".format(m.get("nan", 0))
+    if m.get("compute imbalance") is not None:  # max/mean FLOPs over DP ranks (data.balance)
+        s += " compute imbalance: {:.3f} |".format(m["compute imbalance"])
     return s
 
 

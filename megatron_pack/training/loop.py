@@ -24,7 +24,7 @@ from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_i
 from megatron_pack.training.config import TrainConfig
 from megatron_pack.training.logging import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
-from megatron_pack.training.setup import resolve_vocab_size, setup_model_and_optimizer
+from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import NonFiniteLossError, StepContext, evaluate, train_step  # noqa: F401
 
 
@@ -51,7 +51,6 @@ def train(config: TrainConfig) -> dict:
 def _run(config: TrainConfig, st) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_pack.model.presets import get_preset
     from megatron_pack.parallel import set_seed
     from megatron_pack.training.schedule import build_scheduler
 
@@ -66,7 +65,7 @@ def _run(config: TrainConfig, st) -> dict:
     t, ck = config.train, config.checkpoint
     total_iters = t.train_iters or epochs_to_iters(ds.train, t.global_batch_size, t.train_epochs)
     log.train_iters = total_iters
-    preset = get_preset(config.model.model)
+    preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
     vocab = resolve_vocab_size(config, preset)
     model, optimizer, _, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
     scheduler = build_scheduler(optimizer, config.optim, total_iters)
@@ -81,12 +80,15 @@ def _run(config: TrainConfig, st) -> dict:
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log)
-    stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position)
+    stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
+                         balancer=_balancer(t, preset, vocab, st))
+    log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch)")
     ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda)
     run_config = dataclasses.asdict(config)
+    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),
@@ -117,7 +119,8 @@ def _run(config: TrainConfig, st) -> dict:
             iteration += 1
             rec = train_step(ctx, micro, t.loss_weighting, iteration, last_ckpt)
             rec.update({"seconds": time.perf_counter() - t0, "real tokens": stats["real_tokens"],  # incl. data
-                        "capacity": stats["capacity"], "samples": stats["samples"]})
+                        "capacity": stats["capacity"], "samples": stats["samples"],
+                        "imbalance": stats.get("imbalance")})
             history.append(rec)
             if iteration % config.logging.log_interval == 0 or iteration == stop_at:
                 log_step(log, rec, stream.pos.consumed_samples, t.global_batch_size)
@@ -155,7 +158,20 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "grad norm": rec["grad norm"], "real tokens/s": rec["real tokens"] / dt,
         "padding fraction": 1.0 - rec["real tokens"] / rec["capacity"],
         "samples/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
+        "compute imbalance": rec.get("imbalance"),
     })
+
+
+def _balancer(t, preset, vocab: int, st):
+    """The stream's :class:`BatchBalancer`: cost from the architecture, on by default when
+    DP > 1 or PP > 1 (``--balance-batches``/``--no-balance-batches`` override)."""
+    from megatron_pack.data.balance import BatchBalancer
+    from megatron_pack.model.cost import CostModel
+    from megatron_pack.model.presets import padded_vocab_size
+
+    on = t.balance_batches if t.balance_batches is not None else (st.dp_size > 1 or st.pp_size > 1)
+    cost = CostModel.from_architecture(preset, vocab_size=padded_vocab_size(vocab, st.tp_size), cp=st.cp_size)
+    return BatchBalancer(cost, st.dp_size, t.micro_batch_size, enabled=on)
 
 
 def _results(history: list, **fields) -> dict:

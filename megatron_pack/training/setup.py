@@ -3,9 +3,72 @@ Megatron optimizer. Megatron-LM's ``setup_model_and_optimizer``, for one model c
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
-from megatron_pack.training.config import TrainConfig
+from megatron_pack.training.config import ConfigError, TrainConfig
+
+
+def recorded_architecture(path: str):
+    """``(architecture, HF extras)`` recorded in an import or a training checkpoint at ``path``
+    (root or iteration directory); ``(None, {})`` when nothing there records one. HF extras:
+    ``{"special_tokens": {...}, "generation_config": {...}}``, carried to the export."""
+    from megatron_pack.checkpoint.imported import preset_from_metadata, read_import_metadata
+    from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
+    from megatron_pack.model.presets import get_preset
+
+    meta = read_import_metadata(path)
+    if meta is not None:
+        return preset_from_metadata(meta), {"special_tokens": meta.get("hf_config") or {},
+                                            "generation_config": meta.get("generation_config")}
+    try:
+        run_config = os.path.join(resolve_iteration_dir(path), "run_config.json")
+    except CheckpointError:
+        return None, {}
+    if not os.path.isfile(run_config):
+        return None, {}
+    try:
+        with open(run_config) as f:
+            rc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{run_config}: not valid JSON ({e}); cannot read the architecture the run recorded") from None
+    if rc.get("architecture"):
+        return preset_from_metadata(rc), rc.get("hf") or {}
+    name = (rc.get("model") or {}).get("model")  # checkpoints from before architectures were recorded
+    return (get_preset(name) if name else None), rc.get("hf") or {}
+
+
+def resolve_architecture(config: TrainConfig):
+    """``(architecture, HF extras)`` of the run: the one recorded where the run starts from
+    (``--load``: the import, or the checkpoint it resumes; else ``--pretrained-checkpoint``),
+    checked against ``--model`` when both are given; else ``--model`` (default ``tiny``)."""
+    from megatron_pack.checkpoint.imported import resolve_finetune_load
+    from megatron_pack.model.architecture import architecture_differences
+    from megatron_pack.model.presets import get_preset
+
+    ck = config.checkpoint
+    recorded, extras, where = None, {}, None
+    if ck.load:
+        where = resolve_finetune_load(ck.load, ck.save)[0]
+        recorded, extras = recorded_architecture(where)
+    if recorded is None and ck.pretrained_checkpoint:
+        where = ck.pretrained_checkpoint
+        recorded, extras = recorded_architecture(where)
+    flag = config.model.model
+    try:
+        wanted = get_preset(flag) if flag else None
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    if recorded is None:
+        return wanted or get_preset("tiny"), extras
+    if wanted is not None:
+        diff = architecture_differences(recorded, wanted)
+        if diff:
+            raise ConfigError(f"--model {flag}: the architecture recorded in {where} differs (recorded, --model): "
+                              f"{diff}; drop --model to use the recorded one")
+    return recorded, extras
 
 
 def resolve_vocab_size(config: TrainConfig, preset) -> int:

@@ -53,7 +53,7 @@ def main():
     ap.add_argument("--docs", required=True, help="JSON list of token lists (one packed row)")
     ap.add_argument("--layouts", required=True, help="tp,pp,SOURCE;tp,pp,SOURCE;...")
     ap.add_argument("--dist", action="store_true", help="SOURCE is a training checkpoint")
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default=None, help="with --dist: override the architecture run_config.json records")
     ap.add_argument("--vocab-size", type=int, default=None)
     args = ap.parse_args()
 
@@ -64,6 +64,7 @@ def main():
     from megatron_pack.model.builder import build_model
     from megatron_pack.model.presets import get_preset, transformer_config
     from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed
+    from megatron_pack.training.setup import recorded_architecture
 
     docs = json.loads(open(args.docs).read())
     batch = thd_batch(docs)
@@ -73,8 +74,11 @@ def main():
         tp, pp = int(tp), int(pp)
         initialize_distributed(tp, pp)
         set_seed(1)
-        if args.dist:
+        if args.dist and args.preset:
             preset = get_preset(args.preset).with_vocab(args.vocab_size)
+        elif args.dist:
+            preset, _ = recorded_architecture(source)
+            preset = preset.with_vocab(args.vocab_size) if args.vocab_size else preset
         else:
             preset = preset_from_metadata(read_import_metadata(source))
         model = build_model(preset, transformer_config(preset, tensor_model_parallel_size=tp,

@@ -23,7 +23,8 @@ RANK = {
     "packing": 2,
     "data": 3, "model": 3, "parallel": 3, "checkpoint": 3,
     "training": 4, "planning": 4, "convert": 4,
-    "train": 5, "demo": 5,
+    "experiment": 5,  # runs training (comparisons) and loads checkpoints (leakage)
+    "train": 6, "demo": 6,
 }
 SAME_RANK_OK = {3}  # checkpoint reads model's tensor names; model uses parallel's seeds
 

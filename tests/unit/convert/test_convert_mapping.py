@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -137,18 +138,85 @@ def test_model_key_maps_te_names_to_local_spec():
 
 @pytest.mark.parametrize("over, match", [
     ({"hidden_size": None}, r"missing required keys \['hidden_size'\]"),
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "only Llama-style"),
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": None}, "only Llama-style"),
-    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-    ({"head_dim": 8}, "head_dim 8"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
-    ({"vocab_size": "300"}, "vocab_size must be a positive integer"),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": None}, r'architectures = \["GPT2LMHeadModel"\]: not a '
+                                                                 "supported family"),
+    ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, 'model_type = "mixtral": not a supported'),
+    ({"model_type": "mistral"}, "model_type 'mistral' is built by MistralForCausalLM"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads = 3: does not divide num_attention_heads 8"),
+    ({"head_dim": 0}, "head_dim = 0: must be a positive integer"),
+    ({"hidden_act": "gelu"}, 'hidden_act = "gelu": only SiLU'),
+    ({"attention_bias": True}, "attention_bias = true: .*o_proj"),
+    ({"mlp_bias": True}, "mlp_bias = true"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.low_freq_factor is missing"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 'rope_scaling.rope_type = "yarn": RoPE scaling of'),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, 'rope_scaling.rope_type = "dynamic"'),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, 'rope_parameters.rope_type = "longrope"'),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
+    ({"num_local_experts": 8}, "num_local_experts = 8: mixture-of-experts"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16,
+      "max_position_embeddings": 64}, "sliding_window = 16: sliding-window attention is not supported"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
+      "sliding_window": 16}, "use_sliding_window = true"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"vocab_size": "300"}, 'vocab_size = "300": must be a positive integer'),
 ])
 def test_config_errors(over, match):
     with pytest.raises(ConversionError, match=match):
         preset_from_hf_config(hf_config(**over), "x/config.json")
+
+
+def test_supported_families_and_switches():
+    assert preset_from_hf_config(hf_config()).family == "llama"
+    m = preset_from_hf_config(hf_config(architectures=["MistralForCausalLM"], model_type="mistral",
+                                        sliding_window=None, head_dim=16))
+    assert (m.family, m.qkv_bias, m.kv_channels, m.head_dim) == ("mistral", False, 16, 16)
+    q = preset_from_hf_config(hf_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
+                                        use_sliding_window=False, tie_word_embeddings=True))
+    assert (q.family, q.qkv_bias, q.tie_word_embeddings, q.head_dim) == ("qwen2", True, True, None)
+    # a Llama-3.1 config as the hub ships it (transformers 4.x keys)
+    r = preset_from_hf_config(hf_config(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}))
+    assert (r.rope_scaling_type, r.rope_scaling_factor, r.rope_original_max_position_embeddings) == ("llama3", 8.0, 8192)
+    lin = preset_from_hf_config(hf_config(rope_scaling={"type": "linear", "factor": 2.0}))
+    assert (lin.rope_scaling_type, lin.rope_scaling_factor) == ("linear", 2.0)
+
+
+def test_exported_config_reads_back_as_the_same_architecture():
+    from megatron_pack.model.architecture import architecture_differences
+    from megatron_pack.model.hf_architecture import hf_config_from_architecture
+    from megatron_pack.model.presets import PRESETS
+
+    for name, arch in PRESETS.items():
+        arch = arch if arch.vocab_size else arch.with_vocab(300)
+        back = preset_from_hf_config(hf_config_from_architecture(arch, "bfloat16"))
+        assert architecture_differences(arch, back) == {}, name
+        assert back.max_position_embeddings == arch.max_position_embeddings
+    # negative control: the comparison sees a changed switch
+    q = PRESETS["qwen2.5-7b"]
+    assert "qkv_bias" in architecture_differences(q, preset_from_hf_config(
+        {**hf_config_from_architecture(q, "float32"), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+
+
+def test_qkv_bias_round_trip_through_tp_shards():
+    import dataclasses
+
+    q = dataclasses.replace(PRESET, family="qwen2", qkv_bias=True)
+    g = torch.Generator().manual_seed(5)
+    hf = {n: torch.randn(*s, generator=g) for n, s in M.hf_shapes(q)["layer"].items()}
+    assert set(M.HF_QKV_BIASES) <= set(hf)
+    one = M.hf_layer_to_megatron(hf, q, 1)[0]
+    two = M.hf_layer_to_megatron(hf, q, 2)
+    bias = one[M.MEG_QKV_BIAS]
+    weight = one["self_attention.linear_qkv.weight"]
+    # the bias rows follow the weight rows: bias[i] belongs to row i of the fused weight
+    expected = M.interleave_qkv(torch.cat([hf["self_attn.q_proj.weight"], hf["self_attn.q_proj.bias"][:, None]], 1),
+                                torch.cat([hf["self_attn.k_proj.weight"], hf["self_attn.k_proj.bias"][:, None]], 1),
+                                torch.cat([hf["self_attn.v_proj.weight"], hf["self_attn.v_proj.bias"][:, None]], 1), q)
+    assert torch.equal(expected[:, :-1], weight) and torch.equal(expected[:, -1], bias)
+    assert torch.equal(torch.cat([s[M.MEG_QKV_BIAS] for s in two]), bias)
+    for shards in ([one], two):
+        back = M.megatron_layer_to_hf(shards, q)
+        assert set(back) == set(hf) and all(torch.equal(back[n], hf[n]) for n in hf)
 
 
 def test_config_reads_transformers5_rope_parameters():
@@ -198,8 +266,8 @@ def test_bad_input_writes_nothing(tmp_path, case):
         tp, match = 4, "tensor model parallel size 4 does not divide the 2 key/value heads"
     elif case == "arch":
         write_hf_dir(hf)
-        (hf / "config.json").write_text(json.dumps(hf_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"])))
-        match = "only Llama-style"
+        (hf / "config.json").write_text(json.dumps(hf_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})))
+        match = 'x?rope_scaling.rope_type = "yarn"' 
     elif case == "pickle_only":
         hf.mkdir()
         (hf / "config.json").write_text(json.dumps(hf_config()))
@@ -365,3 +433,29 @@ def test_cli_reports_bad_input_and_exits_1(tmp_path):
     assert res.returncode == 1
     assert "convert_checkpoint: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("over, named", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16,
+      "max_position_embeddings": 64}, "sliding_window = 16"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts = 8"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, 'rope_scaling.rope_type = "longrope"'),
+    ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh"'),
+])
+def test_unsupported_feature_refused_at_conversion_nothing_written(tmp_path, over, named):
+    """Weights that match the config's shapes, a feature megatron_pack would silently compute
+    differently: refused naming the key and value, no output and no temporary directory."""
+    from megatron_pack.convert import convert_hf_to_megatron
+
+    hf = tmp_path / "hf"
+    write_hf_dir(hf)
+    (hf / "config.json").write_text(json.dumps(hf_config(**over)))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=re.escape(f"{hf / 'config.json'}: {named}")):
+        convert_hf_to_megatron(str(hf), str(out), progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+    # the command line says the same in one line and exits 2
+    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools",
+                                                       "convert_checkpoint.py"), "hf-to-megatron", "--hf-dir", str(hf),
+                          "--output", str(out), "--no-progress"], capture_output=True, text=True)
+    assert res.returncode != 0 and named in res.stderr and not out.exists()

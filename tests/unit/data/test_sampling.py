@@ -95,3 +95,22 @@ def test_eval_scores_every_sequence_once_across_ranks(prefix):
             seen += [int(m["num_real_tokens"]) for m in micro]
     assert sum(seen) == int(ds.plan.sequence_lengths().sum())
     assert len(seen) % 2 == 0 and len(seen) >= len(ds)  # tail padded with empty sequences
+
+
+def test_pad_to_longest_cuts_each_micro_batch_to_its_longest(prefix):
+    """padding:pad_to=longest (the HF collator's behaviour): same tokens as padding, shorter rows."""
+    full = PackedSFTDataset(prefix, 64, "padding", use_cache=False, pad_to_multiple_of=4)
+    short = PackedSFTDataset(prefix, 64, "padding:pad_to=longest", use_cache=False, pad_to_multiple_of=4)
+    a, b = TrainStream(full, 8, 4, 0, 1), TrainStream(short, 8, 4, 0, 1)
+    for _ in range(3):
+        ma, mb = a.next_step(), b.next_step()
+        assert a.last_stats["real_tokens"] == b.last_stats["real_tokens"]
+        assert b.last_stats["capacity"] == sum(int(m["capacity"]) for m in mb) < a.last_stats["capacity"]
+        for x, y in zip(ma, mb):
+            rows_x, rows_y = x["tokens"].reshape(4, 64), y["tokens"].reshape(4, -1)
+            L = rows_y.shape[1]
+            longest = int(max((r != 0).sum() for r in rows_x))
+            assert L % 4 == 0 and longest <= L < longest + 4  # the longest, rounded up to the multiple
+            assert np.array_equal(rows_x[:, :L], rows_y) and not rows_x[:, L:].any()
+            assert int(y["cu_seqlens"][int(y["num_cu_seqlens"]) - 1]) == 4 * L  # padding tails tile the row
+            assert x["loss_mask"].sum() == y["loss_mask"].sum()

@@ -85,3 +85,23 @@ def test_cli_errors(tmp_path):
     np.save(tmp_path / "l.npy", np.array([1, 2]))
     out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "8", "--modes", "best")
     assert out.returncode != 0 and "unknown packing mode 'best'" in out.stderr
+
+
+def test_cli_balance_forecast(tmp_path):
+    # long-tailed: one in ten samples fills a 4096 sequence alone, the rest are short
+    rng = np.random.default_rng(0)
+    lengths = np.array([int(rng.integers(3500, 4096)) if i % 10 == 0 else int(rng.integers(20, 300))
+                        for i in range(600)])
+    np.save(tmp_path / "l.npy", lengths)
+    out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "4096", "--modes", "bfd",
+                   "--data-parallel-size", "4", "--global-batch-size", "16", "--model", "tiny", "--vocab-size", "256",
+                   "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    assert "Compute imbalance per step over DP 4" in out.stdout
+    (row,) = json.load(open(tmp_path / "r.json"))
+    b = row["balance"]
+    assert b["sequences_per_rank"] == 4 and b["steps"] >= 3
+    assert 1.0 <= b["bound"] <= b["imbalance_balanced"] < b["imbalance_contiguous"] and b["gain"] > 1.0
+    bad = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "4096", "--data-parallel-size", "3",
+                   "--global-batch-size", "16")
+    assert bad.returncode != 0 and "--global-batch-size 16 must be a multiple" in bad.stderr

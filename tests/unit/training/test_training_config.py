@@ -52,6 +52,9 @@ def test_defaults_and_round_trip():
     (BASE + ["--valid-fraction", "1.0"], "--valid-fraction"),
     (BASE + ["--no-document-mask", "--loss-weighting", "sample"], "--loss-weighting sample"),
     (BASE + ["--sequence-parallel"], "--sequence-parallel"),
+    (BASE + ["--pack-mode", "padding:pad_to=longest", "--pipeline-model-parallel-size", "2"],
+     "--pack-mode padding:pad_to=longest"),
+    (BASE + ["--pack-mode", "greedy:chunk=x"], "--pack-mode"),
     (BASE + ["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--train-iters", "3"], "--data-path"),
 ])
@@ -64,8 +67,20 @@ def test_bad_values_name_the_flag(argv, flag, capsys):
 
 def test_choices_are_enforced(capsys):
     with pytest.raises(SystemExit):
-        parse_args(BASE + ["--model", "gpt5"])
+        parse_args(BASE + ["--transformer-impl", "fast"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_model_is_a_preset_or_a_hf_config_path(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--model", "gpt5"])
+    err = capsys.readouterr().err
+    assert "--model" in err and "unknown model 'gpt5'" in err
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    assert parse_args(BASE + ["--model", str(cfg)]).model.model == str(cfg)
+    assert parse_args(BASE + ["--model", "qwen2.5-7b"]).model.model == "qwen2.5-7b"
+    assert parse_args(BASE).model.model is None  # the architecture then comes from --load, else tiny
 
 
 def test_resolve_checks_batch_divisibility():
@@ -89,3 +104,20 @@ def test_warmup_steps():
     assert warmup_steps(OptimArgs(lr_warmup_fraction=0.2), 100) == 20
     assert warmup_steps(OptimArgs(lr_warmup_iters=7), 100) == 7
     assert warmup_steps(OptimArgs(lr_warmup_iters=700), 100) == 100
+
+
+def test_balance_batches_flag_and_default():
+    from types import SimpleNamespace
+
+    from megatron_pack.model.presets import get_preset
+    from megatron_pack.training.loop import _balancer
+
+    assert parse_args(BASE).train.balance_batches is None
+    assert parse_args(BASE + ["--balance-batches"]).train.balance_batches is True
+    off = parse_args(BASE + ["--no-balance-batches"])
+    assert off.train.balance_batches is False and parse_args(to_argv(off)).train.balance_batches is False
+    st = lambda dp, pp: SimpleNamespace(dp_size=dp, pp_size=pp, tp_size=1, cp_size=1)  # noqa: E731
+    tiny, t = get_preset("tiny"), parse_args(BASE).train
+    assert [_balancer(t, tiny, 256, st(*s)).enabled for s in ((1, 1), (2, 1), (1, 2))] == [False, True, True]
+    assert _balancer(off.train, tiny, 256, st(2, 1)).enabled is False
+    assert _balancer(parse_args(BASE + ["--balance-batches"]).train, tiny, 256, st(1, 1)).enabled is True

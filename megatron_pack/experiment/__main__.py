@@ -1,0 +1,5 @@
+import sys
+
+from megatron_pack.experiment.compare_cli import main
+
+sys.exit(main())

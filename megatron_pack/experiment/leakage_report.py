@@ -1,0 +1,146 @@
+"""``tools/analyze_leakage.py``: pick packed sequences from a dataset, load a model, measure
+(:mod:`.leakage`), write a table, JSON and a PNG.
+
+The model is an HF Llama directory, or a training checkpoint / HF import of this project,
+exported to a temporary HF directory with :func:`convert_megatron_to_hf` first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+
+import numpy as np
+
+from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.reporting import markdown_table
+
+
+def detect_separator(data, limit: int = 10000) -> int | None:
+    """The most common last token of the conversations: the template's end token (EOS/eot)."""
+    last = Counter()
+    for i in range(min(len(data), limit)):
+        n = int(data.lengths[i])
+        if n:
+            last[int(data.get_slice(i, n - 1, n)[0][0])] += 1
+    return last.most_common(1)[0][0] if last else None
+
+
+def pick_sequences(data, seq_length: int, mode: str, max_sequences: int, seed: int = 1234) -> list:
+    """Up to ``max_sequences`` sequences of >= 2 documents from ``mode``'s plan (seeded choice),
+    each a list of ``(tokens, supervised)`` in packed order."""
+    from megatron_pack.packing.plan import build_plan
+
+    plan = build_plan(data.lengths, seq_length, mode, seed=seed)
+    multi = np.flatnonzero(plan.pieces_per_sequence() >= 2)
+    if multi.size == 0:
+        raise ValueError(f"no sequence of {mode} at --seq-length {seq_length} holds two documents; raise it")
+    chosen = np.sort(np.random.default_rng(seed).permutation(multi)[:max_sequences])
+    return [[data.get_slice(int(d), int(a), int(b)) for d, a, b in plan.sequence(int(i))] for i in chosen]
+
+
+def load_model(path: str, device: str = "cpu", dtype: str = "float32", model: str | None = None):
+    """An HF causal LM from an HF directory, or from a checkpoint/import (exported first)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+    from megatron_pack.convert.megatron_to_hf import convert_megatron_to_hf
+
+    with tempfile.TemporaryDirectory(prefix="leakage_hf_") as tmp:
+        out = os.path.join(tmp, "hf")
+        convert_megatron_to_hf(path, out, dtype="fp32", model=model, progress=False)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def attention_table(att: dict, max_buckets: int = 8) -> str:
+    """Per layer: leakage (sink excluded) by distance from the document start, sink, alone."""
+    used = [i for i, c in enumerate(att["tokens_per_bucket"]) if c > 0][:max_buckets]
+    heads = (["layer"] + [f"leak d={att['buckets'][i]}" for i in used] + ["leak all", "sink all",
+             f"sink d={att['buckets'][used[-1]]}", f"own first (alone) d={att['buckets'][used[-1]]}"]) if used else ["layer"]
+    rows = [["uniform attention"] + [_pct(att["uniform"][i]) for i in used] + ["", "", "", ""]]
+    for li, layer in enumerate(att["layers"]):
+        rows.append([str(layer)] + [_pct(att["leak"][li][i]) for i in used]
+                    + [_pct(att["leak_overall"][li]), _pct(att["sink_overall"][li]),
+                       _pct(att["sink"][li][used[-1]]), _pct(att["alone_first"][li][used[-1]])])
+    return markdown_table(heads, rows)
+
+
+def contamination_table(con: dict) -> str:
+    heads = ["separator", "documents", "mean (nats)", "mean abs", "p5", "median", "p95"]
+    f = lambda c, k: f"{c[k]:+.4f}" if k in c else "n/a"  # noqa: E731
+    rows = [[v, str(c.get("documents", 0)), f(c, "mean"), f(c, "mean_abs"), f(c, "p5"), f(c, "p50"), f(c, "p95")]
+            for v, c in con.items()]
+    return markdown_table(heads, rows)
+
+
+def plot_leakage(att: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    used = [i for i, c in enumerate(att["tokens_per_bucket"]) if c > 0]
+    x = np.arange(len(used))
+    labels = [att["buckets"][i] for i in used]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for li, layer in enumerate(att["layers"]):
+        axes[0].plot(x, [att["leak"][li][i] for i in used], marker="o", label=f"layer {layer}")
+        line, = axes[1].plot(x, [att["sink"][li][i] for i in used], marker="o", label=f"layer {layer}: packed sink")
+        axes[1].plot(x, [att["alone_first"][li][i] for i in used], ls="--", color=line.get_color(),
+                     label=f"layer {layer}: own first token, alone")
+    axes[0].plot(x, [att["uniform"][i] for i in used], color="k", ls=":", label="uniform attention")
+    axes[0].set_title("attention on earlier documents (sink excluded)")
+    axes[1].set_title("attention on token 0 (the sink)")
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=45)
+        ax.set_xlabel("distance from the document's start (tokens)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("share of the token's attention")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_leakage(model_path: str, data_prefix: str, output_dir: str, *, seq_length: int = 512, mode: str = "greedy",
+                max_sequences: int = 8, layers=None, separator: int | None = None, document_mask: bool = False,
+                device: str = "cpu", seed: int = 1234, model_preset: str | None = None) -> dict:
+    """Measure and write ``leakage.json``, ``leakage.md`` and ``leakage.png`` under ``output_dir``."""
+    from megatron_pack.experiment.leakage import analyze_sequences
+    from megatron_pack.files.indexed import SFTIndexedDataset
+
+    data = SFTIndexedDataset(data_prefix)
+    sep = separator if separator is not None else detect_separator(data)
+    sequences = pick_sequences(data, seq_length, mode, max_sequences, seed)
+    model = load_model(model_path, device, model=model_preset)
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"--layers: {bad} outside [0, {n_layers})")
+    res = analyze_sequences(model, sequences, sep, layers, document_mask=document_mask, device=device)
+    res.update({"model": model_path, "data": data_prefix, "mode": mode, "seq_length": seq_length,
+                "sequences": len(sequences), "documents": sum(len(s) for s in sequences),
+                "separator_id": sep, "scored_with_document_mask": document_mask})
+    os.makedirs(output_dir, exist_ok=True)
+    md = ("Attention leakage per layer (mean over heads; `leak`: share on earlier documents, sink excluded; "
+          "`sink`: share on token 0; `own first (alone)`: the same document scored alone):\n\n"
+          + attention_table(res["attention"])
+          + "\n\nLoss contamination (document's loss packed after others minus alone, nats):\n\n"
+          + contamination_table(res["contamination"]) + "\n")
+    with open(os.path.join(output_dir, "leakage.md"), "w") as f:
+        f.write(md)
+    res["plot"] = plot_leakage(res["attention"], os.path.join(output_dir, "leakage.png"))
+    write_json_atomic(res, os.path.join(output_dir, "leakage.json"))
+    res["markdown"] = md
+    return res
