@@ -82,11 +82,9 @@ def hf_encode_chats(tok, texts, protects, added_re):
     if tok._hf is None:
         from tokenizers import Tokenizer
 
-        # Added tokens matched in text (transformers' default), and a twin that matches none.
+        # Added tokens matched in text, as transformers encodes a rendered chat.
         tok._hf = Tokenizer.from_str(tok._tok.to_str())
         tok._hf.encode_special_tokens = False
-        tok._hf_text = Tokenizer.from_str(tok._tok.to_str())
-        tok._hf_text.encode_special_tokens = True
     out = [None] * len(texts)
     plain = [i for i, p in enumerate(protects) if not p]
     for i, enc in zip(plain, tok._hf.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
@@ -97,27 +95,47 @@ def hf_encode_chats(tok, texts, protects, added_re):
     return out
 
 
+def plain_ids(backend, text: str) -> list:
+    """``text`` through normalizer, pre-tokenizer and model only: no added token is matched,
+    special or not (transformers' ``_encode_without_added_tokens``)."""
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    splits = [text]
+    if backend.pre_tokenizer is not None:
+        splits = [split for split, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    return [t.id for split in splits for t in backend.model.tokenize(split)]
+
+
 def encode_marked(tok, text, protect):
-    """transformers' ``encode_marked_chat``: cut at each protected control-token string,
-    encode it as text, and every piece after the first behind a newline it then drops."""
-    newline = tok._hf.encode("\n", add_special_tokens=False).ids
+    """transformers' ``encode_marked_chat``: cut at each protected control-token string, encode
+    it as plain text, and every piece after the first behind a newline it then drops. A
+    protected piece's tokens all get the piece's span (it lies inside one message's text)."""
+    hf = tok._hf
+    newline = hf.encode("\n", add_special_tokens=False).ids
+    newline_plain = plain_ids(hf, "\n")
     cuts = [0] + sorted({x for a, b in protect for x in (a, b)}) + [len(text)]
     ids, starts, ends = [], [], []
     for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
         if b <= a:
             continue
-        backend = tok._hf_text if (a, b) in protect else tok._hf
-        if j == 0:
-            p_ids, p_s, p_e = from_encoding(backend.encode(text[a:b], add_special_tokens=False))
+        piece = text[a:b]
+        if (a, b) in protect:
+            p_ids = plain_ids(hf, "\n" + piece)
+            p_ids = p_ids[len(newline_plain):] if p_ids[:len(newline_plain)] == newline_plain else plain_ids(hf, piece)
+            p_s, p_e = np.full(len(p_ids), a, np.int64), np.full(len(p_ids), b, np.int64)
+        elif j == 0:
+            p_ids, p_s, p_e = from_encoding(hf.encode(piece, add_special_tokens=False))
+            p_s, p_e = p_s + a, p_e + a
         else:
-            p_ids, p_s, p_e = from_encoding(backend.encode("\n" + text[a:b], add_special_tokens=False))
+            p_ids, p_s, p_e = from_encoding(hf.encode("\n" + piece, add_special_tokens=False))
             if p_ids[:len(newline)] == newline:
-                p_ids, p_s, p_e = p_ids[len(newline):], p_s[len(newline):] - 1, p_e[len(newline):] - 1
+                p_ids, p_s, p_e = p_ids[len(newline):], p_s[len(newline):] - 1 + a, p_e[len(newline):] - 1 + a
             else:
-                p_ids, p_s, p_e = from_encoding(backend.encode(text[a:b], add_special_tokens=False))
+                p_ids, p_s, p_e = from_encoding(hf.encode(piece, add_special_tokens=False))
+                p_s, p_e = p_s + a, p_e + a
         ids.extend(p_ids)
-        starts.append(np.maximum(p_s, 0) + a)
-        ends.append(np.maximum(p_e, 0) + a)
+        starts.append(np.maximum(p_s, a))
+        ends.append(np.maximum(p_e, a))
     if not starts:
         return ids, np.zeros(0, np.int64), np.zeros(0, np.int64)
     return ids, np.concatenate(starts), np.concatenate(ends)

@@ -231,7 +231,7 @@ class HFTokenizer(BaseTokenizer):
         self.template_tokens = {k: n for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                                                "cls_token", "mask_token")
                                 if (n := _token_name(config.get(k))) is not None}
-        self._hf = self._hf_text = None
+        self._hf = None
         self._byte_len = None
 
     def added_tokens(self):

