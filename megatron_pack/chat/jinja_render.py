@@ -82,11 +82,28 @@ class Placeholders:
             for call in calls:
                 call = dict(call) if isinstance(call, dict) else call
                 fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("name"), str) and _JSON_INERT.match(fn["name"]):
-                    call["function"] = {**fn, "name": self.put(fn["name"], msg)}
+                if isinstance(fn, dict):
+                    fn = dict(fn)
+                    if isinstance(fn.get("name"), str) and _JSON_INERT.match(fn["name"]):
+                        fn["name"] = self.put(fn["name"], msg)
+                    if "arguments" in fn:
+                        fn["arguments"] = self.strings(fn["arguments"], msg)
+                    call["function"] = fn
                 new_calls.append(call)
             out["tool_calls"] = new_calls
         return out
+
+    def strings(self, value, msg: Optional[int]):
+        """Every non-empty string value inside ``value`` (dict values, list items) as a
+        placeholder; keys and other types unchanged. ``msg`` None: not part of a message
+        (the tool schemas), located only so typed control tokens in them stay text."""
+        if isinstance(value, str):
+            return self.put(value, msg) if value else value
+        if isinstance(value, dict):
+            return {k: self.strings(v, msg) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.strings(v, msg) for v in value]
+        return value
 
     def substitute(self, rendered: str):
         """(text, slots, offset_map): every placeholder replaced by its string as printed. Exact
@@ -117,17 +134,21 @@ class Placeholders:
         ``offset_map(x)`` maps a position of ``rendered`` to the same position of ``real``."""
         slots, shift_at, shift_by = [], [], []
         pos = out = 0
-        for m in _PH.finditer(rendered):
+        found = list(_PH.finditer(rendered))
+        for i, m in enumerate(found):
             seg = m.start() - pos
             if rendered[pos:m.start()] != real[out:out + seg]:
                 return None
             out += seg
             core = self.cores[int(m.group(1))]
-            for form in (core, json.dumps(core, ensure_ascii=False)[1:-1]):
-                if real.startswith(form, out):
-                    break
-            else:
+            # The template text after the placeholder decides between the two forms ("\\" is
+            # the printed form of "\" and also starts its JSON form).
+            after = rendered[m.end():found[i + 1].start() if i + 1 < len(found) else len(rendered)]
+            forms = [core, json.dumps(core, ensure_ascii=False)[1:-1]]
+            fits = [f for f in forms if real.startswith(f, out) and real.startswith(after, out + len(f))]
+            if not fits:
                 return None
+            form = fits[0]
             slots.append((out, out + len(form), self.msgs[int(m.group(1))]))
             out += len(form)
             shift_at.append(m.end())
@@ -163,10 +184,24 @@ def _first_special(specials: Sequence[tuple], lo: int, hi: int) -> Optional[tupl
     return None
 
 
+def _header_before(text: str, header: str, pos: int, floor: int) -> Optional[int]:
+    """Where the message text starts if ``header`` ends just before it, allowing for the
+    text's own leading whitespace (kept outside the placeholder); None otherwise."""
+    k = pos
+    while True:
+        if k - len(header) >= floor and text.startswith(header, k - len(header)):
+            return k
+        if k <= floor or not text[k - 1].isspace():
+            return None
+        k -= 1
+
+
 def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_messages: int, roles: list):
     """(trained spans, turn regions) from the message slots; see the module docstring."""
     first, last = {}, {}
     for s, e, m in slots:
+        if m is None:
+            continue
         first[m] = min(first.get(m, s), s)
         last[m] = max(last.get(m, e), e)
     order = sorted(first, key=lambda m: (first[m], m))
@@ -195,10 +230,15 @@ def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_mess
                 if sp is None:  # Llama-2: ' ' + answer, the space is the answer's first token
                     while start > prev_last and text[start - 1].isspace():
                         start -= 1
+            elif gen_prompt and (start := _header_before(text, gen_prompt, first[m], prev_last)) is not None:
+                pass  # the header right before the text (e.g. after a default system prompt)
             else:
-                start = first[m]  # header text the probe did not predict: train from the text on
-            trained.append((start, ends[m], m))
-            if sp is None and j:  # no end token between (Llama-2): the turn starts at the answer
+                # No assistant header before it: the template used the text elsewhere (Llama-3.1
+                # moves a first message into its tools block); transformers' markers train none.
+                start = None
+            if start is not None:
+                trained.append((start, ends[m], m))
+            if sp is None and j and start is not None:  # no end token between (Llama-2): the turn starts at the answer
                 region = max(region, start)
         regions.append((region, m))
         prev_end, prev_last = ends[m], last[m]

@@ -134,9 +134,13 @@ class JinjaTemplate(ChatTemplate):
         ph = Placeholders()
         try:
             masked = [ph.message(d, i) for i, d in enumerate(dicts)]
+            masked_tools = ph.strings(tools, None) if tools else tools
             tracker = ([], []) if self.has_generation else None
-            rendered = self._render_text(masked, tools, tracker=tracker)
-            check = self._unverified_roles is None or any(m.role in self._unverified_roles for m in messages)
+            rendered = self._render_text(masked, masked_tools, tracker=tracker)
+            # Tool schemas and call arguments are usually JSON-encoded by the template: only the
+            # verifying render tells which form each string took.
+            check = (self._unverified_roles is None or bool(tools)
+                     or any(m.role in self._unverified_roles or m.extra for m in messages))
             real = self._render_text(dicts, tools) if check else None
         except RenderReject as exc:
             raise RecordError(exc.reason, exc.detail) from None
