@@ -196,7 +196,28 @@ def _header_before(text: str, header: str, pos: int, floor: int) -> Optional[int
         k -= 1
 
 
-def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_messages: int, roles: list):
+def _reply_start(text: str, gen_prompt: str, sp, prev_last: int, first: int) -> Optional[int]:
+    """Where an assistant reply's trained span starts; ``sp`` is the first special token after
+    the previous message's text (its end token), None if there is none before this text."""
+    b = sp[1] if sp else first
+    g = b
+    while g < first and text[g].isspace():
+        g += 1
+    if gen_prompt and text.startswith(gen_prompt, g) and g + len(gen_prompt) <= first:
+        return g + len(gen_prompt)  # after the assistant header
+    if not gen_prompt:  # Llama-2 / Mistral: the reply follows the previous end token directly
+        start = b
+        if sp is None:  # Llama-2's ' ' + answer: the space is the answer's first token
+            while start > prev_last and text[start - 1].isspace():
+                start -= 1
+        return start
+    # The header right before the text (e.g. after a default system prompt), or none: the
+    # template used the text elsewhere (Llama-3.1 moves a first message into its tools block)
+    # and transformers' markers train nothing of it.
+    return _header_before(text, gen_prompt, first, prev_last)
+
+
+def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, roles: list):
     """(trained spans, turn regions) from the message slots; see the module docstring."""
     first, last = {}, {}
     for s, e, m in slots:
@@ -219,27 +240,11 @@ def derive_spans(text: str, slots: list, specials: list, gen_prompt: str, n_mess
         region = boundary if j else 0
         if roles[m] == "assistant":
             sp = _first_special(specials, prev_last, first[m])
-            b = sp[1] if sp else first[m]
-            g = b
-            while g < first[m] and text[g].isspace():
-                g += 1
-            if gen_prompt and text.startswith(gen_prompt, g) and g + len(gen_prompt) <= first[m]:
-                start = g + len(gen_prompt)
-            elif not gen_prompt:
-                start = b
-                if sp is None:  # Llama-2: ' ' + answer, the space is the answer's first token
-                    while start > prev_last and text[start - 1].isspace():
-                        start -= 1
-            elif gen_prompt and (start := _header_before(text, gen_prompt, first[m], prev_last)) is not None:
-                pass  # the header right before the text (e.g. after a default system prompt)
-            else:
-                # No assistant header before it: the template used the text elsewhere (Llama-3.1
-                # moves a first message into its tools block); transformers' markers train none.
-                start = None
+            start = _reply_start(text, gen_prompt, sp, prev_last, first[m])
             if start is not None:
                 trained.append((start, ends[m], m))
-            if sp is None and j and start is not None:  # no end token between (Llama-2): the turn starts at the answer
-                region = max(region, start)
+                if sp is None and j:  # no end token between (Llama-2): the turn starts at the answer
+                    region = max(region, start)
         regions.append((region, m))
         prev_end, prev_last = ends[m], last[m]
     return trained, regions

@@ -173,7 +173,7 @@ class JinjaTemplate(ChatTemplate):
         # Occurrences inside message text are not template structure.
         specials = _outside(specials, slots)
         roles = [m.role for m in messages]
-        derived, regions = derive_spans(text, slots, specials, self.gen_prompt, len(messages), roles)
+        derived, regions = derive_spans(text, slots, specials, self.gen_prompt, roles)
         if trained is None:
             trained = derived
         protect = []
