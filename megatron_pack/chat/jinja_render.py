@@ -2,7 +2,8 @@
 
 ``apply_chat_template`` gives a string; training also needs to know which characters are the
 assistant's. We find out *without searching the text* for the message: the template is rendered
-with each message string replaced by a unique placeholder (private-use characters around an
+with each message string (content, tool-call names and argument strings, tool schema strings)
+replaced by a unique placeholder (private-use characters around an
 index, the string's leading/trailing whitespace kept outside so ``trim`` behaves the same), the
 placeholders are replaced by the real strings, and the result is checked equal to a render of
 the real conversation. Each string's character span is then known exactly. A template that
