@@ -18,6 +18,12 @@ Rows:
   its default tokenizer backend (tiktoken when installed and id-identical, see
   ``megatron_pack.chat.tokenizer.tiktoken_backend``), and again with ``tokenizers`` only.
 Every row's token and supervised-token totals are checked against the baseline's.
+
+Jinja rows (``--jinja-num`` conversations, default 10k, the tokenizer's own Llama-3 template):
+- ``apply_chat_template loop``: transformers, per conversation, ``apply_chat_template(...,
+  return_assistant_tokens_mask=True)`` with the template's assistant replies marked
+  ``{% generation %}`` (how TRL gets SFT masks), written with the same writer;
+- ``preprocess --chat-template jinja --workers N``: our Jinja path (same ids and masks, checked).
 """
 
 from __future__ import annotations
@@ -100,6 +106,65 @@ def tokenizer_floor(jsonl: str, tok_dir: str):
     return len(strings), total, time.perf_counter() - t
 
 
+MARKED_LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + "
+    "'<|eot_id|>' }}{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def apply_chat_template_loop(jsonl: str, tok_dir: str, prefix: str):
+    """transformers per conversation (see module docstring); (conversations, tokens, supervised)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    n = total = supervised = 0
+    with SFTDatasetWriter(prefix) as writer, open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            _, msgs = normalize_record(json.loads(line))
+            out = hf.apply_chat_template([m.as_dict() for m in msgs], chat_template=MARKED_LLAMA3,
+                                         return_dict=True, return_assistant_tokens_mask=True)
+            ids, mask = out["input_ids"], out["assistant_masks"]
+            writer.add(ids, mask, [0])
+            n += 1
+            total += len(ids)
+            supervised += sum(mask)
+    return n, total, supervised
+
+
+def jinja_rows(args, jsonl: str, tok_dir: str) -> list:
+    sub = os.path.join(args.workdir, f"jinja_{args.jinja_num}.jsonl")
+    with open(jsonl, encoding="utf-8") as src, open(sub, "w", encoding="utf-8") as dst:
+        for i, line in zip(range(args.jinja_num), src):
+            dst.write(line)
+    import transformers  # noqa: F401  (import cost kept out of the timings)
+
+    t = time.perf_counter()
+    n, tokens, supervised = apply_chat_template_loop(sub, tok_dir, os.path.join(args.workdir, "hf_loop"))
+    base = time.perf_counter() - t
+    rows = [("apply_chat_template loop (transformers)", base, n, tokens, "ok")]
+    for fast in (True, False):
+        for w in args.workers:
+            prefix = os.path.join(args.workdir, f"jinja_w{w}_{'fast' if fast else 'hf'}")
+            t = time.perf_counter()
+            s = preprocess(PreprocessConfig([sub], tok_dir, prefix, chat_template="jinja", workers=w,
+                                            fast_tokenizer=fast, progress=False, plot=False))
+            secs = time.perf_counter() - t
+            same = s["tokens"] == tokens and s["supervised_tokens"] == supervised
+            rows.append((f"preprocess jinja --workers {w} [{s['tokenizer']['kind']}]", secs,
+                         s["conversations"]["read"], s["tokens"], "ok" if same else "MISMATCH"))
+    return rows, base
+
+
+def print_rows(rows, base):
+    print(f"| {'method':48s} | {'seconds':>8s} | {'conv/s':>8s} | {'tokens/s':>10s} | {'vs baseline':>11s} | check |")
+    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|-------|")
+    for name, secs, nconv, ntok, check in rows:
+        print(f"| {name:48s} | {secs:8.2f} | {nconv / secs:8.0f} | {ntok / secs:10.0f} | {base / secs:10.2f}x | {check:5s} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=100_000)
@@ -108,11 +173,19 @@ def main():
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "megatron_pack_bench_preprocess"))
     p.add_argument("--skip-floor", action="store_true")
+    p.add_argument("--jinja-num", type=int, default=10_000, help="conversations for the Jinja rows (0: skip)")
+    p.add_argument("--only-jinja", action="store_true", help="skip the built-in (llama3) rows")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     jsonl, tok_dir = make_data(args.workdir, args.num, args.seed, args.vocab)
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost kept out of the timings)
 
+    if args.jinja_num:
+        jrows, jbase = jinja_rows(args, jsonl, tok_dir)
+        print(f"\nJinja path, {args.jinja_num} conversations, {os.cpu_count()} CPUs visible\n")
+        print_rows(jrows, jbase)
+    if args.only_jinja:
+        return
     rows = []
     t = time.perf_counter()
     n, tokens, supervised = baseline(jsonl, tok_dir, os.path.join(args.workdir, "baseline"))
@@ -140,10 +213,7 @@ def main():
     print(f"\ntoken files identical across all preprocess runs: {identical}")
     print(f"{args.num} conversations, {tokens} tokens ({tokens / n:.0f}/conversation), "
           f"{os.cpu_count()} CPUs visible\n")
-    print(f"| {'method':48s} | {'seconds':>8s} | {'conv/s':>8s} | {'tokens/s':>10s} | {'vs baseline':>11s} | check |")
-    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|-------|")
-    for name, secs, nconv, ntok, check in rows:
-        print(f"| {name:48s} | {secs:8.2f} | {nconv / secs:8.0f} | {ntok / secs:10.0f} | {base / secs:10.2f}x | {check:5s} |")
+    print_rows(rows, base)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ def parse_args(argv=None):
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     p.add_argument("--chat-template", default="auto", choices=["auto", *TEMPLATES],
                    help="auto: the tokenizer directory's chat_template if any, else from its special tokens")
+    p.add_argument("--hf-special-tokens-in-text", action="store_true",
+                   help="Jinja templates: message text that spells a control token (e.g. '<|eot_id|>') becomes "
+                        "that token, as apply_chat_template does by default; without it the text stays text")
+    p.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
+                   help="Jinja templates: the date strftime_now returns (default: the day the run starts)")
+    p.add_argument("--template-time-limit", type=float, default=5.0, metavar="SECONDS",
+                   help="Jinja templates: a record whose render takes longer is rejected (template_limit)")
     p.add_argument("--max-seq-length", type=int, default=None, metavar="N")
     p.add_argument("--overlong", default="truncate", choices=[*OVERLONG_POLICIES, *DEPRECATED_OVERLONG],
                    help="what to do with conversations over --max-seq-length; split-chat re-renders each "
@@ -59,7 +66,9 @@ def main(argv=None) -> int:
     try:  # settings and paths first: a wrong invocation answers before the heavy imports
         cfg = PreprocessConfig(
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
-            chat_template=args.chat_template, max_seq_length=args.max_seq_length, overlong=args.overlong,
+            chat_template=args.chat_template, special_as_text=not args.hf_special_tokens_in_text,
+            template_date=args.template_date, template_time_limit_s=args.template_time_limit,
+            max_seq_length=args.max_seq_length, overlong=args.overlong,
             loss_on=args.loss_on, workers=args.workers, strict=args.strict, chunk_size=args.chunk_size,
             fast_tokenizer=not args.no_fast_tokenizer, progress=False if args.no_progress else None,
             plot=not args.no_plot,

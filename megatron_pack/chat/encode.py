@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_pack.chat.schema import Message, RecordError, normalize_record
+from megatron_pack.chat.schema import Message, RecordError, normalize_record, record_tools
 from megatron_pack.chat.templates import ChatTemplate, Rendered
 
 MAX_REJECT_RECORD_CHARS = 4000
@@ -147,10 +147,14 @@ class ChunkEncoder:
         except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
             raise RecordError("malformed_json", str(exc).splitlines()[0][:200]) from None
         schema, messages = normalize_record(record)
+        tools = record_tools(record)
         self.template.validate(messages)
-        return schema, messages, self.template.render(messages)
+        rendered = self.template.render(messages, tools=tools)
+        rendered.tools = tools  # split-chat re-renders pieces with them
+        return schema, messages, rendered
 
     def encode_rendered(self, rendered: Sequence[Rendered]):
+        rendered = self.template.finish(list(rendered))
         texts = [p for r in rendered for p in r.parts if isinstance(p, str)]
         return assemble(rendered, self.tok.encode_batch(texts), self.loss_on)
 
@@ -226,18 +230,19 @@ class ChunkEncoder:
         res.turn_off = np.concatenate([[0], np.cumsum([len(d[2]) for d in docs], dtype=np.int64)])
 
 
-def render_messages(encoder: ChunkEncoder, messages: list[Message]):
+def render_messages(encoder: ChunkEncoder, messages: list[Message], tools=None):
     """Tokens, mask and turns of one message list (used to re-render split pieces)."""
-    rendered = encoder.template.render(messages)
+    rendered = encoder.template.render(messages, tools=tools)
     tokens, mask, _, turns, _ = encoder.encode_rendered([rendered])
     return tokens, mask, turns
 
 
-def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant"):
+def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant",
+                        tools=None):
     """(tokens int32, loss_mask uint8, turn_starts int32) of one validated conversation,
     exactly as preprocessing writes it (no over-long handling)."""
     template.validate(messages)
-    rendered = template.render(messages)
+    rendered = template.finish([template.render(messages, tools=tools)])[0]
     texts = [p for p in rendered.parts if isinstance(p, str)]
     tokens, mask, _, turns, _ = assemble([rendered], template.tok.encode_batch(texts), loss_on)
     return tokens, mask, turns

@@ -97,7 +97,7 @@ class SplitChat:
                 piece = system + messages[starts[e]:end]
                 try:
                     encoder.template.validate(piece)
-                    t, m, u = render_messages(encoder, piece)
+                    t, m, u = render_messages(encoder, piece, getattr(conv.rendered, "tools", None))
                 except RecordError:
                     t = None
                     break

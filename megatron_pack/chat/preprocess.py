@@ -58,6 +58,14 @@ class PreprocessConfig:
     """Stop with an error at the first bad record instead of skipping it."""
     chunk_size: int = 512
     """Conversations per worker task (one tokenizer batch call each)."""
+    special_as_text: bool = True
+    """Jinja templates: message text that spells a control token stays text (False: it becomes
+    the token, transformers' default)."""
+    template_time_limit_s: float = 5.0
+    """Jinja templates: seconds one record may take to render before it is rejected."""
+    template_date: Optional[str] = None
+    """Jinja templates: the day ``strftime_now`` returns (YYYY-MM-DD); default the day the run
+    starts, fixed for all workers so one run renders one date."""
     fast_tokenizer: bool = True
     """Encode byte-level BPE with tiktoken when it is installed and gives identical ids."""
     progress: Optional[bool] = None
@@ -79,6 +87,13 @@ class PreprocessConfig:
             raise PreprocessError(f"unknown --loss-on {self.loss_on!r}; choose from {', '.join(LOSS_POLICIES)}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise PreprocessError(f"--max-seq-length must be >= 2, got {self.max_seq_length}")
+        if self.template_date is not None:
+            import datetime
+
+            try:
+                datetime.date.fromisoformat(self.template_date)
+            except (TypeError, ValueError):
+                raise PreprocessError(f"template date {self.template_date!r} is not YYYY-MM-DD") from None
         if self.workers < 1 or self.chunk_size < 1:
             raise PreprocessError("--workers and chunk size must be >= 1")
 
@@ -154,7 +169,12 @@ _ENCODER: Optional[ChunkEncoder] = None
 
 def _make_encoder(cfg: PreprocessConfig, tokenizer=None) -> ChunkEncoder:
     tok = tokenizer or load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
-    return ChunkEncoder(tok, build_template(cfg.chat_template, tok), cfg.loss_on, cfg.max_seq_length, cfg.overlong)
+    import datetime
+
+    date = datetime.datetime.fromisoformat(cfg.template_date) if cfg.template_date else None
+    template = build_template(cfg.chat_template, tok, special_as_text=cfg.special_as_text,
+                              time_limit_s=cfg.template_time_limit_s, date=date)
+    return ChunkEncoder(tok, template, cfg.loss_on, cfg.max_seq_length, cfg.overlong)
 
 
 def _cpus() -> int:
@@ -249,6 +269,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     check_paths(cfg)
     remove_stale_temps(cfg.output_prefix)
+    if cfg.template_date is None:
+        import dataclasses
+        import datetime
+
+        cfg = dataclasses.replace(cfg, template_date=datetime.datetime.now().date().isoformat())
     tokenizer = load_tokenizer(cfg.tokenizer, fast=cfg.fast_tokenizer)
     template_name = cfg.chat_template if cfg.chat_template != "auto" else auto_template_name(tokenizer)
     encoder = _make_encoder(cfg, tokenizer)

@@ -14,6 +14,7 @@ Everything becomes ``[Message(role, content), ...]`` with roles ``system``, ``us
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -35,10 +36,27 @@ ROLE_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
+#: OpenAI message keys passed through to Jinja chat templates besides role and content.
+EXTRA_KEYS = ("tool_calls", "tool_call_id", "name")
+
+
+@dataclass(frozen=True, eq=False)
 class Message:
     role: str
     content: str
+    extra: Optional[dict] = None
+    """tool_calls / tool_call_id / name, as given (Jinja templates only)."""
+
+    def as_dict(self) -> dict:
+        """The message as transformers hands it to a chat template."""
+        return {"role": self.role, "content": self.content, **(self.extra or {})}
+
+    def __eq__(self, other):
+        return isinstance(other, Message) and (self.role, self.content, self.extra or None) == (
+            other.role, other.content, other.extra or None)
+
+    def __hash__(self):
+        return hash((self.role, self.content))
 
 
 class RecordError(ValueError):
@@ -50,7 +68,7 @@ class RecordError(ValueError):
         self.detail = message
 
 
-def _content_text(content, where: str) -> str:
+def _content_text(content, where: str, allow_empty: bool = False) -> str:
     """Message content as one string; OpenAI list-of-parts content keeps its text parts."""
     if isinstance(content, list):
         # {"type": "text", "text": ...} parts; anything else (images, audio) is not text SFT.
@@ -60,11 +78,13 @@ def _content_text(content, where: str) -> str:
                 raise RecordError("non_string_content", f"{where}: content part is not a text part: {str(part)[:80]}")
             texts.append(part["text"])
         content = "".join(texts)
+    if content is None and allow_empty:
+        return ""
     if content is None:
         raise RecordError("empty_content", f"{where}: content is missing or null")
     if not isinstance(content, str):
         raise RecordError("non_string_content", f"{where}: content is {type(content).__name__}, expected a string")
-    if not content.strip():
+    if not content.strip() and not allow_empty:
         raise RecordError("empty_content", f"{where}: content is empty")
     return content
 
@@ -89,7 +109,10 @@ def _from_turns(turns, role_key: str, content_key: str, field: str) -> list[Mess
         if not isinstance(turn, dict):
             raise RecordError("unknown_schema", f"{where} is {type(turn).__name__}, expected an object")
         role = _role(turn.get(role_key), where)
-        messages.append(Message(role, _content_text(turn.get(content_key), where)))
+        extra = ({k: turn[k] for k in EXTRA_KEYS if turn.get(k) is not None} or None) if len(turn) > 2 else None
+        # transformers renders an empty system prompt and a tool-call turn without text.
+        allow_empty = role == "system" or bool(extra and extra.get("tool_calls"))
+        messages.append(Message(role, _content_text(turn.get(content_key), where, allow_empty), extra))
     return messages
 
 
@@ -124,11 +147,22 @@ def detect_schema(record) -> str:
     )
 
 
+def record_tools(record) -> Optional[list]:
+    """The record's ``tools`` (OpenAI function schemas) for templates that render them."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("unknown_schema", "'tools' must be a list of objects")
+    return tools
+
+
 def normalize_record(record) -> tuple[str, list[Message]]:
     """(schema name, messages) for one parsed JSON record, validated.
 
-    Checks shared by every template: known roles, non-empty string content, system only
-    first, at least one assistant turn. Template-specific rules (alternation, tool
+    Checks shared by every template: known roles, string content (empty only for a system
+    prompt or a tool-call turn), at least one assistant turn. Anything a template cannot
+    render (a system message late, strict alternation) is for the template to refuse. Template-specific rules (alternation, tool
     support) live in the templates.
     """
     schema = detect_schema(record)
@@ -143,9 +177,6 @@ def normalize_record(record) -> tuple[str, list[Message]]:
         messages = _from_alpaca(record)
     if not messages:
         raise RecordError("no_assistant_turn", "conversation is empty")
-    for i, m in enumerate(messages):
-        if m.role == "system" and i != 0:
-            raise RecordError("misplaced_system", f"message {i} is a system message; only the first may be")
     if not any(m.role == "assistant" for m in messages):
         raise RecordError("no_assistant_turn", "conversation has no assistant turn")
     return schema, messages

@@ -14,13 +14,14 @@ token) and ``msg`` (index of the message it belongs to). llama3, a two-turn exam
              0                                                 1        1
     msg      0 ...                                                               1 ...
 
-Registry: ``llama3``, ``llama2`` (``[INST]``), ``chatml`` and ``jinja`` (the tokenizer
-directory's own ``chat_template``, rendered incrementally so masks stay exact).
+Registry: the fast paths ``llama3`` and ``chatml`` (tested equal to the published templates),
+and the Jinja path (:mod:`megatron_pack.chat.jinja_template`, exactly ``apply_chat_template``):
+``jinja`` (the tokenizer's own ``chat_template``, the ``auto`` default when it has one) and the
+published ``llama3.1``, ``llama2``, ``mistral`` (v0.3), ``qwen2.5`` templates.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -62,10 +63,17 @@ class ChatTemplate:
         return self.tok.token_id(name)
 
     def validate(self, messages: Sequence[Message]) -> None:
-        pass
+        for i, m in enumerate(messages):
+            if m.extra:
+                raise RecordError("tool_calls_unsupported", f"message {i} has {', '.join(m.extra)}; the built-in "
+                                  f"{self.name} template renders text only (use the model's Jinja template)")
 
-    def render(self, messages: Sequence[Message]) -> Rendered:
+    def render(self, messages: Sequence[Message], tools=None) -> Rendered:
         raise NotImplementedError
+
+    def finish(self, rendered: list) -> list:
+        """Fill in the token parts of rendered conversations (batched); built-ins are done."""
+        return rendered
 
 
 class Llama3Template(ChatTemplate):
@@ -86,7 +94,7 @@ class Llama3Template(ChatTemplate):
             for role, name in names.items()
         }
 
-    def render(self, messages):
+    def render(self, messages, tools=None):
         out = Rendered()
         for i, m in enumerate(messages):
             header = self.headers[m.role]
@@ -110,7 +118,7 @@ class ChatMLTemplate(ChatTemplate):
         self.headers = {r: (start,) + tokenizer.encode_cached(r + "\n") for r in ("system", "user", "assistant", "tool")}
         self.newline = tokenizer.encode_cached("\n")
 
-    def render(self, messages):
+    def render(self, messages, tools=None):
         out = Rendered()
         for i, m in enumerate(messages):
             is_assistant = m.role == "assistant"
@@ -121,158 +129,32 @@ class ChatMLTemplate(ChatTemplate):
         return out
 
 
-class Llama2Template(ChatTemplate):
-    """Meta's Llama-2 chat format, one ``<s>[INST] user [/INST] answer </s>`` per exchange;
-    the system prompt goes inside the first ``[INST]`` between ``<<SYS>>`` markers. Needs
-    strict user/assistant alternation and has no tool role."""
+def _jinja(source_name: Optional[str] = None):
+    def build(tokenizer, **options):
+        from megatron_pack.chat.builtin_templates import KNOWN_TEMPLATES
+        from megatron_pack.chat.jinja_template import JinjaTemplate
 
-    name = "llama2"
+        source = KNOWN_TEMPLATES[source_name] if source_name else None
+        template = JinjaTemplate(tokenizer, source, **options)
+        if source_name:
+            template.name = source_name
+        return template
 
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
-        if tokenizer.bos_id is None or tokenizer.eos_id is None:
-            raise TokenizerError(f"{tokenizer.path}: the llama2 template needs BOS and EOS tokens")
-        self.bos, self.eos = (tokenizer.bos_id,), (tokenizer.eos_id,)
-        # SentencePiece puts a word-start marker on every encoded text, which stands for the
-        # space in "[/INST] answer"; byte-level BPE needs the space spelled out.
-        self.answer_prefix = "" if tokenizer.adds_prefix_space else " "
-
-    def validate(self, messages):
-        body = messages[1:] if messages[0].role == "system" else messages
-        for i, m in enumerate(body):
-            if m.role == "tool":
-                raise RecordError("tool_unsupported", "the llama2 template has no tool role")
-            want = "user" if i % 2 == 0 else "assistant"
-            if m.role != want:
-                raise RecordError(
-                    "not_alternating", f"llama2 needs user/assistant alternation; turn {i} is {m.role}, expected {want}"
-                )
-
-    def render(self, messages):
-        out = Rendered()
-        offset = 1 if messages[0].role == "system" else 0
-        system = messages[0].content.strip() if offset else None
-        for i in range(offset, len(messages)):
-            m = messages[i]
-            if m.role == "user":
-                text = m.content.strip()
-                if system is not None and i == offset:
-                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-                out.add(self.bos, False, i)
-                out.add(f"[INST] {text} [/INST]", False, i)
-            else:
-                out.add(self.answer_prefix + m.content.strip(), True, i)
-                out.add(self.eos, True, i)
-        return out
+    return build
 
 
-class JinjaTemplate(ChatTemplate):
-    """The tokenizer's own Jinja ``chat_template``, applied so the mask is exact.
-
-    Rendering is incremental: the string for messages[:k] must be a prefix of the one for
-    messages[:k+1]; each difference is one message turn. For an assistant turn the prompt
-    part comes from rendering messages[:k] with ``add_generation_prompt=True``; everything
-    after it (content and end-of-turn tokens) is trained. Template text is split on the
-    tokenizer's special-token strings so those become single ids; the message content is
-    located in its turn and kept as plain text, so content that merely looks like a
-    special token is never turned into one.
-    """
-
-    name = "jinja"
-
-    def __init__(self, tokenizer, source: Optional[str] = None):
-        super().__init__(tokenizer)
-        source = source or tokenizer.chat_template
-        if not source:
-            raise TokenizerError(f"{tokenizer.path}: tokenizer has no chat_template for the jinja template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise RecordError("template_error", str(message))
-
-        def strftime_now(fmt):
-            # Fixed date: output must not depend on when preprocessing ran.
-            import datetime
-
-            return datetime.date(2024, 7, 26).strftime(fmt)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-        self.template = env.from_string(source)
-        specials = [s for s in tokenizer.special_tokens if s]
-        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-
-    def _render(self, messages, add_generation_prompt: bool) -> str:
-        try:
-            return self.template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.tok.bos_token or "",
-                eos_token=self.tok.eos_token or "",
-                date_string="26 Jul 2024",
-            )
-        except RecordError:
-            raise
-        except Exception as exc:
-            raise RecordError("template_error", f"chat_template failed: {exc}") from None
-
-    def _template_text(self, text: str, out: Rendered, trained: bool, msg: int):
-        pieces = self._special_re.split(text) if self._special_re else [text]
-        for j, piece in enumerate(pieces):
-            if j % 2:  # odd positions are the captured special tokens
-                out.add((self.tok.token_id(piece),), trained, msg)
-            elif piece:
-                out.add(self.tok.encode_cached(piece), trained, msg)
-
-    def _turn(self, text: str, content: str, out: Rendered, trained: bool, msg: int):
-        """Template text around the message content, content kept as plain text."""
-        for needle in (content, content.strip()):
-            # rfind: the content follows any header text that might repeat it.
-            at = text.rfind(needle)
-            if needle and at >= 0:
-                self._template_text(text[:at], out, trained, msg)
-                out.add(needle, trained, msg)
-                self._template_text(text[at + len(needle):], out, trained, msg)
-                return
-        raise RecordError("template_error", f"message {msg}: content not found in the rendered chat_template")
-
-    def _check_prefix(self, longer: str, prefix: str, k: int):
-        if not longer.startswith(prefix):
-            raise RecordError(
-                "template_not_incremental", f"chat_template rewrites earlier turns when message {k} is added"
-            )
-
-    def render(self, messages):
-        out = Rendered()
-        done = ""
-        for k, m in enumerate(messages):
-            if m.role == "assistant":
-                prompt = self._render(messages[:k], True)
-                self._check_prefix(prompt, done, k)
-                self._template_text(prompt[len(done):], out, False, k)
-                done = prompt
-            full = self._render(messages[: k + 1], False)
-            self._check_prefix(full, done, k)
-            start = len(out.parts)
-            self._turn(full[len(done):], m.content, out, m.role == "assistant", k)
-            if m.role == "assistant":
-                # Whitespace the template puts after the end-of-turn token is not predicted.
-                j = len(out.parts) - 1
-                while j >= start and isinstance(out.parts[j], tuple) and all(
-                    not self.tok.id_to_piece(t).strip(" \nĠĊ▁") for t in out.parts[j]
-                ):
-                    out.trained[j] = False
-                    j -= 1
-            done = full
-        return out
-
-
-TEMPLATES: dict[str, Callable[[BaseTokenizer], ChatTemplate]] = {
+#: Built-in fast paths (token-level, tested equal to the published templates they follow),
+#: published templates rendered by the Jinja path, and ``jinja`` (the tokenizer's own).
+TEMPLATES: dict[str, Callable[..., ChatTemplate]] = {
     "llama3": Llama3Template,
-    "llama2": Llama2Template,
     "chatml": ChatMLTemplate,
-    "jinja": JinjaTemplate,
+    "llama3.1": _jinja("llama3.1"),
+    "llama2": _jinja("llama2"),
+    "mistral": _jinja("mistral"),
+    "qwen2.5": _jinja("qwen2.5"),
+    "jinja": _jinja(),
 }
+JINJA_OPTIONS = ("special_as_text", "time_limit_s", "max_chars", "date")
 
 
 def auto_template_name(tokenizer: BaseTokenizer) -> str:
@@ -286,9 +168,12 @@ def auto_template_name(tokenizer: BaseTokenizer) -> str:
     return "llama2"
 
 
-def build_template(name: str, tokenizer: BaseTokenizer) -> ChatTemplate:
+def build_template(name: str, tokenizer: BaseTokenizer, **jinja_options) -> ChatTemplate:
+    """``jinja_options`` (:data:`JINJA_OPTIONS`) apply to the Jinja-rendered templates only."""
     if name == "auto":
         name = auto_template_name(tokenizer)
     if name not in TEMPLATES:
         raise ValueError(f"unknown chat template {name!r}; choose from auto, {', '.join(TEMPLATES)}")
-    return TEMPLATES[name](tokenizer)
+    if name in ("llama3", "chatml"):
+        return TEMPLATES[name](tokenizer)
+    return TEMPLATES[name](tokenizer, **jinja_options)

@@ -6,7 +6,8 @@ bos/eos/pad ids. Accepted paths:
 
 - ``tokenizer.json`` (HF ``tokenizers``), or a directory holding one, optionally with
   ``tokenizer_config.json`` (bos/eos/pad names, ``chat_template``) and ``chat_template.jinja``;
-- a SentencePiece ``.model`` file (Llama-2 / Mistral), or a directory with ``tokenizer.model``.
+- a SentencePiece ``.model`` file (Llama-2 / Mistral), or a directory with ``tokenizer.model``;
+- Meta's tiktoken ``tokenizer.model`` (Llama-3 ``original/``), see ``chat.tiktoken_model``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Optional, Sequence
+
+import numpy as np
 
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -101,6 +104,25 @@ class BaseTokenizer:
         does; templates then need no explicit space before a separately encoded text."""
         ids = self.encode("x")
         return bool(ids) and self.id_to_piece(ids[0]).startswith(("▁", "Ġ"))
+
+    # -- the Jinja path: whole chats, the way transformers tokenizes them -----------------
+    template_tokens: dict = {}
+    """bos_token/eos_token/... as transformers passes them to a chat template."""
+
+    def added_tokens(self) -> list:
+        """(content, is_special) of every added/control token."""
+        return [(t, True) for t in self.special_tokens]
+
+    def encode_chats(self, texts, protects, added_re, control_re) -> list:
+        """Per text: (ids, char starts, char ends). Added tokens in the text become their ids
+        except inside the ``protects`` ranges (message text kept as text)."""
+        from megatron_pack.chat.chat_encoding import split_encode
+
+        return [split_encode(self, t, p, added_re) for t, p in zip(texts, protects)]
+
+    def _encode_bytes(self, text):
+        """(ids, byte length of each token) of plain text (no added tokens)."""
+        raise NotImplementedError
 
     def describe(self) -> dict:
         return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
@@ -206,6 +228,27 @@ class HFTokenizer(BaseTokenizer):
         self.special_tokens = sorted(
             (t.content for t in self._tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
         )
+        self.template_tokens = {k: n for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                               "cls_token", "mask_token")
+                                if (n := _token_name(config.get(k))) is not None}
+        self._hf = None
+        self._byte_len = None
+
+    def added_tokens(self):
+        return [(t.content, t.special) for t in self._tok.get_added_tokens_decoder().values()]
+
+    def encode_chats(self, texts, protects, added_re, control_re):
+        from megatron_pack.chat.chat_encoding import hf_encode_chats
+
+        return hf_encode_chats(self, texts, protects, added_re)
+
+    def _encode_bytes(self, text):
+        if self._byte_len is None:
+            from megatron_pack.chat.chat_encoding import tiktoken_tables
+
+            tiktoken_tables(self)
+        ids = self._tiktoken.encode_ordinary(text)
+        return ids, self._byte_len[ids].tolist() if ids else []
 
     def _configured(self, config, key, candidates) -> Optional[int]:
         name = _token_name(config.get(key))
@@ -250,6 +293,19 @@ class SentencePieceTokenizer(BaseTokenizer):
         self.special_tokens = sorted(
             (self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)), key=len, reverse=True
         )
+        unk = self._sp.IdToPiece(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
+        # transformers' LlamaTokenizer defaults for a bare .model
+        self.template_tokens = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                                  ("unk_token", unk)) if v}
+
+    def _encode_bytes(self, text):
+        ids = self._sp.Encode(text, add_bos=False, add_eos=False)
+        lens = np.array([1 if self._sp.IsByte(i) else len(self._sp.IdToPiece(i).replace("\u2581", " ").encode())
+                         for i in ids], dtype=np.int64)
+        excess = int(lens.sum()) - len(text.encode("utf-8")) if len(lens) else 0
+        if excess > 0:  # the dummy-prefix "▁" stands for no input character
+            lens[0] = max(0, lens[0] - excess)
+        return ids, lens.tolist()
 
     def _encode_batch(self, texts):
         # Control pieces (<s>, </s>) are never produced from text by SentencePiece.
@@ -304,6 +360,15 @@ def tokenizer_path_for_type(path: str, tokenizer_type: Optional[str]) -> str:
     return path
 
 
+def _model_file(path: str) -> BaseTokenizer:
+    """A ``.model`` file: SentencePiece, or Meta's tiktoken BPE (Llama-3 ``original/``)."""
+    from megatron_pack.chat.tiktoken_model import TiktokenModelTokenizer, is_tiktoken_model
+
+    if is_tiktoken_model(path):
+        return TiktokenModelTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
 def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
     """Tokenizer at ``path`` (file or directory); TokenizerError says what is wrong.
 
@@ -325,14 +390,14 @@ def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
             return HFTokenizer(json_path, config, _read_chat_template(path, config), fast=fast)
         sp_path = os.path.join(path, "tokenizer.model")
         if os.path.isfile(sp_path):
-            tok = SentencePieceTokenizer(sp_path)
+            tok = _model_file(sp_path)
             tok.chat_template = _read_chat_template(path, config)
             return tok
         raise TokenizerError(f"{path}: directory has neither tokenizer.json nor tokenizer.model")
     if path.endswith(".json"):
         return HFTokenizer(path, fast=fast)
     if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
+        return _model_file(path)
     raise TokenizerError(
         f"{path}: not a tokenizer (expected tokenizer.json, a SentencePiece .model, or a directory with one)"
     )

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.experiment.settings import Setting, baseline
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
@@ -161,11 +162,7 @@ def plot_curves(rows: list[dict], path: str) -> str:
     axes[0].set_ylabel("held-out loss (document mask, same for every run)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def run_comparison(base, settings: list[Setting], output_dir: str, evals_per_run: int = 4,

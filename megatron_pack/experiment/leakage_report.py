@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
 
@@ -105,11 +106,7 @@ def plot_leakage(att: dict, path: str) -> str:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("share of the token's attention")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def run_leakage(model_path: str, data_prefix: str, output_dir: str, *, seq_length: int = 512, mode: str = "greedy",

@@ -149,26 +149,40 @@ def pack_random(lengths, capacity: int, seed: int):
     ``[lo[p], hi[p])`` of item ``item[p]``.
     """
     lengths = _check(lengths, capacity)
-    item, lo, hi, offsets = [], [], [], [0]
-    fill = num_split = 0
-    for i in shuffle(len(lengths), seed).tolist():
+    out = ([], [], [], [0])
+    num_split, fill = _lay_end_to_end(shuffle(len(lengths), seed).tolist(), lengths, capacity, out)
+    if fill:
+        out[3].append(len(out[0]))
+    return _pieces_result(out, num_split)
+
+
+def _lay_end_to_end(order, lengths, capacity: int, out: tuple, keep=None) -> tuple:
+    """Lay the items of ``order`` end to end and cut every ``capacity`` tokens, stopping after
+    ``keep`` tokens (all when None). Appends pieces to ``out = (item, lo, hi, offsets)`` and
+    closes each full sequence; returns ``(items split, tokens in the open last sequence)``."""
+    item, lo, hi, offsets = out
+    fill = pos = num_split = 0
+    for i in order:
         off = pieces = 0
-        while off < lengths[i]:
+        while off < lengths[i] and (keep is None or pos < keep):
             take = min(lengths[i] - off, capacity - fill)
             item.append(i)
             lo.append(off)
             hi.append(off + take)
             off += take
             fill += take
+            pos += take
             pieces += 1
             if fill == capacity:
                 offsets.append(len(item))
                 fill = 0
         num_split += pieces > 1
-    if fill:
-        offsets.append(len(item))
+    return num_split, fill
+
+
+def _pieces_result(out: tuple, num_split: int):
     as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return as64(item), as64(lo), as64(hi), as64(offsets), num_split
+    return (*(as64(x) for x in out), num_split)
 
 
 def split_turns(lengths, turn_offsets, turn_values, capacity: int):
@@ -260,25 +274,9 @@ def pack_random_chunked(lengths, capacity: int, chunk: int):
         chunk 1: c c c c c   -> keep 4: [c c c c]; c's last token dropped
     """
     lengths = _check_positive(lengths)
-    item, lo, hi, offsets = [], [], [], [0]
+    out = ([], [], [], [0])
     num_split = 0
     for idx in _chunks(len(lengths), chunk):
-        keep = sum(lengths[i] for i in idx) // capacity * capacity
-        fill = pos = 0
-        for i in idx:
-            off = pieces = 0
-            while off < lengths[i] and pos < keep:
-                take = min(lengths[i] - off, capacity - fill)
-                item.append(i)
-                lo.append(off)
-                hi.append(off + take)
-                off += take
-                fill += take
-                pos += take
-                pieces += 1
-                if fill == capacity:
-                    offsets.append(len(item))
-                    fill = 0
-            num_split += pieces > 1
-    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return as64(item), as64(lo), as64(hi), as64(offsets), num_split
+        keep = sum(lengths[i] for i in idx) // capacity * capacity  # a whole number of sequences
+        num_split += _lay_end_to_end(idx, lengths, capacity, out, keep)[0]
+    return _pieces_result(out, num_split)

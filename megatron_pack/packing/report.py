@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.packing.modes import DEFAULT_MODES, get_mode
 from megatron_pack.packing.plan import PackingPlan, build_plan
 from megatron_pack.files.atomic import write_json_atomic
@@ -150,11 +151,7 @@ def plot_report(plans: dict, lengths, max_seq_length: int, out_png: str) -> str:
                title=f"{lengths.size:,} samples, {int(lengths.sum()):,} tokens")
     ax_len.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out_png + f".tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure_atomic(fig, out_png)
 
 
 def load_lengths(data_prefix: str | None = None, lengths_file: str | None = None):

@@ -148,3 +148,17 @@ def shared_run(key: str, tmp_path_factory) -> RunResult:
         res.args, res.save_dir = args, tmp / "ckpt"
         _SHARED[key] = res
     return _SHARED[key]
+
+
+def stop_and_resume(nprocs: int, args: list, workdir: Path) -> tuple:
+    """The resume experiment every resume test runs: ``full`` trains steps 1..6 uninterrupted,
+    ``first`` stops after step 3 saving to ``workdir/ck``, ``second`` loads it and runs 4..6.
+    Each must exit 0 on every rank; returns ``(full, first, second)``."""
+    ck = workdir / "ck"
+    runs = (run_train(nprocs, args + ["--exit-interval", "6"], workdir, name="full"),
+            run_train(nprocs, args + ["--save", str(ck), "--exit-interval", "3"], workdir, name="first"),
+            run_train(nprocs, args + ["--load", str(ck), "--exit-interval", "6"], workdir, name="second"))
+    for res in runs:
+        assert res.returncodes == [0] * nprocs, describe_failure(res)
+    assert sorted(runs[2].steps) == [4, 5, 6]
+    return runs

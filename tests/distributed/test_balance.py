@@ -4,7 +4,7 @@ and a balanced run resumed mid-epoch == the uninterrupted one (2 gloo ranks, fp3
 import numpy as np
 import pytest
 
-from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset
+from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset, stop_and_resume
 
 pytestmark = pytest.mark.distributed
 
@@ -60,15 +60,8 @@ def test_balanced_resume_mid_epoch_equals_uninterrupted(tmp_path_factory):
     prefix = shared_dataset(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("balance_resume")
     args = BASE_ARGS + ["--data-path", prefix, "--train-iters", "12", "--balance-batches"]
-    full = run_train(2, args + ["--exit-interval", "6"], tmp, name="full")
-    assert full.returncodes == [0, 0], describe_failure(full)
-    ck = tmp / "ck"
-    first = run_train(2, args + ["--save", str(ck), "--exit-interval", "3"], tmp, name="first")
-    assert first.returncodes == [0, 0], describe_failure(first)
-    second = run_train(2, args + ["--load", str(ck), "--exit-interval", "6"], tmp, name="second")
-    assert second.returncodes == [0, 0], describe_failure(second)
+    full, first, second = stop_and_resume(2, args, tmp)
     assert "at iteration 3 (epoch 0" in second.output  # mid-epoch (8 steps per epoch)
-    assert sorted(second.steps) == [4, 5, 6]
     for run, its in ((first, (1, 2, 3)), (second, (4, 5, 6))):
         for i in its:
             a, b = full.steps[i], run.steps[i]

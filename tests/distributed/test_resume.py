@@ -7,7 +7,8 @@ saves at the step boundary and exits 0) and resumed across an epoch boundary; PP
 
 import pytest
 
-from _launch_train import BASE_ARGS, describe_failure, make_dataset, run_train, shared_run, shared_dataset
+from _launch_train import (BASE_ARGS, describe_failure, make_dataset, run_train, shared_dataset, shared_run,
+                           stop_and_resume)
 
 
 def _same_steps(full, resumed, steps):
@@ -61,14 +62,8 @@ def test_resume_pp2(tmp_path_factory):
     prefix = shared_dataset(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("resume_pp2")
     args = BASE_ARGS + ["--data-path", prefix, "--train-iters", "20", "--pipeline-model-parallel-size", "2"]
-    full = run_train(2, args + ["--exit-interval", "6"], tmp, name="full")
-    assert full.returncodes == [0, 0], describe_failure(full)
+    full, first, second = stop_and_resume(2, args, tmp)
     ck = tmp / "ck"
-    first = run_train(2, args + ["--save", str(ck), "--exit-interval", "3"], tmp, name="first")
-    assert first.returncodes == [0, 0], describe_failure(first)
-    second = run_train(2, args + ["--load", str(ck), "--exit-interval", "6"], tmp, name="second")
-    assert second.returncodes == [0, 0], describe_failure(second)
-    assert sorted(second.steps) == [4, 5, 6]
     assert sorted(first.steps) == [1, 2, 3]
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     _same_steps(full, first, range(1, 4))
@@ -85,15 +80,9 @@ def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume_cp2")
     args = BASE_ARGS + ["--data-path", prefix, "--train-iters", "20", "--context-parallel-size", "2",
                         "--eval-interval", "3"]
-    full = run_train(2, args + ["--exit-interval", "6"], tmp, name="full")
-    assert full.returncodes == [0, 0], describe_failure(full)
+    full, first, second = stop_and_resume(2, args, tmp)
     assert "CP 2 DP 1" in full.output
     ck = tmp / "ck"
-    first = run_train(2, args + ["--save", str(ck), "--exit-interval", "3"], tmp, name="first")
-    assert first.returncodes == [0, 0], describe_failure(first)
-    second = run_train(2, args + ["--load", str(ck), "--exit-interval", "6"], tmp, name="second")
-    assert second.returncodes == [0, 0], describe_failure(second)
-    assert sorted(second.steps) == [4, 5, 6]
     _same_steps(full, first, range(1, 4))
     _same_steps(full, second, range(4, 7))
 

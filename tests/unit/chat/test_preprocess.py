@@ -177,7 +177,7 @@ def test_llama2_alternation_and_tool_rejects(sp_char_model, tmp_path):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
     ])
     s = preprocess(cfg([src], sp_char_model, tmp_path / "out", chat_template="llama2"))
-    assert s["conversations"]["rejected_by_reason"] == {"not_alternating": 1, "tool_unsupported": 1}
+    assert s["conversations"]["rejected_by_reason"] == {"template_error": 2}
     assert len(SFTIndexedDataset(str(tmp_path / "out"))) == 1
 
 

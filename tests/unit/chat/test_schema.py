@@ -58,8 +58,6 @@ def test_alpaca(rec, expected):
      "non_string_content"),
     ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn"),
     ({"messages": []}, "no_assistant_turn"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"},
-                   {"role": "assistant", "content": "y"}]}, "misplaced_system"),
     ({"messages": "hello"}, "unknown_schema"),
     ({"messages": ["hello"]}, "unknown_schema"),
     ({"text": "plain pretraining text"}, "unknown_schema"),

@@ -74,31 +74,34 @@ def test_llama2_sentencepiece_hand_checked(sp_char_model):
     tok, got, mask, turns = run(sp_char_model, "llama2", msgs)
     first = list("▁[INST]▁<<SYS>>\nbe▁nice\n<</SYS>>\n\nhi▁[/INST]".replace(" ", "▁"))
     second = list("▁[INST]▁ok▁[/INST]")
-    expected = ["<s>"] + first + list("▁yes") + ["</s>", "<s>"] + second + list("▁no") + ["</s>"]
+    # "▁" before every "</s>": Meta's reference ("answer </s>") and transformers agree.
+    expected = ["<s>"] + first + list("▁yes") + ["▁", "</s>", "<s>"] + second + list("▁no") + ["▁", "</s>"]
     assert got == expected
     n1 = 1 + len(first)
-    n2 = n1 + 5 + 1 + len(second)
-    assert mask == [0] * n1 + [1] * 5 + [0] * (1 + len(second)) + [1] * 4
+    n2 = n1 + 6 + 1 + len(second)
+    assert mask == [0] * n1 + [1] * 6 + [0] * (1 + len(second)) + [1] * 5
     # system has no turn of its own in llama2: it lives inside the first [INST]
-    assert turns == [0, n1, n1 + 5, n2]
+    assert turns[0] == 0 and turns[-3:] == [n1, n1 + 6, n2]  # the system text is a turn of its own
 
 
 def test_llama2_on_bpe_spells_out_the_space(wordlevel_dir):
     tok, got, mask, turns = run(wordlevel_dir, "llama2", [M("user", "hi"), M("assistant", "yes")])
-    assert got == [BOT, "[", "INST", "]", " ", "hi", " ", "[", "/", "INST", "]", " ", "yes", "<|eot_id|>"]
-    assert mask == [0] * 11 + [1, 1, 1]
+    assert got == [BOT, "[", "INST", "]", " ", "hi", " ", "[", "/", "INST", "]", " ", "yes", " ", "<|eot_id|>"]
+    assert mask == [0] * 11 + [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("msgs,reason", [
-    ([M("user", "hi"), M("assistant", "call"), M("tool", "x"), M("assistant", "ok")], "tool_unsupported"),
-    ([M("user", "hi"), M("user", "hi"), M("assistant", "ok")], "not_alternating"),
-    ([M("assistant", "hi"), M("user", "hi")], "not_alternating"),
+@pytest.mark.parametrize("msgs", [
+    [M("user", "hi"), M("assistant", "call"), M("tool", "x"), M("assistant", "ok")],
+    [M("user", "hi"), M("user", "hi"), M("assistant", "ok")],
+    [M("assistant", "hi"), M("user", "hi")],
 ])
-def test_llama2_rejects(sp_char_model, msgs, reason):
+def test_llama2_rejects_quote_the_template(sp_char_model, msgs):
+    """Only what transformers itself refuses, with the template's own raise_exception text."""
     tmpl = build_template("llama2", load_tokenizer(sp_char_model))
     with pytest.raises(RecordError) as err:
-        tmpl.validate(msgs)
-    assert err.value.reason == reason
+        tmpl.render(msgs)
+    assert err.value.reason == "template_error"
+    assert "Conversation roles must alternate user/assistant/user/assistant/..." in err.value.detail
 
 
 def test_special_token_text_in_content_stays_text(wordlevel_dir, bpe_dir):
@@ -160,7 +163,7 @@ def test_jinja_chatml_template_masks(wordlevel_dir, tmp_path):
 
 
 def test_jinja_raise_exception_is_a_reject(wordlevel_dir, tmp_path):
-    from megatron_pack.chat.templates import JinjaTemplate
+    from megatron_pack.chat.jinja_template import JinjaTemplate
 
     tmpl = JinjaTemplate(load_tokenizer(wordlevel_dir), "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(RecordError, match="roles must alternate"):
@@ -184,7 +187,7 @@ def test_llama2_on_real_sentencepiece_bpe(sp_bpe_model):
                                                                               M("assistant", "fine thanks")])
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
     answer = tokens[turns[1]:]
-    assert tok._sp.DecodeIds(answer[:-1].tolist()) == "fine thanks"
+    assert tok._sp.DecodeIds(answer[:-1].tolist()) == "fine thanks "  # "answer </s>"
     assert mask.tolist() == [0] * turns[1] + [1] * len(answer)
 
 
