@@ -22,7 +22,7 @@ def saved(tmp_path_factory):
 
 
 def _error_line(res):
-    return [line for line in res.output.splitlines() if line.startswith("error:")]
+    return [line for line in res.output.splitlines() if line.startswith("error:") or ": error: " in line]
 
 
 def test_refusals_name_both_values(saved):
