@@ -142,7 +142,7 @@ def saved_run_config(path: str) -> dict | None:
         with open(f) as fh:
             rc = json.load(fh)
     except ValueError as e:
-        raise CheckpointError(f"{f}: unreadable ({e})") from None
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(rc, dict):
         raise CheckpointError(f"{f}: expected a JSON object")
     return rc

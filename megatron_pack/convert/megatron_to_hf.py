@@ -9,7 +9,6 @@ peak memory is one layer (all its TP shards merged) plus the shard being filled.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Optional
@@ -19,6 +18,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint import imported as C
 from megatron_pack.convert import mapping as M
+from megatron_pack.checkpoint.dist import saved_run_config
 from megatron_pack.checkpoint.dist_reader import DistCheckpointReader
 from megatron_pack.checkpoint.layout import resolve_iteration_dir
 from megatron_pack.convert.hf_config import (DTYPES, ConversionError, copy_tokenizer, hf_config_dict, parse_dtype,
@@ -60,14 +60,6 @@ class ImportSource:
         return torch.cat([self._rank(r, self.pp - 1, "head.safetensors")[M.MEG_OUTPUT] for r in range(self.tp)])
 
 
-def _run_config(iter_path: str) -> dict:
-    path = os.path.join(iter_path, "run_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def training_vocab_size(run_config: dict, preset: LlamaPreset) -> Optional[int]:
     """The vocabulary the run trained with, as the training loop resolved it (when recorded)."""
     model = run_config.get("model", {})
@@ -85,7 +77,7 @@ class DistSource:
 
     def __init__(self, iter_path: str, vocab_size: Optional[int] = None, model: Optional[str] = None):
         self.reader = DistCheckpointReader(iter_path)
-        rc = _run_config(iter_path)
+        rc = saved_run_config(iter_path) or {}
         if model:
             try:
                 preset = get_preset(model)

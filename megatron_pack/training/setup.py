@@ -3,7 +3,6 @@ Megatron optimizer. Megatron-LM's ``setup_model_and_optimizer``, for one model c
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -15,6 +14,7 @@ def recorded_architecture(path: str):
     """``(architecture, HF extras)`` recorded in an import or a training checkpoint at ``path``
     (root or iteration directory); ``(None, {})`` when nothing there records one. HF extras:
     ``{"special_tokens": {...}, "generation_config": {...}}``, carried to the export."""
+    from megatron_pack.checkpoint.dist import saved_run_config
     from megatron_pack.checkpoint.imported import preset_from_metadata, read_import_metadata
     from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
     from megatron_pack.model.presets import get_preset
@@ -24,16 +24,15 @@ def recorded_architecture(path: str):
         return preset_from_metadata(meta), {"special_tokens": meta.get("hf_config") or {},
                                             "generation_config": meta.get("generation_config")}
     try:
-        run_config = os.path.join(resolve_iteration_dir(path), "run_config.json")
+        iter_path = resolve_iteration_dir(path)
     except CheckpointError:
         return None, {}
-    if not os.path.isfile(run_config):
-        return None, {}
     try:
-        with open(run_config) as f:
-            rc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{run_config}: not valid JSON ({e}); cannot read the architecture the run recorded") from None
+        rc = saved_run_config(iter_path)
+    except CheckpointError as e:
+        raise ConfigError(f"{e}; cannot read the architecture the run recorded") from None
+    if rc is None:
+        return None, {}
     if rc.get("architecture"):
         return preset_from_metadata(rc), rc.get("hf") or {}
     name = (rc.get("model") or {}).get("model")  # checkpoints from before architectures were recorded
