@@ -98,13 +98,6 @@ class BaseTokenizer:
                 return tid
         return None
 
-    @property
-    def adds_prefix_space(self) -> bool:
-        """True when encoding 'x' alone yields a word-initial piece ('▁x'), as SentencePiece
-        does; templates then need no explicit space before a separately encoded text."""
-        ids = self.encode("x")
-        return bool(ids) and self.id_to_piece(ids[0]).startswith(("▁", "Ġ"))
-
     # -- the Jinja path: whole chats, the way transformers tokenizes them -----------------
     template_tokens: dict = {}
     """bos_token/eos_token/... as transformers passes them to a chat template."""

@@ -73,11 +73,6 @@ def read_dist_metadata(iter_path: str):
     return md
 
 
-def check_dist_metadata(iter_path: str) -> None:
-    """Raise :class:`CheckpointError` unless ``.metadata`` passes :func:`read_dist_metadata`."""
-    read_dist_metadata(iter_path)
-
-
 def safe_torch_load(path, **kw):
     """``torch.load`` with ``weights_only=True`` passed explicitly, so
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment cannot turn code execution back on."""

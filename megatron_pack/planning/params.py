@@ -122,7 +122,6 @@ def _no_init(weight):
 
 def _build_shard(preset: LlamaPreset, config, vocab_size: int):
     """This rank's ``GPTModel`` on the meta device; (model, builder name)."""
-    from megatron.core import parallel_state as ps
 
     from megatron_pack.model.builder import build_model
 

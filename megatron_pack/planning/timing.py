@@ -109,10 +109,6 @@ class TimeEstimate:
         return asdict(self)
 
 
-def attention_flops_per_sq_token(preset: LlamaPreset) -> float:
-    return CostModel.from_architecture(preset, matmul_params=0).attention_flops_per_sq
-
-
 def estimate(preset: LlamaPreset, matmul_params: int, stats: SequenceStats, cfg: TimingConfig) -> TimeEstimate:
     """Time of one pass over ``stats``' sequences in steps of ``global_batch_size``."""
     n = max(stats.num_sequences, 1)
