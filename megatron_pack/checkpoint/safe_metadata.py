@@ -16,11 +16,16 @@ plain ``pickle.load`` (any ``__reduce__`` runs); Megatron-Core reads ``common.pt
 * :func:`safe_torch_load` passes ``weights_only=True`` explicitly (the environment variable only
   overrides an unset argument), and :func:`safe_load_strategies` gives Megatron-Core's
   ``dist_checkpointing.load`` a common strategy and a planner that do the same.
+
+No process-wide state changes while any of this runs, so loads in several threads are
+independent: the allow-list lives in the unpickler instance, the safe reader and planner are
+handed to DCP by the strategy object (never swapped into Megatron-Core's module globals), and
+torch's ``serialization.safe_globals`` is not used (in torch 2.13 it edits one module-level set,
+visible to every thread's ``torch.load``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
@@ -137,30 +142,47 @@ def safe_load_strategies(iter_path: str, metadata=None):
     class SafePlanner(SafeBytesMixin, mtorch.MCoreLoadPlanner):
         pass
 
-    @contextlib.contextmanager
-    def _patched():
-        # Megatron-Core builds its reader and planner inside ``load``; swap the two module globals
-        # it looks them up by for the duration of the call (restored even on error).
-        saved = mtorch._get_filesystem_reader, mtorch.MCoreLoadPlanner
-        mtorch._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: safe_reader(
-            str(checkpoint_dir), md)
-        mtorch.MCoreLoadPlanner = SafePlanner
-        try:
-            yield
-        finally:
-            mtorch._get_filesystem_reader, mtorch.MCoreLoadPlanner = saved
-
     class SafeShardedStrategy(mtorch.TorchDistLoadShardedStrategy):
+        """Megatron-Core 0.16's ``TorchDistLoadShardedStrategy.load`` with the reader and the planner
+        passed in, not looked up as module globals: nothing outside this object changes while a load
+        runs, so concurrent loads (threads, other checkpoints) never see each other's reader."""
+
         def load(self, sharded_state_dict, checkpoint_dir):
-            with _patched():
-                return super().load(sharded_state_dict, checkpoint_dir)
+            from megatron.core.dist_checkpointing.dict_utils import nested_values
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
+            from torch.distributed import checkpoint
+
+            tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+            orig = sharded_state_dict
+            sharded_state_dict, flat_mapping, rename_mapping = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict)
+            pyt_state_dict = mtorch.mcore_to_pyt_state_dict(sharded_state_dict, True)
+            no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            checkpoint.load_state_dict(
+                pyt_state_dict, safe_reader(str(checkpoint_dir), md), no_dist=no_dist,
+                planner=SafePlanner(
+                    shapes_validation_sharded_tensors=[t for t in tensors if not t.allow_shape_mismatch],
+                    allow_shape_mismatch_sharded_tensors={t.key: t for t in tensors if t.allow_shape_mismatch}))
+            self.cached_global_metadata = md
+            out = {k: mtorch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
+            out = mtorch._replace_sharded_keys_with_state_dict_keys(out, flat_mapping, rename_mapping)
+            mtorch._restore_dict_types(out, orig)
+            return out
 
         def load_tensors_metadata(self, checkpoint_dir, metadata=None):
             return super().load_tensors_metadata(checkpoint_dir, md if metadata is None else metadata)
 
         def load_sharded_metadata(self, checkpoint_dir):
-            with _patched():
-                return super().load_sharded_metadata(checkpoint_dir)
+            from megatron.core.dist_checkpointing.mapping import ShardedObject
+            from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+            out = {}
+            for key, storage in md.state_dict_metadata.items():
+                if isinstance(storage, BytesStorageMetadata):
+                    obj = ShardedObject.empty_from_unique_key(key)
+                    out[obj.unique_key] = obj
+            out.update(self.load_tensors_metadata(checkpoint_dir, md))
+            return out
 
     class SafeCommonStrategy(TorchCommonLoadStrategy):
         def load_common(self, checkpoint_dir):
