@@ -66,6 +66,10 @@ def main(argv=None):
     b.add_argument("--vocab-size", type=int, help="true vocabulary size when the run did not record it")
     b.add_argument("--model", help="preset or HF config.json / model directory, when the checkpoint records no "
                    "architecture (runs before architectures were recorded)")
+    b.add_argument("--special-tokens-from", choices=("checkpoint", "tokenizer"), default="checkpoint",
+                   help="which wins for bos/eos/pad ids and generation_config.json when both say: what the "
+                   "checkpoint recorded (default) or the tokenizer's; the other fills what it leaves unset, "
+                   "and OUTPUT/megatron_pack_export.json records where each came from")
     for q in (a, b):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -89,7 +93,8 @@ def main(argv=None):
         else:
             res = convert_megatron_to_hf(args.load, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                          tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, special_tokens_from=args.special_tokens_from)
+            print(res["specials"].describe())
             print(f"wrote {args.output} from a {res['source']}: {len(res['files'])} files "
                   f"({', '.join(res['files'][:4])}{', ...' if len(res['files']) > 4 else ''})")
     except (ConversionError, ValueError, FileNotFoundError) as e:

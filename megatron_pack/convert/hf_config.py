@@ -107,8 +107,9 @@ def read_generation_config(hf_dir: str) -> Optional[dict]:
     return gen
 
 
-def copy_tokenizer(src: Optional[str], out_dir: str) -> list:
-    """Copy tokenizer files from a directory (known names) or a single file; returns their names."""
+def copy_tokenizer(src: Optional[str], out_dir: str, skip=()) -> list:
+    """Copy tokenizer files from a directory (known names except ``skip``) or a single file;
+    returns their names."""
     if not src:
         return []
     if os.path.isfile(src):
@@ -116,7 +117,7 @@ def copy_tokenizer(src: Optional[str], out_dir: str) -> list:
         return [os.path.basename(src)]
     if not os.path.isdir(src):
         raise ConversionError(f"--tokenizer {src}: no such file or directory")
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    copied = [n for n in TOKENIZER_FILES if n not in skip and os.path.isfile(os.path.join(src, n))]
     if not copied:
         raise ConversionError(f"--tokenizer {src}: no tokenizer files there (looked for {', '.join(TOKENIZER_FILES)})")
     for n in copied:

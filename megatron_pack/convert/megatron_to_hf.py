@@ -4,7 +4,9 @@
 Streams layer by layer into :class:`~megatron_pack.convert.hf_safetensors.ShardedSafetensorsWriter`:
 peak memory is one layer (all its TP shards merged) plus the shard being filled. Writes
 ``config.json``, safetensors (sharded with ``model.safetensors.index.json`` above
-``max_shard_size``) and the tokenizer files, into a temporary directory renamed at the end.
+``max_shard_size``), the tokenizer files, ``generation_config.json`` and
+``megatron_pack_export.json`` (where the special-token ids and the generation config came from),
+into a temporary directory renamed at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from megatron_pack.checkpoint.dist_reader import DistCheckpointReader
 from megatron_pack.checkpoint.layout import resolve_iteration_dir
 from megatron_pack.convert.hf_config import (DTYPES, ConversionError, copy_tokenizer, hf_config_dict, parse_dtype,
                                          parse_size)
+from megatron_pack.convert.export_specials import (GENERATION_CONFIG, PROVENANCE_NAME, SOURCES, checkpoint_said,
+                                                   resolve_export_specials, tokenizer_said)
 from megatron_pack.convert.hf_safetensors import ShardedSafetensorsWriter
 from megatron_pack.files.safetensors import release_memory
 from megatron_pack.convert.hf_to_megatron import _progress, finish_output, prepare_output
@@ -129,42 +133,16 @@ class DistSource:
         return self.reader.tensor(M.MEG_OUTPUT) if self.reader.has(M.MEG_OUTPUT) else None
 
 
-def special_token_ids(special: dict, tokenizers=(), imports=()) -> dict:
-    """``{"bos_token_id", "eos_token_id"}`` for ``config.json``: ``special`` (an import's HF config)
-    where set, else the first tokenizer path that loads, else the HF config recorded by the first
-    import among ``imports`` (the checkpoint a training run started from); None where none says."""
-    ids = {k: special.get(k) for k in ("bos_token_id", "eos_token_id")}
-    for path in tokenizers:
-        if all(v is not None for v in ids.values()):
-            return ids
-        if not path or not os.path.exists(path):
-            continue
-        from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
-
-        try:
-            tok = load_tokenizer(path, fast=False)
-        except (TokenizerError, ValueError, OSError):
-            continue  # a file the copy step still takes (e.g. a bare config); try the next source
-        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
-            ids[key] = value if ids[key] is None else ids[key]
-    for path in imports:
-        if all(v is not None for v in ids.values()):
-            break
-        try:
-            meta = C.read_import_metadata(path) if path else None
-        except Exception:  # a moved or rewritten import: not worth failing the export for
-            meta = None
-        for key in ids:
-            if meta and ids[key] is None:
-                ids[key] = meta.get("hf_config", {}).get(key)
-    return ids
-
-
 def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = None, max_shard_size="5GB",
                            tokenizer: Optional[str] = None, vocab_size: Optional[int] = None,
-                           model: Optional[str] = None, progress: bool = True) -> dict:
+                           model: Optional[str] = None, progress: bool = True,
+                           special_tokens_from: str = "checkpoint") -> dict:
     """Export ``load`` (checkpoint root or ``iter_*`` directory) to ``output``; returns
-    ``{"files", "config", "source"}``. ``dtype`` None/``auto`` keeps the checkpoint's."""
+    ``{"files", "config", "source", "specials"}``. ``dtype`` None/``auto`` keeps the checkpoint's.
+    ``special_tokens_from``: which of the checkpoint's record and the tokenizer's wins for the
+    special-token ids and the generation config (:mod:`megatron_pack.convert.export_specials`)."""
+    if special_tokens_from not in SOURCES:
+        raise ConversionError(f"--special-tokens-from {special_tokens_from}: choose {' or '.join(SOURCES)}")
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     meta = C.read_import_metadata(load)
     if meta is not None:
@@ -191,16 +169,22 @@ def convert_megatron_to_hf(load: str, output: str, *, dtype: Optional[str] = Non
             writer.add(M.HF_OUTPUT, M.strip_vocab(out, preset.vocab_size).to(out_dtype))
         files = writer.close()
         tok = tokenizer or src.tokenizer_dir
-        ids = special_token_ids(src.special, (tok, getattr(src, "tokenizer_model", None)),
-                                getattr(src, "started_from", ()))
-        cfg = hf_config_dict(preset, out_dtype, ids["bos_token_id"], ids["eos_token_id"], src.special.get("pad_token_id"))
+        specials = resolve_export_specials(
+            checkpoint_said(src.special, src.generation_config, getattr(src, "started_from", ())),
+            tokenizer_said((tok, getattr(src, "tokenizer_model", None))), special_tokens_from)
+        ids = specials.ids
+        cfg = hf_config_dict(preset, out_dtype, ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"])
         write_json_atomic(cfg, os.path.join(tmp, "config.json"), indent=2)
-        if src.generation_config:
-            write_json_atomic(src.generation_config, os.path.join(tmp, "generation_config.json"), indent=2)
-            files.append("generation_config.json")
-        files += copy_tokenizer(tok, tmp) if tok else []
+        files += copy_tokenizer(tok, tmp, skip=(GENERATION_CONFIG,)) if tok else []
+        if specials.generation_config is not None:  # the resolved one, not the tokenizer directory's copy
+            write_json_atomic(specials.generation_config, os.path.join(tmp, GENERATION_CONFIG), indent=2)
+            files.append(GENERATION_CONFIG)
+        write_json_atomic({"format": "megatron_pack.hf_export", "source": os.path.abspath(load), "source_kind": kind,
+                           "tokenizer": tok and os.path.abspath(tok), **specials.provenance()},
+                          os.path.join(tmp, PROVENANCE_NAME), indent=2)
+        files.append(PROVENANCE_NAME)
         finish_output(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"files": files, "config": cfg, "source": kind}
+    return {"files": files, "config": cfg, "source": kind, "specials": specials}
