@@ -171,6 +171,7 @@ class BlendedPackedDataset:
         first = self._view(0, 0)
         self.padded_length, self.seq_length = first.padded_length, first.seq_length
         self.document_mask, self.mode, self.pad_multiple = first.document_mask, first.mode, first.pad_multiple
+        self.document_multiple = first.document_multiple
         self.set_epoch(epoch)
 
     @property

@@ -97,7 +97,7 @@ def _run(config: TrainConfig, st) -> dict:
                   f"truncation left out ({ds.train.plan.stats.unsupervised_tokens} tokens)")
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
-                                  signature=signature, log=log)
+                                  signature=signature, log=log, document_multiple=ds.train.document_multiple)
     stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
                          balancer=_balancer(t, preset, vocab, st))
     log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch)")
@@ -107,7 +107,8 @@ def _run(config: TrainConfig, st) -> dict:
                       loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
                       source_names=ds.train_names, cp_group=_cp_group(st.cp_size))
     run_config = dataclasses.asdict(config)
-    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras)  # read by export and --load
+    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras,  # read by export and --load
+                      plan={"document_multiple": ds.train.document_multiple})  # read by --load (check_plan)
 
     def save(it):
         return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from megatron_pack.checkpoint.dist import load_checkpoint, saved_run_config
@@ -69,6 +70,54 @@ def check_architecture(saved: dict | None, preset, vocab_size: int, where: str) 
                           "Use the settings it was trained with.")
 
 
+def saved_document_multiple(saved: dict | None) -> int | None:
+    """What the checkpoint's packing plan padded every document to: ``plan.document_multiple`` in
+    its run_config.json, else (checkpoints from before it was recorded) the context-parallel rule
+    applied to its recorded parallel sizes; None without a run_config.json."""
+    from megatron_pack.data.context_parallel import document_multiple
+
+    if not saved:
+        return None
+    plan = saved.get("plan") if isinstance(saved.get("plan"), dict) else {}
+    if plan.get("document_multiple"):
+        return int(plan["document_multiple"])
+    par = saved.get("parallel") if isinstance(saved.get("parallel"), dict) else {}
+    return document_multiple(int(par.get("context_parallel_size") or 1), int(par.get("tensor_model_parallel_size") or 1),
+                             bool(par.get("sequence_parallel")))
+
+
+def _layout(par: dict) -> str:
+    text = f"--context-parallel-size {int(par.get('context_parallel_size') or 1)}"
+    if par.get("sequence_parallel"):
+        text += f" --tensor-model-parallel-size {int(par.get('tensor_model_parallel_size') or 1)} --sequence-parallel"
+    return text
+
+
+def check_plan(saved: dict | None, config: TrainConfig, document_multiple: int, where: str) -> None:
+    """Refuse to resume on another packing plan. Documents are padded to a multiple of 2*CP
+    (lcm with TP*CP under sequence parallel) and packed at the padded lengths, so another CP size
+    means other sequences: the saved data position (a count of consumed sequences) would continue
+    at the same step of a different plan, skipping some conversations and repeating others."""
+    was = saved_document_multiple(saved)
+    if was is None or was == document_multiple:
+        return
+    par = saved.get("parallel") if isinstance(saved.get("parallel"), dict) else {}
+    now = dataclasses.asdict(config.parallel)
+    fix = f"Resume with {_layout(par)}"
+    if _has_field(config, "document_padding_multiple"):  # the flag that packs any layout like another
+        fix += f" or --document-padding-multiple {was}"
+    raise ConfigError(f"{where}: the checkpoint's packing plan pads every document to a multiple of {was} "
+                      f"({_layout(par)}), this run's to {document_multiple} ({_layout(now)}): its data position "
+                      f"counts sequences of the other plan. {fix}, or start a fresh --save from its weights "
+                      "with --pretrained-checkpoint.")
+
+
+def _has_field(config, name: str) -> bool:
+    return any(f.name == name or (dataclasses.is_dataclass(getattr(config, f.name))
+                                  and _has_field(getattr(config, f.name), name))
+               for f in dataclasses.fields(config))
+
+
 def _schedule_hook(ck, scheduler, load_dir: str, log):
     from megatron_pack.training.schedule import schedule_changes
 
@@ -92,8 +141,9 @@ def _schedule_hook(ck, scheduler, load_dir: str, log):
 
 
 def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_size: int, signature: dict,
-            log) -> tuple[int, DataPosition]:
-    """Apply ``--load`` / ``--pretrained-checkpoint``; returns ``(iteration, data position)``."""
+            log, document_multiple: int = 1) -> tuple[int, DataPosition]:
+    """Apply ``--load`` / ``--pretrained-checkpoint``; returns ``(iteration, data position)``.
+    ``document_multiple``: what this run's training plan pads every document to."""
     iteration, position = 0, DataPosition()
     ck = config.checkpoint
     resumed = False
@@ -110,7 +160,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
         else:
             loaded = load_checkpoint(
                 load_dir, model, optimizer, scheduler, verify_checksums=ck.checkpoint_checksums,
-                check_run_config=lambda rc, path: check_architecture(rc, preset, vocab_size, f"--load {path}"),
+                check_run_config=lambda rc, path: (check_architecture(rc, preset, vocab_size, f"--load {path}"),
+                                                   check_plan(rc, config, document_multiple, f"--load {path}")),
                 check_scheduler=_schedule_hook(ck, scheduler, load_dir, log))
             if loaded is not None:
                 saved_sig = loaded["extra"].get("data_signature", {})

@@ -73,8 +73,10 @@ def test_resume_pp2(tmp_path_factory):
 
 def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
     """Context parallel 2 (2 ranks, DP 1): stopped at step 3 and resumed, steps 4..6 equal the
-    uninterrupted run to the last bit. The CP2 checkpoint then loads in a single CP1 process:
-    its held-out loss (every token scored once, so independent of how the split is packed and
+    uninterrupted run to the last bit. Resuming the CP2 checkpoint at CP 1 is refused (CP 2 pads
+    every document to a multiple of 4, so CP 1 packs another plan and the saved position would
+    point into it); its weights load in a single CP1 process with --pretrained-checkpoint, and the
+    held-out loss there (every token scored once, so independent of how the split is packed and
     cut into CP chunks) equals the CP2 run's at that step."""
     prefix = shared_dataset(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("resume_cp2")
@@ -89,9 +91,17 @@ def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
     valid = {r["iteration"]: r["validation lm loss"] for r in first.records if "validation lm loss" in r}
     i = args.index("--context-parallel-size")
     cp1_args = args[:i] + args[i + 2:]
-    cp1_args[cp1_args.index("--train-iters") + 1] = "3"  # resume at 3 of 3: validate, no step
-    cp1 = run_train(1, cp1_args + ["--load", str(ck), "--use-checkpoint-opt_param-scheduler"], tmp, name="cp1")
+    resumed = run_train(1, cp1_args + ["--load", str(ck)], tmp, name="cp1_resume")
+    assert resumed.returncodes == [2], describe_failure(resumed)
+    assert ("the checkpoint's packing plan pads every document to a multiple of 4 (--context-parallel-size 2), "
+            "this run's to 1 (--context-parallel-size 1)") in resumed.output and not resumed.steps
+    # weights only: one step at a learning rate of 1e-12 moves no loss by 1e-5 (--lr must be > 0)
+    cp1_args[cp1_args.index("--train-iters") + 1] = "1"
+    cp1_args[cp1_args.index("--lr") + 1] = "1e-12"
+    cp1 = run_train(1, cp1_args + ["--pretrained-checkpoint", str(ck)], tmp, name="cp1")
     assert cp1.returncodes == [0], describe_failure(cp1)
-    assert "CP 1 DP 1" in cp1.output and "at iteration 3" in cp1.output
+    assert "CP 1 DP 1" in cp1.output and f"initial weights from {ck}" in cp1.output
     v = [r["validation lm loss"] for r in cp1.records if "validation lm loss" in r]
     assert len(v) == 1 and abs(v[0] - valid[3]) <= 1e-5, (v, valid)
+    later = [r["validation lm loss"] for r in second.records if r.get("iteration") == 6 and "validation lm loss" in r]
+    assert len(later) == 1 and abs(v[0] - later[0]) > 1e-5  # negative control: the step-6 weights score otherwise

@@ -69,3 +69,29 @@ def test_second_run_on_the_same_save_is_refused(saved):
     assert res.returncodes == [2]
     assert "in use by another run" in _error_line(res)[0]
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_resume_on_another_packing_plan_is_refused(saved):
+    """A checkpoint whose plan padded documents for CP 2 (faked: its run_config.json rewritten, the
+    weights are CP-agnostic) is refused at CP 1 before any weight is read; the same checkpoint as
+    saved (CP 1) resumes (``test_refusals_name_both_values``: ``kept``)."""
+    import json
+    import shutil
+
+    tmp, args, ck = saved
+    rc_path = ck / "iter_0000002" / "run_config.json"
+    assert json.loads(rc_path.read_text())["plan"] == {"document_multiple": 1}  # recorded at save
+    cp2 = tmp / "ck_cp2"
+    shutil.copytree(ck, cp2)
+    rc = json.loads(rc_path.read_text())
+    rc["parallel"]["context_parallel_size"] = 2
+    rc["plan"]["document_multiple"] = 4
+    (cp2 / "iter_0000002" / "run_config.json").write_text(json.dumps(rc))
+    res = run_train(1, args + ["--train-iters", "4", "--load", str(cp2), "--use-checkpoint-opt_param-scheduler"],
+                    tmp, name="cp_plan")
+    assert res.returncodes == [2], describe_failure(res)
+    line = _error_line(res)
+    assert len(line) == 1 and ("the checkpoint's packing plan pads every document to a multiple of 4 "
+                               "(--context-parallel-size 2), this run's to 1 (--context-parallel-size 1)") in line[0]
+    assert "Resume with --context-parallel-size 2" in line[0]
+    assert not res.steps  # no step of the other plan ran

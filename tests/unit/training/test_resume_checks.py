@@ -113,3 +113,62 @@ def test_training_setup_checks_token_ids_once_against_the_vocabulary(tmp_path):
     assert resolve_vocab_size(config(301), get_preset("tiny")) == 301  # negative control
     with pytest.raises(DatasetError, match=r"d.bin: document 1: token id 300 outside the model's vocabulary of 256"):
         resolve_vocab_size(config(256), get_preset("tiny"))
+
+
+def _config(*flags):
+    from megatron_pack.training.cli import parse_args
+
+    return parse_args(["--data-path", "d", "--train-iters", "1", "--seq-length", "64", *flags])
+
+
+def _saved_run(*flags, plan=True):
+    """A checkpoint's run_config.json as train writes it (``plan=False``: before the plan was recorded)."""
+    from megatron_pack.data.context_parallel import document_multiple
+
+    cfg = _config(*flags)
+    p = cfg.parallel
+    rc = dataclasses.asdict(cfg)
+    if plan:
+        rc["plan"] = {"document_multiple": document_multiple(p.context_parallel_size, p.tensor_model_parallel_size,
+                                                             p.sequence_parallel)}
+    return rc
+
+
+def test_resuming_on_another_packing_plan_is_refused_naming_the_flag():
+    from megatron_pack.training.restore import check_plan, saved_document_multiple
+
+    cp2 = _saved_run("--context-parallel-size", "2")
+    assert saved_document_multiple(cp2) == 4
+    with pytest.raises(ConfigError) as e:
+        check_plan(cp2, _config(), 1, "--load X")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("--load X: the checkpoint's packing plan pads every document to a multiple of 4 "
+                          "(--context-parallel-size 2), this run's to 1 (--context-parallel-size 1)")
+    assert "Resume with --context-parallel-size 2" in msg
+    check_plan(cp2, _config("--context-parallel-size", "2"), 4, "--load X")  # negative control: same plan
+    check_plan(_saved_run(), _config(), 1, "--load X")  # CP1 -> CP1
+    # CP 2 -> 4: multiples 4 and 8
+    with pytest.raises(ConfigError, match="multiple of 4 .*this run's to 8 "):
+        check_plan(cp2, _config("--context-parallel-size", "4"), 8, "--load X")
+    # the same CP with a plan padded alike (what --document-padding-multiple gives) resumes: the plan decides
+    check_plan(cp2, _config(), 4, "--load X")
+    check_plan(None, _config(), 1, "--load X")  # no run_config.json: nothing to compare
+
+
+def test_checkpoints_from_before_the_plan_was_recorded_use_their_parallel_sizes():
+    from megatron_pack.training.restore import check_plan, saved_document_multiple
+
+    old = _saved_run("--context-parallel-size", "2", plan=False)
+    assert "plan" not in old and saved_document_multiple(old) == 4
+    with pytest.raises(ConfigError, match="multiple of 4 \\(--context-parallel-size 2\\)"):
+        check_plan(old, _config(), 1, "--load X")
+    assert saved_document_multiple(_saved_run(plan=False)) == 1
+    # sequence parallel at CP 2: lcm(2*CP, TP*CP); TP 4 -> 8, and a resume at TP 2 (-> 4) is refused
+    sp = _saved_run("--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
+                    plan=False)
+    assert saved_document_multiple(sp) == 8
+    with pytest.raises(ConfigError, match=r"multiple of 8 \(--context-parallel-size 2 --tensor-model-parallel-size 4 "
+                                          r"--sequence-parallel\), this run's to 4"):
+        check_plan(sp, _config("--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                               "--sequence-parallel"), 4, "--load X")
