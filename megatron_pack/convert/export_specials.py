@@ -116,19 +116,15 @@ def resolve_export_specials(checkpoint: Said, tokenizer: Said, prefer: str = "ch
     """Key by key: the preferred source's value where it has one, else the other's."""
     if prefer not in SOURCES:
         raise ValueError(f"--special-tokens-from {prefer}: choose {' or '.join(SOURCES)}")
-    said = {"checkpoint": checkpoint, "tokenizer": tokenizer}
-    first, second = said[prefer], said[SOURCES[1 - SOURCES.index(prefer)]]
     other = SOURCES[1 - SOURCES.index(prefer)]
-    ids, came_from, overruled = {}, {}, {}
-    for k in SPECIAL_TOKEN_KEYS:
-        a, b = first.ids.get(k), second.ids.get(k)
-        ids[k] = a if a is not None else b
+    first, second = (checkpoint, tokenizer) if prefer == "checkpoint" else (tokenizer, checkpoint)
+    pairs = {k: (first.ids.get(k), second.ids.get(k)) for k in SPECIAL_TOKEN_KEYS}
+    pairs["generation_config"] = (first.generation_config, second.generation_config)
+    chosen, came_from, overruled = {}, {}, {}
+    for k, (a, b) in pairs.items():
+        chosen[k] = a if a is not None else b
         came_from[k] = prefer if a is not None else (other if b is not None else None)
         if a is not None and b is not None and a != b:
             overruled[k] = b
-    a, b = first.generation_config, second.generation_config
-    gen = a if a is not None else b
-    came_from["generation_config"] = prefer if a is not None else (other if b is not None else None)
-    if a is not None and b is not None and a != b:
-        overruled["generation_config"] = b
-    return ExportSpecials(prefer, ids, gen, came_from, overruled)
+    gen = chosen.pop("generation_config")
+    return ExportSpecials(prefer, chosen, gen, came_from, overruled)
