@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pack.chat.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
-from megatron_pack.chat.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
-from megatron_pack.chat.templates import TEMPLATES  # noqa: E402
+from megatron_pack.preprocess.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
+from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
+from megatron_pack.templates.registry import TEMPLATES  # noqa: E402
 from megatron_pack.frontdoor import FrontDoorParser  # noqa: E402
 
 PROG = "preprocess_sft.py"
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
 
     quiet_library_noise()
     args = parse_args(argv)
-    from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, check_paths, preprocess
-    from megatron_pack.chat.tokenizer import TokenizerError
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, check_paths, preprocess
+    from megatron_pack.tokenization.tokenizer import TokenizerError
 
     try:  # settings and paths first: a wrong invocation answers before the heavy imports
         cfg = PreprocessConfig(

@@ -66,7 +66,7 @@ def training_vocab_size(run_config: dict, preset: LlamaPreset) -> Optional[int]:
     if model.get("vocab_size"):
         return int(model["vocab_size"])
     if model.get("tokenizer_model"):
-        from megatron_pack.chat.tokenizer import load_tokenizer
+        from megatron_pack.tokenization.tokenizer import load_tokenizer
 
         return int(load_tokenizer(model["tokenizer_model"]).vocab_size)
     return preset.vocab_size
@@ -139,7 +139,7 @@ def special_token_ids(special: dict, tokenizers=(), imports=()) -> dict:
             return ids
         if not path or not os.path.exists(path):
             continue
-        from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+        from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
         try:
             tok = load_tokenizer(path, fast=False)

@@ -3,7 +3,7 @@ from the tokenizer given or recorded, else from the import the run started from.
 
 import json
 
-from megatron_pack.chat.tiny_tokenizers import build_wordlevel_tokenizer
+from megatron_pack.tokenization.tiny_tokenizers import build_wordlevel_tokenizer
 from megatron_pack.convert.megatron_to_hf import special_token_ids
 
 

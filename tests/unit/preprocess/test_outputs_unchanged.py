@@ -116,7 +116,7 @@ def _sha(path: str) -> str:
 
 def prepare_inputs(work: str) -> str:
     """sample.jsonl, mixed.jsonl, tok/ (the sample tokenizer), tok_gen/ (same, own template)."""
-    from megatron_pack.chat.sample import prepare_sample
+    from megatron_pack.preprocess.sample import prepare_sample
 
     _, tok = prepare_sample(os.path.join(work, "sample_build"))
     shutil.copyfile(ASSET, os.path.join(work, "sample.jsonl"))
@@ -181,7 +181,7 @@ def test_outputs_match_the_recorded_hashes(work, name):
 
 # The end-of-turn token of llama3 replies left untrained: one rule, a few bytes of the loss mask.
 _EOT_UNTRAINED = (
-    "import megatron_pack.chat.templates as T; _r = T.Llama3Template.render\n"
+    "import megatron_pack.templates.fast_paths as T; _r = T.Llama3Template.render\n"
     "def render(self, messages, tools=None):\n"
     "    out = _r(self, messages, tools)\n"
     "    out.trained = [t and p != self.eot for t, p in zip(out.trained, out.parts)]\n"

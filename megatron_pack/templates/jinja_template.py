@@ -16,13 +16,13 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_pack.chat.jinja_env import (DEFAULT_MAX_CHARS, DEFAULT_TIME_LIMIT_S, TemplateLimitError,
+from megatron_pack.templates.jinja_env import (DEFAULT_MAX_CHARS, DEFAULT_TIME_LIMIT_S, TemplateLimitError,
                                           bounded_environment, compile_template, render_bounded)
-from megatron_pack.chat.jinja_render import (Placeholders, RenderReject, TextRender, derive_spans,
+from megatron_pack.templates.jinja_render import (Placeholders, RenderReject, TextRender, derive_spans,
                                              token_flags)
-from megatron_pack.chat.schema import RecordError
-from megatron_pack.chat.templates import ChatTemplate, Rendered
-from megatron_pack.chat.tokenizer import TokenizerError
+from megatron_pack.templates.base import ChatTemplate, Rendered
+from megatron_pack.templates.messages import RecordError
+from megatron_pack.tokenization.base import TokenizerError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -67,7 +67,7 @@ class JinjaTemplate(ChatTemplate):
         if not source:
             raise TokenizerError(f"{tokenizer.path}: tokenizer has no chat_template for the jinja template")
         self.source = source
-        from megatron_pack.chat.builtin_templates import PRINT_ONLY
+        from megatron_pack.templates.builtin_templates import PRINT_ONLY
 
         # verify: render the real chat too and check it against the placeholder render. Off only
         # for published templates known to print message text and nothing else.

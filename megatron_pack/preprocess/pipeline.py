@@ -27,12 +27,12 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.chat.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
+from megatron_pack.preprocess.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
 from megatron_pack.files.indexed import SFTDatasetWriter, dataset_exists, dataset_files
 from megatron_pack.files.indexed_check import dataset_manifest
-from megatron_pack.chat.overlong import overlong_policy
-from megatron_pack.chat.templates import TEMPLATES, auto_template_name, build_template
-from megatron_pack.chat.tokenizer import load_tokenizer
+from megatron_pack.preprocess.overlong import overlong_policy
+from megatron_pack.templates.registry import TEMPLATES, auto_template_name, build_template
+from megatron_pack.tokenization.tokenizer import load_tokenizer
 
 
 class PreprocessError(RuntimeError):

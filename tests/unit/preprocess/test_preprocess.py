@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.chat.encode import encode_conversation
+from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.files.indexed import SFTIndexedDataset, dataset_exists, dataset_files
-from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.templates import build_template
-from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.registry import build_template
+from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
 GOOD = [
     {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
@@ -124,7 +124,7 @@ def test_gzip_input_equals_plain(wordlevel_dir, tmp_path):
 
 
 def test_deterministic_across_workers(bpe_dir, tmp_path):
-    from megatron_pack.chat.sample import generate_conversations, write_jsonl
+    from megatron_pack.preprocess.sample import generate_conversations, write_jsonl
 
     src = write_jsonl(str(tmp_path / "s.jsonl"), generate_conversations(300, seed=3))
     with open(src, "ab") as f:
@@ -224,7 +224,7 @@ def test_no_usable_conversation_is_an_error(wordlevel_dir, tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(wordlevel_dir, tmp_path, monkeypatch):
-    from megatron_pack.chat import encode
+    from megatron_pack.preprocess import encode
 
     src = write_lines(tmp_path / "in.jsonl", GOOD * 4)
     calls = {"n": 0}
@@ -309,7 +309,7 @@ def test_loss_on_last_and_all(wordlevel_dir, tmp_path):
 
 
 def test_sample_runs_end_to_end(tmp_path):
-    from megatron_pack.chat.sample import prepare_sample
+    from megatron_pack.preprocess.sample import prepare_sample
 
     jsonl, tok_dir = prepare_sample(str(tmp_path / "work"))
     assert os.path.getsize(jsonl) < 1_500_000

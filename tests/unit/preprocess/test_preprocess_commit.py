@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
+from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.files.indexed_check import DatasetError
 
@@ -35,7 +35,7 @@ def test_summary_vouches_for_its_dataset_and_a_swapped_dataset_is_refused(wordle
 
 
 def test_crash_before_the_summary_leaves_no_stale_summary(wordlevel_dir, tmp_path, monkeypatch):
-    from megatron_pack.chat import preprocess as P
+    from megatron_pack.preprocess import pipeline as P
 
     _run(tmp_path, wordlevel_dir, [GOOD])
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_pack.chat.schema import Message, RecordError, detect_schema, normalize_record
+from megatron_pack.preprocess.schema import Message, RecordError, detect_schema, normalize_record
 
 M = Message
 
