@@ -134,7 +134,8 @@ def normalize_record(record) -> tuple[str, list[Message]]:
     """(schema name, messages) for one parsed JSON record, validated.
 
     Checks shared by every template: known roles, string content (empty only for a system
-    prompt or a tool-call turn), at least one assistant turn. Anything a template cannot
+    prompt or a tool-call turn), at least one message (else ``empty``) and at least one assistant
+    turn (else ``no_assistant_turn``). Anything a template cannot
     render (a system message late, strict alternation) is for the template to refuse. Template-specific rules (alternation, tool
     support) live in the templates.
     """
@@ -149,7 +150,8 @@ def normalize_record(record) -> tuple[str, list[Message]]:
     else:
         messages = _from_alpaca(record)
     if not messages:
-        raise RecordError("no_assistant_turn", "conversation is empty")
+        field = "messages" if schema == "openai" else "conversations"
+        raise RecordError("empty", f"'{field}' is an empty list: nothing to train on")
     if not any(m.role == "assistant" for m in messages):
         raise RecordError("no_assistant_turn", "conversation has no assistant turn")
     return schema, messages

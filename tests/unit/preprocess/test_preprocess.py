@@ -64,6 +64,17 @@ def cfg(inputs, tok, prefix, **kw):
     return PreprocessConfig(inputs=inputs, tokenizer=tok, output_prefix=str(prefix), **kw)
 
 
+def test_an_empty_conversation_has_its_own_reason(wordlevel_dir, tmp_path):
+    """``{"messages": []}`` is ``empty``, not ``no_assistant_turn`` (which a user-only chat keeps)."""
+    lines = [b'{"messages": []}', b'{"conversations": []}', BAD[6][0], GOOD[0]]
+    assert BAD[6][1] == "no_assistant_turn"
+    s = preprocess(cfg([write_lines(tmp_path / "in.jsonl", lines)], wordlevel_dir, tmp_path / "out"))
+    assert s["conversations"]["rejected_by_reason"] == {"empty": 2, "no_assistant_turn": 1}
+    rejects = [json.loads(line) for line in open(tmp_path / "out_rejects.jsonl")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(1, "empty"), (2, "empty"), (3, "no_assistant_turn")]
+    assert "empty list" in rejects[0]["message"]
+
+
 def test_writes_dataset_summary_rejects(wordlevel_dir, tmp_path):
     src = write_lines(tmp_path / "in.jsonl", mixed_lines())
     s = preprocess(cfg([src], wordlevel_dir, tmp_path / "out", plot=True))
