@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", default="auto", choices=["auto", *TEMPLATES],
                    help="auto: the tokenizer directory's chat_template if any, else from its special tokens")
     p.add_argument("--hf-special-tokens-in-text", action="store_true",
-                   help="Jinja templates: message text that spells a control token (e.g. '<|eot_id|>') becomes "
-                        "that token, as apply_chat_template does by default; without it the text stays text")
+                   help="message text that spells a control token (e.g. '<|eot_id|>') becomes that token, as "
+                        "apply_chat_template does by default; without it the text stays text")
     p.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
                    help="Jinja templates: the date strftime_now returns (default: the day the run starts)")
     p.add_argument("--template-time-limit", type=float, default=5.0, metavar="SECONDS",

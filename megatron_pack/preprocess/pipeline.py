@@ -59,8 +59,8 @@ class PreprocessConfig:
     chunk_size: int = 512
     """Conversations per worker task (one tokenizer batch call each)."""
     special_as_text: bool = True
-    """Jinja templates: message text that spells a control token stays text (False: it becomes
-    the token, transformers' default)."""
+    """Message text that spells a control token stays text (False: it becomes the token,
+    transformers' default); the fast paths hand such chats to the Jinja path."""
     template_time_limit_s: float = 5.0
     """Jinja templates: seconds one record may take to render before it is rejected."""
     template_date: Optional[str] = None

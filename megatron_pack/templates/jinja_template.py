@@ -35,7 +35,8 @@ class JinjaRendered(Rendered):
         self.tr = text_render
 
 
-def _alternation(tokens) -> Optional[re.Pattern]:
+def token_alternation(tokens) -> Optional[re.Pattern]:
+    """One regex matching any of ``tokens``, longest first (None for none)."""
     tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
@@ -83,11 +84,11 @@ class JinjaTemplate(ChatTemplate):
         self.has_generation = bool(_GENERATION_TAG.search(source))
         self.kwargs = dict(tokenizer.template_tokens)
         added = tokenizer.added_tokens()
-        self._added_re = _alternation(t for t, _ in added)
-        self._special_re = _alternation(t for t, special in added if special)
+        self._added_re = token_alternation(t for t, _ in added)
+        self._special_re = token_alternation(t for t, special in added if special)
         literal = self._literal_text(env, source)
         control = [t for t, special in added if special or (t in literal and not t.isspace())]
-        self._control_re = _alternation(control)
+        self._control_re = token_alternation(control)
         self.gen_prompt = self._generation_prompt()
 
     @staticmethod

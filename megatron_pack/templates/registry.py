@@ -56,11 +56,10 @@ def auto_template_name(tokenizer: BaseTokenizer) -> str:
 
 
 def build_template(name: str, tokenizer: BaseTokenizer, **jinja_options) -> ChatTemplate:
-    """``jinja_options`` (:data:`JINJA_OPTIONS`) apply to the Jinja-rendered templates only."""
+    """``jinja_options`` (:data:`JINJA_OPTIONS`) apply to the Jinja path, and to the fast paths for
+    the chats they hand to it."""
     if name == "auto":
         name = auto_template_name(tokenizer)
     if name not in TEMPLATES:
         raise ValueError(f"unknown chat template {name!r}; choose from auto, {', '.join(TEMPLATES)}")
-    if name in ("llama3", "chatml"):
-        return TEMPLATES[name](tokenizer)
     return TEMPLATES[name](tokenizer, **jinja_options)
