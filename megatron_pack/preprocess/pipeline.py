@@ -18,6 +18,7 @@ renamed last, so its presence marks a finished run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -265,6 +266,19 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
     plt.close(fig)
 
 
+def _no_usable_conversation(cfg, paths, rejects_tmp, read, reasons, first_reject):
+    """Every record rejected: no dataset is written (an empty indexed dataset cannot even be
+    memory-mapped). Keep the rejects -- beside an older dataset under another name, so its own
+    rejects stay with it -- and fail on one line naming the first bad record."""
+    where = paths["rejects"]
+    if dataset_exists(cfg.output_prefix):
+        where = cfg.output_prefix + "_rejects.failed.jsonl"
+    os.replace(rejects_tmp, where)
+    first = f"; first: {str(first_reject).splitlines()[0][:300]}" if first_reject else ""
+    raise PreprocessError(f"{', '.join(cfg.inputs)}: no usable conversation ({read} read, rejected: "
+                          f"{dict(sorted(reasons.items()))}){first}; all rejects in {where}")
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     check_paths(cfg)
@@ -291,7 +305,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     lengths, supervised = [], 0
     rejects_tmp = paths["rejects"] + tmp
     try:
-        with SFTDatasetWriter(cfg.output_prefix) as writer, open(rejects_tmp, "w", encoding="utf-8") as rej:
+        with contextlib.ExitStack() as stack, open(rejects_tmp, "w", encoding="utf-8") as rej:
+            writer, first_reject = None, None
             for res in _ordered_results(cfg, encoder, _chunks(cfg.inputs, cfg.chunk_size, bar.update)):
                 if cfg.strict:
                     # Over-long drops are the chosen policy, not bad input.
@@ -301,9 +316,14 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 for r in res.rejects:
                     rej.write(json.dumps(r.as_json(), ensure_ascii=False) + "\n")
                     reasons[r.reason] += 1
+                first_reject = first_reject or (res.rejects[0] if res.rejects else None)
                 counts["read"] += res.read
                 schemas.update(res.schemas)
                 overlong.update(res.overlong)
+                if writer is None and len(res.doc_off) > 1:
+                    # Opened at the first document, not before: the writer imports Megatron-Core
+                    # (seconds of CPU), which a file of bad records never needs.
+                    writer = stack.enter_context(SFTDatasetWriter(cfg.output_prefix))
                 for d in range(len(res.doc_off) - 1):
                     a, b = res.doc_off[d], res.doc_off[d + 1]
                     writer.add(res.tokens[a:b], res.mask[a:b], res.turns[res.turn_off[d]:res.turn_off[d + 1]])
@@ -311,17 +331,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 supervised += int(res.mask.sum(dtype=np.int64))
                 bar.set_postfix(conversations=counts["read"], rejected=sum(reasons.values()), refresh=False)
             bar.close()
-            if writer.num_conversations == 0:
-                # An empty indexed dataset cannot even be memory-mapped: fail, keep the rejects --
-                # beside an older dataset under another name, so its own rejects stay with it.
+            if writer is None:
                 rej.close()
-                where = paths["rejects"]
-                if dataset_exists(cfg.output_prefix):
-                    where = cfg.output_prefix + "_rejects.failed.jsonl"
-                os.replace(rejects_tmp, where)
-                raise PreprocessError(
-                    f"{', '.join(cfg.inputs)}: no usable conversation ({counts['read']} read, rejected: "
-                    f"{dict(sorted(reasons.items()))}); see {where}")
+                _no_usable_conversation(cfg, paths, rejects_tmp, counts["read"], reasons, first_reject)
             # The summary is the commit point: the old one goes before the new dataset is renamed
             # in, the new one (naming the files it vouches for) is written last.
             if os.path.exists(paths["summary"]):

@@ -68,7 +68,7 @@ def test_stale_temp_files_of_dead_runs_are_removed(wordlevel_dir, tmp_path):
 def test_failed_run_keeps_the_older_datasets_rejects(wordlevel_dir, tmp_path):
     _run(tmp_path, wordlevel_dir, [GOOD, "not json"])
     before = (tmp_path / "out_rejects.jsonl").read_text()
-    with pytest.raises(PreprocessError, match=r"no usable conversation .* see .*out_rejects.failed.jsonl"):
+    with pytest.raises(PreprocessError, match=r"no usable conversation .* all rejects in .*out_rejects.failed.jsonl"):
         _run(tmp_path, wordlevel_dir, ["{bad", "also bad"])
     assert (tmp_path / "out_rejects.jsonl").read_text() == before
     assert len((tmp_path / "out_rejects.failed.jsonl").read_text().splitlines()) == 2
