@@ -279,6 +279,39 @@ def _no_usable_conversation(cfg, paths, rejects_tmp, read, reasons, first_reject
                           f"{dict(sorted(reasons.items()))}){first}; all rejects in {where}")
 
 
+def _summary(cfg, tokenizer: dict, template_name: str, paths: dict, read: int, reasons, schemas, overlong,
+             lengths: np.ndarray, supervised: int) -> dict:
+    """The ``P_summary.json`` of a finished run (written last: its presence marks the run done)."""
+    rejected = sum(reasons.values())
+    tokens = int(lengths.sum())
+    return {
+        "inputs": list(cfg.inputs),
+        "tokenizer": tokenizer,
+        "chat_template": template_name,
+        "loss_on": cfg.loss_on,
+        "max_seq_length": cfg.max_seq_length,
+        "overlong_policy": cfg.overlong,
+        "conversations": {
+            "read": read,
+            "written": read - rejected,
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "by_schema": dict(sorted(schemas.items())),
+        },
+        "documents": int(lengths.size),
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
+        "length": _length_stats(lengths),
+        # null without --max-seq-length: nothing was measured against a limit here (packing may
+        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
+        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
+                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
+        "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
+        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
+    }
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     check_paths(cfg)
@@ -346,37 +379,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise
 
     lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
-    rejected = sum(reasons.values())
-    tokens = int(lengths.sum())
-    summary = {
-        "inputs": list(cfg.inputs),
-        "tokenizer": tokenizer.describe(),
-        "chat_template": template_name,
-        "loss_on": cfg.loss_on,
-        "max_seq_length": cfg.max_seq_length,
-        "overlong_policy": cfg.overlong,
-        "conversations": {
-            "read": counts["read"],
-            "written": counts["read"] - rejected,
-            "rejected": rejected,
-            "rejected_by_reason": dict(sorted(reasons.items())),
-            "by_schema": dict(sorted(schemas.items())),
-        },
-        "documents": int(lengths.size),
-        "tokens": tokens,
-        "supervised_tokens": supervised,
-        "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
-        "length": _length_stats(lengths),
-        # null without --max-seq-length: nothing was measured against a limit here (packing may
-        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
-        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
-                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
-        "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
-        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
-    }
+    summary = _summary(cfg, tokenizer.describe(), template_name, paths, counts["read"], reasons, schemas, overlong,
+                       lengths, supervised)
     if cfg.plot:
         _plot(lengths, cfg.max_seq_length, paths["histogram"] + tmp,
-              f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {tokens} tokens")
+              f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {summary['tokens']} tokens")
         os.replace(paths["histogram"] + tmp, paths["histogram"])
     write_json_atomic(summary, paths["summary"], indent=2)
     return summary

@@ -76,7 +76,11 @@ class JinjaTemplate(ChatTemplate):
         self.special_as_text = special_as_text
         self.time_limit_s, self.max_chars = time_limit_s, max_chars
         self.date = date or datetime.now()
-        env = bounded_environment(max_chars, self.date)
+        try:
+            env = bounded_environment(max_chars, self.date)
+        except ImportError as exc:  # transformers missing, or without the environment we render in
+            raise TokenizerError(f"{tokenizer.path}: the Jinja path needs transformers' chat-template "
+                                 f"environment: {exc}") from None
         try:
             self.template = compile_template(source, env, time_limit_s)
         except ValueError as exc:

@@ -69,3 +69,19 @@ def test_ten_thousand_turns_render_in_linear_time(bpe_dir):
     ids, mask, turns = encode_conversation(t, msgs)
     assert time.perf_counter() - t0 < 30
     assert len(turns) >= 10_000 and mask.sum() > 0
+
+
+def test_a_transformers_without_the_private_environment_fails_on_one_line(wordlevel_dir, monkeypatch):
+    """jinja_env leans on transformers' private ``_compile_jinja_template``: a release without it
+    is a one-line TokenizerError naming the version, not a traceback mid-run (negative control: with
+    it, the same template builds)."""
+    import sys
+    import types
+
+    import transformers
+
+    tok = load_tokenizer(wordlevel_dir)
+    assert JinjaTemplate(tok).template is not None
+    monkeypatch.setitem(sys.modules, "transformers.utils.chat_template_utils", types.ModuleType("stub"))
+    with pytest.raises(TokenizerError, match=f"transformers {transformers.__version__} has no .*_compile_jinja_template"):
+        JinjaTemplate(tok)
