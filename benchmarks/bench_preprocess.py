@@ -4,7 +4,7 @@
     python benchmarks/bench_preprocess.py                # 100k conversations, workers 1 and 2
     python benchmarks/bench_preprocess.py --num 20000 --workers 1 2 4
 
-Data: synthetic conversations from ``megatron_pack.chat.sample`` (the three schemas,
+Data: synthetic conversations from ``megatron_pack.preprocess.sample`` (the three schemas,
 1-6 exchanges, log-normal reply lengths, ~20-1500 tokens), a byte-level BPE with
 Llama-3's pre-tokenizer trained on the first 5k of them, the llama3 template.
 
@@ -14,9 +14,9 @@ Rows:
   lists built in Python, written with ``SFTDatasetWriter`` -- same outputs as ours;
 - ``tokenizer floor``: one ``Tokenizer.encode`` of the rendered string per conversation,
   nothing else (no parsing, no mask, no writing): what a single core spends on BPE alone;
-- ``preprocess --workers N``: ``megatron_pack.chat.preprocess`` with N worker processes,
+- ``preprocess --workers N``: ``megatron_pack.preprocess.pipeline`` with N worker processes,
   its default tokenizer backend (tiktoken when installed and id-identical, see
-  ``megatron_pack.chat.tokenizer.tiktoken_backend``), and again with ``tokenizers`` only.
+  ``megatron_pack.tokenization.tokenizer.tiktoken_backend``), and again with ``tokenizers`` only.
 Every row's token and supervised-token totals are checked against the baseline's.
 
 Jinja rows (``--jinja-num`` conversations, default 10k, the tokenizer's own Llama-3 template):
@@ -38,10 +38,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_pack.files.indexed import SFTDatasetWriter  # noqa: E402
-from megatron_pack.chat.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from megatron_pack.chat.sample import generate_conversations, write_jsonl  # noqa: E402
-from megatron_pack.chat.schema import normalize_record  # noqa: E402
-from megatron_pack.chat.tiny_tokenizers import build_bpe_tokenizer  # noqa: E402
+from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess  # noqa: E402
+from megatron_pack.preprocess.sample import generate_conversations, write_jsonl  # noqa: E402
+from megatron_pack.preprocess.schema import normalize_record  # noqa: E402
+from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE  # noqa: E402
+from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer  # noqa: E402
 
 
 def make_data(workdir: str, num: int, seed: int, vocab: int):
@@ -53,7 +54,8 @@ def make_data(workdir: str, num: int, seed: int, vocab: int):
     tok_dir = os.path.join(workdir, f"bpe_{vocab}_{seed}_v2")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         texts = [m.content for r in generate_conversations(5000, seed) for m in normalize_record(r)[1]]
-        build_bpe_tokenizer(tok_dir, texts + ["system", "user", "assistant", "ipython", "\n\n"], vocab_size=vocab)
+        build_bpe_tokenizer(tok_dir, texts + ["system", "user", "assistant", "ipython", "\n\n"], vocab_size=vocab,
+                            chat_template=LLAMA3_CHAT_TEMPLATE)
     return jsonl, tok_dir
 
 

@@ -28,8 +28,8 @@ DEMO_MODES = ("padding", "greedy", "random", "bfd")
 
 def prepare_data(workdir: str) -> str:
     """Sample JSONL + tokenizer + indexed dataset under ``workdir``; returns the prefix."""
-    from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
-    from megatron_pack.chat.sample import prepare_sample
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+    from megatron_pack.preprocess.sample import prepare_sample
 
     jsonl, tok = prepare_sample(workdir)
     prefix = os.path.join(workdir, "sample")

@@ -6,8 +6,9 @@
         --overlong split-chat --workers 8
 
 Writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX_turns.bin/.idx, PREFIX_summary.json,
-PREFIX_rejects.jsonl and PREFIX_lengths.png. Exit status 1 on bad setup or, with --strict,
-on the first bad record.
+PREFIX_rejects.jsonl and PREFIX_lengths.png. Exit status 2 on bad input or setup (one line:
+file, line, reason), including a file whose every record is rejected and, with --strict, the first
+bad record; Megatron-Core is imported only once there is a conversation to write.
 """
 
 import os
@@ -16,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_pack.chat.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
-from megatron_pack.chat.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
-from megatron_pack.chat.templates import TEMPLATES  # noqa: E402
+from megatron_pack.preprocess.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
+from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
+from megatron_pack.templates.registry import TEMPLATES  # noqa: E402
 from megatron_pack.frontdoor import FrontDoorParser  # noqa: E402
 
 PROG = "preprocess_sft.py"
@@ -33,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", default="auto", choices=["auto", *TEMPLATES],
                    help="auto: the tokenizer directory's chat_template if any, else from its special tokens")
     p.add_argument("--hf-special-tokens-in-text", action="store_true",
-                   help="Jinja templates: message text that spells a control token (e.g. '<|eot_id|>') becomes "
-                        "that token, as apply_chat_template does by default; without it the text stays text")
+                   help="message text that spells a control token (e.g. '<|eot_id|>') becomes that token, as "
+                        "apply_chat_template does by default; without it the text stays text")
     p.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
                    help="Jinja templates: the date strftime_now returns (default: the day the run starts)")
     p.add_argument("--template-time-limit", type=float, default=5.0, metavar="SECONDS",
@@ -47,7 +48,7 @@ def parse_args(argv=None):
                    help="trained tokens: every assistant turn, only the last one, or all tokens")
     p.add_argument("--workers", type=int, default=1, metavar="N")
     p.add_argument("--chunk-size", type=int, default=512, help="conversations per worker task")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 1)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 2)")
     p.add_argument("--no-fast-tokenizer", action="store_true",
                    help="always encode with HF tokenizers, even where tiktoken would give the same ids faster")
     p.add_argument("--no-plot", action="store_true", help="skip the length histogram PNG")
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
 
     quiet_library_noise()
     args = parse_args(argv)
-    from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, check_paths, preprocess
-    from megatron_pack.chat.tokenizer import TokenizerError
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, check_paths, preprocess
+    from megatron_pack.tokenization.tokenizer import TokenizerError
 
     try:  # settings and paths first: a wrong invocation answers before the heavy imports
         cfg = PreprocessConfig(
@@ -78,16 +79,14 @@ def main(argv=None) -> int:
             raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
     except PreprocessError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, kept out of the timing)
+        return 2
 
     start = time.perf_counter()
     try:
         s = preprocess(cfg)
     except (PreprocessError, TokenizerError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     secs = time.perf_counter() - start
     c = s["conversations"]
     print(f"conversations: read {c['read']}, written {c['written']}, rejected {c['rejected']} "

@@ -62,7 +62,7 @@ def checkpoint_said(special: dict, generation_config: Optional[dict], imports=()
 def tokenizer_said(paths) -> Said:
     """bos/eos/pad of the first tokenizer among ``paths`` that loads, and the generation config in
     the first of them that is a directory holding one."""
-    from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+    from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
     ids, gen, where = {k: None for k in SPECIAL_TOKEN_KEYS}, None, None
     for path in paths:

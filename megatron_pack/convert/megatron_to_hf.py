@@ -70,7 +70,7 @@ def training_vocab_size(run_config: dict, preset: LlamaPreset) -> Optional[int]:
     if model.get("vocab_size"):
         return int(model["vocab_size"])
     if model.get("tokenizer_model"):
-        from megatron_pack.chat.tokenizer import load_tokenizer
+        from megatron_pack.tokenization.tokenizer import load_tokenizer
 
         return int(load_tokenizer(model["tokenizer_model"]).vocab_size)
     return preset.vocab_size

@@ -20,8 +20,8 @@ _EXPORTS = {
     "required_multiple": "megatron_pack.data.packed_dataset",
     "collate_padded": "megatron_pack.data.collate",
     "collate_thd": "megatron_pack.data.collate",
-    "PreprocessConfig": "megatron_pack.chat.preprocess",
-    "preprocess": "megatron_pack.chat.preprocess",
+    "PreprocessConfig": "megatron_pack.preprocess.pipeline",
+    "preprocess": "megatron_pack.preprocess.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

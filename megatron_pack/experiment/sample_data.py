@@ -9,8 +9,8 @@ import os
 def prepare_sample_data(workdir: str, synthetic: int | None = None, seed: int = 0) -> tuple[str, str]:
     """``(indexed dataset prefix, tokenizer dir)``: the built-in sample (480 chats), or
     ``synthetic`` generated conversations (seeded) when given."""
-    from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
-    from megatron_pack.chat.sample import generate_conversations, prepare_sample, write_jsonl
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+    from megatron_pack.preprocess.sample import generate_conversations, prepare_sample, write_jsonl
 
     jsonl, tok = prepare_sample(workdir)
     name = "sample"

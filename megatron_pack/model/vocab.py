@@ -19,7 +19,7 @@ def resolve_vocab_size(vocab_size: Optional[int], tokenizer_model: Optional[str]
     if vocab_size:
         return int(vocab_size)
     if tokenizer_model:
-        from megatron_pack.chat.tokenizer import load_tokenizer
+        from megatron_pack.tokenization.tokenizer import load_tokenizer
 
         return int(load_tokenizer(tokenizer_model).vocab_size)
     if architecture is not None and architecture.vocab_size:

@@ -104,7 +104,7 @@ class ModelArgs:
         with both tokenizer.json and tokenizer.model); ConfigError on a mismatch."""
         if self.tokenizer_model is None:
             return None
-        from megatron_pack.chat.tokenizer import TokenizerError, tokenizer_path_for_type
+        from megatron_pack.tokenization.tokenizer import TokenizerError, tokenizer_path_for_type
 
         try:
             return tokenizer_path_for_type(self.tokenizer_model, self.tokenizer_type)

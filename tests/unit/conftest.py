@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_pack.chat.tiny_tokenizers import (
-    LLAMA3_CHAT_TEMPLATE,
+from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE
+from megatron_pack.tokenization.tiny_tokenizers import (
     build_bpe_tokenizer,
     build_sentencepiece_model,
     build_wordlevel_tokenizer,
@@ -50,4 +50,5 @@ def bpe_dir(tmp_path_factory):
         "The weather is sunny today; call the lookup tool to get the result.",
         "system user assistant ipython tool\n\n",
     ] * 5
-    return build_bpe_tokenizer(str(tmp_path_factory.mktemp("bpe")), texts, vocab_size=400)
+    return build_bpe_tokenizer(str(tmp_path_factory.mktemp("bpe")), texts, vocab_size=400,
+                               chat_template=LLAMA3_CHAT_TEMPLATE)

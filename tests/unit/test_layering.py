@@ -1,9 +1,11 @@
 """Dependencies point one way (docs/architecture.md):
 
     front-ends (train, demo) -> training / planning / convert -> checkpoint / model / parallel / data
-        -> packing -> chat -> files (+ the leaf modules reporting, frontdoor, quiet)
+        -> packing -> preprocess -> templates -> tokenization
+        -> files (+ the leaf modules reporting, frontdoor, quiet)
 
-Every import in the package, at module level or inside a function, is read with ``ast``.
+and no two files import each other, directly or round a longer circle, inside a package or across
+packages. Every import in the package, at module level or inside a function, is read with ``ast``.
 """
 
 import ast
@@ -19,14 +21,16 @@ PKG_DIR = os.path.dirname(megatron_pack.__file__)
 #: where SAME_RANK_OK allows it (and never in a cycle).
 RANK = {
     "files": 0, "reporting": 0, "_packing": 0, "frontdoor": 0, "quiet": 0,
-    "chat": 1,
-    "packing": 2,
-    "data": 3, "model": 3, "parallel": 3, "checkpoint": 3,
-    "training": 4, "planning": 4, "convert": 4,
-    "experiment": 5,  # runs training (comparisons) and loads checkpoints (leakage)
-    "train": 6, "demo": 6,
+    "tokenization": 1,  # text -> ids with offsets
+    "templates": 2,     # messages -> rendered parts and assistant spans
+    "preprocess": 3,    # JSONL records -> the indexed SFT dataset
+    "packing": 4,
+    "data": 5, "model": 5, "parallel": 5, "checkpoint": 5,
+    "training": 6, "planning": 6, "convert": 6,
+    "experiment": 7,  # runs training (comparisons) and loads checkpoints (leakage)
+    "train": 8, "demo": 8,
 }
-SAME_RANK_OK = {3}  # checkpoint reads model's tensor names; model uses parallel's seeds
+SAME_RANK_OK = {5}  # checkpoint reads model's tensor names; model uses parallel's seeds
 
 
 def _unit(module: str) -> str | None:
@@ -91,6 +95,43 @@ def cycles(graph: dict) -> list:
     return found
 
 
+def _module_name(path: str, root: str) -> str:
+    rel = os.path.relpath(path, os.path.dirname(root))
+    return rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+
+
+def file_imports(root: str = PKG_DIR) -> dict:
+    """``{module: {imported module: first line}}`` between the files of megatron_pack, every import
+    (module level or inside a function, absolute or relative). ``from pkg import name`` points at
+    ``pkg.name`` when that is a module, else at ``pkg`` itself."""
+    modules = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                modules[_module_name(path, root)] = path
+    graph: dict = {}
+    for module, path in modules.items():
+        is_pkg = path.endswith("__init__.py")
+        edges = graph.setdefault(module, {})
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = module.split(".")[: len(module.split(".")) - node.level + (1 if is_pkg else 0)]
+                    base = ".".join(parts + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for t in targets:
+                while t and t not in modules:  # import a.b.c of a name inside a.b
+                    t = t.rpartition(".")[0]
+                if t and t != module:
+                    edges.setdefault(t, node.lineno)
+    return graph
+
+
 def test_every_unit_is_ranked():
     units = {n[:-3] if n.endswith(".py") else n for n in os.listdir(PKG_DIR)
              if not n.startswith(("__", ".")) and (n.endswith(".py") or os.path.isdir(os.path.join(PKG_DIR, n)))
@@ -105,20 +146,47 @@ def test_dependencies_point_down_and_never_cycle():
     assert cycles(graph) == []
 
 
+def test_no_file_imports_itself_round_a_circle():
+    """No circle between files: where two files need each other, the shared piece belongs in one
+    of them or in a small module both use. Function-level imports count (they only hide it)."""
+    assert cycles(file_imports()) == []
+
+
+def test_file_cycle_checker_catches_a_hidden_two_file_circle(tmp_path):
+    """Negative control: templates/a.py imports b at module level, b imports a inside a
+    function (the shape chat/ had three times), c imports a one way."""
+    pkg = tmp_path / "megatron_pack" / "templates"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from megatron_pack.templates.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
+    (pkg / "c.py").write_text("import megatron_pack.templates.a\n")
+    graph = file_imports(str(tmp_path / "megatron_pack"))
+    assert graph["megatron_pack.templates.c"] == {"megatron_pack.templates.a": 1}
+    found = cycles(graph)
+    assert found and {"megatron_pack.templates.a", "megatron_pack.templates.b"} <= set(found[0])
+    assert not any("megatron_pack.templates.c" in c for c in found)
+    (pkg / "b.py").write_text("def f():\n    return 1\n")  # the circle broken: nothing reported
+    assert cycles(file_imports(str(tmp_path / "megatron_pack"))) == []
+
+
 def test_checker_catches_an_upward_import_and_a_cycle(tmp_path):
-    """Negative control: a fake tree where chat imports training and data <-> model."""
+    """Negative control: a fake tree where tokenization imports training and data <-> model."""
     root = tmp_path / "megatron_pack"
-    for unit, body in {"chat": "from megatron_pack.training import loop\n",
+    for unit, body in {"tokenization": "from megatron_pack.training import loop\n",
                        "data": "import megatron_pack.model.builder\n",
                        "model": "def f():\n    from megatron_pack.data import sampling\n"}.items():
         (root / unit).mkdir(parents=True)
         (root / unit / "__init__.py").write_text(body)
     graph = package_imports(str(root))
-    assert any(v.startswith("chat (rank 1) imports training") for v in violations(graph))
+    assert any(v.startswith("tokenization (rank 1) imports training") for v in violations(graph))
     assert cycles(graph), "data -> model -> data must be reported"
 
 
-@pytest.mark.parametrize("module", ["megatron_pack.chat", "megatron_pack.packing", "megatron_pack.files"])
+@pytest.mark.parametrize("module", ["megatron_pack.tokenization.tokenizer", "megatron_pack.templates.registry",
+                                    "megatron_pack.templates.jinja_template", "megatron_pack.preprocess.pipeline",
+                                    "megatron_pack.packing", "megatron_pack.files"])
 def test_lower_packages_import_without_torch(module):
     """The lower layers are plain Python + numpy: tools that only read data start fast."""
     import subprocess

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from megatron_pack.chat.overlong import OVERLONG_POLICIES as PREPROCESS_POLICIES
-from megatron_pack.chat.overlong import overlong_policy as preprocess_policy
+from megatron_pack.preprocess.overlong import OVERLONG_POLICIES as PREPROCESS_POLICIES
+from megatron_pack.preprocess.overlong import overlong_policy as preprocess_policy
 from megatron_pack.packing.plan import OVERLONG_POLICIES as PACKING_POLICIES
 from megatron_pack.packing.plan import apply_overlong, overlong_policy
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_pack.chat.tiny_tokenizers import build_wordlevel_tokenizer
+from megatron_pack.tokenization.tiny_tokenizers import build_wordlevel_tokenizer
 from megatron_pack.convert.export_specials import (PROVENANCE_NAME, Said, checkpoint_said, resolve_export_specials,
                                                    tokenizer_said)
 

@@ -8,7 +8,7 @@ from megatron_pack.model.vocab import VOCAB_RULE, resolve_vocab_size
 
 
 def test_order_flag_then_tokenizer_then_architecture_then_data(wordlevel_dir, tmp_path):
-    from megatron_pack.chat.tokenizer import load_tokenizer
+    from megatron_pack.tokenization.tokenizer import load_tokenizer
 
     llama = get_preset("llama3-8b")  # 128256
     tok = load_tokenizer(wordlevel_dir).vocab_size

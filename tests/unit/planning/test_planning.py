@@ -221,8 +221,8 @@ def test_mode_table_by_hand(tmp_path):
 
 
 def test_cli_on_builtin_sample(tmp_path, capsys):
-    from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
-    from megatron_pack.chat.sample import prepare_sample
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+    from megatron_pack.preprocess.sample import prepare_sample
 
     import plan_parallel
 
@@ -238,7 +238,7 @@ def test_cli_on_builtin_sample(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     plan = json.load(open(out))
-    from megatron_pack.chat.tokenizer import load_tokenizer
+    from megatron_pack.tokenization.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(tok).vocab_size  # the sample tokenizer's, specials included
     assert plan["vocab_size"] == vocab and plan["padded_vocab_size"] == -(-vocab // 256) * 256

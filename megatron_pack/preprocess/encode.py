@@ -23,8 +23,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_pack.chat.schema import Message, RecordError, normalize_record, record_tools
-from megatron_pack.chat.templates import ChatTemplate, Rendered
+from megatron_pack.preprocess.overlong import OVERLONG_POLICIES, Outcome, overlong_policy
+from megatron_pack.preprocess.schema import normalize_record, record_tools
+from megatron_pack.templates.base import ChatTemplate, Rendered
+from megatron_pack.templates.messages import Message, RecordError
 
 MAX_REJECT_RECORD_CHARS = 4000
 
@@ -121,8 +123,6 @@ class ChunkEncoder:
 
     def __init__(self, tokenizer, template: ChatTemplate, loss_on: str, max_seq_length: Optional[int],
                  overlong: str):
-        from megatron_pack.chat.overlong import OVERLONG_POLICIES, overlong_policy
-
         if loss_on not in LOSS_POLICIES:
             raise ValueError(f"unknown loss policy {loss_on!r}; choose from {', '.join(LOSS_POLICIES)}")
         overlong = overlong_policy(overlong)
@@ -152,6 +152,12 @@ class ChunkEncoder:
         rendered = self.template.render(messages, tools=tools)
         rendered.tools = tools  # split-chat re-renders pieces with them
         return schema, messages, rendered
+
+    def render_messages(self, messages: list[Message], tools=None):
+        """Tokens, mask and turns of one message list (the over-long policies re-render pieces)."""
+        rendered = self.template.render(messages, tools=tools)
+        tokens, mask, _, turns, _ = self.encode_rendered([rendered])
+        return tokens, mask, turns
 
     def encode_rendered(self, rendered: Sequence[Rendered]):
         rendered = self.template.finish(list(rendered))
@@ -212,8 +218,6 @@ class ChunkEncoder:
             try:
                 outcome = self.overlong.apply(self, convs[i], t, m, u, self.max_len)
             except Exception as err:  # a piece that fails to re-render rejects this record only
-                from megatron_pack.chat.overlong import Outcome
-
                 outcome = Outcome(reject="invalid_record", message=f"--overlong {self.overlong.name}: "
                                   f"{type(err).__name__}: {str(err)[:200]}")
             if outcome.reject:
@@ -228,13 +232,6 @@ class ChunkEncoder:
         res.turns = np.concatenate([d[2] for d in docs]) if docs else np.empty(0, np.int32)
         res.doc_off = np.concatenate([[0], np.cumsum([len(d[0]) for d in docs], dtype=np.int64)])
         res.turn_off = np.concatenate([[0], np.cumsum([len(d[2]) for d in docs], dtype=np.int64)])
-
-
-def render_messages(encoder: ChunkEncoder, messages: list[Message], tools=None):
-    """Tokens, mask and turns of one message list (used to re-render split pieces)."""
-    rendered = encoder.template.render(messages, tools=tools)
-    tokens, mask, _, turns, _ = encoder.encode_rendered([rendered])
-    return tokens, mask, turns
 
 
 def encode_conversation(template: ChatTemplate, messages: list[Message], loss_on: str = "assistant",

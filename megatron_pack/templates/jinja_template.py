@@ -16,13 +16,13 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_pack.chat.jinja_env import (DEFAULT_MAX_CHARS, DEFAULT_TIME_LIMIT_S, TemplateLimitError,
+from megatron_pack.templates.jinja_env import (DEFAULT_MAX_CHARS, DEFAULT_TIME_LIMIT_S, TemplateLimitError,
                                           bounded_environment, compile_template, render_bounded)
-from megatron_pack.chat.jinja_render import (Placeholders, RenderReject, TextRender, derive_spans,
+from megatron_pack.templates.jinja_render import (Placeholders, RenderReject, TextRender, derive_spans,
                                              token_flags)
-from megatron_pack.chat.schema import RecordError
-from megatron_pack.chat.templates import ChatTemplate, Rendered
-from megatron_pack.chat.tokenizer import TokenizerError
+from megatron_pack.templates.base import ChatTemplate, Rendered
+from megatron_pack.templates.messages import RecordError
+from megatron_pack.tokenization.base import TokenizerError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -35,7 +35,8 @@ class JinjaRendered(Rendered):
         self.tr = text_render
 
 
-def _alternation(tokens) -> Optional[re.Pattern]:
+def token_alternation(tokens) -> Optional[re.Pattern]:
+    """One regex matching any of ``tokens``, longest first (None for none)."""
     tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
@@ -67,7 +68,7 @@ class JinjaTemplate(ChatTemplate):
         if not source:
             raise TokenizerError(f"{tokenizer.path}: tokenizer has no chat_template for the jinja template")
         self.source = source
-        from megatron_pack.chat.builtin_templates import PRINT_ONLY
+        from megatron_pack.templates.builtin_templates import PRINT_ONLY
 
         # verify: render the real chat too and check it against the placeholder render. Off only
         # for published templates known to print message text and nothing else.
@@ -75,7 +76,11 @@ class JinjaTemplate(ChatTemplate):
         self.special_as_text = special_as_text
         self.time_limit_s, self.max_chars = time_limit_s, max_chars
         self.date = date or datetime.now()
-        env = bounded_environment(max_chars, self.date)
+        try:
+            env = bounded_environment(max_chars, self.date)
+        except ImportError as exc:  # transformers missing, or without the environment we render in
+            raise TokenizerError(f"{tokenizer.path}: the Jinja path needs transformers' chat-template "
+                                 f"environment: {exc}") from None
         try:
             self.template = compile_template(source, env, time_limit_s)
         except ValueError as exc:
@@ -83,11 +88,11 @@ class JinjaTemplate(ChatTemplate):
         self.has_generation = bool(_GENERATION_TAG.search(source))
         self.kwargs = dict(tokenizer.template_tokens)
         added = tokenizer.added_tokens()
-        self._added_re = _alternation(t for t, _ in added)
-        self._special_re = _alternation(t for t, special in added if special)
+        self._added_re = token_alternation(t for t, _ in added)
+        self._special_re = token_alternation(t for t, special in added if special)
         literal = self._literal_text(env, source)
         control = [t for t, special in added if special or (t in literal and not t.isspace())]
-        self._control_re = _alternation(control)
+        self._control_re = token_alternation(control)
         self.gen_prompt = self._generation_prompt()
 
     @staticmethod

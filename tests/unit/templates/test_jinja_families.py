@@ -13,12 +13,13 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.chat import builtin_templates as bt
-from megatron_pack.chat.encode import encode_conversation
-from megatron_pack.chat.schema import normalize_record, record_tools
-from megatron_pack.chat.templates import build_template
-from megatron_pack.chat.tiny_tokenizers import LLAMA3_CHAT_TEMPLATE, build_bpe_tokenizer
-from megatron_pack.chat.tokenizer import load_tokenizer
+from megatron_pack.templates import builtin_templates as bt
+from megatron_pack.preprocess.encode import encode_conversation
+from megatron_pack.preprocess.schema import normalize_record, record_tools
+from megatron_pack.templates.registry import build_template
+from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE
+from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer
+from megatron_pack.tokenization.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,7 +122,7 @@ def conversations(family):
     if family == "mistral":
         convs.append({"messages": [s("Sys"), u("Weather?"), a("Let me check."), u("Paris")]})
     # Generated multi-turn chats (the sample generator: 1-6 exchanges, three schemas).
-    from megatron_pack.chat.sample import generate_conversations
+    from megatron_pack.preprocess.sample import generate_conversations
 
     for rec in generate_conversations(6, seed=7):
         convs.append({"messages": [m.as_dict() for m in normalize_record(rec)[1]]})
@@ -134,7 +135,8 @@ def family_dirs(tmp_path_factory):
 
     texts = [m["content"] for f in SOURCES for c in conversations(f) for m in c["messages"]]
     texts += ["system user assistant ipython tool Cutting Knowledge Date December Today Environment"] * 3
-    base = build_bpe_tokenizer(str(tmp_path_factory.mktemp("fam") / "base"), texts * 4, vocab_size=600)
+    base = build_bpe_tokenizer(str(tmp_path_factory.mktemp("fam") / "base"), texts * 4, vocab_size=600,
+                               chat_template=LLAMA3_CHAT_TEMPLATE)
     dirs = {}
     for fam in SOURCES:
         d = str(tmp_path_factory.mktemp(fam.replace(".", "_")))
@@ -261,8 +263,8 @@ def test_special_token_text_stays_text_by_default(family_dirs):
 def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
     """The token-level built-ins are only a speed-up: ids, masks and turns equal the Jinja path
     rendering the published template they follow (negative control: another template differs)."""
-    from megatron_pack.chat.builtin_templates import FAST_PATH_REFERENCES
-    from megatron_pack.chat.jinja_template import JinjaTemplate
+    from megatron_pack.templates.builtin_templates import FAST_PATH_REFERENCES
+    from megatron_pack.templates.jinja_template import JinjaTemplate
 
     tok = load_tokenizer(family_dirs["llama3"])
     reference = JinjaTemplate(tok, FAST_PATH_REFERENCES[fast_path])
@@ -271,8 +273,6 @@ def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
         _, msgs = normalize_record(rec)
         if any(m.role == "tool" for m in msgs):
             continue  # the fast path names the tool role "ipython" (Llama 3.1+); Meta's 3.0 template has none
-        if any("<|" in m.content or "</" in m.content for m in msgs):
-            continue  # typed control tokens: text in both, but cut differently (see the report)
         for loss_on in ("assistant", "last"):
             fast = encode_conversation(build_template(fast_path, tok), msgs, loss_on)
             ref = encode_conversation(reference, msgs, loss_on)
@@ -283,7 +283,7 @@ def test_fast_paths_equal_the_published_templates(family_dirs, fast_path):
 @pytest.mark.parametrize("fam", ["llama3.1", "qwen2.5", "llama2"])
 def test_print_only_shortcut_equals_verified_render(family_dirs, fam):
     """Published print-only templates skip the verifying second render; forcing it changes nothing."""
-    from megatron_pack.chat.jinja_template import JinjaTemplate
+    from megatron_pack.templates.jinja_template import JinjaTemplate
 
     tok = load_tokenizer(family_dirs[fam])
     quick, checked = JinjaTemplate(tok, SOURCES[fam]), JinjaTemplate(tok, SOURCES[fam], verify=True)
@@ -299,7 +299,7 @@ def test_print_only_shortcut_equals_verified_render(family_dirs, fam):
 def test_generation_prompt_found_when_the_template_needs_a_system_message(family_dirs):
     """A template that refuses a lone user message still has its assistant header found (it is
     not trained), from a probe with a system message."""
-    from megatron_pack.chat.jinja_template import JinjaTemplate
+    from megatron_pack.templates.jinja_template import JinjaTemplate
 
     src = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
            + bt.CHATML_CHAT_TEMPLATE)

@@ -6,7 +6,7 @@ Alpaca), single and multi-turn, some with a system prompt or a tool result, from
 to ~1500 tokens. :func:`prepare_sample` copies it to a work directory and trains a small
 byte-level BPE with Llama-3 special tokens and a Llama-3 ``chat_template`` on it.
 
-Regenerate the asset with ``python -m megatron_pack.chat.sample``.
+Regenerate the asset with ``python -m megatron_pack.preprocess.sample``.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def write_jsonl(path: str, records) -> str:
 
 def record_texts(path: str) -> Iterator[str]:
     """Every message text in a JSONL file (any schema), to train a tokenizer on."""
-    from megatron_pack.chat.schema import RecordError, normalize_record
+    from megatron_pack.preprocess.schema import normalize_record
+    from megatron_pack.templates.messages import RecordError
 
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -189,7 +190,8 @@ def record_texts(path: str) -> Iterator[str]:
 def prepare_sample(workdir: str) -> tuple[str, str]:
     """(sample JSONL path, tokenizer directory) under ``workdir``; the tokenizer is trained
     once and reused while the sample is unchanged."""
-    from megatron_pack.chat.tiny_tokenizers import build_bpe_tokenizer
+    from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE
+    from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer
 
     os.makedirs(workdir, exist_ok=True)
     jsonl = os.path.join(workdir, "sample_chat.jsonl")
@@ -202,7 +204,7 @@ def prepare_sample(workdir: str) -> tuple[str, str]:
         return jsonl, tok_dir
     tmp_dir = tok_dir + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    build_bpe_tokenizer(tmp_dir, record_texts(jsonl), vocab_size=TOKENIZER_VOCAB)
+    build_bpe_tokenizer(tmp_dir, record_texts(jsonl), vocab_size=TOKENIZER_VOCAB, chat_template=LLAMA3_CHAT_TEMPLATE)
     with open(os.path.join(tmp_dir, "SAMPLE_SHA"), "w") as f:
         f.write(digest + "\n")
     shutil.rmtree(tok_dir, ignore_errors=True)

@@ -14,8 +14,9 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_pack.chat.tokenizer import BaseTokenizer, TokenizerError
+from megatron_pack.tokenization.base import BaseTokenizer, TokenizerError
 
+#: Llama-3's pre-tokenizer split (tiktoken's cl100k pattern), as in Meta's ``llama/tokenizer.py``.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_RESERVED_SPECIAL_TOKENS = 256

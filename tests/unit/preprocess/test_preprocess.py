@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.chat.encode import encode_conversation
+from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.files.indexed import SFTIndexedDataset, dataset_exists, dataset_files
-from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.templates import build_template
-from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.registry import build_template
+from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
 GOOD = [
     {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
@@ -62,6 +62,17 @@ def cfg(inputs, tok, prefix, **kw):
     kw.setdefault("plot", False)
     kw.setdefault("chat_template", "llama3")
     return PreprocessConfig(inputs=inputs, tokenizer=tok, output_prefix=str(prefix), **kw)
+
+
+def test_an_empty_conversation_has_its_own_reason(wordlevel_dir, tmp_path):
+    """``{"messages": []}`` is ``empty``, not ``no_assistant_turn`` (which a user-only chat keeps)."""
+    lines = [b'{"messages": []}', b'{"conversations": []}', BAD[6][0], GOOD[0]]
+    assert BAD[6][1] == "no_assistant_turn"
+    s = preprocess(cfg([write_lines(tmp_path / "in.jsonl", lines)], wordlevel_dir, tmp_path / "out"))
+    assert s["conversations"]["rejected_by_reason"] == {"empty": 2, "no_assistant_turn": 1}
+    rejects = [json.loads(line) for line in open(tmp_path / "out_rejects.jsonl")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(1, "empty"), (2, "empty"), (3, "no_assistant_turn")]
+    assert "empty list" in rejects[0]["message"]
 
 
 def test_writes_dataset_summary_rejects(wordlevel_dir, tmp_path):
@@ -124,7 +135,7 @@ def test_gzip_input_equals_plain(wordlevel_dir, tmp_path):
 
 
 def test_deterministic_across_workers(bpe_dir, tmp_path):
-    from megatron_pack.chat.sample import generate_conversations, write_jsonl
+    from megatron_pack.preprocess.sample import generate_conversations, write_jsonl
 
     src = write_jsonl(str(tmp_path / "s.jsonl"), generate_conversations(300, seed=3))
     with open(src, "ab") as f:
@@ -162,9 +173,10 @@ def test_cli_exit_codes(wordlevel_dir, tmp_path, capsys):
     base = ["--input", src, "--tokenizer", wordlevel_dir, "--no-plot", "--no-progress"]
     assert cli.main(base + ["--output-prefix", str(tmp_path / "ok")]) == 0
     assert "read 2, written 1, rejected 1" in capsys.readouterr().out
-    assert cli.main(base + ["--output-prefix", str(tmp_path / "st"), "--strict"]) == 1
+    # 2: bad input or invocation (the bad record under --strict, a missing output directory)
+    assert cli.main(base + ["--output-prefix", str(tmp_path / "st"), "--strict"]) == 2
     assert "in.jsonl:2: malformed_json" in capsys.readouterr().err
-    assert cli.main(base + ["--output-prefix", str(tmp_path / "missing" / "x")]) == 1
+    assert cli.main(base + ["--output-prefix", str(tmp_path / "missing" / "x")]) == 2
     assert "output directory" in capsys.readouterr().err
 
 
@@ -224,7 +236,7 @@ def test_no_usable_conversation_is_an_error(wordlevel_dir, tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(wordlevel_dir, tmp_path, monkeypatch):
-    from megatron_pack.chat import encode
+    from megatron_pack.preprocess import encode
 
     src = write_lines(tmp_path / "in.jsonl", GOOD * 4)
     calls = {"n": 0}
@@ -309,7 +321,7 @@ def test_loss_on_last_and_all(wordlevel_dir, tmp_path):
 
 
 def test_sample_runs_end_to_end(tmp_path):
-    from megatron_pack.chat.sample import prepare_sample
+    from megatron_pack.preprocess.sample import prepare_sample
 
     jsonl, tok_dir = prepare_sample(str(tmp_path / "work"))
     assert os.path.getsize(jsonl) < 1_500_000

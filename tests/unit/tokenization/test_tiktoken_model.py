@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from megatron_pack.chat.encode import encode_conversation
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.templates import build_template
-from megatron_pack.chat.tiktoken_model import TiktokenModelTokenizer, is_tiktoken_model
-from megatron_pack.chat.tokenizer import TokenizerError, _byte_decoder, load_tokenizer
+from megatron_pack.preprocess.encode import encode_conversation
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.registry import build_template
+from megatron_pack.tokenization.tiktoken_model import TiktokenModelTokenizer, is_tiktoken_model
+from megatron_pack.tokenization.tokenizer import TokenizerError, _byte_decoder, load_tokenizer
 
 pytest.importorskip("tiktoken")
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from megatron_pack.chat.encode import encode_conversation
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.schema import RecordError
-from megatron_pack.chat.templates import auto_template_name, build_template
-from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+from megatron_pack.preprocess.encode import encode_conversation
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.messages import RecordError
+from megatron_pack.templates.registry import auto_template_name, build_template
+from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
 SH, EH, EOT, BOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"
 IMS, IME = "<|im_start|>", "<|im_end|>"
@@ -163,7 +163,7 @@ def test_jinja_chatml_template_masks(wordlevel_dir, tmp_path):
 
 
 def test_jinja_raise_exception_is_a_reject(wordlevel_dir, tmp_path):
-    from megatron_pack.chat.jinja_template import JinjaTemplate
+    from megatron_pack.templates.jinja_template import JinjaTemplate
 
     tmpl = JinjaTemplate(load_tokenizer(wordlevel_dir), "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(RecordError, match="roles must alternate"):
@@ -193,7 +193,7 @@ def test_llama2_on_real_sentencepiece_bpe(sp_bpe_model):
 
 def test_tiktoken_backend_gives_identical_ids(tmp_path):
     pytest.importorskip("tiktoken")
-    from megatron_pack.chat.sample import prepare_sample, record_texts
+    from megatron_pack.preprocess.sample import prepare_sample, record_texts
 
     jsonl, tok_dir = prepare_sample(str(tmp_path / "work"))
     fast, slow = load_tokenizer(tok_dir), load_tokenizer(tok_dir, fast=False)

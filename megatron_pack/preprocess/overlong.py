@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_pack.chat.schema import RecordError
+from megatron_pack.templates.messages import RecordError
 
 
 @dataclass
@@ -62,8 +62,6 @@ class SplitChat:
         return [first] + starts
 
     def apply(self, encoder, conv, tokens, mask, turns, max_len) -> Outcome:
-        from megatron_pack.chat.encode import render_messages
-
         messages = conv.messages
         system = messages[:1] if messages[0].role == "system" else []
         starts = self._exchanges(messages)
@@ -97,7 +95,7 @@ class SplitChat:
                 piece = system + messages[starts[e]:end]
                 try:
                     encoder.template.validate(piece)
-                    t, m, u = render_messages(encoder, piece, getattr(conv.rendered, "tools", None))
+                    t, m, u = encoder.render_messages(piece, getattr(conv.rendered, "tools", None))
                 except RecordError:
                     t = None
                     break

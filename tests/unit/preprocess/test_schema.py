@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_pack.chat.schema import Message, RecordError, detect_schema, normalize_record
+from megatron_pack.preprocess.schema import Message, RecordError, detect_schema, normalize_record
 
 M = Message
 
@@ -57,7 +57,9 @@ def test_alpaca(rec, expected):
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "y"}]},
      "non_string_content"),
     ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn"),
-    ({"messages": []}, "no_assistant_turn"),
+    ({"messages": []}, "empty"),
+    ({"conversations": []}, "empty"),
+    ({"conversations": [], "system": "a system prompt alone"}, "no_assistant_turn"),
     ({"messages": "hello"}, "unknown_schema"),
     ({"messages": ["hello"]}, "unknown_schema"),
     ({"text": "plain pretraining text"}, "unknown_schema"),

@@ -5,12 +5,20 @@ Sources (the ``chat_template`` field of each model's ``tokenizer_config.json`` o
 meta-llama/Meta-Llama-3-8B-Instruct, meta-llama/Llama-3.1-8B-Instruct,
 meta-llama/Llama-2-7b-chat-hf, mistralai/Mistral-7B-Instruct-v0.3, Qwen/Qwen2.5-7B-Instruct,
 and the generic ChatML template of ``transformers``' documentation. They are data, not code:
-rendered in the sandbox of :mod:`megatron_pack.chat.jinja_env` like any user template.
+rendered in the sandbox of :mod:`megatron_pack.templates.jinja_env` like any user template.
 """
 
 from __future__ import annotations
 
-from megatron_pack.chat.tiny_tokenizers import LLAMA3_CHAT_TEMPLATE
+# Meta's Llama-3-Instruct chat template (as shipped in its tokenizer_config.json); the ``llama3``
+# fast path reproduces it.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 LLAMA31_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if custom_tools is defined %}

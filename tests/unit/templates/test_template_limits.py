@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from megatron_pack.chat.encode import encode_conversation
-from megatron_pack.chat.jinja_template import JinjaTemplate
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.schema import RecordError
-from megatron_pack.chat.tokenizer import TokenizerError, load_tokenizer
+from megatron_pack.preprocess.encode import encode_conversation
+from megatron_pack.templates.jinja_template import JinjaTemplate
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.messages import RecordError
+from megatron_pack.tokenization.tokenizer import TokenizerError, load_tokenizer
 
 pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def test_unparsable_template_is_one_line(wordlevel_dir):
 def test_ten_thousand_turns_render_in_linear_time(bpe_dir):
     """Rendering is two passes over the chat, not one per turn (the old incremental renderer
     took minutes on such a record)."""
-    from megatron_pack.chat.builtin_templates import QWEN25_CHAT_TEMPLATE
+    from megatron_pack.templates.builtin_templates import QWEN25_CHAT_TEMPLATE
 
     t = JinjaTemplate(load_tokenizer(bpe_dir), QWEN25_CHAT_TEMPLATE)
     msgs = [M("user" if i % 2 == 0 else "assistant", f"turn {i}") for i in range(10_000)]
@@ -69,3 +69,19 @@ def test_ten_thousand_turns_render_in_linear_time(bpe_dir):
     ids, mask, turns = encode_conversation(t, msgs)
     assert time.perf_counter() - t0 < 30
     assert len(turns) >= 10_000 and mask.sum() > 0
+
+
+def test_a_transformers_without_the_private_environment_fails_on_one_line(wordlevel_dir, monkeypatch):
+    """jinja_env leans on transformers' private ``_compile_jinja_template``: a release without it
+    is a one-line TokenizerError naming the version, not a traceback mid-run (negative control: with
+    it, the same template builds)."""
+    import sys
+    import types
+
+    import transformers
+
+    tok = load_tokenizer(wordlevel_dir)
+    assert JinjaTemplate(tok).template is not None
+    monkeypatch.setitem(sys.modules, "transformers.utils.chat_template_utils", types.ModuleType("stub"))
+    with pytest.raises(TokenizerError, match=f"transformers {transformers.__version__} has no .*_compile_jinja_template"):
+        JinjaTemplate(tok)

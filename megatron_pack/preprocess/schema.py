@@ -13,8 +13,9 @@ Everything becomes ``[Message(role, content), ...]`` with roles ``system``, ``us
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
+
+from megatron_pack.templates.messages import Message, RecordError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -38,34 +39,6 @@ ROLE_ALIASES = {
 
 #: OpenAI message keys passed through to Jinja chat templates besides role and content.
 EXTRA_KEYS = ("tool_calls", "tool_call_id", "name")
-
-
-@dataclass(frozen=True, eq=False)
-class Message:
-    role: str
-    content: str
-    extra: Optional[dict] = None
-    """tool_calls / tool_call_id / name, as given (Jinja templates only)."""
-
-    def as_dict(self) -> dict:
-        """The message as transformers hands it to a chat template."""
-        return {"role": self.role, "content": self.content, **(self.extra or {})}
-
-    def __eq__(self, other):
-        return isinstance(other, Message) and (self.role, self.content, self.extra or None) == (
-            other.role, other.content, other.extra or None)
-
-    def __hash__(self):
-        return hash((self.role, self.content))
-
-
-class RecordError(ValueError):
-    """A record that cannot be used; ``reason`` is a stable key for counting."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.detail = message
 
 
 def _content_text(content, where: str, allow_empty: bool = False) -> str:
@@ -161,7 +134,8 @@ def normalize_record(record) -> tuple[str, list[Message]]:
     """(schema name, messages) for one parsed JSON record, validated.
 
     Checks shared by every template: known roles, string content (empty only for a system
-    prompt or a tool-call turn), at least one assistant turn. Anything a template cannot
+    prompt or a tool-call turn), at least one message (else ``empty``) and at least one assistant
+    turn (else ``no_assistant_turn``). Anything a template cannot
     render (a system message late, strict alternation) is for the template to refuse. Template-specific rules (alternation, tool
     support) live in the templates.
     """
@@ -176,7 +150,8 @@ def normalize_record(record) -> tuple[str, list[Message]]:
     else:
         messages = _from_alpaca(record)
     if not messages:
-        raise RecordError("no_assistant_turn", "conversation is empty")
+        field = "messages" if schema == "openai" else "conversations"
+        raise RecordError("empty", f"'{field}' is an empty list: nothing to train on")
     if not any(m.role == "assistant" for m in messages):
         raise RecordError("no_assistant_turn", "conversation has no assistant turn")
     return schema, messages

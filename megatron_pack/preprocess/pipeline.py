@@ -18,6 +18,7 @@ renamed last, so its presence marks a finished run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -27,12 +28,12 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.chat.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
+from megatron_pack.preprocess.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
 from megatron_pack.files.indexed import SFTDatasetWriter, dataset_exists, dataset_files
 from megatron_pack.files.indexed_check import dataset_manifest
-from megatron_pack.chat.overlong import overlong_policy
-from megatron_pack.chat.templates import TEMPLATES, auto_template_name, build_template
-from megatron_pack.chat.tokenizer import load_tokenizer
+from megatron_pack.preprocess.overlong import overlong_policy
+from megatron_pack.templates.registry import TEMPLATES, auto_template_name, build_template
+from megatron_pack.tokenization.tokenizer import load_tokenizer
 
 
 class PreprocessError(RuntimeError):
@@ -59,8 +60,8 @@ class PreprocessConfig:
     chunk_size: int = 512
     """Conversations per worker task (one tokenizer batch call each)."""
     special_as_text: bool = True
-    """Jinja templates: message text that spells a control token stays text (False: it becomes
-    the token, transformers' default)."""
+    """Message text that spells a control token stays text (False: it becomes the token,
+    transformers' default); the fast paths hand such chats to the Jinja path."""
     template_time_limit_s: float = 5.0
     """Jinja templates: seconds one record may take to render before it is rejected."""
     template_date: Optional[str] = None
@@ -265,6 +266,52 @@ def _plot(lengths: np.ndarray, max_len: Optional[int], path: str, title: str):
     plt.close(fig)
 
 
+def _no_usable_conversation(cfg, paths, rejects_tmp, read, reasons, first_reject):
+    """Every record rejected: no dataset is written (an empty indexed dataset cannot even be
+    memory-mapped). Keep the rejects -- beside an older dataset under another name, so its own
+    rejects stay with it -- and fail on one line naming the first bad record."""
+    where = paths["rejects"]
+    if dataset_exists(cfg.output_prefix):
+        where = cfg.output_prefix + "_rejects.failed.jsonl"
+    os.replace(rejects_tmp, where)
+    first = f"; first: {str(first_reject).splitlines()[0][:300]}" if first_reject else ""
+    raise PreprocessError(f"{', '.join(cfg.inputs)}: no usable conversation ({read} read, rejected: "
+                          f"{dict(sorted(reasons.items()))}){first}; all rejects in {where}")
+
+
+def _summary(cfg, tokenizer: dict, template_name: str, paths: dict, read: int, reasons, schemas, overlong,
+             lengths: np.ndarray, supervised: int) -> dict:
+    """The ``P_summary.json`` of a finished run (written last: its presence marks the run done)."""
+    rejected = sum(reasons.values())
+    tokens = int(lengths.sum())
+    return {
+        "inputs": list(cfg.inputs),
+        "tokenizer": tokenizer,
+        "chat_template": template_name,
+        "loss_on": cfg.loss_on,
+        "max_seq_length": cfg.max_seq_length,
+        "overlong_policy": cfg.overlong,
+        "conversations": {
+            "read": read,
+            "written": read - rejected,
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "by_schema": dict(sorted(schemas.items())),
+        },
+        "documents": int(lengths.size),
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
+        "length": _length_stats(lengths),
+        # null without --max-seq-length: nothing was measured against a limit here (packing may
+        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
+        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
+                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
+        "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
+        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
+    }
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion; returns the summary dict (also written as JSON)."""
     check_paths(cfg)
@@ -291,7 +338,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     lengths, supervised = [], 0
     rejects_tmp = paths["rejects"] + tmp
     try:
-        with SFTDatasetWriter(cfg.output_prefix) as writer, open(rejects_tmp, "w", encoding="utf-8") as rej:
+        with contextlib.ExitStack() as stack, open(rejects_tmp, "w", encoding="utf-8") as rej:
+            writer, first_reject = None, None
             for res in _ordered_results(cfg, encoder, _chunks(cfg.inputs, cfg.chunk_size, bar.update)):
                 if cfg.strict:
                     # Over-long drops are the chosen policy, not bad input.
@@ -301,9 +349,14 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 for r in res.rejects:
                     rej.write(json.dumps(r.as_json(), ensure_ascii=False) + "\n")
                     reasons[r.reason] += 1
+                first_reject = first_reject or (res.rejects[0] if res.rejects else None)
                 counts["read"] += res.read
                 schemas.update(res.schemas)
                 overlong.update(res.overlong)
+                if writer is None and len(res.doc_off) > 1:
+                    # Opened at the first document, not before: the writer imports Megatron-Core
+                    # (seconds of CPU), which a file of bad records never needs.
+                    writer = stack.enter_context(SFTDatasetWriter(cfg.output_prefix))
                 for d in range(len(res.doc_off) - 1):
                     a, b = res.doc_off[d], res.doc_off[d + 1]
                     writer.add(res.tokens[a:b], res.mask[a:b], res.turns[res.turn_off[d]:res.turn_off[d + 1]])
@@ -311,17 +364,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 supervised += int(res.mask.sum(dtype=np.int64))
                 bar.set_postfix(conversations=counts["read"], rejected=sum(reasons.values()), refresh=False)
             bar.close()
-            if writer.num_conversations == 0:
-                # An empty indexed dataset cannot even be memory-mapped: fail, keep the rejects --
-                # beside an older dataset under another name, so its own rejects stay with it.
+            if writer is None:
                 rej.close()
-                where = paths["rejects"]
-                if dataset_exists(cfg.output_prefix):
-                    where = cfg.output_prefix + "_rejects.failed.jsonl"
-                os.replace(rejects_tmp, where)
-                raise PreprocessError(
-                    f"{', '.join(cfg.inputs)}: no usable conversation ({counts['read']} read, rejected: "
-                    f"{dict(sorted(reasons.items()))}); see {where}")
+                _no_usable_conversation(cfg, paths, rejects_tmp, counts["read"], reasons, first_reject)
             # The summary is the commit point: the old one goes before the new dataset is renamed
             # in, the new one (naming the files it vouches for) is written last.
             if os.path.exists(paths["summary"]):
@@ -334,37 +379,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise
 
     lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
-    rejected = sum(reasons.values())
-    tokens = int(lengths.sum())
-    summary = {
-        "inputs": list(cfg.inputs),
-        "tokenizer": tokenizer.describe(),
-        "chat_template": template_name,
-        "loss_on": cfg.loss_on,
-        "max_seq_length": cfg.max_seq_length,
-        "overlong_policy": cfg.overlong,
-        "conversations": {
-            "read": counts["read"],
-            "written": counts["read"] - rejected,
-            "rejected": rejected,
-            "rejected_by_reason": dict(sorted(reasons.items())),
-            "by_schema": dict(sorted(schemas.items())),
-        },
-        "documents": int(lengths.size),
-        "tokens": tokens,
-        "supervised_tokens": supervised,
-        "supervised_fraction": round(supervised / tokens, 4) if tokens else 0.0,
-        "length": _length_stats(lengths),
-        # null without --max-seq-length: nothing was measured against a limit here (packing may
-        # still truncate, drop or cut for its own --seq-length; pack_report counts those)
-        "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
-                     if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
-        "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
-        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
-    }
+    summary = _summary(cfg, tokenizer.describe(), template_name, paths, counts["read"], reasons, schemas, overlong,
+                       lengths, supervised)
     if cfg.plot:
         _plot(lengths, cfg.max_seq_length, paths["histogram"] + tmp,
-              f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {tokens} tokens")
+              f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {summary['tokens']} tokens")
         os.replace(paths["histogram"] + tmp, paths["histogram"])
     write_json_atomic(summary, paths["summary"], indent=2)
     return summary

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_pack.chat.preprocess import PreprocessConfig, PreprocessError, preprocess
+from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.files.indexed_check import DatasetError
 
@@ -35,7 +35,7 @@ def test_summary_vouches_for_its_dataset_and_a_swapped_dataset_is_refused(wordle
 
 
 def test_crash_before_the_summary_leaves_no_stale_summary(wordlevel_dir, tmp_path, monkeypatch):
-    from megatron_pack.chat import preprocess as P
+    from megatron_pack.preprocess import pipeline as P
 
     _run(tmp_path, wordlevel_dir, [GOOD])
 
@@ -68,7 +68,7 @@ def test_stale_temp_files_of_dead_runs_are_removed(wordlevel_dir, tmp_path):
 def test_failed_run_keeps_the_older_datasets_rejects(wordlevel_dir, tmp_path):
     _run(tmp_path, wordlevel_dir, [GOOD, "not json"])
     before = (tmp_path / "out_rejects.jsonl").read_text()
-    with pytest.raises(PreprocessError, match=r"no usable conversation .* see .*out_rejects.failed.jsonl"):
+    with pytest.raises(PreprocessError, match=r"no usable conversation .* all rejects in .*out_rejects.failed.jsonl"):
         _run(tmp_path, wordlevel_dir, ["{bad", "also bad"])
     assert (tmp_path / "out_rejects.jsonl").read_text() == before
     assert len((tmp_path / "out_rejects.failed.jsonl").read_text().splitlines()) == 2

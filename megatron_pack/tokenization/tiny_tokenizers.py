@@ -3,7 +3,8 @@
 - :func:`build_wordlevel_tokenizer`: a word-level ``tokenizer.json`` with a fixed vocab, so
   tests can write expected token sequences by hand;
 - :func:`build_bpe_tokenizer`: a byte-level BPE trained on given texts (Llama-3 style),
-  saved as a HF tokenizer directory with ``tokenizer_config.json`` and a ``chat_template``;
+  saved as a HF tokenizer directory with ``tokenizer_config.json`` (and the ``chat_template`` given,
+  e.g. ``templates.builtin_templates.LLAMA3_CHAT_TEMPLATE``);
 - :func:`build_sentencepiece_model`: a SentencePiece ``.model`` (Llama-2 / Mistral style,
   ``<unk>``=0, ``<s>``=1, ``</s>``=2) trained on a few lines.
 
@@ -17,6 +18,8 @@ import json
 import os
 from typing import Iterable, Optional, Sequence
 
+from megatron_pack.tokenization.tiktoken_model import LLAMA3_PATTERN
+
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|finetune_right_pad_id|>",
@@ -24,22 +27,9 @@ LLAMA3_SPECIALS = [
 CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 SPECIALS = LLAMA3_SPECIALS + CHATML_SPECIALS
 
-# Meta's Llama-3-Instruct chat template (as shipped in its tokenizer_config.json).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-# Llama-3's pre-tokenizer split (tiktoken cl100k pattern): "\n\n" before a word is its own
-# piece, so encoding template text and message text separately gives the same ids as
-# encoding the whole rendered string.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Llama-3's pre-tokenizer split: "\n\n" before a word is its own piece, so encoding template text
+# and message text separately gives the same ids as encoding the whole rendered string.
+LLAMA3_SPLIT = LLAMA3_PATTERN
 
 # Whitespace is kept as tokens (runs of newlines, single spaces) so text round-trips.
 WORD_SPLIT = r"\n+| |\w+|[^\w\s]"
@@ -79,7 +69,7 @@ def build_wordlevel_tokenizer(out_dir: str, words: Iterable[str], chat_template:
 
 
 def build_bpe_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 3000,
-                        chat_template: Optional[str] = LLAMA3_CHAT_TEMPLATE) -> str:
+                        chat_template: Optional[str] = None) -> str:
     """Byte-level BPE with Llama-3's pre-tokenizer, trained on ``texts``.
 
     Training is deterministic for the same texts and vocab size.

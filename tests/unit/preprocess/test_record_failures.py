@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 
-from megatron_pack.chat.encode import encode_conversation
-from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
-from megatron_pack.chat.schema import Message as M
-from megatron_pack.chat.templates import build_template
-from megatron_pack.chat.tokenizer import load_tokenizer
+from megatron_pack.preprocess.encode import encode_conversation
+from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+from megatron_pack.templates.messages import Message as M
+from megatron_pack.templates.registry import build_template
+from megatron_pack.tokenization.tokenizer import load_tokenizer
 from megatron_pack.files.indexed import SFTIndexedDataset
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
@@ -37,7 +37,7 @@ def test_deep_nesting_and_huge_integers_are_rejects_not_crashes(wordlevel_dir, t
 
 
 def test_any_unexpected_record_failure_is_a_reject(wordlevel_dir, tmp_path, monkeypatch):
-    from megatron_pack.chat import encode
+    from megatron_pack.preprocess import encode
 
     real = encode.ChunkEncoder.parse
 

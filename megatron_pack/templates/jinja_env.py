@@ -83,10 +83,21 @@ class _Bounds:
         return wrapped
 
 
-def _transformers_environment():
-    """transformers' chat-template environment (compiling a trivial template to get it)."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+#: The transformers release this module is tested with (``_compile_jinja_template`` is private
+#: API; pyproject allows >=4.45, where it exists).
+TESTED_TRANSFORMERS = "5.24"
 
+
+def _transformers_environment():
+    """transformers' chat-template environment (compiling a trivial template to get it). A release
+    without the private ``_compile_jinja_template`` fails here, on one line, not mid-render."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError as exc:
+        import transformers
+
+        raise ImportError(f"transformers {transformers.__version__} has no chat_template_utils._compile_jinja_template "
+                          f"(private API; tested with {TESTED_TRANSFORMERS}): {exc}") from None
     return _compile_jinja_template("").environment
 
 
