@@ -254,8 +254,8 @@ class TrainArgs:
     seed: int = arg(1234, "Seed for initialisation, data order and packing.")
     balance_batches: Optional[bool] = arg(None, "Place each global batch's sequences on data-parallel ranks and "
                                                 "micro-batches so their compute (linear + attention FLOPs) is even; "
-                                                "the same sequences per step, so the same loss. Default: on when "
-                                                "DP > 1 or PP > 1.")
+                                                "the same sequences per step, so the same loss; evaluation batches "
+                                                "are placed the same way. Default: on when DP > 1 or PP > 1.")
 
     def __post_init__(self):
         _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
