@@ -93,6 +93,13 @@ class Datasets:
     train_names: tuple = ()  # blend source names (per-source loss); () for one plain prefix
 
 
+def padding_multiple(cfg, tp_size: int = 1, cp_size: int = 1) -> int:
+    """What every document is padded to: ``--document-padding-multiple``, else what CP (and SP)
+    need (:func:`~megatron_pack.data.context_parallel.document_multiple`; 1 at CP 1)."""
+    n = cfg.data.packing.document_padding_multiple
+    return int(n) if n is not None else document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel)
+
+
 def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Datasets:
     """Train and held-out :class:`PackedSFTDataset` for a :class:`TrainConfig`.
 
@@ -110,7 +117,7 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
     multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
                   cache_dir=d.data_cache_path, group=group,
-                  document_multiple=document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel))
+                  document_multiple=padding_multiple(cfg, tp_size, cp_size))
     train = PackedSFTDataset(SFTSubset(base, train_idx), d.seq_length, p.pack_mode,
                              document_mask=p.document_mask, **common)
     valid = None
@@ -150,7 +157,7 @@ def build_blended_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=Non
     multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
                   cache_dir=d.data_cache_path, group=group,
-                  document_multiple=document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel))
+                  document_multiple=padding_multiple(cfg, tp_size, cp_size))
 
     def source(data, **kw):
         return lambda epoch: PackedSFTDataset(data, d.seq_length, epoch=epoch, **kw, **common)
