@@ -339,6 +339,71 @@ py::tuple split_turns(const Lengths& lengths, const Lengths& turn_offsets, const
                           inside);
 }
 
+// The blend schedule (megatron_pack/data/blend.py): the source of each of n draws, for sources
+// with shares w_d (weights, or sizes when every sequence is read once; S = sum w_d, k sources
+// with w_d > 0, delta = 1 / max(2k - 2, 1)). Draw t (1-based) may take source d only while
+// count_d + delta <= t w_d / S (drawn, d is at most 1 - delta sequences ahead of its share), and
+// takes among those the one whose next sequence is due first: the smallest
+// (count_d + 1 - delta) / w_d (the time d would lag by more than 1 - delta), ties to the lower
+// id. Tijdeman (1980, the chairman assignment problem) shows a schedule within 1 - delta of
+// every share on both sides exists for any weights, so earliest deadline first -- optimal for
+// unit jobs with release times and deadlines -- finds one. In integers: m = 1 / delta, release
+// (m c + 1) S <= m t w_d, deadline key (m (c + 1) - 1) / w_d. Should float rounding leave no
+// source released at the boundary, the draw falls back to c S < t w_d (still < 1 ahead).
+// With two sources the rule is exactly the largest deficit w_d t - c_d S (Megatron-Core's, the
+// one used before; ties to the lower id), so two-source blends use that arithmetic and keep
+// their order bit for bit (float rounding would otherwise break exact ties differently).
+// P is the product type: exact for integer sizes (__int128), IEEE double for weights.
+template <typename T, typename P>
+py::array_t<int32_t> blend_schedule(const py::array_t<T, py::array::c_style | py::array::forcecast>& shares, i64 n) {
+    if (shares.ndim() != 1 || shares.shape(0) < 1) throw std::invalid_argument("shares must be 1-D and non-empty");
+    if (n < 0) throw std::invalid_argument("n must be >= 0");
+    const int k = static_cast<int>(shares.shape(0));
+    const T* w = shares.data();
+    T total = 0;
+    int positive = 0;
+    for (int d = 0; d < k; ++d) {
+        if (!(w[d] >= 0)) throw std::invalid_argument("shares must be >= 0");
+        total += w[d];
+        positive += w[d] > 0;
+    }
+    if (!(total > 0)) throw std::invalid_argument("shares must not all be 0");
+    const P m = positive > 1 ? P(2 * positive - 2) : P(1);
+    py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
+    int32_t* o = out.mutable_data();
+    bool stuck = false;
+    {
+        py::gil_scoped_release nogil;
+        std::vector<i64> count(k, 0);
+        auto earlier = [&](int a, int b) {  // a's next sequence is due before b's
+            return (m * P(count[a] + 1) - 1) * P(w[b]) < (m * P(count[b] + 1) - 1) * P(w[a]);
+        };
+        for (i64 t = 1; t <= n; ++t) {
+            int best = -1;
+            if (positive == 2) {  // the rule is the largest deficit here: today's arithmetic, bit for bit
+                for (int d = 0; d < k; ++d)
+                    if (w[d] > 0 && (best < 0 || P(w[d]) * P(t) - P(count[d]) * P(total) >
+                                                     P(w[best]) * P(t) - P(count[best]) * P(total)))
+                        best = d;
+                o[t - 1] = best;
+                ++count[best];
+                continue;
+            }
+            for (int d = 0; d < k; ++d)
+                if (w[d] > 0 && (m * P(count[d]) + 1) * P(total) <= m * P(t) * P(w[d]) && (best < 0 || earlier(d, best)))
+                    best = d;
+            if (best < 0)  // float rounding at the boundary only: the plain bound, < 1 ahead
+                for (int d = 0; d < k; ++d)
+                    if (P(count[d]) * P(total) < P(t) * P(w[d]) && (best < 0 || earlier(d, best))) best = d;
+            if (best < 0) { stuck = true; break; }  // cannot happen: the counts sum to t - 1 < t
+            o[t - 1] = best;
+            ++count[best];
+        }
+    }
+    if (stuck) throw std::runtime_error("blend schedule: no source behind its share");
+    return out;
+}
+
 PYBIND11_MODULE(_packing, m) {
     m.doc() = "megatron_pack packing engine (C++): the hot loops behind megatron_pack.data.packing";
     m.def("shuffle", &shuffle, py::arg("n"), py::arg("seed"),
@@ -357,4 +422,8 @@ PYBIND11_MODULE(_packing, m) {
     m.def("split_turns", &split_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),
           py::arg("capacity"),
           "Cut over-long conversations at turn starts. Returns (owner, start, end, num_in_turn_cuts).");
+    m.def("blend_schedule_sizes", &blend_schedule<i64, __int128>, py::arg("sizes"), py::arg("n"),
+          "Blend schedule for integer shares (exact). Returns the int32 source id of each draw.");
+    m.def("blend_schedule_weights", &blend_schedule<double, double>, py::arg("weights"), py::arg("n"),
+          "Blend schedule for float weights. Returns the int32 source id of each draw.");
 }

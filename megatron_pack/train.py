@@ -25,6 +25,7 @@ PROG = "python -m megatron_pack.train"
 
 def main(argv=None) -> int:
     from megatron_pack.files.indexed import check_dataset
+    from megatron_pack.files.indexed_check import DatasetError
     from megatron_pack.quiet import quiet_library_noise
     from megatron_pack.training.cli import parse_args
     from megatron_pack.training.config import ConfigError
@@ -36,14 +37,13 @@ def main(argv=None) -> int:
         # for Megatron's import; train() checks the batch again against the real process group.
         config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         for prefix in config.data.prefixes:  # every source of a blend, and --valid-data-path's
-            check_dataset(prefix)
-    except (ConfigError, FileNotFoundError) as e:
+            check_dataset(prefix)  # missing parts, or an empty dataset
+    except (ConfigError, FileNotFoundError, DatasetError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
-    from megatron_pack.files.indexed_check import DatasetError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
     try:

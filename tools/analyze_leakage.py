@@ -40,6 +40,14 @@ def main(argv=None) -> int:
                           ("--seq-length", args.seq_length >= 2, "must be >= 2")):
         if not ok:
             p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {why}")
+    from megatron_pack.files.indexed import check_dataset
+    from megatron_pack.files.indexed_check import DatasetError
+
+    try:
+        check_dataset(args.data_prefix)  # missing parts or an empty dataset, before the model loads
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"error: --data-prefix {e}", file=sys.stderr)
+        return 2
     from megatron_pack.experiment.leakage_report import run_leakage
 
     try:

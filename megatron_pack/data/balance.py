@@ -216,9 +216,12 @@ class BatchBalancer:
                                          document_mask=dataset.document_mask)
         return self._costs
 
-    def placement(self, dataset, plan_sequences) -> tuple[list, dict]:
-        """``(out[rank][micro] -> positions in the step, stats)`` for the step's plan sequences."""
-        c = self.costs(dataset)[np.asarray(plan_sequences)]
+    def placement(self, dataset, plan_sequences, fillers: int = 0) -> tuple[list, dict]:
+        """``(out[rank][micro] -> positions in the step, stats)`` for the step's plan sequences,
+        followed by ``fillers`` free (all-padding) slots: evaluation's last, partial step."""
+        c = self.costs(dataset)[np.asarray(plan_sequences, dtype=np.int64)]
+        if fillers:
+            c = np.concatenate([c, np.zeros(int(fillers))])
         base = contiguous(c.size, self.dp_size, self.mbs)
         chosen = place(c, self.dp_size, self.mbs) if self.enabled else base
         stats = {"imbalance": imbalance(c, chosen), "imbalance unbalanced": imbalance(c, base),

@@ -44,6 +44,22 @@ def required_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: boo
     return m
 
 
+def _nothing_to_train(data, seq_length: int, stats):
+    """The one-line error for a plan without a sequence: say what left every conversation out."""
+    from megatron_pack.files.indexed_check import EmptyDatasetError
+
+    base = getattr(data, "base", None)  # a split (SFTSubset) of the dataset
+    conversations = f"{len(data)} of its {len(base)} conversations" if base is not None else f"{len(data)} conversations"
+
+    why = []
+    if stats is not None and stats.unsupervised_items:
+        why.append(f"{stats.unsupervised_items} without a supervised token within --seq-length {seq_length}")
+    if stats is not None and stats.dropped_docs:
+        why.append(f"{stats.dropped_docs} dropped as over-long")
+    return EmptyDatasetError(f"{data.prefix}: nothing to train or score on: {conversations}, 0 packed sequences ("
+                             + ("; ".join(why) or "no tokens") + ")")
+
+
 class PackedSFTDataset(torch.utils.data.Dataset):
     """Map-style dataset of packed sequences following the batch contract.
 
@@ -128,6 +144,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         if self.plan.max_seq_length > self.seq_length:
             raise ValueError(f"plan capacity {self.plan.max_seq_length} exceeds seq_length {self.seq_length}")
         n = self.plan.num_sequences
+        if n == 0:
+            raise _nothing_to_train(self.data, self.seq_length, self.plan.stats)
         self.order = (np.random.default_rng([self.seed, self.epoch]).permutation(n)
                       if self.shuffle_sequences else np.arange(n))
         counts = self.plan.pieces_per_sequence()

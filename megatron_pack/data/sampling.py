@@ -93,6 +93,13 @@ class Datasets:
     train_names: tuple = ()  # blend source names (per-source loss); () for one plain prefix
 
 
+def padding_multiple(cfg, tp_size: int = 1, cp_size: int = 1) -> int:
+    """What every document is padded to: ``--document-padding-multiple``, else what CP (and SP)
+    need (:func:`~megatron_pack.data.context_parallel.document_multiple`; 1 at CP 1)."""
+    n = cfg.data.packing.document_padding_multiple
+    return int(n) if n is not None else document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel)
+
+
 def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Datasets:
     """Train and held-out :class:`PackedSFTDataset` for a :class:`TrainConfig`.
 
@@ -110,7 +117,7 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
     multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
                   cache_dir=d.data_cache_path, group=group,
-                  document_multiple=document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel))
+                  document_multiple=padding_multiple(cfg, tp_size, cp_size))
     train = PackedSFTDataset(SFTSubset(base, train_idx), d.seq_length, p.pack_mode,
                              document_mask=p.document_mask, **common)
     valid = None
@@ -150,7 +157,7 @@ def build_blended_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=Non
     multiple = required_multiple(tp_size, cp_size, cfg.parallel.sequence_parallel)
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
                   cache_dir=d.data_cache_path, group=group,
-                  document_multiple=document_multiple(cp_size, tp_size, cfg.parallel.sequence_parallel))
+                  document_multiple=padding_multiple(cfg, tp_size, cp_size))
 
     def source(data, **kw):
         return lambda epoch: PackedSFTDataset(data, d.seq_length, epoch=epoch, **kw, **common)
@@ -282,26 +289,32 @@ def epochs_to_iters(dataset: PackedSFTDataset, global_batch_size: int, epochs: f
 
 
 def eval_batches(dataset: PackedSFTDataset, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, max_steps: int | None = None):
+                 dp_size: int, max_steps: int | None = None, balancer=None):
     """The held-out split as global batches (lists of micro-batches) for one DP rank.
 
     The tail that does not fill a global batch is kept: ranks without a sequence for a
     micro-batch get an all-padding one (zero loss mask), so every token is scored exactly
-    once and the micro-batch count is the same on every rank.
+    once and the micro-batch count is the same on every rank. ``balancer`` (the
+    :class:`~megatron_pack.data.balance.BatchBalancer` of training's ``--balance-batches``)
+    places each step's sequences on ranks and micro-batches as training does, the tail's
+    empty fillers counting as free; ``None``: contiguous, rank ``r`` takes the ``r``-th block.
+    Placement changes no figure: every sequence is still scored once, only where.
     """
+    from megatron_pack.data.balance import contiguous
+
     n = len(dataset)
     steps = -(-n // global_batch_size)
     if max_steps is not None:
         steps = min(steps, max_steps)
-    per_rank = global_batch_size // dp_size
     for s in range(steps):
-        micro = []
-        for m in range(0, per_rank, micro_batch_size):
-            lo = s * global_batch_size + dp_rank * per_rank + m
-            idx = [i for i in range(lo, lo + micro_batch_size)]
-            items = [dataset[i] if i < n else _empty_item(dataset) for i in idx]
-            micro.append(collate_thd(items))
-        yield micro
+        lo = s * global_batch_size
+        real = min(global_batch_size, n - lo)
+        if balancer is None:
+            placement = contiguous(global_batch_size, dp_size, micro_batch_size)
+        else:
+            placement, _ = balancer.placement(dataset, dataset.order[lo:lo + real], fillers=global_batch_size - real)
+        yield [collate_thd([dataset[lo + p] if p < real else _empty_item(dataset) for p in mb])
+               for mb in placement[dp_rank]]
 
 
 def _empty_item(dataset: PackedSFTDataset) -> dict:

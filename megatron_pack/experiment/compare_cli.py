@@ -47,6 +47,9 @@ def sample_train_flags(prefix: str, tokenizer: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()  # as train: Megatron's "TE/Apex not installed" warnings are not the user's
     args = build_parser().parse_args(argv)
     flags = list(args.train_flags)
     if flags and flags[0] == "--":
@@ -75,9 +78,18 @@ def main(argv=None) -> int:
     from megatron_pack.training.cli import parse_args
 
     base = parse_args(flags)  # exits 2 naming the flag on a bad one
-    from megatron_pack.experiment.compare import run_comparison
+    from megatron_pack.files.indexed import check_dataset
+    from megatron_pack.files.indexed_check import DatasetError
 
-    out = run_comparison(base, settings, args.output_dir, args.evals_per_run)
+    try:
+        for prefix in base.data.prefixes:  # missing or empty datasets, before any model is built
+            check_dataset(prefix)
+        from megatron_pack.experiment.compare import run_comparison
+
+        out = run_comparison(base, settings, args.output_dir, args.evals_per_run)
+    except (FileNotFoundError, DatasetError) as e:  # e.g. nothing to train on at --seq-length
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nTraining time per setting ({base.train.train_epochs or base.train.train_iters} "
               f"{'epochs' if base.train.train_epochs else 'steps'}; speedup over {out['baseline']}):")

@@ -41,7 +41,10 @@ def dataset_exists(prefix: str) -> bool:
 
 
 def check_dataset(prefix: str) -> None:
-    """One-line ``FileNotFoundError`` unless every part of the dataset at ``prefix`` exists."""
+    """The check every opener of an SFT dataset goes through (:class:`SFTIndexedDataset` calls
+    it; front-ends call it before their heavy imports): one-line ``FileNotFoundError`` unless
+    every part exists, one-line ``EmptyDatasetError`` when it holds no conversation (an empty
+    set must never pass for a whole one: nothing downstream can train, plan or score on it)."""
     missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
     if len(missing) == len(PART_SUFFIXES) * 2:
         raise FileNotFoundError(f"{prefix}: no SFT dataset at this prefix (expected {prefix}.bin/.idx and its "
@@ -49,6 +52,25 @@ def check_dataset(prefix: str) -> None:
     if missing:
         raise FileNotFoundError(f"{prefix}: SFT dataset incomplete, missing "
                                 + ", ".join(os.path.basename(p) for p in missing))
+    if conversation_count(prefix) == 0:
+        from megatron_pack.files.indexed_check import SUMMARY_SUFFIX, EmptyDatasetError
+
+        summary = prefix + SUMMARY_SUFFIX
+        why = (f"preprocessing wrote no conversation, see {summary}" if os.path.exists(summary)
+               else "no conversation was written")
+        raise EmptyDatasetError(f"{prefix}: empty SFT dataset (0 conversations; {why})")
+
+
+def conversation_count(prefix: str):
+    """Conversations in the dataset at ``prefix``, from the tokens ``.idx`` header (34 bytes, no
+    imports); ``None`` when the header is not a Megatron index (validation on open says why)."""
+    import struct
+
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
+        return None
+    return struct.unpack("<QBQQ", head[9:34])[2]
 
 
 class SFTDatasetWriter:

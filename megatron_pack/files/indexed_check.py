@@ -44,6 +44,11 @@ class DatasetError(ValueError):
     """An SFT dataset file that would train on wrong data; the message names file, document, reason."""
 
 
+class EmptyDatasetError(DatasetError):
+    """An SFT dataset with nothing to train on: no conversation, or none with a supervised token
+    (within the sequence length). The message names the prefix."""
+
+
 class IndexArrays:
     """The arrays of one ``.idx`` file (memory-mapped, read-only) after the header checks."""
 

@@ -69,7 +69,10 @@ def plan_key(inputs: dict) -> str:
 
 
 def _sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+    arr = np.ascontiguousarray(arr)
+    if arr.size == 0:  # memoryview cannot cast a zero-length view
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
 
 
 def _paths(cache_dir: str, stem: str) -> dict[str, str]:

@@ -150,10 +150,19 @@ class PackingArgs:
     eval_pack_mode: str = arg("bfd", "Packing of the held-out split. Validation always uses the document "
                                      "mask, so its loss is the same computation whatever --pack-mode.",
                               metavar="MODE")
+    document_padding_multiple: Optional[int] = arg(
+        None, "Pad every document to a multiple of N before packing (zero-loss padding after its tokens). "
+              "Default: what context parallelism needs (1 at CP 1; 2*CP, or lcm(2*CP, TP*CP) with "
+              "--sequence-parallel); under CP it must be a multiple of that. A CP 1 run with N = 2*CP packs "
+              "and pads exactly as the CP run does, so the two log the same losses: a check of CP on your data.",
+        metavar="N")
 
     def __post_init__(self):
         from megatron_pack.packing.modes import get_mode
 
+        if self.document_padding_multiple is not None:
+            _need(self.document_padding_multiple >= 1, "--document-padding-multiple",
+                  f"must be >= 1, got {self.document_padding_multiple}")
         self.overlong = overlong_policy(self.overlong)
         for flag, spec in (("--pack-mode", self.pack_mode), ("--eval-pack-mode", self.eval_pack_mode)):
             try:
@@ -254,8 +263,8 @@ class TrainArgs:
     seed: int = arg(1234, "Seed for initialisation, data order and packing.")
     balance_batches: Optional[bool] = arg(None, "Place each global batch's sequences on data-parallel ranks and "
                                                 "micro-batches so their compute (linear + attention FLOPs) is even; "
-                                                "the same sequences per step, so the same loss. Default: on when "
-                                                "DP > 1 or PP > 1.")
+                                                "the same sequences per step, so the same loss; evaluation batches "
+                                                "are placed the same way. Default: on when DP > 1 or PP > 1.")
 
     def __post_init__(self):
         _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
@@ -350,13 +359,21 @@ class TrainConfig:
                   "changes the sequence length per micro-batch; pipeline parallelism needs fixed shapes "
                   "(use --pipeline-model-parallel-size 1 or --pack-mode padding)")
         cp = self.parallel.context_parallel_size
-        if cp > 1:
+        n = self.data.packing.document_padding_multiple
+        if cp > 1 or n is not None:
             from megatron_pack.data.context_parallel import document_multiple
 
             m = document_multiple(cp, self.parallel.tensor_model_parallel_size, self.parallel.sequence_parallel)
-            _need(self.data.seq_length % m == 0, "--seq-length",
-                  f"{self.data.seq_length} must be a multiple of {m} under --context-parallel-size {cp} "
-                  "(2 x CP, and TP x CP with --sequence-parallel) so every document splits into whole chunks")
+            if n is not None:
+                _need(n % m == 0, "--document-padding-multiple",
+                      f"{n} must be a multiple of {m}, what --context-parallel-size {cp} needs (2 x CP, and "
+                      "TP x CP with --sequence-parallel)")
+                _need(self.data.seq_length % n == 0, "--seq-length",
+                      f"{self.data.seq_length} must be a multiple of --document-padding-multiple {n}")
+            elif cp > 1:
+                _need(self.data.seq_length % m == 0, "--seq-length",
+                      f"{self.data.seq_length} must be a multiple of {m} under --context-parallel-size {cp} "
+                      "(2 x CP, and TP x CP with --sequence-parallel) so every document splits into whole chunks")
             if self.model.transformer_impl == "transformer_engine":
                 _need(self.parallel.cp_comm_type in ("p2p", "a2a"), "--cp-comm-type",
                       f"{self.parallel.cp_comm_type} does not take packed (THD) sequences in Transformer Engine; "

@@ -100,7 +100,10 @@ def _run(config: TrainConfig, st) -> dict:
                                   signature=signature, log=log, document_multiple=ds.train.document_multiple)
     stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
                          balancer=_balancer(t, preset, vocab, st))
-    log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch)")
+    log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch; "
+              "training and evaluation)")
+    # Evaluation places its batches by the same rule, with a balancer of its own (its plan's costs).
+    eval_balancer = _balancer(t, preset, vocab, st) if stream.balancer.enabled else None
     ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
                       forward_backward=get_forward_backward_func(), device=st.device,
                       seq_length=t.micro_batch_size * ds.train.padded_length,
@@ -117,7 +120,7 @@ def _run(config: TrainConfig, st) -> dict:
 
     def validate(it):
         loss, count, by_source = evaluate_by_source(ctx, ds.valid, t.global_batch_size, t.micro_batch_size,
-                                                    st.dp_rank, st.dp_size, t.eval_iters)
+                                                    st.dp_rank, st.dp_size, t.eval_iters, eval_balancer)
         if ds.valid is not None:
             log.validation(it, loss, count, by_source)
         return loss, count

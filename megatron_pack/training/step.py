@@ -118,14 +118,16 @@ def train_step(ctx: StepContext, micro: list, weighting: str, iteration: int, la
 
 
 def evaluate(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-             eval_iters) -> tuple:
+             eval_iters, balancer=None) -> tuple:
     """Token-weighted held-out loss over ``valid`` (every sequence once across DP ranks):
-    ``(loss, supervised tokens)``, or ``(None, 0)`` without a held-out split."""
-    return evaluate_by_source(ctx, valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters)[:2]
+    ``(loss, supervised tokens)``, or ``(None, 0)`` without a held-out split. ``balancer``:
+    place each step's sequences as training does (:func:`~megatron_pack.data.sampling.eval_batches`)."""
+    return evaluate_by_source(ctx, valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters,
+                              balancer)[:2]
 
 
 def evaluate_by_source(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                       dp_size: int, eval_iters) -> tuple:
+                       dp_size: int, eval_iters, balancer=None) -> tuple:
     """:func:`evaluate` plus ``{source name: (loss, tokens)}`` for a blended held-out set
     (``{}`` otherwise)."""
     if valid is None:
@@ -134,7 +136,7 @@ def evaluate_by_source(ctx: StepContext, valid, global_batch_size: int, micro_ba
     ctx.model.eval()
     reports = []
     with torch.no_grad():
-        for micro in eval_batches(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters):
+        for micro in eval_batches(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters, balancer):
             reports += _run(ctx, micro, "token", True, len(names))
     ctx.model.train()
     owned = reports if ctx.loss_owner else []

@@ -46,6 +46,10 @@ def test_balanced_equals_unbalanced_dp2(tmp_path_factory):
         assert a["tokens"] == b["tokens"]  # same supervised tokens in the step
         assert _rel(a["lm loss"], b["lm loss"]) <= TOL, (i, a["lm loss"], b["lm loss"])
         assert _rel(a["grad norm"], b["grad norm"]) <= TOL, (i, a["grad norm"], b["grad norm"])
+    # evaluation is placed by the same balancer: the held-out loss is the same number
+    v_on, v_off = on.records[-1]["validation lm loss"], off.records[-1]["validation lm loss"]
+    assert on.records[-1]["validation tokens"] == off.records[-1]["validation tokens"] > 0
+    assert _rel(v_on, v_off) <= TOL, (v_on, v_off)
     w_on, w_off = _weights(tmp / "on"), _weights(tmp / "off")
     assert w_on.keys() == w_off.keys() and len(w_on) > 5
     moved = 0.0

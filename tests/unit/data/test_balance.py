@@ -199,3 +199,48 @@ def test_placement_does_not_change_a_globally_normalised_loss(prefix):
         assert abs(g_bal - g_off) <= 1e-12 * abs(g_off)
         diffs.append(abs(r_bal - r_off))
     assert max(diffs) > 1e-4  # the per-rank mean would have changed
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _eval_steps(ds, dp, balancer, gbs=8, mbs=2):
+    """Per step, per rank: the rows (real tokens) of each micro-batch eval_batches hands it."""
+    from megatron_pack.data.sampling import eval_batches
+
+    per_rank = [list(eval_batches(ds, gbs, mbs, r, dp, balancer=balancer)) for r in range(dp)]
+    return [[[[tuple(t for t in row.tolist() if t) for row in mb["tokens"].reshape(-1, ds.padded_length)]
+               for mb in per_rank[r][s]] for r in range(dp)] for s in range(len(per_rank[0]))]
+
+
+def test_eval_batches_are_balanced_like_training(prefix):
+    """Held-out batches go through the training balancer: each step's placement is the one
+    BatchBalancer gives those sequences (fillers of the partial last step free), every sequence
+    is scored once, every rank runs the same number of micro-batches, and the busiest rank does
+    less than under the contiguous placement (the negative control: balancer=None)."""
+    from collections import Counter
+
+    from megatron_pack.data.balance import contiguous, imbalance
+
+    cost = CostModel.from_architecture(get_preset("tiny"), vocab_size=256)
+    ds = PackedSFTDataset(prefix, 128, "bfd", use_cache=False, shuffle_sequences=False)
+    gbs, dp, mbs = 8, 2, 2
+    assert len(ds) % gbs, "the dataset must leave a partial last step"
+    bal = BatchBalancer(cost, dp, mbs)
+    balanced, plain = _eval_steps(ds, dp, bal), _eval_steps(ds, dp, None)
+    row = {i: tuple(t for t in ds[i]["tokens"].tolist() if t) for i in range(len(ds))}
+    costs = bal.costs(ds)
+    worse = 0
+    for s, (got, base) in enumerate(zip(balanced, plain)):
+        lo, real = s * gbs, min(gbs, len(ds) - s * gbs)
+        want, stats = bal.placement(ds, ds.order[lo:lo + real], fillers=gbs - real)
+        assert got == [[[row[lo + p] if p < real else () for p in mb] for mb in want[r]] for r in range(dp)]
+        assert base == [[[row[lo + p] if p < real else () for p in mb] for mb in r]
+                        for r in contiguous(gbs, dp, mbs)]
+        assert len(got[0]) == len(got[1]) == gbs // dp // mbs
+        c = np.concatenate([costs[ds.order[lo:lo + real]], np.zeros(gbs - real)])
+        assert imbalance(c, want) <= imbalance(c, contiguous(gbs, dp, mbs)) + 1e-12
+        worse += imbalance(c, want) < imbalance(c, contiguous(gbs, dp, mbs)) - 1e-9
+    every = Counter(r for step in balanced for rank in step for mb in rank for r in mb if r)
+    assert every == Counter(row.values())  # each held-out sequence once, on one rank
+    assert worse >= 1 and balanced != plain
