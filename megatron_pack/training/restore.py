@@ -103,19 +103,12 @@ def check_plan(saved: dict | None, config: TrainConfig, document_multiple: int, 
         return
     par = saved.get("parallel") if isinstance(saved.get("parallel"), dict) else {}
     now = dataclasses.asdict(config.parallel)
-    fix = f"Resume with {_layout(par)}"
-    if _has_field(config, "document_padding_multiple"):  # the flag that packs any layout like another
-        fix += f" or --document-padding-multiple {was}"
+    fix = f"Resume with {_layout(par)} or --document-padding-multiple {was}"
     raise ConfigError(f"{where}: the checkpoint's packing plan pads every document to a multiple of {was} "
                       f"({_layout(par)}), this run's to {document_multiple} ({_layout(now)}): its data position "
                       f"counts sequences of the other plan. {fix}, or start a fresh --save from its weights "
                       "with --pretrained-checkpoint.")
 
-
-def _has_field(config, name: str) -> bool:
-    return any(f.name == name or (dataclasses.is_dataclass(getattr(config, f.name))
-                                  and _has_field(getattr(config, f.name), name))
-               for f in dataclasses.fields(config))
 
 
 def _schedule_hook(ck, scheduler, load_dir: str, log):

@@ -75,7 +75,8 @@ def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
     """Context parallel 2 (2 ranks, DP 1): stopped at step 3 and resumed, steps 4..6 equal the
     uninterrupted run to the last bit. Resuming the CP2 checkpoint at CP 1 is refused (CP 2 pads
     every document to a multiple of 4, so CP 1 packs another plan and the saved position would
-    point into it); its weights load in a single CP1 process with --pretrained-checkpoint, and the
+    point into it); with --document-padding-multiple 4 it resumes at CP 1 at the same position; its weights load in a
+    single CP1 process with --pretrained-checkpoint, and the
     held-out loss there (every token scored once, so independent of how the split is packed and
     cut into CP chunks) equals the CP2 run's at that step."""
     prefix = shared_dataset(tmp_path_factory)
@@ -94,7 +95,19 @@ def test_resume_cp2_and_load_at_cp1(tmp_path_factory):
     resumed = run_train(1, cp1_args + ["--load", str(ck)], tmp, name="cp1_resume")
     assert resumed.returncodes == [2], describe_failure(resumed)
     assert ("the checkpoint's packing plan pads every document to a multiple of 4 (--context-parallel-size 2), "
-            "this run's to 1 (--context-parallel-size 1)") in resumed.output and not resumed.steps
+            "this run's to 1 (--context-parallel-size 1)") in resumed.output
+    assert "--document-padding-multiple 4" in resumed.output and not resumed.steps
+    # with CP 2's padding (--document-padding-multiple 4) CP 1 packs the saved plan: the resume
+    # continues at step 4 and logs CP 2's steps 4..6 to fp32 noise (CP splits the attention sums)
+    same_plan = run_train(1, cp1_args + ["--document-padding-multiple", "4", "--load", str(ck),
+                                         "--exit-interval", "6"], tmp, name="cp1_same_plan")
+    assert same_plan.returncodes == [0], describe_failure(same_plan)
+    assert sorted(same_plan.steps)[:3] == [4, 5, 6], sorted(same_plan.steps)
+    for it in (4, 5, 6):
+        a, b = second.steps[it], same_plan.steps[it]
+        assert b["consumed samples"] == a["consumed samples"] and b["tokens"] == a["tokens"], it
+        assert abs(b["lm loss"] - a["lm loss"]) <= 1e-5 * abs(a["lm loss"]), (it, a["lm loss"], b["lm loss"])
+    assert any(abs(same_plan.steps[it]["lm loss"] - second.steps[it - 1]["lm loss"]) > 1e-5 for it in (5, 6))
     # weights only: one step at a learning rate of 1e-12 moves no loss by 1e-5 (--lr must be > 0)
     cp1_args[cp1_args.index("--train-iters") + 1] = "1"
     cp1_args[cp1_args.index("--lr") + 1] = "1e-12"
