@@ -7,7 +7,7 @@
 
 Prints one row per mode: sequences, packing efficiency, the lower bound
 ceil(tokens / max length) and the gap to it, samples per sequence, split/truncated
-samples, attention cost relative to padding, planning seconds.
+samples, samples left out for having no supervised token after truncation (as training does), attention cost relative to padding, planning seconds.
 
 With ``--data-parallel-size`` (and ``--global-batch-size``), also the expected per-step
 compute imbalance over DP ranks (max/mean of linear + attention FLOPs, ``--model``'s
