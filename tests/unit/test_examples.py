@@ -59,6 +59,34 @@ def test_dry_run_rejects_illegal_layout():
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+def test_dry_run_takes_a_blend_in_data_path(tmp_path):
+    """DRY_RUN=1 with DATA_PATH="0.7 A 0.3 B" plans the blend, as training takes it."""
+    from megatron_pack.files.indexed import SFTDatasetWriter
+
+    rng = np.random.default_rng(0)
+    for name, n in (("a", 120), ("b", 60)):
+        with SFTDatasetWriter(str(tmp_path / name)) as w:
+            for L in rng.integers(50, 900, n):
+                w.add(rng.integers(1, 500, int(L)), np.ones(int(L), dtype=np.uint8), [0])
+    blend = f"0.7 {tmp_path / 'a'} 0.3 {tmp_path / 'b'}"
+    env = {**os.environ, "DRY_RUN": "1", "DATA_PATH": blend, "PLAN_JSON": str(tmp_path / "plan.json"),
+           "GLOBAL_BATCH_SIZE": "4", "SEQ_LENGTH": "1024", "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
+    out = subprocess.run(["bash", "examples/run_llama3_8b_packed.sh", "--no-progress"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    plan = json.load(open(tmp_path / "plan.json"))
+    assert plan["data"]["data_path"] == blend
+    # every training conversation of both sources (the script's --valid-fraction 0.01 of each held out)
+    assert plan["data"]["num_conversations"] + plan["data"]["held_out_conversations"] == 180
+    assert plan["data"]["num_conversations"] == 119 + 59
+    assert not any(str(tmp_path) in x for x in plan["unmodelled_flags"])
+    # negative control: a one-source DATA_PATH plans that source alone
+    env["DATA_PATH"] = str(tmp_path / "a")
+    out = subprocess.run(["bash", "examples/run_llama3_8b_packed.sh", "--no-progress"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.load(open(tmp_path / "plan.json"))["data"]["num_conversations"] == 119
+
+
 def markdown_tables(text: str) -> list[list[dict]]:
     """Every Markdown table printed in ``text``, as lists of {heading: cell} rows."""
     tables, block = [], []

@@ -68,6 +68,11 @@ BAD = [
     ("pack_report", ["--data-prefix", "/nonexistent/sft", "--max-seq-length", "512"], "no SFT dataset"),
     ("plan", ["--seq-lenght", "4096"], "did you mean --seq-length?"),
     ("plan", ["--model", "tiny", "--data-path", "/nonexistent/sft"], "no SFT dataset"),
+    # a layout rule needs no model build: answered before torch / Megatron-Core are imported
+    ("plan", ["--model", "llama3-70b", "--tensor-model-parallel-size", "3"],
+     "TP 3 does not divide the 64 attention heads of llama3-70b"),
+    ("plan", ["--model", "tiny", "--data-path", "0.7", "/nonexistent/a", "0.3", "/nonexistent/b"],
+     "/nonexistent/a: no SFT dataset"),
     ("convert", ["megatron-to-hf", "--load", "/nonexistent/ckpt", "--output", "/tmp/out"], "no such checkpoint"),
     ("convert", ["hf-to-megatron", "--hf-dri", "x", "--output", "y"], "did you mean --hf-dir?"),
     ("train", ["--train-iters", "2"], "required: --data-path"),
