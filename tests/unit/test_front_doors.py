@@ -168,6 +168,9 @@ def test_train_resume_and_export_happy_path_quiet(workspace):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "> backends: layers:" in first.stdout  # what is in use, stated once instead of warnings
     assert first.stdout.count("> backends:") == 1
+    header = next(ln for ln in first.stdout.splitlines() if ln.startswith("> backends:"))
+    assert header.count("fusions:") == 1 and header.endswith(  # one fusions entry, every switch named once
+        "; fusions: grad-accum off, rope off, bias-swiglu off, masked-softmax off"), header
     resumed = run_tool("train", *common, "--train-iters", "3")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
