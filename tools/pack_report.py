@@ -81,7 +81,7 @@ def main(argv=None):
             if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
                 raise FileNotFoundError(f"{out}: output directory does not exist")
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        fail(PROG, str(e).strip("'\""), status=1)
+        fail(PROG, str(e).strip("'\""))
 
     from megatron_pack.packing.report import run
 
@@ -94,7 +94,7 @@ def main(argv=None):
         if forecast:
             _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:
-        fail(PROG, str(e), status=1)
+        fail(PROG, str(e))
 
 
 def _forecast(args, rows, plans):

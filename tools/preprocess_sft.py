@@ -47,7 +47,7 @@ def parse_args(argv=None):
                    help="trained tokens: every assistant turn, only the last one, or all tokens")
     p.add_argument("--workers", type=int, default=1, metavar="N")
     p.add_argument("--chunk-size", type=int, default=512, help="conversations per worker task")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 1)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 2)")
     p.add_argument("--no-fast-tokenizer", action="store_true",
                    help="always encode with HF tokenizers, even where tiktoken would give the same ids faster")
     p.add_argument("--no-plot", action="store_true", help="skip the length histogram PNG")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             raise PreprocessError(f"{cfg.tokenizer}: tokenizer path does not exist")
     except PreprocessError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, kept out of the timing)
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         s = preprocess(cfg)
     except (PreprocessError, TokenizerError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     secs = time.perf_counter() - start
     c = s["conversations"]
     print(f"conversations: read {c['read']}, written {c['written']}, rejected {c['rejected']} "

@@ -162,9 +162,9 @@ def test_cli_exit_codes(wordlevel_dir, tmp_path, capsys):
     base = ["--input", src, "--tokenizer", wordlevel_dir, "--no-plot", "--no-progress"]
     assert cli.main(base + ["--output-prefix", str(tmp_path / "ok")]) == 0
     assert "read 2, written 1, rejected 1" in capsys.readouterr().out
-    assert cli.main(base + ["--output-prefix", str(tmp_path / "st"), "--strict"]) == 1
+    assert cli.main(base + ["--output-prefix", str(tmp_path / "st"), "--strict"]) == 2  # bad input
     assert "in.jsonl:2: malformed_json" in capsys.readouterr().err
-    assert cli.main(base + ["--output-prefix", str(tmp_path / "missing" / "x")]) == 1
+    assert cli.main(base + ["--output-prefix", str(tmp_path / "missing" / "x")]) == 2
     assert "output directory" in capsys.readouterr().err
 
 

@@ -84,13 +84,13 @@ def test_cli_data_prefix_cut_at_turns(tmp_path):
 
 def test_cli_errors(tmp_path):
     out = run_tool("--lengths", str(tmp_path / "missing.npy"), "--max-seq-length", "8")
-    assert out.returncode != 0 and "missing.npy: no such lengths file" in out.stderr
+    assert out.returncode == 2 and "missing.npy: no such lengths file" in out.stderr
     np.save(tmp_path / "f.npy", np.array([1.5, 2.0]))
     out = run_tool("--lengths", str(tmp_path / "f.npy"), "--max-seq-length", "8")
-    assert out.returncode != 0 and "expected a 1-D integer array" in out.stderr
+    assert out.returncode == 2 and "expected a 1-D integer array" in out.stderr
     np.save(tmp_path / "l.npy", np.array([1, 2]))
     out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "8", "--modes", "best")
-    assert out.returncode != 0 and "unknown packing mode 'best'" in out.stderr
+    assert out.returncode == 2 and "unknown packing mode 'best'" in out.stderr
 
 
 def test_cli_balance_forecast(tmp_path):
