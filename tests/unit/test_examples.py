@@ -87,6 +87,29 @@ def test_dry_run_takes_a_blend_in_data_path(tmp_path):
     assert out.returncode == 0 and json.load(open(tmp_path / "plan.json"))["data"]["num_conversations"] == 119
 
 
+def test_quickstart_installs_into_the_active_python_and_says_so(tmp_path):
+    """The quickstart installs into the interpreter it is given (no venv of its own), says which
+    before installing, and the README's first section says so with the two venv lines."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"  # records every call instead of installing
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {log}\n")
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env={**os.environ, "PYTHON": str(fake)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"installing megatron_pack into {fake} (the active Python" in out.stdout
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("-m pip install") and "-e .[test]" in c for c in calls), calls
+    assert calls[-1].startswith("-m megatron_pack.demo --output-dir outputs/demo"), calls
+    first = open(os.path.join(ROOT, "README.md")).read().split("## Two commands on a fresh machine", 1)[1]
+    first = first.split("\n## ", 1)[0]
+    assert "into whatever Python is active" in first
+    assert "python3 -m venv .venv\nsource .venv/bin/activate\n" in first
+    # negative control: the section after it does not carry the statement
+    assert "into whatever Python is active" not in open(os.path.join(ROOT, "README.md")).read().split(
+        "## Data format", 1)[1]
+
+
 def markdown_tables(text: str) -> list[list[dict]]:
     """Every Markdown table printed in ``text``, as lists of {heading: cell} rows."""
     tables, block = [], []
