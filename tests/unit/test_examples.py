@@ -124,7 +124,7 @@ def markdown_tables(text: str) -> list[list[dict]]:
 
 
 def _num(cell: str) -> float:
-    return float(cell.replace(",", "").rstrip("x"))
+    return float(cell.split()[0].replace(",", "").rstrip("x"))  # "22.68x (disturbed)" -> 22.68
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -136,7 +136,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_PACK_SHOW_LIBRARY_WARNINGS")}
     out = subprocess.run([sys.executable, "-m", "megatron_pack.demo", "--output-dir", str(tmp_path),
-                          "--modes", "padding", "bfd", "--epochs", "0.1", "--log-interval", "100"],
+                          "--modes", "padding", "bfd", "--epochs", "0.1", "--log-interval", "100",
+                          "--timing-rounds", "2", "--timing-steps", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [ln for ln in out.stderr.splitlines() if "Warning" in ln] == [], out.stderr
@@ -174,6 +175,9 @@ def test_demo_runs_end_to_end(tmp_path):
     for r, exact in zip(results, rows):
         assert int(r["steps"]) == exact["steps"] and _num(r["sequences"]) == exact["sequences"]
         assert exact["epoch_time"] == pytest.approx(exact["steps"] * exact["step_s"], rel=1e-9)
+        # the step time is the best of the epoch run's median and the 2 interleaved timing rounds
+        assert len(exact["round_step_s"]) == 2 and exact["step_s"] == min(exact["run_step_s"], *exact["round_step_s"])
+        assert ("(disturbed)" in r["speedup"]) == bool(exact["disturbed"])
         assert _num(r["epoch time (s)"]) == pytest.approx(int(r["steps"]) * _num(r["median ms/step"]) / 1000,
                                                           abs=0.05 + 0.0005 * int(r["steps"]))
         assert exact["speedup"] == pytest.approx(padding["epoch_time"] / exact["epoch_time"], rel=1e-9)
@@ -181,6 +185,8 @@ def test_demo_runs_end_to_end(tmp_path):
                                                    rel=0.1)  # from the printed, rounded columns
         assert _num(r["ideal"]) == pytest.approx(_num(base["sequences"]) / _num(r["sequences"]), abs=0.006)
     assert RESULT_NOTES.splitlines()[0] in out.stdout  # which columns are exact, which are timings
+    assert "> timing: 2 rounds of 2 steps per mode, the modes in turn" in out.stdout
+    assert out.stdout.count("DISTURBED, not a result:") == sum(bool(r["disturbed"]) for r in rows)
     assert "Held-out loss" in out.stdout and "fewer optimizer steps" in out.stdout
 
     # README's account of the quickstart names the columns it prints
