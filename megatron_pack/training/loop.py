@@ -14,6 +14,7 @@ runs the micro-batches, Megatron-Core DDP reduces the gradients and
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -61,8 +62,12 @@ def _run(config: TrainConfig, st) -> dict:
     set_seed(config.train.seed)
     use_cuda = st.device.type == "cuda"
     bf16 = config.model.bf16 if config.model.bf16 is not None else use_cuda
-    log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, config.logging.tensorboard_dir,
-                         config.logging.log_file)
+    lg = config.logging
+    log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, lg.tensorboard_dir, lg.log_file,
+                         wandb_project=lg.wandb_project, wandb_exp_name=lg.wandb_exp_name,
+                         wandb_save_dir=lg.wandb_save_dir or (os.path.join(config.checkpoint.save, "wandb")
+                                                              if lg.wandb_project and config.checkpoint.save else None),
+                         run_config=dataclasses.asdict(config) if lg.wandb_project else None)
     lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
 
     ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)

@@ -81,6 +81,8 @@ BAD = [
     ("train", ["--data-path", "/nonexistent/sft", "--train-iters", "2"], "no SFT dataset at this prefix"),
     ("train", ["--data-pth", "x", "--train-iters", "2"], "did you mean --data-path?"),
     ("train", ["--data-path", "x", "--train-iters", "2", "--micro-batch-size", "3"], "--global-batch-size"),
+    ("train", ["--data-path", "x", "--train-iters", "2", "--wandb-exp-name", "e"],
+     "--wandb-exp-name: needs --wandb-project"),
     ("demo", ["--modes", "padding", "bdf"], "unknown packing mode 'bdf'"),
     ("demo", ["--mdoes", "bfd"], "did you mean --modes?"),
     ("pack_report", ["--lengths", "x.npy", "--max-seq-lenght", "8"], "did you mean --max-seq-length?"),
