@@ -37,21 +37,24 @@ def round_config(base, setting, steps: int):
     return dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, train_iters=steps + 1, train_epochs=None, train_samples=None,
                                        eval_iters=1),
-        logging=dataclasses.replace(cfg.logging, log_interval=10 ** 9, tensorboard_dir=None))
+        logging=dataclasses.replace(cfg.logging, log_interval=10 ** 9, tensorboard_dir=None, wandb_project=None,
+                                    wandb_exp_name=None, wandb_save_dir=None))
 
 
 def interleaved_step_seconds(base, settings, rounds: int = 3, steps: int = 4, quiet: bool = True) -> dict:
     """``{setting name: [median step seconds of each round]}``, the settings interleaved per round
     (the first step of each short run, which pays for warm-up, left out)."""
-    from megatron_pack.training.loop import train
+    from megatron_pack.experiment.compare import one_process_group
+    from megatron_pack.training import loop
 
     out = {s.name: [] for s in settings}
-    for _ in range(rounds):
-        for s in settings:
-            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-                hist = train(round_config(base, s, steps))["history"]
-            timed = hist[1:] or hist
-            out[s.name].append(float(np.median([h["seconds"] for h in timed])))
+    with one_process_group(base):
+        for _ in range(rounds):
+            for s in settings:
+                with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                    hist = loop.train(round_config(base, s, steps))["history"]
+                timed = hist[1:] or hist
+                out[s.name].append(float(np.median([h["seconds"] for h in timed])))
     return out
 
 
