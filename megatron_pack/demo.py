@@ -74,30 +74,39 @@ RESULT_COLUMNS = [
 #: Printed under the results table: what each column is and which ones to trust to the digit.
 RESULT_NOTES = (
     "Deterministic (a re-run prints the same): sequences, steps, final train loss, held-out loss.\n"
-    "Timings (vary run to run, more on a shared machine): median ms/step over the steps after the first; "
-    "epoch time = steps x median ms/step, so one stalled step cannot decide it; real tokens/s = the epoch's "
-    "real tokens / epoch time; speedup = padding's epoch time / the mode's. The summed wall time of every "
-    "step is in results.json.\n"
+    "Timings (vary run to run, more on a shared machine): median ms/step = the best of the epoch run's median "
+    "step (the first left out) and the medians of the timing rounds, which train every mode a few steps in "
+    "turn so load on the cores hits all modes alike; epoch time = steps x median ms/step, so one stalled step "
+    "cannot decide it; real tokens/s = the epoch's real tokens / epoch time; speedup = padding's epoch time / "
+    "the mode's. The summed wall time of every step and each round's median are in results.json.\n"
     "Ideal = padding's sequences / the mode's: a speedup above it means a padded row cost more than a packed "
-    "one (its padding tail still runs through the layers), below it is mostly timing noise.\n"
+    "one (its padding tail still runs through the layers), below it is mostly timing noise; one above "
+    "1.3x its ideal is marked 'disturbed' with the reason, not a result.\n"
     "Held-out loss: the same held-out conversations, scored the same way, for every mode. Packed runs take "
     "fewer optimizer steps over the same epoch (steps column), so after one epoch their loss is higher; "
     "that is fewer updates, not worse updates (the paper's trade-off).")
 
 
 def format_results(rows: list[dict]) -> str:
-    cells = [[fmt.format(r[key]) for _, key, fmt in RESULT_COLUMNS] for r in rows]
+    """The results table; a disturbed speedup (:func:`~megatron_pack.experiment.timing.mark_disturbed`)
+    is printed with the word beside it, so it cannot be read as a result."""
+    cells = [[fmt.format(r[key]) + (" (disturbed)" if key == "speedup" and r.get("disturbed") else "")
+              for _, key, fmt in RESULT_COLUMNS] for r in rows]
     return markdown_table([h for h, _, _ in RESULT_COLUMNS], cells)
 
 
-def summarize_run(row: dict) -> dict:
+def summarize_run(row: dict, round_step_s: list | None = None) -> dict:
     """One results row from a comparison-runner row (:func:`megatron_pack.experiment.compare.run_setting`):
-    the timings all come from the median step (the first, which pays for warm-up, left out), since a
-    shared machine stalls single steps for seconds."""
-    epoch_time = row["median_time"]  # steps x median step
+    the timings all come from one step time, the best of the run's median step (the first, which pays
+    for warm-up, left out) and the timing rounds' medians (``round_step_s``), since a shared machine
+    stalls single steps for seconds and load only ever slows a step down."""
+    rounds = [float(x) for x in (round_step_s or [])]
+    step_s = min([row["step_s"], *rounds])
+    epoch_time = step_s * row["steps"]
     real_tokens = float(row["real_tokens_seen"])
     return {"mode": row["mode"], "sequences": row["sequences"], "steps": row["steps"],
-            "wall_time": row["wall_time"], "step_s": row["step_s"], "step_ms": row["step_s"] * 1000.0,
+            "wall_time": row["wall_time"], "step_s": step_s, "step_ms": step_s * 1000.0,
+            "run_step_s": row["step_s"], "round_step_s": rounds,
             "epoch_time": epoch_time, "real_tokens": real_tokens,
             "tokens_per_s": real_tokens / epoch_time if epoch_time else float("nan"),
             "final_train_loss": row["final_train_loss"], "valid_loss": row["valid_loss"],
@@ -143,18 +152,30 @@ def run_demo(args) -> list[dict]:
     # The comparison runner (tools/compare_modes.py) trains every mode from the same initial
     # weights and scores the same held-out split; its tables and curves go to comparison/.
     settings = expand_settings(args.modes, [not args.no_document_mask])
-    comparison = run_comparison(demo_config(prefix, args.modes[0], args), settings,
-                                os.path.join(args.output_dir, "comparison"), evals_per_run=2)
-    rows = [summarize_run(r) for r in comparison["rows"]]
+    base = demo_config(prefix, args.modes[0], args)
+    comparison = run_comparison(base, settings, os.path.join(args.output_dir, "comparison"), evals_per_run=2)
+    rounds = {}
+    if args.timing_rounds:
+        from megatron_pack.experiment.timing import interleaved_step_seconds
+
+        print(f"\n> timing: {args.timing_rounds} rounds of {args.timing_steps} steps per mode, the modes in turn "
+              "(load on the cores hits every mode alike; each mode's best median counts)", flush=True)
+        rounds = interleaved_step_seconds(base, settings, args.timing_rounds, args.timing_steps)
+    rows = [summarize_run(r, rounds.get(r["setting"])) for r in comparison["rows"]]
     add_speedups(rows)
+    from megatron_pack.experiment.timing import mark_disturbed
+
+    reasons = mark_disturbed(rows, spread={r["mode"]: [r["run_step_s"], *r["round_step_s"]] for r in rows})
     table = format_results(rows)
     epochs = "One epoch" if args.epochs == 1 else f"{args.epochs:g} epochs"
     print(f"\n{epochs} of the tiny model per mode (seq {args.seq_length}, global batch {args.global_batch_size}):")
     print(table)
+    for why in reasons:
+        print(f"DISTURBED, not a result: {why}")
     print(RESULT_NOTES, flush=True)
     write_json_atomic(rows, os.path.join(args.output_dir, "results.json"))
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n\n" + RESULT_NOTES + "\n")
+        f.write(table + "\n\n" + "".join(f"DISTURBED, not a result: {w}\n" for w in reasons) + RESULT_NOTES + "\n")
     print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} (the comparison's tables, held-out curves and "
           f"step logs under {os.path.join(args.output_dir, 'comparison')}); total {time.perf_counter() - t0:.0f}s")
     return rows
@@ -175,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-document-mask", action="store_true", help="the paper's setting")
     p.add_argument("--seed", type=int, default=1234, help="split, packing and initialisation seed")
     p.add_argument("--log-interval", type=int, default=5, help="steps between training log lines")
+    p.add_argument("--timing-rounds", type=int, default=3,
+                   help="rounds that time every mode a few steps in turn (0: only the epoch runs' medians)")
+    p.add_argument("--timing-steps", type=int, default=4, help="timed steps per mode and round")
     return p
 
 
@@ -188,6 +212,9 @@ def main(argv=None) -> int:
     try:  # before preprocessing and Megatron's import
         for m in args.modes:
             get_mode(m)
+        if args.timing_rounds < 0 or args.timing_steps < 1:
+            raise ValueError(f"--timing-rounds must be >= 0 and --timing-steps >= 1, got {args.timing_rounds} "
+                             f"and {args.timing_steps}")
     except (KeyError, ValueError) as e:
         from megatron_pack.frontdoor import fail
 

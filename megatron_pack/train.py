@@ -38,6 +38,12 @@ def main(argv=None) -> int:
         config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
         for prefix in config.data.prefixes:  # every source of a blend, and --valid-data-path's
             check_dataset(prefix)  # missing parts, or an empty dataset
+        if config.logging.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("--wandb-project: the wandb package is not installed (pip install wandb, "
+                                  "or the project's wandb extra)")
     except (ConfigError, FileNotFoundError, DatasetError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -76,7 +76,7 @@ def main(argv=None):
     try:
         check_inputs(args)
     except (FileNotFoundError, ValueError) as e:
-        fail(PROG, str(e), status=1)
+        fail(PROG, str(e))
 
     from megatron_pack.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 
@@ -98,7 +98,7 @@ def main(argv=None):
             print(f"wrote {args.output} from a {res['source']}: {len(res['files'])} files "
                   f"({', '.join(res['files'][:4])}{', ...' if len(res['files']) > 4 else ''})")
     except (ConversionError, ValueError, FileNotFoundError) as e:
-        fail(PROG, str(e), status=1)
+        fail(PROG, str(e))
 
 
 if __name__ == "__main__":

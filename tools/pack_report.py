@@ -7,7 +7,7 @@
 
 Prints one row per mode: sequences, packing efficiency, the lower bound
 ceil(tokens / max length) and the gap to it, samples per sequence, split/truncated
-samples, attention cost relative to padding, planning seconds.
+samples, samples left out for having no supervised token after truncation (as training does), attention cost relative to padding, planning seconds.
 
 With ``--data-parallel-size`` (and ``--global-batch-size``), also the expected per-step
 compute imbalance over DP ranks (max/mean of linear + attention FLOPs, ``--model``'s
@@ -81,7 +81,7 @@ def main(argv=None):
             if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
                 raise FileNotFoundError(f"{out}: output directory does not exist")
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        fail(PROG, str(e).strip("'\""), status=1)
+        fail(PROG, str(e).strip("'\""))
 
     from megatron_pack.packing.report import run
 
@@ -94,7 +94,7 @@ def main(argv=None):
         if forecast:
             _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:
-        fail(PROG, str(e), status=1)
+        fail(PROG, str(e))
 
 
 def _forecast(args, rows, plans):

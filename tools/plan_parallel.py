@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=4096)
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=64)
-    g.add_argument("--data-prefix", "--data-path", dest="data_path", default=None,
-                   help="SFT indexed dataset prefix: cost every packing mode on it")
+    g.add_argument("--data-prefix", "--data-path", dest="data_path", default=None, nargs="+", metavar="PREFIX",
+                   help="SFT indexed dataset prefix, or a blend as training takes it ('0.7 A 0.3 B'): "
+                        "cost every packing mode on the training stream")
     g.add_argument("--pack-mode", default="bfd")
     g.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd", help="modes to compare")
     g.add_argument("--document-mask", action=b, default=True)
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--train-epochs", type=float, default=None)
     g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--balance-batches", action=b, default=None,
+                   help="as training: which DP placement the step pays for (default on when DP > 1 or PP > 1)")
     g = p.add_argument_group("output")
     g.add_argument("--json", dest="json_out", default=None, help="write the plan as JSON here")
     g.add_argument("--progress", action=b, default=True)
@@ -96,23 +99,18 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     unknown = split_unknown(parser, unknown)
 
-    from megatron_pack.planning.plan import CannotRunError, LayoutError, PlanConfig, make_plan
-    from megatron_pack.planning.render import render, write_json
+    from megatron_pack.planning.plan import CannotRunError, LayoutError, PlanConfig, make_plan, validate_layout
     from megatron_pack.planning.timing import DEFAULT_MFU
 
     try:
-        from megatron_pack.model.presets import get_preset
-        from megatron_pack.model.vocab import resolve_vocab_size
-
+        # cheap checks first: the layout rules, modes and files answer before any tokenizer,
+        # model build or Megatron-Core import
+        from megatron_pack.data.blend import parse_blend
         from megatron_pack.files.indexed import check_dataset
+        from megatron_pack.model.presets import get_preset
         from megatron_pack.packing.modes import get_mode
 
-        for spec in [args.pack_mode, *args.modes.split(",")]:  # bad input answers before the model is built
-            if spec:
-                get_mode(spec)
-        if args.data_path:
-            check_dataset(args.data_path)
-        vocab = resolve_vocab_size(args.vocab_size, args.tokenizer_model, get_preset(args.model), args.data_path)
+        data_path = args.data_path[0] if args.data_path and len(args.data_path) == 1 else args.data_path
         cfg = PlanConfig(
             model=args.model, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -121,20 +119,35 @@ def main(argv=None) -> int:
             use_distributed_optimizer=args.use_distributed_optimizer,
             recompute_granularity=args.recompute_granularity or ("selective" if args.recompute_activations else None),
             bf16=args.bf16, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size, vocab_size=vocab, gpu=args.gpu,
+            global_batch_size=args.global_batch_size, vocab_size=args.vocab_size, gpu=args.gpu,
             mfu=DEFAULT_MFU if args.mfu is None else args.mfu, overhead_gb=args.overhead_gb,
-            flash_attention=args.flash_attention, data_path=args.data_path, pack_mode=args.pack_mode,
+            flash_attention=args.flash_attention, data_path=data_path, pack_mode=args.pack_mode,
             modes=tuple(m for m in args.modes.split(",") if m), document_mask=args.document_mask,
             pad_attention=args.pad_attention, overlong=args.overlong, valid_fraction=args.valid_fraction, seed=args.seed,
-            train_epochs=args.train_epochs, train_iters=args.train_iters, unmodelled_flags=list(unknown),
+            train_epochs=args.train_epochs, train_iters=args.train_iters, balance_batches=args.balance_batches,
+            unmodelled_flags=list(unknown),
         )
+        for spec in [args.pack_mode, *args.modes.split(",")]:
+            if spec:
+                get_mode(spec)
+        prefixes = [] if data_path is None else [data_path] if isinstance(data_path, str) else \
+            list(parse_blend(data_path, "--data-path").prefixes)
+        for prefix in prefixes:
+            check_dataset(prefix)
+        validate_layout(cfg)  # the rules first, then (only for a legal layout) the torch-side multiples
+        if args.vocab_size is None and args.tokenizer_model:
+            from megatron_pack.model.vocab import resolve_vocab_size
+
+            cfg.vocab_size = resolve_vocab_size(None, args.tokenizer_model, get_preset(args.model))
         plan = make_plan(cfg, progress=args.progress)
     except LayoutError as e:
         print(f"{PROG}: error: illegal layout: {e}", file=sys.stderr)
         return 2
     except (CannotRunError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr)
         return 2
+    from megatron_pack.planning.render import render, write_json
+
     print(render(plan))
     if args.json_out:
         write_json(plan, args.json_out)

@@ -8,7 +8,7 @@ MASTER_PORT=${MASTER_PORT:-6000}
 
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the active environment's interpreter
 DRY_RUN=${DRY_RUN:-0}                       # 1: run tools/plan_parallel.py with these settings instead
-if [ "$DRY_RUN" = "1" ]; then DATA_PATH=${DATA_PATH:-}  # the planner costs every mode when a dataset is given
+if [ "$DRY_RUN" = "1" ]; then DATA_PATH=${DATA_PATH:-}  # the planner costs every mode on a dataset or blend
 else DATA_PATH=${DATA_PATH:?set DATA_PATH to the tools/preprocess_sft.py output prefix}; fi
 TOKENIZER=${TOKENIZER:-}                    # tokenizer dir/file; default vocab: the preset's 128256
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL##*/}_${PACK_MODE:-greedy}}  # MODEL: a preset or a HF dir

@@ -20,6 +20,7 @@ shared machine one stalled step can decide a sum.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -165,6 +166,29 @@ def plot_curves(rows: list[dict], path: str) -> str:
     return save_figure_atomic(fig, path)
 
 
+@contextlib.contextmanager
+def one_process_group(base):
+    """Hold one process group (and Megatron-Core's groups) for every run of a comparison.
+
+    ``train()`` creates and destroys the group when none is up, but under torchrun (``env://``
+    on one MASTER_PORT) a second rendezvous in the same processes hangs: rank 1 waited forever at
+    the second setting. With a group up, ``train()`` joins it and leaves it up."""
+    import torch.distributed as dist
+
+    from megatron_pack.parallel import destroy_distributed, initialize_distributed
+
+    owns = not (dist.is_available() and dist.is_initialized())
+    if owns:
+        p = base.parallel
+        initialize_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                               backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes)
+    try:
+        yield
+    finally:
+        if owns:
+            destroy_distributed()
+
+
 def run_comparison(base, settings: list[Setting], output_dir: str, evals_per_run: int = 4,
                    log=print) -> dict:
     """Train every setting from ``base`` (a TrainConfig) and write the outputs (rank 0).
@@ -178,10 +202,11 @@ def run_comparison(base, settings: list[Setting], output_dir: str, evals_per_run
     os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
     t0 = time.perf_counter()
     rows = []
-    for s in settings:
-        if main:
-            log(f"\n=== {s.name} ===")
-        rows.append(run_setting(base, s, output_dir, evals_per_run))
+    with one_process_group(base):
+        for s in settings:
+            if main:
+                log(f"\n=== {s.name} ===")
+            rows.append(run_setting(base, s, output_dir, evals_per_run))
     base_name = baseline(settings).name
     add_speedups(rows, base_name)
     out = {"baseline": base_name, "rows": rows, "time_table": time_table(rows), "loss_table": loss_table(rows),

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 #: The paper's three settings in its text's form, plus ours.
 DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
 
 
+PROG = "compare_modes.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/compare_modes.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from megatron_pack.frontdoor import FrontDoorParser
+
+    p = FrontDoorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES),
                    help="packing modes (e.g. padding:pad_to=longest greedy:chunk=1000 random:chunk=1000 bfd); "
                         "MODE/nomask for one setting without the document mask")
@@ -47,9 +50,10 @@ def sample_train_flags(prefix: str, tokenizer: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from megatron_pack.frontdoor import fail
     from megatron_pack.quiet import quiet_library_noise
 
-    quiet_library_noise()  # as train: Megatron's "TE/Apex not installed" warnings are not the user's
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     flags = list(args.train_flags)
     if flags and flags[0] == "--":
@@ -59,16 +63,12 @@ def main(argv=None) -> int:
     try:
         settings = expand_settings(args.modes, [m == "on" for m in args.masks])
     except ValueError as e:
-        print(f"error: --modes: {e}", file=sys.stderr)
-        return 2
+        fail(PROG, f"--modes: {e}")
     if args.evals_per_run < 0:
-        print("error: --evals-per-run: must be >= 0", file=sys.stderr)
-        return 2
+        fail(PROG, "--evals-per-run: must be >= 0")
     if "--data-path" not in flags:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            print("error: under torchrun pass --data-path after -- (prepare the data once, before launching)",
-                  file=sys.stderr)
-            return 2
+            fail(PROG, "under torchrun pass --data-path after -- (prepare the data once, before launching)")
         from megatron_pack.experiment.sample_data import prepare_sample_data
 
         prefix, tok = prepare_sample_data(os.path.join(args.output_dir, "data"), args.synthetic)

@@ -41,6 +41,53 @@ def pick_sequences(data, seq_length: int, mode: str, max_sequences: int, seed: i
     return [[data.get_slice(int(d), int(a), int(b)) for d, a, b in plan.sequence(int(i))] for i in chosen]
 
 
+#: checkpoint.imported.META_NAME and checkpoint.dist's run config, named here because those
+#: modules import torch and this is read before any heavy import (a test keeps them equal).
+IMPORT_META_NAME = "megatron_pack_import.json"
+RUN_CONFIG_NAME = "run_config.json"
+
+
+def recorded_num_layers(path: str, model_preset: str | None = None) -> int | None:
+    """Layers of the model at ``path`` from its JSON alone (HF ``config.json``, an import's or a
+    training checkpoint's record, or ``model_preset``), so ``--layers`` is checked before the
+    model is loaded; None when nothing records it (then it is checked after loading)."""
+    import json
+
+    from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
+    from megatron_pack.model.presets import get_preset
+
+    def read(f):
+        try:
+            with open(f) as fh:
+                d = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: not readable JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{f}: expected a JSON object")
+        return d
+
+    hf = os.path.join(path, "config.json")
+    if os.path.isfile(hf):
+        n = read(hf).get("num_hidden_layers")
+        return int(n) if isinstance(n, int) else None
+    if model_preset:
+        return get_preset(model_preset).num_layers
+    try:
+        d = resolve_iteration_dir(path)
+    except CheckpointError:
+        return None
+    for name in (IMPORT_META_NAME, RUN_CONFIG_NAME):
+        f = os.path.join(d, name)
+        if os.path.isfile(f):
+            rec = read(f)
+            arch = rec.get("architecture")
+            if isinstance(arch, dict) and isinstance(arch.get("num_layers"), int):
+                return arch["num_layers"]
+            preset = (rec.get("model") or {}).get("model") if isinstance(rec.get("model"), dict) else None
+            return get_preset(preset).num_layers if preset else None
+    return None
+
+
 def load_model(path: str, device: str = "cpu", dtype: str = "float32", model: str | None = None):
     """An HF causal LM from an HF directory, or from a checkpoint/import (exported first)."""
     import torch

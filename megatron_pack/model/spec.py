@@ -71,10 +71,10 @@ def attention_kernel(config) -> str:
     return "flash" if half and flash_attn_available() else "torch"
 
 
-#: TransformerConfig switches for fused kernels, named as the run header prints them.
-FUSIONS = {"bias_activation_fusion": "bias-activation", "masked_softmax_fusion": "masked-softmax",
-           "apply_rope_fusion": "rope", "gradient_accumulation_fusion": "grad-accumulation",
-           "persist_layer_norm": "persistent-layernorm"}
+#: TransformerConfig switches for fused kernels, named as the run header prints them (once, in
+#: :func:`describe_fusions`); persist_layer_norm is named only when on (the presets keep it off).
+FUSIONS = {"gradient_accumulation_fusion": "grad-accum", "apply_rope_fusion": "rope",
+           "bias_activation_fusion": "bias-swiglu", "masked_softmax_fusion": "masked-softmax"}
 
 
 def describe(config, backend: str = "auto") -> str:
@@ -100,8 +100,7 @@ def describe(config, backend: str = "auto") -> str:
         parts.append(f"optimizer: {Adam.__module__.split('.')[0]} {Adam.__name__}")
     except ImportError:  # pragma: no cover - Megatron-Core always provides one
         pass
-    fused = [name for key, name in FUSIONS.items() if getattr(config, key, False)]
-    parts.append("fusions: " + (", ".join(fused) if fused else "none"))
+    parts.append(describe_fusions(config))
     return "; ".join(parts)
 
 
@@ -197,7 +196,8 @@ def choose_fusions(use_cuda: bool | None = None) -> dict:
 
 
 def describe_fusions(config) -> str:
-    """One line for the run header: each fusion switch of ``config`` on or off."""
-    short = {"gradient_accumulation_fusion": "grad-accum", "apply_rope_fusion": "rope",
-             "bias_activation_fusion": "bias-swiglu", "masked_softmax_fusion": "masked-softmax"}
-    return "fusions: " + ", ".join(f"{short[k]} {'on' if getattr(config, k, False) else 'off'}" for k in short)
+    """The header's one ``fusions:`` entry: each fusion switch of ``config`` on or off."""
+    parts = [f"{name} {'on' if getattr(config, key, False) else 'off'}" for key, name in FUSIONS.items()]
+    if getattr(config, "persist_layer_norm", False):
+        parts.append("persistent-layernorm on")
+    return "fusions: " + ", ".join(parts)

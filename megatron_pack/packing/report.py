@@ -6,7 +6,8 @@ histograms. ``tools/pack_report.py`` is the command-line front-end.
 
 Columns: sequences, packing efficiency (real tokens / sequences * max length), the lower
 bound ceil(tokens / max length) and the gap to it, samples per sequence, samples split by
-the mode / cut at turns / truncated / dropped, attention cost sum(s_i^2) relative to
+the mode / cut at turns / truncated / dropped / left out with no trained target (as training
+leaves them out, read from the dataset's loss mask), attention cost sum(s_i^2) relative to
 ``padding`` (with the document mask, s_i are segments; without it, whole sequences),
 and planning seconds.
 """
@@ -54,6 +55,8 @@ def plan_row(plan: PackingPlan, seconds: float, padding_cost: float) -> dict:
         "placed_tokens": int(s.placed_tokens),
         "truncated_tokens": int(s.truncated_tokens),
         "dropped_tokens": int(s.dropped_tokens),
+        "unsupervised_samples": int(s.unsupervised_items),  # no trained target left: not packed, as in training
+        "unsupervised_tokens": int(s.unsupervised_tokens),
         "mode_dropped_samples": int(s.mode_dropped_docs),  # paper-code variants: in dropped_* already
         "mode_dropped_tokens": int(s.mode_dropped_tokens),
         "attention_cost_doc_mask": _sum_sq(plan.piece_lengths) / max(padding_cost, 1.0),
@@ -73,10 +76,14 @@ def report(
     turn_starts=None,
     engine: str = "cpp",
     plans: dict | None = None,
+    supervised=None,
 ) -> list[dict]:
     """Plan ``lengths`` with every mode; one row per mode (see module docstring).
 
-    Pass a dict as ``plans`` to get the plans back too (name -> :class:`PackingPlan`).
+    ``supervised`` is :func:`~megatron_pack.packing.plan.build_plan`'s: with
+    ``dataset_supervised(dataset)`` items left without a trained target are left out and counted,
+    exactly as the trainer's plan does. Pass a dict as ``plans`` to get the plans back too
+    (name -> :class:`PackingPlan`).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     padding_cost = None
@@ -85,11 +92,12 @@ def report(
         mode = get_mode(spec)
         t0 = time.perf_counter()
         plan = build_plan(lengths, max_seq_length, mode, seed=seed, epoch=epoch, overlong=overlong,
-                          turn_starts=turn_starts, engine=engine)
+                          turn_starts=turn_starts, engine=engine, supervised=supervised)
         seconds = time.perf_counter() - t0
         if padding_cost is None:
             # segments of the padding baseline = the items after the over-long policy
-            base = build_plan(lengths, max_seq_length, "padding", overlong=overlong, turn_starts=turn_starts)
+            base = build_plan(lengths, max_seq_length, "padding", overlong=overlong, turn_starts=turn_starts,
+                              supervised=supervised)
             padding_cost = _sum_sq(base.piece_lengths)
         rows.append(plan_row(plan, seconds, padding_cost))
         if plans is not None:
@@ -110,6 +118,7 @@ _COLUMNS = [
     ("turn-split", "turn_split_samples", "{:,}"),
     ("truncated", "truncated_samples", "{:,}"),
     ("dropped", "dropped_samples", "{:,}"),
+    ("unsupervised", "unsupervised_samples", "{:,}"),
     ("attn doc-mask", "attention_cost_doc_mask", "{:.3f}"),
     ("attn no-mask", "attention_cost_no_mask", "{:.3f}"),
     ("seconds", "seconds", "{:.3f}"),
@@ -155,14 +164,17 @@ def plot_report(plans: dict, lengths, max_seq_length: int, out_png: str) -> str:
 
 
 def load_lengths(data_prefix: str | None = None, lengths_file: str | None = None):
-    """``(lengths, turn_starts)`` from an SFT indexed dataset or a 1-D integer ``.npy``."""
+    """``(lengths, turn_starts, supervised)`` from an SFT indexed dataset or a 1-D integer ``.npy``;
+    ``supervised`` (the trainer's count of trained targets per item) is None for a bare ``.npy``."""
     if (data_prefix is None) == (lengths_file is None):
         raise ValueError("give exactly one of data_prefix and lengths_file")
     if data_prefix is not None:
         from megatron_pack.files.indexed import SFTIndexedDataset
 
+        from megatron_pack.packing.plan import dataset_supervised
+
         ds = SFTIndexedDataset(data_prefix)
-        return ds.lengths, ds.turns
+        return ds.lengths, ds.turns, dataset_supervised(ds)
     if not os.path.exists(lengths_file):
         raise FileNotFoundError(f"{lengths_file}: no such lengths file")
     try:
@@ -173,7 +185,7 @@ def load_lengths(data_prefix: str | None = None, lengths_file: str | None = None
         raise ValueError(f"{lengths_file}: expected a 1-D integer array, got {lengths.dtype} {lengths.shape}")
     if lengths.size and lengths.min() < 0:
         raise ValueError(f"{lengths_file}: negative length at index {int(np.argmin(lengths))}")
-    return lengths.astype(np.int64), None
+    return lengths.astype(np.int64), None, None
 
 
 def run(
@@ -190,13 +202,16 @@ def run(
 ) -> list[dict]:
     """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG.
     Pass a dict as ``plans`` to get the plans back (mode name -> plan)."""
-    lengths, turns = load_lengths(data_prefix, lengths_file)
+    lengths, turns, supervised = load_lengths(data_prefix, lengths_file)
     if plans is None and plot_out:
         plans = {}
-    rows = report(lengths, max_seq_length, modes, seed=seed, overlong=overlong, turn_starts=turns, plans=plans)
+    rows = report(lengths, max_seq_length, modes, seed=seed, overlong=overlong, turn_starts=turns, plans=plans,
+                  supervised=supervised)
     src = data_prefix or lengths_file
     print(f"{src}: {lengths.size:,} samples, {int(lengths.sum()):,} tokens, max length {max_seq_length}, "
-          f"over-long policy {overlong}")
+          f"over-long policy {overlong}"
+          + ("" if supervised else "; a lengths file has no loss mask, so items without a trained target are "
+                                   "not left out as training leaves them"))
     print(format_table(rows))
     if json_out:
         write_json_atomic(rows, json_out)

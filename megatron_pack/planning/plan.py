@@ -16,7 +16,6 @@ from typing import Optional
 
 from megatron_pack.model.presets import get_preset
 from megatron_pack.packing.modes import DEFAULT_MODES
-from megatron_pack.packing.plan import overlong_policy
 from megatron_pack.parallel.layout import check_layout
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.context_parallel import cp_options, exposed_seconds, kv_exchange, smallest_fitting_cp
@@ -55,12 +54,16 @@ class PlanConfig:
     global_batch_size: int = 64
     vocab_size: Optional[int] = None
     """Default: the preset's (required for ``tiny``)."""
+    balance_batches: Optional[bool] = None
+    """Training's --balance-batches: which placement's per-step imbalance the run pays
+    (``step_seconds_as_run`` of each mode); default as training: on when DP > 1 or PP > 1."""
     gpu: str = "a800-80gb"
     mfu: float = DEFAULT_MFU
     overhead_gb: float = 3.0
     """CUDA context + NCCL buffers + fragmentation allowance per GPU (an assumption)."""
     flash_attention: bool = True
-    data_path: Optional[str] = None
+    data_path: Optional[str | list] = None
+    """One prefix, or a blend as the training CLI takes it (``["0.7", "A", "0.3", "B"]``)."""
     pack_mode: str = "bfd"
     modes: tuple = DEFAULT_MODES
     document_mask: bool = True
@@ -94,8 +97,6 @@ class Layout:
 
 def validate_layout(cfg: PlanConfig) -> Layout:
     """The derived sizes of a legal layout; raises :class:`LayoutError` listing every reason."""
-    from megatron_pack.data.packed_dataset import required_multiple
-
     preset = get_preset(cfg.model)
     tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
     errors, warnings = [], []
@@ -123,6 +124,8 @@ def validate_layout(cfg: PlanConfig) -> Layout:
                         f"{(pp - 1) / m:.0%} dominates")
     if cfg.use_distributed_optimizer and dp * cp == 1:
         warnings.append("--use-distributed-optimizer with DP*CP = 1 shards nothing")
+    from megatron_pack.data.packed_dataset import required_multiple  # torch: only once the layout is legal
+
     mult = required_multiple(tp, cp, cfg.sequence_parallel)
     if cp > 1 and cfg.seq_length % mult:
         raise LayoutError(f"--seq-length {cfg.seq_length} must be a multiple of {mult} under "
@@ -135,10 +138,20 @@ def validate_layout(cfg: PlanConfig) -> Layout:
     return Layout(dp, m, s, tuple(warnings))
 
 
+def _balance_on(cfg: PlanConfig, lay: Layout) -> bool:
+    """--balance-batches as training resolves it (training/loop.py): on when DP > 1 or PP > 1."""
+    if cfg.balance_batches is not None:
+        return bool(cfg.balance_batches)
+    return lay.data_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1
+
+
 def _vocab(cfg: PlanConfig, preset) -> int:
     from megatron_pack.model.vocab import resolve_vocab_size
 
-    return resolve_vocab_size(cfg.vocab_size, None, preset, cfg.data_path)
+    if not cfg.data_path:
+        return resolve_vocab_size(cfg.vocab_size, None, preset, None)
+    # a blend: the rule per source, as training resolves it
+    return max(resolve_vocab_size(cfg.vocab_size, None, preset, p) for p in _prefixes(cfg.data_path))
 
 
 def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
@@ -152,35 +165,69 @@ def _memory_config(cfg: PlanConfig, lay: Layout, **over) -> MemoryConfig:
     return MemoryConfig(**kw)
 
 
+def _prefixes(data_path) -> list:
+    """The source prefixes of ``--data-path`` (one prefix, or a Megatron-LM blend list)."""
+    from megatron_pack.data.blend import parse_blend
+
+    return [data_path] if isinstance(data_path, str) else list(parse_blend(data_path).prefixes)
+
+
+def _train_split(cfg: PlanConfig) -> tuple[list, int]:
+    """The training part of every source, split by --valid-fraction exactly as training splits
+    it (each source on its own); ``(parts, held-out conversations)``."""
+    from megatron_pack.data.sampling import SFTSubset, split_indices
+    from megatron_pack.files.indexed import SFTIndexedDataset
+
+    parts, held_out = [], 0
+    for prefix in _prefixes(cfg.data_path):
+        base = SFTIndexedDataset(prefix)
+        train_idx, _ = split_indices(len(base), cfg.valid_fraction, cfg.seed)
+        if train_idx.size == 0:
+            raise ValueError(f"{prefix}: no training conversations after holding out "
+                             f"--valid-fraction {cfg.valid_fraction} of {len(base)}")
+        parts.append(SFTSubset(base, train_idx))
+        held_out += len(base) - train_idx.size
+    return parts, held_out
+
+
+def _train_dataset(cfg: PlanConfig, parts: list, mode: str):
+    """Epoch 0 of the training stream for ``mode``, built by the classes training builds it with
+    (:class:`PackedSFTDataset` per source, :class:`BlendedPackedDataset` over a blend), so
+    the planner's plan is the trainer's: the same split, over-long policy, per-document padding,
+    and items without a trained target left out. Plans in memory (no cache files written)."""
+    from megatron_pack.data.blend import BlendedPackedDataset, parse_blend
+    from megatron_pack.data.context_parallel import document_multiple
+    from megatron_pack.data.packed_dataset import PackedSFTDataset
+
+    kw = dict(seed=cfg.seed, overlong=cfg.overlong, document_mask=cfg.document_mask, use_cache=False,
+              document_multiple=document_multiple(cfg.context_parallel_size, cfg.tensor_model_parallel_size,
+                                                  cfg.sequence_parallel))
+    if isinstance(cfg.data_path, str):
+        return PackedSFTDataset(parts[0], cfg.seq_length, mode, **kw)
+    blend = parse_blend(cfg.data_path)
+    return BlendedPackedDataset([lambda e, x=x: PackedSFTDataset(x, cfg.seq_length, mode, epoch=e, **kw)
+                                 for x in parts], blend.names, blend.weights)
+
+
 def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bool,
                lay: Layout | None = None) -> tuple[list, dict]:
     from megatron_pack.data.balance_forecast import forecast
-    from megatron_pack.data.context_parallel import document_multiple
-    from megatron_pack.files.indexed import SFTIndexedDataset
     from megatron_pack.model.cost import CostModel
-    from megatron_pack.packing.plan import build_plan, get_mode
-    from megatron_pack.data.sampling import split_indices
+    from megatron_pack.packing.plan import get_mode
 
-    ds = SFTIndexedDataset(cfg.data_path)
-    # the training split, drawn exactly as training draws it
-    train_idx, _ = split_indices(len(ds), cfg.valid_fraction, cfg.seed)
-    if train_idx.size == 0:
-        raise ValueError(f"{cfg.data_path}: no training conversations after holding out "
-                         f"--valid-fraction {cfg.valid_fraction} of {len(ds)}")
-    lengths = ds.lengths[train_idx]
+    parts, held_out = _train_split(cfg)
+    num_conversations = sum(len(x) for x in parts)
+    tokens = sum(int(x.lengths.sum()) for x in parts)
     modes = list(cfg.modes)
     if get_mode(cfg.pack_mode).name not in [get_mode(x).name for x in modes]:
         modes.append(cfg.pack_mode)
     rows = []
     for spec in modes:
         t0 = time.perf_counter()
-        plan = build_plan(lengths, cfg.seq_length, spec, seed=cfg.seed, overlong=cfg.overlong,
-                          turn_starts=(lambda i: ds.turns[int(train_idx[i])]) if overlong_policy(cfg.overlong) == "cut-at-turns" else None,
-                          pad_multiple=document_multiple(cfg.context_parallel_size, cfg.tensor_model_parallel_size,
-                                                         cfg.sequence_parallel))
+        plan = _train_dataset(cfg, parts, spec).plan
         stats = plan_stats(plan, document_mask=cfg.document_mask, pad_attention=cfg.pad_attention)
         est = estimate(preset, params.matmul_total, stats, tcfg)
-        rows.append({"mode": plan.mode, "selected": get_mode(spec) == get_mode(cfg.pack_mode),
+        rows.append({"mode": str(get_mode(spec)), "selected": get_mode(spec) == get_mode(cfg.pack_mode),
                      "efficiency": float(plan.efficiency), "real_tokens": stats.real_tokens,
                      "attention_sum_sq": stats.sum_sq, "plan_seconds": time.perf_counter() - t0, **est.to_json()})
         if lay is not None and not cfg.pad_attention:
@@ -190,9 +237,11 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
             f = forecast(plan, cost, global_batch_size=cfg.global_batch_size, dp_size=lay.data_parallel_size,
                          micro_batch_size=cfg.micro_batch_size, padded_length=lay.padded_seq_length,
                          document_mask=cfg.document_mask, seed=cfg.seed)
-            rows[-1].update({"balance": f.to_json(),
-                             "step_seconds_contiguous": est.step_seconds * f.slowdown_contiguous,
-                             "step_seconds_balanced": est.step_seconds * f.slowdown_balanced})
+            balanced = est.step_seconds * f.slowdown_balanced
+            contiguous = est.step_seconds * f.slowdown_contiguous
+            rows[-1].update({"balance": f.to_json(), "step_seconds_contiguous": contiguous,
+                             "step_seconds_balanced": balanced,
+                             "step_seconds_as_run": balanced if _balance_on(cfg, lay) else contiguous})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
         r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base and base["steps"] and r["steps"] else None
@@ -200,20 +249,21 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
             whole, frac = int(cfg.train_epochs), cfg.train_epochs - int(cfg.train_epochs)
             r["train_steps"] = whole * r["steps"] + int(r["steps"] * frac)
             r["train_seconds"] = r["train_steps"] * r["step_seconds"]
-    info = {"data_path": cfg.data_path, "num_conversations": int(len(lengths)), "tokens": int(lengths.sum()),
-            "valid_fraction": cfg.valid_fraction, "held_out_conversations": int(len(ds) - len(lengths)),
+    info = {"data_path": cfg.data_path if isinstance(cfg.data_path, str) else " ".join(map(str, cfg.data_path)),
+            "num_conversations": num_conversations, "tokens": tokens,
+            "valid_fraction": cfg.valid_fraction, "held_out_conversations": held_out,
             "document_mask": cfg.document_mask, "pad_attention": cfg.pad_attention, "overlong": cfg.overlong}
     return rows, info
 
 
 def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
     """The whole plan as a JSON-ready dict (see ``render`` for the printed form)."""
-    from megatron_pack.planning.params import count_parameters
-
     t0 = time.perf_counter()
     preset = get_preset(cfg.model)
     gpu = get_gpu(cfg.gpu)
-    lay = validate_layout(cfg)
+    lay = validate_layout(cfg)  # before the model build: an illegal layout answers in well under a second
+    from megatron_pack.planning.params import count_parameters  # imports Megatron-Core
+
     dp, m, warnings = lay.data_parallel_size, lay.num_microbatches, list(lay.warnings)
     vocab = _vocab(cfg, preset)
     params = count_parameters(preset, tensor_model_parallel_size=cfg.tensor_model_parallel_size,
@@ -259,7 +309,7 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         "num_microbatches": m,
         "step_seconds": selected["step_seconds"] if selected else est.step_seconds,
         "model_flops_per_step": selected["model_flops_per_step"] if selected else est.model_flops_per_step,
-        "basis": f"{selected['mode']} plan of {cfg.data_path}" if selected else
+        "basis": f"{selected['mode']} plan of {data['data_path']}" if selected else
                  "full sequences, one document each (no dataset given)",
     }
     exchange = kv_exchange(preset, gpu, tp=cfg.tensor_model_parallel_size, cp=cfg.context_parallel_size,
@@ -282,6 +332,7 @@ def make_plan(cfg: PlanConfig, progress: bool = False) -> dict:
         "layout": {"world_size": cfg.world_size, "tp": cfg.tensor_model_parallel_size,
                    "pp": cfg.pipeline_model_parallel_size, "cp": cfg.context_parallel_size, "dp": dp,
                    "num_microbatches": m, "seq_length_padded": lay.padded_seq_length,
+                   "balance_batches": _balance_on(cfg, lay),
                    "layers_per_stage": preset.num_layers // cfg.pipeline_model_parallel_size},
         "gpu": dataclasses.asdict(gpu),
         "total_parameters": params.total,

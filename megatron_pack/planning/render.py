@@ -134,8 +134,9 @@ def render(plan: dict) -> str:
             out += ["", f"Compute imbalance over DP {lay['dp']} (max/mean rank FLOPs per step, first "
                         f"{max(r['balance']['steps'] for r in bal)} steps; the step waits for the slowest rank):",
                     _balance_table(bal),
-                    "(balanced = --balance-batches, the training default when DP > 1 or PP > 1; lower bound = "
-                    "the best any placement of the same sequences could do)"]
+                    "(balanced = --balance-batches, the training default when DP > 1 or PP > 1; this run: "
+                    + ("balanced" if lay.get("balance_batches") else "contiguous (--no-balance-batches)")
+                    + "; lower bound = the best any placement of the same sequences could do)"]
     else:
         out.append(f"  {t['basis']}: {t['model_flops_per_step'] / 1e15:.2f} PFLOP/step, {t['step_seconds']:.2f} s/step"
                    + (f", {c['train_iters']} steps = {_hours(t['train_seconds'])}" if "train_seconds" in t else ""))

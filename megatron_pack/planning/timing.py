@@ -80,12 +80,13 @@ class SequenceStats:
 
 
 def plan_stats(plan, document_mask: bool = True, pad_attention: bool = False) -> SequenceStats:
-    """:class:`SequenceStats` of a ``PackingPlan``."""
+    """:class:`SequenceStats` of a ``PackingPlan`` (or a blend's: real tokens are those of the
+    sequences the epoch serves, not of every source plan it reads from)."""
     if pad_attention:
         sum_sq = float(plan.num_sequences) * plan.max_seq_length ** 2
     else:
         sum_sq = float(sequence_sum_sq(plan, document_mask).sum())
-    return SequenceStats(int(plan.num_sequences), int(plan.stats.placed_tokens), sum_sq)
+    return SequenceStats(int(plan.num_sequences), int(plan.sequence_lengths().sum()), sum_sq)
 
 
 def full_sequences(num_sequences: int, seq_length: int) -> SequenceStats:

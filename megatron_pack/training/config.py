@@ -321,14 +321,22 @@ class CheckpointArgs:
 
 @dataclass
 class LoggingArgs:
-    """Console lines in Megatron-LM's format, TensorBoard when installed."""
+    """Console lines in Megatron-LM's format, TensorBoard and Weights & Biases when installed."""
 
     log_interval: int = arg(1, "Print a training line every N steps.")
     tensorboard_dir: Optional[str] = arg(None, "Write TensorBoard scalars here (needs the tensorboard package).")
     log_file: Optional[str] = arg(None, "Also append JSON lines of every logged step here (rank 0).")
+    wandb_project: Optional[str] = arg(None, "Weights & Biases project: log the TensorBoard scalars there too "
+                                             "(needs the wandb package; WANDB_MODE=offline works without a network).")
+    wandb_exp_name: Optional[str] = arg(None, "Weights & Biases run name (default: wandb's).")
+    wandb_save_dir: Optional[str] = arg(None, "Directory for the local wandb files (default: SAVE/wandb with --save, "
+                                              "else ./wandb).", metavar="DIR")
 
     def __post_init__(self):
         _need(self.log_interval >= 1, "--log-interval", "must be >= 1")
+        for flag in ("wandb_exp_name", "wandb_save_dir"):
+            _need(getattr(self, flag) is None or bool(self.wandb_project), "--" + flag.replace("_", "-"),
+                  "needs --wandb-project")
 
 
 @dataclass

@@ -11,7 +11,13 @@ extra ``| key: value |`` fields::
      padding fraction: 0.0312 | conversations/s: 45.67 | number of skipped iterations:   0 |
      number of nan iterations:   0 | compute imbalance: 1.004 |
 
-(one line in the log). ``consumed samples`` keeps Megatron-LM's meaning: training *sequences*
+(one line in the log). The same scalars go to every writer from one place (:func:`step_scalars`,
+:func:`validation_scalars`): TensorBoard (``--tensorboard-dir``) and Weights & Biases
+(``--wandb-project``, Megatron-LM's flags; ``WANDB_MODE=offline`` runs without a network), named
+as Megatron-LM's TensorBoard names them (``lm-loss``, ``lm-loss/<source>``, ``real-tokens-per-s``,
+``padding-fraction``, ``compute-imbalance``, ``lm-loss-validation`` ...).
+
+``consumed samples`` keeps Megatron-LM's meaning: training *sequences*
 (packed rows of ``--seq-length`` tokens) so far, global batch x steps. ``conversations/s``
 counts the conversations (pieces, where a mode splits one) inside those sequences per second:
 with packing there are several per sequence, so the two are different units on purpose. Only one rank prints (the last rank, Megatron's ``print_rank_last``,
@@ -28,22 +34,94 @@ import sys
 import warnings
 
 
+#: Step figures written as scalars (console key -> scalar name, Megatron-LM's TensorBoard style).
+STEP_SCALARS = ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
+                "compute imbalance")
+
+
+def scalar_name(key: str) -> str:
+    return key.replace(" ", "-").replace("/", "-per-")
+
+
+def step_scalars(m: dict) -> dict:
+    """``{scalar name: value}`` of one training step: the figures above, and the loss per blend source."""
+    out = {scalar_name(k): float(m[k]) for k in STEP_SCALARS if m.get(k) is not None}
+    out.update({f"lm-loss/{name}": float(v) for name, v in (m.get("source lm loss") or {}).items()})
+    return out
+
+
+def validation_scalars(loss: float, by_source: dict | None = None) -> dict:
+    out = {"lm-loss-validation": float(loss)}
+    out.update({f"lm-loss-validation/{n}": float(v) for n, (v, _) in (by_source or {}).items()})
+    return out
+
+
+class TensorBoardWriter:
+    """Scalars to a TensorBoard event file (torch's ``SummaryWriter``)."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+
+    def add_scalars(self, scalars: dict, step: int) -> None:
+        for name, v in scalars.items():
+            self.writer.add_scalar(name, v, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbWriter:
+    """Scalars to a Weights & Biases run (``WANDB_MODE=offline``: files only, no network)."""
+
+    def __init__(self, project: str, name: str | None = None, save_dir: str | None = None, config: dict | None = None):
+        import wandb
+
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, dir=save_dir, config=config or {})
+
+    def add_scalars(self, scalars: dict, step: int) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_writers(tensorboard_dir: str | None = None, wandb_project: str | None = None,
+                 wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
+                 run_config: dict | None = None) -> list:
+    """The scalar writers a run asked for; a missing tensorboard package is a warning (console
+    logging continues), as before."""
+    writers = []
+    if tensorboard_dir:
+        try:
+            writers.append(TensorBoardWriter(tensorboard_dir))
+        except ImportError:
+            warnings.warn("--tensorboard-dir given but the tensorboard package is not installed; "
+                          "pip install tensorboard (console logging continues)")
+    if wandb_project:
+        writers.append(WandbWriter(wandb_project, wandb_exp_name, wandb_save_dir, run_config))
+    return writers
+
+
 class TrainingLogger:
     def __init__(self, enabled: bool, train_iters: int, tensorboard_dir: str | None = None,
-                 log_file: str | None = None, stream=None):
+                 log_file: str | None = None, stream=None, *, wandb_project: str | None = None,
+                 wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.train_iters = train_iters
         self.stream = stream or sys.stdout
-        self.writer = None
         self.log_file = log_file if enabled else None
-        if enabled and tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("--tensorboard-dir given but the tensorboard package is not installed; "
-                              "pip install tensorboard (console logging continues)")
-            else:
-                self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        self.writers = open_writers(tensorboard_dir, wandb_project, wandb_exp_name, wandb_save_dir,
+                                    run_config) if enabled else []
+
+    def _scalars(self, scalars: dict, step: int) -> None:
+        for w in self.writers:  # one set of scalars, every writer
+            w.add_scalars(scalars, step)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -53,13 +131,7 @@ class TrainingLogger:
         """Log one training step; ``m`` holds the figures (see :func:`format_step`)."""
         line = format_step(iteration, self.train_iters, m)
         self.print(line)
-        if self.enabled and self.writer is not None:
-            for key in ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
-                        "compute imbalance"):
-                if m.get(key) is not None:
-                    self.writer.add_scalar(key.replace(" ", "-").replace("/", "-per-"), m[key], iteration)
-            for name, v in (m.get("source lm loss") or {}).items():
-                self.writer.add_scalar(f"lm-loss/{name}", v, iteration)
+        self._scalars(step_scalars(m), iteration)
         self._json({"iteration": iteration, **m})
         return line
 
@@ -70,10 +142,7 @@ class TrainingLogger:
         extra = "".join(f"\n validation loss of source {n} | lm loss value: {v:.6E} | tokens: {c} |"
                         for n, (v, c) in (by_source or {}).items())
         self.print(f"{bar}\n{line}{extra}\n{bar}")
-        if self.enabled and self.writer is not None:
-            self.writer.add_scalar("lm-loss-validation", loss, iteration)
-            for n, (v, _) in (by_source or {}).items():
-                self.writer.add_scalar(f"lm-loss-validation/{n}", v, iteration)
+        self._scalars(validation_scalars(loss, by_source), iteration)
         rec = {"iteration": iteration, "validation lm loss": loss, "validation tokens": tokens}
         if by_source:
             rec["validation source lm loss"] = {n: v for n, (v, _) in by_source.items()}
@@ -87,9 +156,9 @@ class TrainingLogger:
                 f.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        writers, self.writers = self.writers, []
+        for w in writers:
+            w.close()
 
 
 def format_step(iteration: int, train_iters: int, m: dict) -> str:

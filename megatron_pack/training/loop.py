@@ -14,6 +14,7 @@ runs the micro-batches, Megatron-Core DDP reduces the gradients and
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -61,8 +62,12 @@ def _run(config: TrainConfig, st) -> dict:
     set_seed(config.train.seed)
     use_cuda = st.device.type == "cuda"
     bf16 = config.model.bf16 if config.model.bf16 is not None else use_cuda
-    log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, config.logging.tensorboard_dir,
-                         config.logging.log_file)
+    lg = config.logging
+    log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, lg.tensorboard_dir, lg.log_file,
+                         wandb_project=lg.wandb_project, wandb_exp_name=lg.wandb_exp_name,
+                         wandb_save_dir=lg.wandb_save_dir or (os.path.join(config.checkpoint.save, "wandb")
+                                                              if lg.wandb_project and config.checkpoint.save else None),
+                         run_config=dataclasses.asdict(config) if lg.wandb_project else None)
     lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
 
     ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)
@@ -78,9 +83,8 @@ def _run(config: TrainConfig, st) -> dict:
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
-    from megatron_pack.model.spec import describe_fusions
+    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}")  # ends with the one 'fusions:'
 
-    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}; {describe_fusions(tcfg)}")
     path = config.data.data_path if config.data.data_path is not None else config.data.train_data_path
     path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
     log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "

@@ -20,6 +20,7 @@ def test_train_samples_init_std_and_eval_flags(tmp_path_factory):
         assert "; 2 steps" in res.output
         # the spec provider's fusion choice is in the header: all off on CPU
         assert "fusions: grad-accum off, rope off, bias-swiglu off, masked-softmax off" in res.output
+        assert res.output.count("fusions:") == 1, res.output  # one entry in the header, not two
     # std 0.02 starts near ln(vocab); std 0.5 starts far above it
     assert abs(plain.steps[1]["lm loss"] - math.log(256)) < 0.5, plain.steps[1]["lm loss"]
     assert tuned.steps[1]["lm loss"] > plain.steps[1]["lm loss"] + 2.0, tuned.steps[1]["lm loss"]

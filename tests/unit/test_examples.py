@@ -59,6 +59,57 @@ def test_dry_run_rejects_illegal_layout():
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+def test_dry_run_takes_a_blend_in_data_path(tmp_path):
+    """DRY_RUN=1 with DATA_PATH="0.7 A 0.3 B" plans the blend, as training takes it."""
+    from megatron_pack.files.indexed import SFTDatasetWriter
+
+    rng = np.random.default_rng(0)
+    for name, n in (("a", 120), ("b", 60)):
+        with SFTDatasetWriter(str(tmp_path / name)) as w:
+            for L in rng.integers(50, 900, n):
+                w.add(rng.integers(1, 500, int(L)), np.ones(int(L), dtype=np.uint8), [0])
+    blend = f"0.7 {tmp_path / 'a'} 0.3 {tmp_path / 'b'}"
+    env = {**os.environ, "DRY_RUN": "1", "DATA_PATH": blend, "PLAN_JSON": str(tmp_path / "plan.json"),
+           "GLOBAL_BATCH_SIZE": "4", "SEQ_LENGTH": "1024", "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
+    out = subprocess.run(["bash", "examples/run_llama3_8b_packed.sh", "--no-progress"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    plan = json.load(open(tmp_path / "plan.json"))
+    assert plan["data"]["data_path"] == blend
+    # every training conversation of both sources (the script's --valid-fraction 0.01 of each held out)
+    assert plan["data"]["num_conversations"] + plan["data"]["held_out_conversations"] == 180
+    assert plan["data"]["num_conversations"] == 119 + 59
+    assert not any(str(tmp_path) in x for x in plan["unmodelled_flags"])
+    # negative control: a one-source DATA_PATH plans that source alone
+    env["DATA_PATH"] = str(tmp_path / "a")
+    out = subprocess.run(["bash", "examples/run_llama3_8b_packed.sh", "--no-progress"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.load(open(tmp_path / "plan.json"))["data"]["num_conversations"] == 119
+
+
+def test_quickstart_installs_into_the_active_python_and_says_so(tmp_path):
+    """The quickstart installs into the interpreter it is given (no venv of its own), says which
+    before installing, and the README's first section says so with the two venv lines."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"  # records every call instead of installing
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {log}\n")
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env={**os.environ, "PYTHON": str(fake)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"installing megatron_pack into {fake} (the active Python" in out.stdout
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("-m pip install") and "-e .[test]" in c for c in calls), calls
+    assert calls[-1].startswith("-m megatron_pack.demo --output-dir outputs/demo"), calls
+    first = open(os.path.join(ROOT, "README.md")).read().split("## Two commands on a fresh machine", 1)[1]
+    first = first.split("\n## ", 1)[0]
+    assert "into whatever Python is active" in first
+    assert "python3 -m venv .venv\nsource .venv/bin/activate\n" in first
+    # negative control: the section after it does not carry the statement
+    assert "into whatever Python is active" not in open(os.path.join(ROOT, "README.md")).read().split(
+        "## Data format", 1)[1]
+
+
 def markdown_tables(text: str) -> list[list[dict]]:
     """Every Markdown table printed in ``text``, as lists of {heading: cell} rows."""
     tables, block = [], []
@@ -73,7 +124,7 @@ def markdown_tables(text: str) -> list[list[dict]]:
 
 
 def _num(cell: str) -> float:
-    return float(cell.replace(",", "").rstrip("x"))
+    return float(cell.split()[0].replace(",", "").rstrip("x"))  # "22.68x (disturbed)" -> 22.68
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -85,7 +136,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_PACK_SHOW_LIBRARY_WARNINGS")}
     out = subprocess.run([sys.executable, "-m", "megatron_pack.demo", "--output-dir", str(tmp_path),
-                          "--modes", "padding", "bfd", "--epochs", "0.1", "--log-interval", "100"],
+                          "--modes", "padding", "bfd", "--epochs", "0.1", "--log-interval", "100",
+                          "--timing-rounds", "2", "--timing-steps", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [ln for ln in out.stderr.splitlines() if "Warning" in ln] == [], out.stderr
@@ -123,6 +175,9 @@ def test_demo_runs_end_to_end(tmp_path):
     for r, exact in zip(results, rows):
         assert int(r["steps"]) == exact["steps"] and _num(r["sequences"]) == exact["sequences"]
         assert exact["epoch_time"] == pytest.approx(exact["steps"] * exact["step_s"], rel=1e-9)
+        # the step time is the best of the epoch run's median and the 2 interleaved timing rounds
+        assert len(exact["round_step_s"]) == 2 and exact["step_s"] == min(exact["run_step_s"], *exact["round_step_s"])
+        assert ("(disturbed)" in r["speedup"]) == bool(exact["disturbed"])
         assert _num(r["epoch time (s)"]) == pytest.approx(int(r["steps"]) * _num(r["median ms/step"]) / 1000,
                                                           abs=0.05 + 0.0005 * int(r["steps"]))
         assert exact["speedup"] == pytest.approx(padding["epoch_time"] / exact["epoch_time"], rel=1e-9)
@@ -130,6 +185,8 @@ def test_demo_runs_end_to_end(tmp_path):
                                                    rel=0.1)  # from the printed, rounded columns
         assert _num(r["ideal"]) == pytest.approx(_num(base["sequences"]) / _num(r["sequences"]), abs=0.006)
     assert RESULT_NOTES.splitlines()[0] in out.stdout  # which columns are exact, which are timings
+    assert "> timing: 2 rounds of 2 steps per mode, the modes in turn" in out.stdout
+    assert out.stdout.count("DISTURBED, not a result:") == sum(bool(r["disturbed"]) for r in rows)
     assert "Held-out loss" in out.stdout and "fewer optimizer steps" in out.stdout
 
     # README's account of the quickstart names the columns it prints

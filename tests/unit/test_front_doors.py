@@ -36,6 +36,8 @@ TOOLS = {
     "pack_report": os.path.join(ROOT, "tools", "pack_report.py"),
     "plan": os.path.join(ROOT, "tools", "plan_parallel.py"),
     "convert": os.path.join(ROOT, "tools", "convert_checkpoint.py"),
+    "leakage": os.path.join(ROOT, "tools", "analyze_leakage.py"),
+    "compare": os.path.join(ROOT, "tools", "compare_modes.py"),
     "train": "megatron_pack.train",
     "demo": "megatron_pack.demo",
 }
@@ -68,15 +70,30 @@ BAD = [
     ("pack_report", ["--data-prefix", "/nonexistent/sft", "--max-seq-length", "512"], "no SFT dataset"),
     ("plan", ["--seq-lenght", "4096"], "did you mean --seq-length?"),
     ("plan", ["--model", "tiny", "--data-path", "/nonexistent/sft"], "no SFT dataset"),
+    # a layout rule needs no model build: answered before torch / Megatron-Core are imported
+    ("plan", ["--model", "llama3-70b", "--tensor-model-parallel-size", "3"],
+     "TP 3 does not divide the 64 attention heads of llama3-70b"),
+    ("plan", ["--model", "tiny", "--data-path", "0.7", "/nonexistent/a", "0.3", "/nonexistent/b"],
+     "/nonexistent/a: no SFT dataset"),
     ("convert", ["megatron-to-hf", "--load", "/nonexistent/ckpt", "--output", "/tmp/out"], "no such checkpoint"),
     ("convert", ["hf-to-megatron", "--hf-dri", "x", "--output", "y"], "did you mean --hf-dir?"),
     ("train", ["--train-iters", "2"], "required: --data-path"),
     ("train", ["--data-path", "/nonexistent/sft", "--train-iters", "2"], "no SFT dataset at this prefix"),
     ("train", ["--data-pth", "x", "--train-iters", "2"], "did you mean --data-path?"),
     ("train", ["--data-path", "x", "--train-iters", "2", "--micro-batch-size", "3"], "--global-batch-size"),
+    ("train", ["--data-path", "x", "--train-iters", "2", "--wandb-exp-name", "e"],
+     "--wandb-exp-name: needs --wandb-project"),
     ("demo", ["--modes", "padding", "bdf"], "unknown packing mode 'bdf'"),
     ("demo", ["--mdoes", "bfd"], "did you mean --modes?"),
+    ("pack_report", ["--lengths", "x.npy", "--max-seq-lenght", "8"], "did you mean --max-seq-length?"),
+    ("convert", ["hf-to-megatron", "--hf-dir", "/nonexistent", "--output", "/tmp/x"], "no config.json there"),
+    ("leakage", ["--model", "/nonexistent/model", "--data-prefix", "/nonexistent/sft"], "--model /nonexistent/model: not found"),
+    ("leakage", ["--modle", "x"], "did you mean --model"),
+    ("compare", ["--mdoes", "bfd"], "did you mean --modes?"),
+    ("compare", ["--modes", "tetris"], "--modes"),
 ]
+#: The one exit-status rule of every command line (README, "Exit status"): 2 = bad invocation or input.
+USAGE_STATUS = 2
 
 
 @pytest.mark.parametrize("tool,args,expect", BAD, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(BAD)])
@@ -86,7 +103,7 @@ def test_bad_argument_fails_fast_on_one_line(tool, args, expect):
     res = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(HEAVY), target, *args], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - t0
-    assert res.returncode != 0, res.stdout + res.stderr
+    assert res.returncode == USAGE_STATUS, (res.returncode, res.stdout + res.stderr)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected a one-line error, got:\n{res.stderr}"  # no usage block, no traceback
     assert "error:" in lines[0] and expect in lines[0], lines[0]
@@ -163,6 +180,9 @@ def test_train_resume_and_export_happy_path_quiet(workspace):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "> backends: layers:" in first.stdout  # what is in use, stated once instead of warnings
     assert first.stdout.count("> backends:") == 1
+    header = next(ln for ln in first.stdout.splitlines() if ln.startswith("> backends:"))
+    assert header.count("fusions:") == 1 and header.endswith(  # one fusions entry, every switch named once
+        "; fusions: grad-accum off, rope off, bias-swiglu off, masked-softmax off"), header
     resumed = run_tool("train", *common, "--train-iters", "3")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -200,3 +220,24 @@ def test_quiet_filters_only_the_listed_messages():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**_env(), "MEGATRON_PACK_SHOW_LIBRARY_WARNINGS": "1"})
     assert "Transformer Engine" in res.stderr and "ShardedTensor" in res.stderr
+
+
+def _readme_exit_table() -> dict:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("### Exit status (every command line)", 1)[1].split("\n### ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    return {ln.split("`")[1]: [c.strip() for c in ln.strip().strip("|").split("|")] for ln in rows}
+
+
+def test_readme_exit_status_table_covers_every_command_line():
+    """One table for every front door, and a bad-invocation case (exit 2) above for each."""
+    table = _readme_exit_table()
+    scripts = sorted(f"tools/{f}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+    assert set(scripts) | {"python -m megatron_pack.train", "python -m megatron_pack.demo"} == set(table), table
+    assert all(len(cells) == 4 and cells[3] for cells in table.values())  # every command says what a 2 means
+    tested = {t for t, _, _ in BAD}
+    for name, target in TOOLS.items():  # every command line has a case that must exit 2
+        assert name in tested, f"no bad-invocation case for {name} ({target})"
+    assert {os.path.relpath(t, ROOT) for t in TOOLS.values() if t.endswith(".py")} == set(scripts)
+    # negative control: the section parsed is the table, not an empty match
+    assert "2: bad invocation or input" in open(os.path.join(ROOT, "README.md")).read()

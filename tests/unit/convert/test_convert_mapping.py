@@ -430,13 +430,13 @@ def test_finetune_load_prefers_the_runs_own_checkpoint(tmp_path):
     assert resolve_finetune_load(None, str(save)) == (None, False)
 
 
-def test_cli_reports_bad_input_and_exits_1(tmp_path):
+def test_cli_reports_bad_input_and_exits_2(tmp_path):
     write_hf_dir(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(num_hidden_layers=3)))
     tool = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py")
     res = subprocess.run([sys.executable, tool, "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--output",
                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
-    assert res.returncode == 1
+    assert res.returncode == 2  # bad input (README, "Exit status")
     assert "convert_checkpoint.py: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
     assert not (tmp_path / "out").exists()
 

@@ -62,9 +62,11 @@ def test_outputs_and_curves(comparison):
 def test_cli_rejects_bad_input_before_training(capsys, monkeypatch, tmp_path):
     from megatron_pack.experiment.compare_cli import main
 
-    assert main(["--modes", "tetris", "--output-dir", str(tmp_path)]) == 2
-    assert "--modes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--modes", "tetris", "--output-dir", str(tmp_path)])
+    assert e.value.code == 2 and "compare_modes.py: error: --modes" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["--output-dir", str(tmp_path)]) == 2  # no racing sample preparation under torchrun
-    assert "--data-path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no racing sample preparation under torchrun
+        main(["--output-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--data-path" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing half-written

@@ -123,3 +123,79 @@ def test_tool_end_to_end_on_an_hf_directory(tmp_path):
     assert os.path.getsize(out / "leakage.png") > 0 and "contamination" in open(out / "leakage.md").read().lower()
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "nope"), "--data-prefix", prefix])
+
+
+# Runs the tool and reports which heavy modules were imported by the time it exited.
+_HEAVY_WRAPPER = r"""
+import atexit, json, runpy, sys
+target = sys.argv[1]; sys.argv = [target] + sys.argv[2:]
+atexit.register(lambda: print("HEAVY=" + json.dumps([m for m in ("torch", "transformers", "megatron.core")
+                                                     if m in sys.modules])))
+sys.path.insert(0, __import__("os").path.dirname(target))
+runpy.run_path(target, run_name="__main__")
+"""
+
+
+def _fast_fail(*args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    res = subprocess.run([sys.executable, "-c", _HEAVY_WRAPPER, os.path.join(root, "tools", "analyze_leakage.py"),
+                          *map(str, args)], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    return res.returncode, lines, json.loads(res.stdout.split("HEAVY=")[-1])
+
+
+@pytest.fixture
+def leak_inputs(tmp_path):
+    from megatron_pack.files.indexed import SFTDatasetWriter
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))  # no weights
+    prefix = str(tmp_path / "sft")
+    with SFTDatasetWriter(prefix) as w:
+        w.add([1, 2, 3], [0, 1, 1], [0])
+    return str(hf), prefix
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--layers", "0", "5"], "--layers 5: outside [0, 2) (the model's 2 layers)"),
+    (["--layers", "-1"], "--layers -1: outside"),
+    (["--layers", "1", "1"], "a layer is given twice"),
+    (["--pack-mode", "bdf"], "--pack-mode: unknown packing mode 'bdf'"),
+    (["--max-sequences", "0"], "--max-sequences 0: must be >= 1"),
+    (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+    (["--output-dir", "/nonexistent/dir/out"], "parent directory /nonexistent/dir does not exist"),
+    (["--layrs", "1"], "did you mean --layers?"),
+])
+def test_bad_flags_fail_fast_before_the_model_loads(leak_inputs, extra, expect):
+    hf, prefix = leak_inputs
+    rc, lines, heavy = _fast_fail("--model", hf, "--data-prefix", prefix, *extra)
+    assert rc == 2 and len(lines) == 1 and expect in lines[0], lines
+    assert heavy == [], f"imported {heavy} before rejecting the flags"
+
+
+def test_good_layers_pass_the_checks_and_reach_the_model_load(leak_inputs):
+    """Negative control: --layers 1 on a 2-layer model passes the checks; the load (no weights
+    here) is what fails, after the heavy imports."""
+    hf, prefix = leak_inputs
+    rc, lines, heavy = _fast_fail("--model", hf, "--data-prefix", prefix, "--layers", "1", "--seq-length", "8")
+    assert rc != 0 and "torch" in heavy and "--layers" not in "\n".join(lines)
+
+
+def test_recorded_num_layers_reads_checkpoint_records(tmp_path):
+    from megatron_pack.checkpoint import dist, imported
+    from megatron_pack.experiment.leakage_report import IMPORT_META_NAME, RUN_CONFIG_NAME, recorded_num_layers
+
+    assert IMPORT_META_NAME == imported.META_NAME
+    it = tmp_path / "ckpt" / "iter_0000002"
+    it.mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
+    (it / RUN_CONFIG_NAME).write_text(json.dumps({"architecture": {"num_layers": 3}}))
+    assert dist.saved_run_config(str(it))["architecture"]["num_layers"] == 3  # the file training writes
+    assert recorded_num_layers(str(tmp_path / "ckpt")) == 3
+    assert recorded_num_layers(str(tmp_path / "ckpt"), "llama3-8b") == 32  # --model-preset wins
+    assert recorded_num_layers(str(tmp_path)) is None

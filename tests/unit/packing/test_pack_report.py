@@ -84,13 +84,13 @@ def test_cli_data_prefix_cut_at_turns(tmp_path):
 
 def test_cli_errors(tmp_path):
     out = run_tool("--lengths", str(tmp_path / "missing.npy"), "--max-seq-length", "8")
-    assert out.returncode != 0 and "missing.npy: no such lengths file" in out.stderr
+    assert out.returncode == 2 and "missing.npy: no such lengths file" in out.stderr
     np.save(tmp_path / "f.npy", np.array([1.5, 2.0]))
     out = run_tool("--lengths", str(tmp_path / "f.npy"), "--max-seq-length", "8")
-    assert out.returncode != 0 and "expected a 1-D integer array" in out.stderr
+    assert out.returncode == 2 and "expected a 1-D integer array" in out.stderr
     np.save(tmp_path / "l.npy", np.array([1, 2]))
     out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "8", "--modes", "best")
-    assert out.returncode != 0 and "unknown packing mode 'best'" in out.stderr
+    assert out.returncode == 2 and "unknown packing mode 'best'" in out.stderr
 
 
 def test_cli_balance_forecast(tmp_path):
@@ -111,3 +111,39 @@ def test_cli_balance_forecast(tmp_path):
     bad = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "4096", "--data-parallel-size", "3",
                    "--global-batch-size", "16")
     assert bad.returncode != 0 and "--global-batch-size 16 must be a multiple" in bad.stderr
+
+
+def _dataset_with_unsupervised(prefix):
+    """Six conversations; two have no trained target once truncated to 6 tokens (the answer is
+    past the cut), one has none at all, three are ordinary."""
+    with SFTDatasetWriter(prefix) as w:
+        w.add(list(range(10)), [0] * 7 + [1] * 3, [0])   # answer cut off at 6
+        w.add(list(range(9)), [0] * 8 + [1], [0])        # answer cut off at 6
+        w.add([1, 2, 3], [0, 0, 0], [0])                 # no answer at all
+        w.add([1, 2, 3, 4], [0, 1, 1, 1], [0])
+        w.add([5, 6], [0, 1], [0])
+        w.add([7, 8, 9, 1, 2], [0, 0, 1, 1, 1], [0])
+
+
+@pytest.mark.parametrize("mode", ["padding", "greedy", "bfd"])
+def test_cli_sequence_count_is_the_training_plan(tmp_path, mode):
+    """pack_report plans what the trainer plans: the same library call (``get_plan``, which
+    leaves out items with no supervised token) gives the same sequence count."""
+    from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.packing.cache import get_plan
+    from megatron_pack.packing.plan import build_plan
+
+    prefix = str(tmp_path / "d")
+    _dataset_with_unsupervised(prefix)
+    out = run_tool("--data-prefix", prefix, "--max-seq-length", "6", "--modes", mode, "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    (row,) = json.load(open(tmp_path / "r.json"))
+    ds = SFTIndexedDataset(prefix)
+    plan = get_plan(ds, 6, mode, cache_dir=str(tmp_path / "cache"))
+    assert plan.stats.unsupervised_items == 3
+    assert row["num_sequences"] == plan.num_sequences
+    assert (row["unsupervised_samples"], row["unsupervised_tokens"]) == (3, 6 + 6 + 3)
+    assert row["placed_tokens"] == plan.stats.placed_tokens == 4 + 2 + 5
+    # negative control: planning the bare lengths (what the report did) packs the unsupervised items too
+    bare = build_plan(ds.lengths, 6, mode)
+    assert bare.num_sequences != plan.num_sequences

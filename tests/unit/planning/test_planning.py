@@ -384,3 +384,66 @@ def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
     assert at2["timing"]["cp_kv_exchange"]["cp"] == 2 and "proposed CP: 2" in render(plan)
     with pytest.raises(LayoutError, match="--seq-length 262142 must be a multiple of 16 under --context-parallel-size 2"):
         validate_layout(PlanConfig(**{**cfg.__dict__, "context_parallel_size": 2, "seq_length": 262142}))
+
+
+def _write_supervised(prefix, lengths, answer):
+    """Conversations whose last ``answer`` tokens are trained (a prompt cut before it trains nothing)."""
+    with SFTDatasetWriter(str(prefix)) as w:
+        for n in lengths:
+            mask = np.zeros(n, dtype=np.uint8)
+            mask[max(0, n - answer):] = 1
+            w.add(np.arange(1, n + 1, dtype=np.int32), mask, np.array([0], dtype=np.int32))
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_planner_plans_the_training_stream(tmp_path, blend):
+    """The planner's sequences per mode are those of the dataset training builds (same split,
+    per-source plans of a blend, items without a trained target left out)."""
+    from megatron_pack.data.sampling import build_datasets
+    from megatron_pack.training.cli import parse_args
+
+    rng = np.random.default_rng(1)
+    _write_supervised(tmp_path / "a", rng.integers(10, 120, 80).tolist() + [300] * 6, answer=8)
+    _write_supervised(tmp_path / "b", rng.integers(10, 60, 50).tolist(), answer=8)
+    data = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")] if blend else [str(tmp_path / "a")]
+    cfg = PlanConfig(model="tiny", vocab_size=512, nnodes=1, gpus_per_node=1, seq_length=128, global_batch_size=2,
+                     data_path=data if blend else data[0], modes=("padding", "bfd"), valid_fraction=0.1)
+    rows = {r["mode"]: r for r in make_plan(cfg)["modes"]}
+    for mode in ("padding", "bfd"):
+        train_cfg = parse_args(["--data-path", *data, "--model", "tiny", "--vocab-size", "512", "--seq-length", "128",
+                                "--valid-fraction", "0.1", "--pack-mode", mode, "--train-iters", "1",
+                                "--global-batch-size", "2", "--data-cache-path", str(tmp_path / f"cache_{mode}")])
+        train = build_datasets(train_cfg).train
+        assert train.plan.stats.unsupervised_items > 0  # the 300-token prompts lose their answer at 128
+        assert rows[mode]["num_sequences"] == len(train), mode
+        assert rows[mode]["real_tokens"] == int(train.plan.sequence_lengths().sum()), mode
+    # negative control: planning every stored conversation (no split, no unsupervised items left out) differs
+    from megatron_pack.files.indexed import SFTIndexedDataset
+    from megatron_pack.packing.plan import build_plan
+
+    whole = build_plan(SFTIndexedDataset(str(tmp_path / "a")).lengths, 128, "padding")
+    assert whole.num_sequences != rows["padding"]["num_sequences"]
+
+
+def test_balance_batches_is_modelled_not_listed_as_ignored(tmp_path, capsys):
+    """--balance-batches picks which placement's step time the run pays; it is not 'not modelled'."""
+    import plan_parallel
+
+    _write_dataset(tmp_path / "d", [int(x) for x in np.random.default_rng(0).integers(20, 2000, 300)])
+    base = ["--model", "tiny", "--vocab-size", "256", "--nnodes", "1", "--gpus-per-node", "4", "--seq-length", "2048",
+            "--global-batch-size", "16", "--data-path", str(tmp_path / "d"), "--modes", "bfd", "--no-progress"]
+    plans = {}
+    for flag in ("--balance-batches", "--no-balance-batches"):
+        assert plan_parallel.main(base + [flag, "--lr", "1e-5", "--json", str(tmp_path / "p.json")]) == 0
+        text = capsys.readouterr().out
+        plans[flag] = json.load(open(tmp_path / "p.json"))
+        assert plans[flag]["unmodelled_flags"] == ["--lr", "1e-5"]  # negative control: a flag it does not model
+        assert "balance-batches" not in text.split("not modelled, ignored:")[-1]
+    on, off = plans["--balance-batches"], plans["--no-balance-batches"]
+    assert on["layout"]["balance_batches"] is True and off["layout"]["balance_batches"] is False
+    (r_on,), (r_off,) = on["modes"], off["modes"]
+    assert r_on["step_seconds_as_run"] == r_on["step_seconds_balanced"]
+    assert r_off["step_seconds_as_run"] == r_off["step_seconds_contiguous"] > r_on["step_seconds_as_run"]
+    # default as training: on with DP 4
+    assert plan_parallel.main(base + ["--json", str(tmp_path / "p.json")]) == 0
+    assert json.load(open(tmp_path / "p.json"))["layout"]["balance_batches"] is True
