@@ -88,8 +88,7 @@ def main(argv=None) -> int:
 
         out = run_comparison(base, settings, args.output_dir, args.evals_per_run)
     except (FileNotFoundError, DatasetError) as e:  # e.g. nothing to train on at --seq-length
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(PROG, str(e))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nTraining time per setting ({base.train.train_epochs or base.train.train_iters} "
               f"{'epochs' if base.train.train_epochs else 'steps'}; speedup over {out['baseline']}):")
