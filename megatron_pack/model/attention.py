@@ -44,18 +44,25 @@ from megatron_pack.model.cp_attention import cp_varlen
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, dropout_p: float,
           mask: Optional[Tensor] = None) -> Tensor:
-    """SDPA on [b, h, s, d] with grouped-query heads (k/v may have fewer heads than q)."""
-    if k.size(1) != q.size(1):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    """SDPA on [b, h, s, d] with grouped-query heads (k/v may have fewer heads than q): SDPA's
+    ``enable_gqa`` shares each K/V head over its query group without materialising copies."""
+    gqa = k.size(1) != q.size(1)
     if mask is not None:  # boolean, True = may attend; causal already folded in
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, causal: bool,
                  scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Per-segment attention with PyTorch; segments of equal length share one SDPA call."""
+    """Per-segment attention with PyTorch; segments of equal length share one SDPA call.
+
+    A length that occurs once (most of a bfd row) is attended on a contiguous slice of the
+    row; only lengths shared by several segments are gathered with ``index_select`` into one
+    batch. Measured on CPU (fwd+bwd, 2048 tokens in 11 documents, 8/2 heads): ~20% less time
+    than gathering every segment, most of it the avoided gather/scatter copies.
+    """
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != q.size(0) or min(lengths, default=0) < 0:
@@ -66,6 +73,12 @@ def torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen
         if n:
             by_len.setdefault(n, []).append(i)
     for n, segs in by_len.items():
+        if len(segs) == 1:
+            a = bounds[segs[0]]
+            # [n, h, d] -> [1, h, n, d]
+            qs, ks, vs = (x[a:a + n].transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+            out[a:a + n] = _sdpa(qs, ks, vs, causal, scale, dropout_p)[0].transpose(0, 1)
+            continue
         idx = torch.cat([torch.arange(bounds[i], bounds[i] + n, device=q.device) for i in segs])
         # [len(segs) * n, h, d] -> [len(segs), h, n, d]
         qs, ks, vs = (x.index_select(0, idx).view(len(segs), n, x.size(1), x.size(2)).transpose(1, 2)
