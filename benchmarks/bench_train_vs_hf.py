@@ -328,7 +328,10 @@ def padding_free_check(model, batch) -> dict:
     for i, (a, b) in enumerate(segs):
         ids[i, : b - a], att[i, : b - a], lab[i, : b - a] = batch["input_ids"][0, a:b], 1, batch["labels"][0, a:b]
     with torch.no_grad():
-        packed = float(model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}).loss)
+        # as SFTTrainer.compute_loss calls it: transformers reads document boundaries from
+        # restarting position_ids only without an attention mask and without a KV cache
+        keys = ("input_ids", "labels", "position_ids", "attention_mask")
+        packed = float(model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).loss)
         padded = float(model(input_ids=ids, attention_mask=att, labels=lab).loss)
     tol = 1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4
     return {"packed": packed, "padded": padded, "correct": abs(packed - padded) <= tol * abs(padded)}
