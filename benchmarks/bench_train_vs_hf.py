@@ -368,9 +368,9 @@ def _worker_argv(args, setting: str) -> list:
 
 
 def run_all(args) -> dict:
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None  # preparing counts too
     info = prepare(args)
     best: dict = {}
-    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     for rnd in range(args.repeats):
         for setting in args.settings:
             if deadline is not None and time.monotonic() > deadline:
