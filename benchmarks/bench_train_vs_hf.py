@@ -30,7 +30,9 @@ loading included); padding = share of the token slots that were padding; peak me
 process's max RSS on CPU (libraries included), ``torch.cuda.max_memory_allocated`` on GPU;
 loss = the training loss of the last step (each setting sees its own order of conversations,
 so losses are comparable only roughly); ``vs best HF`` = tokens/s over the fastest correct
-transformers/TRL setting.
+transformers/TRL setting. On CPU, real tokens per CPU-second (the process's CPU time of the
+median step; with ``--threads 1`` a loaded machine inflates it far less than wall time) is
+printed beside it.
 """
 
 from __future__ import annotations
@@ -163,12 +165,15 @@ def _peak_memory(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def _summary(step_s: list, real: list, slots: list, losses: list, cuda: bool) -> dict:
+def _summary(step_s: list, real: list, slots: list, losses: list, cuda: bool, cpu_s: list = ()) -> dict:
     import numpy as np
 
     timed = slice(1, None) if len(step_s) > 1 else slice(None)  # the first step warms up
     med = float(np.median(step_s[timed]))
-    return {"tokens_per_s": float(np.mean(real[timed])) / med, "step_s": med,
+    extra = {}
+    if len(cpu_s) == len(step_s) and not cuda:  # process CPU time: what a shared machine's load inflates least
+        extra["tokens_per_cpu_s"] = float(np.mean(real[timed])) / float(np.median(cpu_s[timed]))
+    return {**extra, "tokens_per_s": float(np.mean(real[timed])) / med, "step_s": med,
             "padding_fraction": 1.0 - sum(real) / max(1, sum(slots)), "real_tokens_per_step": float(np.mean(real)),
             "peak_memory_gib": _peak_memory(cuda), "loss": float(losses[-1]), "losses": [float(x) for x in losses],
             "steps": len(step_s)}
@@ -186,10 +191,21 @@ def run_megatron(setting: str, info: dict, args) -> dict:
             "--lr", str(args.lr), "--lr-decay-style", "constant", "--adam-beta2", "0.95", "--weight-decay", "0",
             "--clip-grad", "1.0", "--valid-fraction", "0", "--log-interval", str(10**6), "--seed", str(args.seed),
             "--bf16" if cuda else "--no-bf16"]
+    from megatron_pack.training import loop
+
+    cpu_s, step = [], loop.train_step
+
+    def timed_step(*a, **kw):  # the loop's own step, with its process CPU time recorded
+        t0 = time.process_time()
+        out = step(*a, **kw)
+        cpu_s.append(time.process_time() - t0)
+        return out
+
+    loop.train_step = timed_step
     res = train(parse_args(argv))
     h = res["history"]
     return _summary([r["seconds"] for r in h], [r["real tokens"] for r in h], [r["capacity"] for r in h],
-                    [r["lm loss"] for r in h], cuda)
+                    [r["lm loss"] for r in h], cuda, cpu_s)
 
 
 class _Counting:
@@ -239,15 +255,17 @@ def _timing_callback():
 
     class StepTimes(tf.TrainerCallback):
         def __init__(self):
-            self.t, self.losses = [], []
+            self.t, self.cpu, self.losses = [], [], []
 
         def on_train_begin(self, a, state, control, **kw):
             self._sync()
             self.t.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def on_step_end(self, a, state, control, **kw):
             self._sync()
             self.t.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -280,8 +298,9 @@ def run_hf(setting: str, info: dict, args) -> dict:
                          train_dataset=rows, data_collator=collator, callbacks=[times])
     trainer.train()
     step_s = [b - a for a, b in zip(times.t[:-1], times.t[1:])]
+    cpu_s = [b - a for a, b in zip(times.cpu[:-1], times.cpu[1:])]
     n = len(step_s)
-    return {**_summary(step_s, collator.real[:n], collator.slots[:n], times.losses, args.device == "cuda"),
+    return {**_summary(step_s, collator.real[:n], collator.slots[:n], times.losses, args.device == "cuda", cpu_s),
             "attention": attn}
 
 
@@ -308,8 +327,9 @@ def run_trl(setting: str, info: dict, args) -> dict:
     trainer.data_collator = collator
     trainer.train()
     step_s = [b - a for a, b in zip(times.t[:-1], times.t[1:])]
+    cpu_s = [b - a for a, b in zip(times.cpu[:-1], times.cpu[1:])]
     n = len(step_s)
-    return {**_summary(step_s, collator.real[:n], collator.slots[:n], times.losses, args.device == "cuda"),
+    return {**_summary(step_s, collator.real[:n], collator.slots[:n], times.losses, args.device == "cuda", cpu_s),
             "attention": attn, **check}
 
 
@@ -399,7 +419,8 @@ def run_all(args) -> dict:
                 continue
             print(f"  round {rnd + 1} {setting:>12}: {r['tokens_per_s']:,.0f} real tokens/s, "
                   f"{r['step_s'] * 1000:.0f} ms/step, padding {r['padding_fraction']:.1%}, "
-                  f"loss {r['loss']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+                  f"loss {r['loss']:.3f}" + (f", {r['tokens_per_cpu_s']:,.0f} per CPU-s" if "tokens_per_cpu_s" in r else "")
+                  + f" ({r['wall_s']:.0f} s)", flush=True)
             if "tokens_per_s" not in best.get(setting, {}) or r["tokens_per_s"] > best[setting]["tokens_per_s"]:
                 best[setting] = r
     rows = [{"setting": s, **best[s]} for s in args.settings if s in best]
@@ -408,6 +429,8 @@ def run_all(args) -> dict:
     for r in rows:
         if "tokens_per_s" in r and top:
             r["vs_best_hf"] = r["tokens_per_s"] / top["tokens_per_s"]
+        if "tokens_per_cpu_s" in r and top and "tokens_per_cpu_s" in top:
+            r["vs_best_hf_cpu"] = r["tokens_per_cpu_s"] / top["tokens_per_cpu_s"]
     if args.device == "cuda":
         _add_mfu(rows, info, args)
     return {"shape": asdict(SHAPES[args.shape]), "params": info["params"], "device": args.device,
@@ -444,6 +467,8 @@ def format_table(report: dict) -> str:
     heads = ["setting", "real tokens/s", "ms/step", "padding", "peak memory", f"loss @{report['steps']}", "vs best HF"]
     if any("mfu" in r for r in report["rows"]):
         heads.insert(2, "MFU")
+    if any("tokens_per_cpu_s" in r for r in report["rows"]):
+        heads.insert(2, "real tokens/CPU-s")
     cells = []
     for r in report["rows"]:
         if "tokens_per_s" not in r:
@@ -453,6 +478,8 @@ def format_table(report: dict) -> str:
              f"{r['peak_memory_gib']:.2f} GiB", f"{r['loss']:.3f}", f"{r.get('vs_best_hf', float('nan')):.2f}x"]
         if "MFU" in heads:
             c.insert(2, f"{r['mfu']:.1%}" if "mfu" in r else "")
+        if "real tokens/CPU-s" in heads:
+            c.insert(2, f"{r['tokens_per_cpu_s']:,.0f}" if "tokens_per_cpu_s" in r else "")
         cells.append(c)
     line = lambda xs: "| " + " | ".join(xs) + " |"  # noqa: E731
     return "\n".join([line(heads), "|" + "|".join("---" if i == 0 else "---:" for i in range(len(heads))) + "|",
