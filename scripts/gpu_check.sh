@@ -8,21 +8,28 @@
 # 2. runs tests/gpu (pytest, JUnit XML kept beside the report);
 # 3. benchmarks/gpu_check.py: THD varlen vs padded attention at ~45% padding, and one-GPU
 #    training steps of the tiny and a 1.2B model under padding / greedy / bfd with TE and bf16
-#    (real tokens/s, MFU from the planner's FLOP count, peak memory); writes the report.
+#    (real tokens/s, MFU from the planner's FLOP count, peak memory); writes the report;
+# 4. benchmarks/bench_train_vs_hf.py at the 1B shape: megatron_pack (TE layers, bf16) bfd /
+#    padding / greedy against transformers' Trainer (flash-attn 2 where installed, else SDPA;
+#    bf16 autocast) and TRL's padding-free packing, the same conversations and real tokens:
+#    tokens/s, MFU and the ratio to the fastest transformers setting, in train_vs_hf.{md,json}.
 #
 # Without a GPU it writes a "no GPU: skipped" report and exits 0 (CI runs it that way).
 # Exit status: 0 when everything that ran passed, 1 when a GPU test or benchmark failed.
-# Knobs: OUT_DIR, PYTHON, BUDGET_S (whole check, default 450 s: under 8 min on one H100/H200),
-#        INSTALL_TIMEOUT_S (default 240), SKIP_INSTALL=1, GPU_CHECK_ARGS (extra benchmark flags).
+# Knobs: OUT_DIR, PYTHON, BUDGET_S (whole check, default 600 s: 10 min on one H100/H200),
+#        VS_HF_BUDGET_S (the part of it kept for step 4, default 240), INSTALL_TIMEOUT_S
+#        (default 240), SKIP_INSTALL=1, GPU_CHECK_ARGS / VS_HF_ARGS (extra benchmark flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR=${OUT_DIR:-outputs/gpu_check}
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-600}
+VS_HF_BUDGET_S=${VS_HF_BUDGET_S:-240}
 INSTALL_TIMEOUT_S=${INSTALL_TIMEOUT_S:-240}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
+CHECK_DEADLINE=$((DEADLINE - VS_HF_BUDGET_S))  # steps 2-3 end here; step 4 has the rest
 mkdir -p "$OUT_DIR"
 NOTES="$OUT_DIR/install_notes.txt"
 : > "$NOTES"
@@ -55,7 +62,7 @@ have transformer_engine.pytorch || echo "Transformer Engine unavailable: TE laye
 have flash_attn || echo "flash-attn unavailable: its kernels skipped" >> "$NOTES"
 
 # ---- 2. tests/gpu -------------------------------------------------------------------------
-left=$((DEADLINE - $(date +%s)))
+left=$((CHECK_DEADLINE - $(date +%s)))
 tests_budget=$(( left > 360 ? 180 : left / 2 ))
 echo "gpu_check: pytest tests/gpu (at most ${tests_budget} s)"
 timeout "$tests_budget" "$PYTHON" -m pytest -q tests/gpu -p no:cacheprovider --junitxml "$OUT_DIR/gpu_tests.xml" \
@@ -66,7 +73,25 @@ tail -n 3 "$OUT_DIR/gpu_tests.log"
 
 # ---- 3. benchmark and report --------------------------------------------------------------
 "$PYTHON" benchmarks/gpu_check.py --out-dir "$OUT_DIR" --tests-xml "$OUT_DIR/gpu_tests.xml" \
-    --install-notes "$NOTES" --deadline "$DEADLINE" ${GPU_CHECK_ARGS:-}
+    --install-notes "$NOTES" --deadline "$CHECK_DEADLINE" ${GPU_CHECK_ARGS:-}
 bench=$?
+
+# ---- 4. the same model and data through transformers / TRL ------------------------------------
+[ "${SKIP_INSTALL:-0}" = "1" ] || have trl || install trl "trl>=1.0"
+have trl || echo "trl unavailable: the TRL packing row of the transformers comparison skipped" >> "$NOTES"
+left=$((DEADLINE - $(date +%s)))
+if [ "$left" -gt 60 ]; then
+    echo "gpu_check: bench_train_vs_hf.py at the 1B shape (at most ${left} s)"
+    timeout "$left" "$PYTHON" benchmarks/bench_train_vs_hf.py --device cuda --shape 1b --steps 4 --repeats 1 \
+        --conversations 600 --budget-s $((left - 30)) --timeout-s $((left - 20)) \
+        --settings mp_bfd hf_grouped trl_packing hf_pad_max mp_padding mp_greedy \
+        --json "$OUT_DIR/train_vs_hf.json" --markdown "$OUT_DIR/train_vs_hf.md" ${VS_HF_ARGS:-} \
+        > "$OUT_DIR/train_vs_hf.log" 2>&1
+    vs_hf=$?
+    [ "$vs_hf" = "124" ] && echo "bench_train_vs_hf.py stopped after ${left} s (time budget)" >> "$NOTES"
+    tail -n 12 "$OUT_DIR/train_vs_hf.log"
+else
+    echo "bench_train_vs_hf.py not run: ${left} s left of BUDGET_S" | tee -a "$NOTES"
+fi
 echo "gpu_check: report $OUT_DIR/gpu_check.md ($(( $(date +%s) - START )) s)"
 exit "$bench"

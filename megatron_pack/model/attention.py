@@ -44,35 +44,57 @@ from megatron_pack.model.cp_attention import cp_varlen
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, dropout_p: float,
           mask: Optional[Tensor] = None) -> Tensor:
-    """SDPA on [b, h, s, d] with grouped-query heads (k/v may have fewer heads than q)."""
-    if k.size(1) != q.size(1):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    """SDPA on [b, h, s, d] with grouped-query heads (k/v may have fewer heads than q): SDPA's
+    ``enable_gqa`` shares each K/V head over its query group without materialising copies."""
+    gqa = k.size(1) != q.size(1)
     if mask is not None:  # boolean, True = may attend; causal already folded in
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, causal: bool,
                  scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Per-segment attention with PyTorch; segments of equal length share one SDPA call."""
+    """Per-segment attention with PyTorch; segments of equal length share one SDPA call.
+
+    A length that occurs once (most of a bfd row) is attended on its piece of one ``split``
+    of the row; only lengths shared by several segments are gathered with ``index_select``
+    into one batch. Measured on CPU (fwd+bwd, 2048 tokens in 11 documents, 8/2 heads): ~half
+    the time of gathering every segment and scattering it back with ``index_copy_``, whose
+    backward copies the whole row's gradient once per write.
+    """
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != q.size(0) or min(lengths, default=0) < 0:
         raise ValueError(f"cu_seqlens {bounds} do not tile the {q.size(0)} packed tokens")
-    out = torch.empty_like(q)
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         if n:
             by_len.setdefault(n, []).append(i)
+    # Outputs are joined with one torch.cat in row order (segments tile the row): its backward
+    # hands each piece a view of the gradient, where writing pieces into a preallocated output
+    # (index_copy_ / slice assignment) costs a full-row gradient copy per write in backward.
+    # Likewise the inputs are cut with one split per tensor (its backward is one cat).
+    pieces: list = [None] * len(lengths)
+    parts = None
     for n, segs in by_len.items():
+        if len(segs) == 1:
+            if parts is None:
+                parts = [x.split(lengths) for x in (q, k, v)]
+            # [n, h, d] -> [1, h, n, d]
+            qs, ks, vs = (p[segs[0]].transpose(0, 1).unsqueeze(0).contiguous() for p in parts)
+            pieces[segs[0]] = _sdpa(qs, ks, vs, causal, scale, dropout_p)[0].transpose(0, 1)
+            continue
         idx = torch.cat([torch.arange(bounds[i], bounds[i] + n, device=q.device) for i in segs])
         # [len(segs) * n, h, d] -> [len(segs), h, n, d]
         qs, ks, vs = (x.index_select(0, idx).view(len(segs), n, x.size(1), x.size(2)).transpose(1, 2)
                       for x in (q, k, v))
-        o = _sdpa(qs, ks, vs, causal, scale, dropout_p)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(len(segs) * n, q.size(1), q.size(2)))
-    return out
+        o = _sdpa(qs, ks, vs, causal, scale, dropout_p).transpose(1, 2)  # [len(segs), n, h, d]
+        for j, i in enumerate(segs):
+            pieces[i] = o[j]
+    pieces = [p for p in pieces if p is not None]
+    return torch.cat(pieces) if pieces else q.new_empty(q.shape)
 
 
 def torch_dense(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, dropout_p: float = 0.0,
