@@ -282,6 +282,7 @@ def run_one(base, name: str, out: str, info: dict, args, state: dict, state_path
     row = state["trained"].get(name)
     if row is None or not os.path.isfile(os.path.join(hf, "config.json")):  # else: trained, scoring was cut short
         shutil.rmtree(ckpt, ignore_errors=True)
+        os.makedirs(os.path.join(out, "runs"), exist_ok=True)  # run_setting writes its step log there
         row = run_setting(base, setting, out, args.evals_per_run, save=ckpt)
         if RANK != 0:
             return row
