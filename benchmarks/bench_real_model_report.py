@@ -65,7 +65,7 @@ def leakage_models(state: dict) -> list:
 
 def leakage_table(state: dict) -> str:
     heads = ["model", "neighbours", "rows / chats", "leak d=0", "leak d=1", "leak d>=128 (tokens)", "sink d=0",
-             "sink d>=128", "own first alone d>=128", "contamination mean (nats)", "mean abs", "removed sep.",
+             "sink d>=128", "own first alone d>=128", "contamination mean (nats)", "± s.e.", "mean abs", "removed sep.",
              "doubled sep.", "docs scored"]
     cells = []
     for name, lk in leakage_models(state):
@@ -73,7 +73,7 @@ def leakage_table(state: dict) -> str:
             cells.append([name, arr, f"{s['sequences']} / {s['documents']}", _pct(s["leak_d0"]), _pct(s["leak_d1"]),
                           f"{_pct(s['leak_d128+'])} ({s['tokens_d128+']})", _pct(s["sink_d0"]), _pct(s["sink_d128+"]),
                           _pct(s["alone_first_d128+"]), _f(s["contamination_mean"], "{:+.4f}"),
-                          _f(s["contamination_mean_abs"]), _f(s["contamination_removed"], "{:+.4f}"),
+                          _f(s.get("contamination_se")), _f(s["contamination_mean_abs"]), _f(s["contamination_removed"], "{:+.4f}"),
                           _f(s["contamination_doubled"], "{:+.4f}"), str(s["contamination_docs"])])
     return markdown_table(heads, cells)
 

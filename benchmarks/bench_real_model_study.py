@@ -212,6 +212,9 @@ def leakage_summary(res: dict) -> dict:
             "leak_overall": float(np.mean(att["leak_overall"])), "sink_overall": float(np.mean(att["sink_overall"])),
             "contamination_mean": c.get("mean"), "contamination_mean_abs": c.get("mean_abs"),
             "contamination_docs": c.get("documents", 0),
+            "contamination_se": (float(np.std(c["values"], ddof=1) / np.sqrt(len(c["values"])))
+                                 if len(c.get("values", [])) > 1 else None),
+            "contamination_values": c.get("values", []),
             "contamination_removed": res["contamination"]["removed"].get("mean"),
             "contamination_doubled": res["contamination"]["doubled"].get("mean"),
             "by_bucket": {"buckets": att["buckets"], "counts": att["tokens_per_bucket"],
