@@ -35,15 +35,16 @@ from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
 
 
-def setting_config(base, setting: Setting, log_file: str, eval_interval: int | None):
-    """``base`` (a TrainConfig) with the setting's packing, its own log and no checkpoints."""
+def setting_config(base, setting: Setting, log_file: str, eval_interval: int | None, save: str | None = None):
+    """``base`` (a TrainConfig) with the setting's packing, its own log, and no checkpoints
+    unless ``save`` (then the final one only, for a study that scores the trained model)."""
     d, p = base.data, base.data.packing
     packing = dataclasses.replace(p, pack_mode=setting.mode, document_mask=setting.document_mask)
     return dataclasses.replace(
         base,
         data=dataclasses.replace(d, packing=packing),
         train=dataclasses.replace(base.train, eval_interval=eval_interval),
-        checkpoint=dataclasses.replace(base.checkpoint, save=None, load=None, save_interval=None, exit_interval=None),
+        checkpoint=dataclasses.replace(base.checkpoint, save=save, load=None, save_interval=None, exit_interval=None),
         logging=dataclasses.replace(base.logging, log_file=log_file),
     )
 
@@ -84,8 +85,9 @@ def _curve(log_file: str, history: list) -> list[dict]:
     return out
 
 
-def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4) -> dict:
-    """Train one setting; the row of figures the tables are made of."""
+def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4, save: str | None = None) -> dict:
+    """Train one setting; the row of figures the tables are made of. ``save``: keep the final
+    checkpoint there."""
     from megatron_pack.training.loop import train
 
     planned = planned_run(base, setting)
@@ -93,7 +95,7 @@ def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4)
     if os.path.exists(log_file):
         os.remove(log_file)
     interval = max(1, math.ceil(planned["steps"] / max(1, evals_per_run))) if evals_per_run else None
-    res = train(setting_config(base, setting, log_file, interval))
+    res = train(setting_config(base, setting, log_file, interval, save))
     hist = res["history"]
     timed = hist[1:] or hist  # the first step pays for warm-up
     step_s = float(np.median([h["seconds"] for h in timed]))

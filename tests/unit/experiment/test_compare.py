@@ -70,3 +70,22 @@ def test_cli_rejects_bad_input_before_training(capsys, monkeypatch, tmp_path):
         main(["--output-dir", str(tmp_path)])
     assert e.value.code == 2 and "--data-path" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_setting_config_keeps_a_checkpoint_only_when_asked(tmp_path):
+    """The real-model study scores each trained setting, so it asks for the final checkpoint;
+    the comparison itself saves none, whatever the base flags say."""
+    from megatron_pack.experiment.compare import setting_config
+    from megatron_pack.experiment.compare_cli import sample_train_flags
+    from megatron_pack.experiment.sample_data import prepare_sample_data
+    from megatron_pack.training.cli import parse_args
+
+    prefix, tok = prepare_sample_data(str(tmp_path / "data"))
+    base = parse_args(sample_train_flags(prefix, tok) + ["--train-iters", "2", "--save", str(tmp_path / "base_save"),
+                                                         "--save-interval", "1"])
+    plain = setting_config(base, Setting("bfd", False), str(tmp_path / "log.jsonl"), None)
+    assert plain.checkpoint.save is None and plain.checkpoint.save_interval is None
+    assert plain.data.packing.pack_mode == "bfd" and plain.data.packing.document_mask is False
+    kept = setting_config(base, Setting("greedy"), str(tmp_path / "log.jsonl"), 5, save=str(tmp_path / "ck"))
+    assert kept.checkpoint.save == str(tmp_path / "ck") and kept.checkpoint.save_interval is None
+    assert kept.checkpoint.load is None and kept.train.eval_interval == 5
