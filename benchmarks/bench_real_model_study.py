@@ -66,7 +66,7 @@ def prepare(args, out: str) -> dict:
     info_path = os.path.join(ddir, "prepared.json")
     if os.path.isfile(info_path):
         return json.load(open(info_path))
-    from megatron_pack.chat.preprocess import PreprocessConfig, preprocess
+    from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
 
     os.makedirs(ddir, exist_ok=True)
     lines = [ln for ln in open(args.data_path, encoding="utf-8") if ln.strip()]

@@ -146,10 +146,10 @@ def check_template(model_dir: str) -> None:
     """megatron_pack's template path (the tokenizer's own Jinja template) == apply_chat_template."""
     from transformers import AutoTokenizer
 
-    from megatron_pack.chat.encode import encode_conversation
-    from megatron_pack.chat.schema import normalize_record
-    from megatron_pack.chat.templates import auto_template_name, build_template
-    from megatron_pack.chat.tokenizer import load_tokenizer
+    from megatron_pack.preprocess.encode import encode_conversation
+    from megatron_pack.preprocess.schema import normalize_record
+    from megatron_pack.templates.registry import auto_template_name, build_template
+    from megatron_pack.tokenization.tokenizer import load_tokenizer
 
     ours = load_tokenizer(model_dir)
     name = auto_template_name(ours)

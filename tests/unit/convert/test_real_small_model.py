@@ -39,10 +39,10 @@ pytestmark = pytest.mark.skipif(
 
 def _docs() -> list[list[int]]:
     """The chats as preprocessing tokenizes them (the model's own Jinja template)."""
-    from megatron_pack.chat.encode import encode_conversation
-    from megatron_pack.chat.schema import normalize_record
-    from megatron_pack.chat.templates import auto_template_name, build_template
-    from megatron_pack.chat.tokenizer import load_tokenizer
+    from megatron_pack.preprocess.encode import encode_conversation
+    from megatron_pack.preprocess.schema import normalize_record
+    from megatron_pack.templates.registry import auto_template_name, build_template
+    from megatron_pack.tokenization.tokenizer import load_tokenizer
 
     tok = load_tokenizer(MODEL_DIR)
     template = build_template(auto_template_name(tok), tok)
