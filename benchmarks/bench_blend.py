@@ -25,7 +25,8 @@ from megatron_pack.data.blend import blend_schedule
 
 
 def largest_deficit(shares, n):
-    """The loop of megatron_pack/data/blend.py before (Megatron-Core's rule), verbatim."""
+    """The loop of megatron_pack/data/blend.py before (Megatron-Core's `build_blending_indices` rule),
+    verbatim from 02c82b0; tests/unit/data/test_blend_schedule.py compares against it too."""
     shares = list(shares)
     total = sum(shares)
     counts = [0] * len(shares)

@@ -543,9 +543,9 @@ def main(argv=None) -> int:
                     f"load average {load[0]:.2f} before, {report['load_after'][0]:.2f} after\n\n"
                     + format_table(report) + "\n")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from megatron_pack.files.atomic import write_json_atomic
+
+        write_json_atomic(report, args.json)
     return 0
 
 

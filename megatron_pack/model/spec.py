@@ -77,10 +77,11 @@ FUSIONS = {"gradient_accumulation_fusion": "grad-accum", "apply_rope_fusion": "r
            "bias_activation_fusion": "bias-swiglu", "masked_softmax_fusion": "masked-softmax"}
 
 
-def describe(config, backend: str = "auto") -> str:
+def describe(config, backend: str = "auto", optimizer: str = "adam") -> str:
     """The run header's one statement of what runs: layers, packed-attention kernel, norm,
-    apex, optimizer kernel and fused kernels (in place of the libraries' import-time warnings,
-    which :mod:`megatron_pack.quiet` filters)."""
+    apex, optimizer kernel (the class Megatron-Core picks for ``optimizer``, adam or sgd) and
+    fused kernels (in place of the libraries' import-time warnings, which
+    :mod:`megatron_pack.quiet` filters)."""
     resolved = resolve_backend(backend)
     cp = int(getattr(config, "context_parallel_size", 1) or 1)
     if resolved == "te":
@@ -95,9 +96,10 @@ def describe(config, backend: str = "auto") -> str:
         parts.append(f"norm: {getattr(norm, '__name__', norm)}")
     parts.append("apex: " + ("yes" if _importable("apex.normalization") else "no"))
     try:
-        from megatron.core.optimizer import Adam
+        from megatron.core.optimizer import SGD, Adam
 
-        parts.append(f"optimizer: {Adam.__module__.split('.')[0]} {Adam.__name__}")
+        cls = SGD if optimizer == "sgd" else Adam
+        parts.append(f"optimizer: {cls.__module__.split('.')[0]} {cls.__name__}")
     except ImportError:  # pragma: no cover - Megatron-Core always provides one
         pass
     parts.append(describe_fusions(config))

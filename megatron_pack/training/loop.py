@@ -83,7 +83,7 @@ def _run(config: TrainConfig, st) -> dict:
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
               f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
-    log.print(f"> backends: {describe_backends(tcfg, config.model.backend)}")  # ends with the one 'fusions:'
+    log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")  # ends with the one 'fusions:'
 
     path = config.data.data_path if config.data.data_path is not None else config.data.train_data_path
     path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens

@@ -1,12 +1,18 @@
 """The blend schedule: within one sequence of every weight at every prefix, both sides, for any
 number of sources; the C++ loop equals the readable rule below on many random cases."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_pack.data.blend import blend_schedule
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+from bench_blend import largest_deficit  # noqa: E402  (the old rule, kept once: the benchmark times it)
 
 
 def reference_schedule(shares, n):
@@ -43,23 +49,6 @@ def reference_schedule(shares, n):
         counts[best] += 1
     return np.asarray(out, dtype=np.int32)
 
-
-def largest_deficit(shares, n):
-    """The loop before (Megatron-Core's ``build_blending_indices`` rule), verbatim from 02c82b0."""
-    shares = list(shares)
-    total = sum(shares)
-    counts = [0] * len(shares)
-    out = np.empty(n, dtype=np.int32)
-    k = len(shares)
-    for i in range(n):
-        best, best_score = 0, None
-        for d in range(k):
-            score = shares[d] * (i + 1) - counts[d] * total  # deficit scaled by S: exact for ints
-            if best_score is None or score > best_score:
-                best, best_score = d, score
-        out[i] = best
-        counts[best] += 1
-    return out
 
 
 def deviation(sched, w):

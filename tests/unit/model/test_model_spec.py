@@ -46,6 +46,8 @@ def test_auto_without_cuda_is_local_torch():
                            "apex: no; optimizer: torch"), line
     off = "fusions: grad-accum off, rope off, bias-swiglu off, masked-softmax off"
     assert line.endswith(off) and line.count("fusions:") == 1, line
+    assert "optimizer: torch AdamW;" in line
+    assert "optimizer: torch SGD;" in spec_mod.describe(cfg, optimizer="sgd")  # it named AdamW for --optimizer sgd
     cfg.masked_softmax_fusion = True  # needs apex/TE kernels to run; here only to be named
     fused = spec_mod.describe(cfg)
     assert fused.endswith("masked-softmax on"), fused  # negative control: a fusion that is on is named
