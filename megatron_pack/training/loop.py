@@ -24,7 +24,7 @@ from megatron_pack.checkpoint.integrity import acquire_save_lock
 from megatron_pack.checkpoint.signals import SignalHandler
 from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_iters
 from megatron_pack.training.config import TrainConfig, total_train_iters
-from megatron_pack.training.logging import TrainingLogger, is_main_logger
+from megatron_pack.run_log import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
 from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import (NonFiniteLossError, StepContext, evaluate, evaluate_by_source,  # noqa: F401
