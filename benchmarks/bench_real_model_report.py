@@ -69,6 +69,22 @@ def time_table(agg: dict) -> str:
     return markdown_table(heads, cells)
 
 
+def speedup_by_seed_table(agg: dict) -> str:
+    """Wall-clock speedup over padding per seed: how much of the time spread is machine load."""
+    seeds = agg["seeds"]
+    heads = ["setting"] + [f"seed {s}" for s in seeds]
+    cells = []
+    for name, e in ordered(agg):
+        by = e["by_seed"]["time_speedup"]
+        cells.append([name] + [_f(by.get(s), "{:.2f}x") for s in seeds])
+    loads = []
+    for s in seeds:
+        vals = [x for x in agg["seed_runs"][s]["loadavg_1m"] if x is not None]
+        loads.append(f"{min(vals):.1f}-{max(vals):.1f}" if vals else "not recorded")
+    cells.append(["1-min load average after each setting"] + loads)
+    return markdown_table(heads, cells)
+
+
 def quality_table(agg: dict) -> str:
     heads = ["model", "seeds", "held-out loss (trainer, mask)", "held-out loss (HF, each chat alone)",
              "± std", "QA answer-contained", "QA exact", "real tokens seen"]
@@ -237,7 +253,8 @@ def write_report(states: dict, out: str) -> str:
     parts = [f"Real-model study ({label(agg)}). Mean [min, max] over training seeds; the held-out chats, QA "
              f"prompts and leakage rows are the same for every seed."]
     if agg["settings"]:
-        parts += ["\n### Training time (speedup over padding, computed within each seed)\n", time_table(agg)]
+        parts += ["\n### Training time (speedup over padding, computed within each seed)\n", time_table(agg),
+                  "\nWall-clock speedup over padding, per seed:\n", speedup_by_seed_table(agg)]
         cs = curve_seed(states)
         rows = [dict(r) for r in states[cs]["rows"].values()]
         if rows:

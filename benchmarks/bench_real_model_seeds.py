@@ -122,7 +122,8 @@ def aggregate(states: dict[int, dict]) -> dict:
                  "sequences": one.get("sequences"), "steps": one.get("steps"),
                  "real_tokens_seen": one.get("real_tokens_seen"), "efficiency": one.get("efficiency"),
                  "mode_dropped_samples": one.get("mode_dropped_samples"),
-                 "metrics": {m: spread([_get(r, p) for r in present.values()]) for m, p in METRICS.items()}}
+                 "metrics": {m: spread([_get(r, p) for r in present.values()]) for m, p in METRICS.items()},
+                 "by_seed": {m: {seed: _get(r, p) for seed, r in present.items()} for m, p in METRICS.items()}}
         leaks = [r["leakage"] for r in present.values() if r.get("leakage")]
         if leaks:
             entry["leakage"] = _leakage(leaks)

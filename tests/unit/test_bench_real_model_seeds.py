@@ -5,6 +5,7 @@ pre-seed ``study.json`` moved to its seed's file. Synthetic per-seed records, no
 
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -82,6 +83,7 @@ def test_aggregate_means_ranges_and_within_seed_speedups():
     assert g["qa_contained"]["values"] == [0.083, 0.125]
     # speedup over padding inside each seed (300/30 and 100/25), not the ratio of means (200/27.5)
     assert g["time_speedup"]["values"] == pytest.approx([10.0, 4.0])
+    assert agg["settings"]["greedy"]["by_seed"]["time_speedup"] == pytest.approx({1: 10.0, 2: 4.0})
     lk = agg["settings"]["greedy/nomask"]["leakage"]
     assert lk["shuffled"]["contamination_mean"]["values"] == [-0.20, -0.19]
     assert lk["file order"]["by_bucket"]["leak"][0]["mean"] == pytest.approx(0.58)
@@ -122,6 +124,7 @@ def test_report_writes_aggregate_and_figures(tmp_path):
     assert agg["seeds"] == [1, 2] and agg["per_seed_files"] == ["study_seed1.json", "study_seed2.json"]
     assert "1.6150 [1.6100, 1.6200]" in md  # greedy held-out loss: mean [min, max]
     assert "exceeds seed spread" in md and "within noise" in md
+    assert re.search(r"\| greedy +\| +10\.00x \| +4\.00x \|", md)  # wall-clock speedup per seed
     for png in ("loss_vs_time.png", "study_quality.png", "study_leakage.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
