@@ -189,7 +189,7 @@ def plot_quality(agg: dict, path: str) -> str:
     _bars(axes[1], names, qa, colors)
     axes[1].set_ylabel("QA answer-contained (%)")
     fig.suptitle("SmolLM2-135M-Instruct fine-tunes (blue: mask, red: no mask; bars: seed mean, whiskers: min-max, "
-                 "dots: seeds). " + label(agg), fontsize=7)
+                 "dots: seeds).\n" + label(agg), fontsize=8)
     fig.tight_layout()
     return save_figure_atomic(fig, path)
 
@@ -233,8 +233,8 @@ def plot_leakage(agg: dict, path: str) -> str:
     axes[1].set_xticks(x, [n for n, _, _ in models], rotation=15)
     axes[1].set_ylabel("loss packed after others minus alone (nats)")
     axes[1].legend(fontsize=7)
-    fig.suptitle("Leakage without the mask, before/after fine-tuning (mean over seeds, min-max). " + label(agg),
-                 fontsize=7)
+    fig.suptitle("Leakage without the mask, before/after fine-tuning (mean over seeds, min-max).\n" + label(agg),
+                 fontsize=8)
     fig.tight_layout()
     return save_figure_atomic(fig, path)
 
