@@ -3,7 +3,9 @@
 mask under padding / greedy / random / bfd, then measure time, quality and leakage.
 
     bash scripts/fetch_small_model.sh                           # SmolLM2-135M-Instruct + chatterbot corpus
-    python benchmarks/bench_real_model_study.py --preset small  # the reduced CPU table (~45 min on 2 cores)
+    python benchmarks/bench_real_model_study.py --preset small  # the reduced CPU table (5-33 min on 2 cores)
+    python benchmarks/bench_real_model_study.py --preset small --seed 2  # another training seed; the report
+                                                                          # aggregates every seed present
     torchrun --nproc-per-node 8 benchmarks/bench_real_model_study.py --model /models/my-hf-dir \\
         --data-path /data/chat.jsonl --qa-path /data/qa.jsonl --preset full -- --tensor-model-parallel-size 2
 
