@@ -1,5 +1,7 @@
-"""Tables and figures of ``bench_real_model_study.py`` from its ``study.json`` (re-runnable alone:
-``python benchmarks/bench_real_model_report.py OUT/study.json``)."""
+"""Tables and figures of ``bench_real_model_study.py`` from every seed's ``study_seed{S}.json``
+(re-runnable alone: ``python benchmarks/bench_real_model_report.py OUT``): the all-seed summary
+(``bench_real_model_seeds.aggregate``) goes to ``OUT/study.json``, the tables to study.md; figures
+are the mean over seeds with min-max error bars, each seed a dot."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from bench_real_model_seeds import aggregate, load_seed_states  # noqa: E402
 
 from megatron_pack.reporting import markdown_table  # noqa: E402
 
@@ -22,63 +28,143 @@ def _f(x, fmt="{:.4f}"):
     return "n/a" if x is None else fmt.format(x)
 
 
-def ordered_rows(state: dict) -> list:
-    rows = state["rows"]
-    return [rows[k] for k in ORDER if k in rows] + [v for k, v in rows.items() if k not in ORDER]
+def _s(sp, fmt=_f):
+    """mean [min-max] over seeds; the mean alone for one seed."""
+    if sp is None:
+        return "n/a"
+    if sp["n"] < 2:
+        return fmt(sp["mean"])
+    return f"{fmt(sp['mean'])} [{fmt(sp['min'])}, {fmt(sp['max'])}]"
 
 
-def label(state: dict) -> str:
-    c = state.get("config", {})
-    p = state.get("prepared", {})
+def _sf(fmt):
+    return lambda x: _f(x, fmt)
+
+
+def ordered(agg: dict) -> list:
+    st = agg["settings"]
+    return [(k, st[k]) for k in ORDER if k in st] + [(k, v) for k, v in st.items() if k not in ORDER]
+
+
+def label(agg: dict) -> str:
+    c, p = agg.get("config", {}), agg.get("prepared") or {}
     return (f"preset {c.get('preset')}: {p.get('train_docs')} train / {p.get('heldout_docs')} held-out chats, "
             f"seq {c.get('seq_length')}, batch {c.get('gbs')}, lr {c.get('lr')}, {c.get('epochs')} epoch(s), "
-            f"seed {c.get('seed')}; reduced run on a shared, loaded 2-core CPU")
+            f"data seed {c.get('data_seed', 1234)}, training seeds {', '.join(map(str, agg['seeds']))}")
 
 
-def quality_table(state: dict) -> str:
-    heads = ["model", "held-out loss (trainer, mask)", "held-out loss (HF, each chat alone)",
-             "QA answer-contained", "QA exact", "real tokens seen"]
-    b = state.get("base")
+def time_table(agg: dict) -> str:
+    heads = ["setting", "seeds", "sequences", "steps", "training time (s)", "speedup (within seed)",
+             "steps x median step (s)", "speedup (median)", "ideal", "real tokens/s"]
+    pad = agg["settings"].get("padding")
     cells = []
-    if b:
-        g = b["generation"]
-        cells.append(["base (no fine-tune)", "", _f(b["heldout_loss_hf"]), _pct(g.get("contained")),
-                      _pct(g.get("exact")), "0"])
-    for r in ordered_rows(state):
-        g = r["generation"]
-        cells.append([r["setting"], _f(r["valid_loss"]), _f(r["heldout_loss_hf"]), _pct(g.get("contained")),
-                      _pct(g.get("exact")), f"{r['real_tokens_seen']:,}"])
-    n = (b or {}).get("generation", {}).get("prompts", 0)
-    return markdown_table(heads, cells) + f"\n\n(QA: {n} held-out prompts; one answer flips a score by {_pct(1 / n if n else None)})"
-
-
-def leakage_models(state: dict) -> list:
-    out = []
-    if state.get("base", {}).get("leakage"):
-        out.append(("base", state["base"]["leakage"]))
-    for name in ("greedy/nomask", "greedy"):
-        r = state["rows"].get(name)
-        if r and r.get("leakage"):
-            out.append((f"fine-tuned {name}" + (" (mask)" if name == "greedy" else ""), r["leakage"]))
-    return out
-
-
-def leakage_table(state: dict) -> str:
-    heads = ["model", "neighbours", "rows / chats", "leak d=0", "leak d=1", "leak d>=128 (tokens)", "sink d=0",
-             "sink d>=128", "own first alone d>=128", "contamination mean (nats)", "± s.e.", "mean abs", "removed sep.",
-             "doubled sep.", "docs scored"]
-    cells = []
-    for name, lk in leakage_models(state):
-        for arr, s in lk.items():
-            cells.append([name, arr, f"{s['sequences']} / {s['documents']}", _pct(s["leak_d0"]), _pct(s["leak_d1"]),
-                          f"{_pct(s['leak_d128+'])} ({s['tokens_d128+']})", _pct(s["sink_d0"]), _pct(s["sink_d128+"]),
-                          _pct(s["alone_first_d128+"]), _f(s["contamination_mean"], "{:+.4f}"),
-                          _f(s.get("contamination_se")), _f(s["contamination_mean_abs"]), _f(s["contamination_removed"], "{:+.4f}"),
-                          _f(s["contamination_doubled"], "{:+.4f}"), str(s["contamination_docs"])])
+    for name, e in ordered(agg):
+        m = e["metrics"]
+        ideal = pad["sequences"] / e["sequences"] if pad and e.get("sequences") else None
+        x = _sf("{:.2f}x")
+        cells.append([name, str(len(e["seeds"])), f"{e['sequences']:,}", str(e["steps"]),
+                      _s(m["wall_time"], _sf("{:.1f}")),
+                      _s(m["time_speedup"], x), _s(m["median_time"], _sf("{:.1f}")), _s(m["median_speedup"], x),
+                      _f(ideal, "{:.2f}x"), _s(m["tokens_per_s"], _sf("{:.0f}"))])
     return markdown_table(heads, cells)
 
 
-def plot_quality(state: dict, path: str) -> str:
+def speedup_by_seed_table(agg: dict) -> str:
+    """Wall-clock speedup over padding per seed: how much of the time spread is machine load."""
+    seeds = agg["seeds"]
+    heads = ["setting"] + [f"seed {s}" for s in seeds]
+    cells = []
+    for name, e in ordered(agg):
+        by = e["by_seed"]["time_speedup"]
+        cells.append([name] + [_f(by.get(s), "{:.2f}x") for s in seeds])
+    loads = []
+    for s in seeds:
+        vals = [x for x in agg["seed_runs"][s]["loadavg_1m"] if x is not None]
+        loads.append(f"{min(vals):.1f}-{max(vals):.1f}" if vals else "not recorded")
+    cells.append(["1-min load average after each setting"] + loads)
+    return markdown_table(heads, cells)
+
+
+def quality_table(agg: dict) -> str:
+    heads = ["model", "seeds", "held-out loss (trainer, mask)", "held-out loss (HF, each chat alone)",
+             "± std", "QA answer-contained", "QA exact", "real tokens seen"]
+    b = agg.get("base")
+    cells = []
+    if b:
+        g = b["generation"]
+        cells.append(["base (no fine-tune)", "-", "", _f(b["heldout_loss_hf"]), "", _pct(g.get("contained")),
+                      _pct(g.get("exact")), "0"])
+    for name, e in ordered(agg):
+        m = e["metrics"]
+        h = m["heldout_loss_hf"]
+        cells.append([name, str(len(e["seeds"])), _s(m["valid_loss"]), _s(h),
+                      _f(h["std"]) if h and h["n"] > 1 else "", _s(m["qa_contained"], _pct),
+                      _s(m["qa_exact"], _pct), f"{e['real_tokens_seen']:,}"])
+    n = (b or {}).get("generation", {}).get("prompts", 0)
+    return (markdown_table(heads, cells) + f"\n\n(mean [min, max] over training seeds; QA: {n} held-out prompts, "
+            f"one answer flips a score by {_pct(1 / n if n else None)})")
+
+
+def leakage_models(agg: dict) -> list:
+    out = []
+    if (agg.get("base") or {}).get("leakage"):
+        out.append(("base", "-", agg["base"]["leakage"]))
+    for name in ("greedy/nomask", "greedy"):
+        e = agg["settings"].get(name)
+        if e and e.get("leakage"):
+            tag = f"fine-tuned {name}" + (" (mask)" if name == "greedy" else "")
+            out.append((tag, str(len(e["seeds"])), e["leakage"]))
+    return out
+
+
+def leakage_table(agg: dict) -> str:
+    heads = ["model", "seeds", "neighbours", "rows / chats", "leak d=0", "leak d>=128", "sink d=0", "sink d>=128",
+             "contamination mean (nats)", "s.e. over chats", "mean abs", "removed sep.", "doubled sep.", "docs scored"]
+    cells = []
+    sg = _sf("{:+.4f}")
+    for name, n, lk in leakage_models(agg):
+        for arr, s in lk.items():
+            cells.append([name, n, arr, f"{s['sequences']} / {s['documents']}", _s(s["leak_d0"], _pct),
+                          _s(s["leak_d128+"], _pct), _s(s["sink_d0"], _pct), _s(s["sink_d128+"], _pct),
+                          _s(s["contamination_mean"], sg), _s(s["contamination_se"]), _s(s["contamination_mean_abs"]),
+                          _s(s["contamination_removed"], sg), _s(s["contamination_doubled"], sg),
+                          str(s["contamination_docs"])])
+    return markdown_table(heads, cells)
+
+
+def comparison_table(agg: dict) -> str:
+    heads = ["a", "b", "metric", "mean a - mean b", "a range", "b range", "seeds (a, b)", "verdict"]
+    pct = {"qa_contained", "leak_d0", "leak_d128+"}
+
+    def fmt(m, x):
+        return _pct(x) if m in pct else _f(x, "{:+.4f}" if m == "contamination_mean" else "{:.4f}")
+
+    cells = []
+    for c in agg["comparisons"]:
+        m = c["metric"]
+        rng = lambda r: "n/a" if r is None else f"[{fmt(m, r[0])}, {fmt(m, r[1])}]"  # noqa: E731
+        d = c["diff_mean"]
+        cells.append([c["a"], c["b"], m, "n/a" if d is None else (f"{100 * d:+.1f} pt" if m in pct else f"{d:+.4f}"),
+                      rng(c["a_range"]), rng(c["b_range"]), f"{c['n'][0]}, {c['n'][1]}", c["verdict"]])
+    return markdown_table(heads, cells)
+
+
+def _bars(ax, names, spreads, colors):
+    """Mean bars, min-max error bars, one dot per seed."""
+    import numpy as np
+
+    mean = np.array([s["mean"] if s else np.nan for s in spreads])
+    lo = np.array([s["mean"] - s["min"] if s else 0 for s in spreads])
+    hi = np.array([s["max"] - s["mean"] if s else 0 for s in spreads])
+    x = np.arange(len(names))
+    ax.bar(x, mean, color=colors, yerr=[lo, hi], capsize=4)
+    for i, s in enumerate(spreads):
+        if s and s["n"] > 1:
+            ax.plot([i] * s["n"], s["values"], "k.", ms=4)
+    ax.set_xticks(x, names, rotation=45)
+
+
+def plot_quality(agg: dict, path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,22 +172,29 @@ def plot_quality(state: dict, path: str) -> str:
 
     from megatron_pack.files.atomic import save_figure_atomic
 
-    names = (["base"] if state.get("base") else []) + [r["setting"] for r in ordered_rows(state)]
-    src = ([state["base"]] if state.get("base") else []) + ordered_rows(state)
+    b = agg.get("base")
+    one = lambda v: v is not None and {"n": 1, "mean": v, "min": v, "max": v, "values": [v]}  # noqa: E731
+    names = (["base"] if b else []) + [n for n, _ in ordered(agg)]
+    loss = ([one(b["heldout_loss_hf"])] if b else []) + [e["metrics"]["heldout_loss_hf"] for _, e in ordered(agg)]
+    qa = [one(b["generation"].get("contained"))] if b else []
+    qa += [e["metrics"]["qa_contained"] for _, e in ordered(agg)]
+    qa = [s and {**s, **{k: 100 * s[k] for k in ("mean", "min", "max")}, "values": [100 * v for v in s["values"]]}
+          for s in qa]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     colors = ["0.6" if n == "base" else ("tab:red" if n.endswith("/nomask") else "tab:blue") for n in names]
-    axes[0].bar(names, [s["heldout_loss_hf"] for s in src], color=colors)
+    _bars(axes[0], names, loss, colors)
     axes[0].set_ylabel("held-out loss (nats, HF, each chat alone)")
-    axes[1].bar(names, [100 * (s["generation"].get("contained") or 0) for s in src], color=colors)
+    lows = [s["min"] for s in loss if s]
+    axes[0].set_ylim(min(lows) - 0.1, max(s["max"] for s in loss if s) + 0.05)
+    _bars(axes[1], names, qa, colors)
     axes[1].set_ylabel("QA answer-contained (%)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=45)
-    fig.suptitle("SmolLM2-135M-Instruct fine-tunes (blue: mask, red: no mask). " + label(state), fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct fine-tunes (blue: mask, red: no mask; bars: seed mean, whiskers: min-max, "
+                 "dots: seeds).\n" + label(agg), fontsize=8)
     fig.tight_layout()
     return save_figure_atomic(fig, path)
 
 
-def plot_leakage(state: dict, path: str) -> str:
+def plot_leakage(agg: dict, path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,59 +204,96 @@ def plot_leakage(state: dict, path: str) -> str:
     from megatron_pack.files.atomic import save_figure_atomic
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    models = leakage_models(state)
-    for name, lk in models:
+    models = leakage_models(agg)
+    for name, _, lk in models:
         for arr, ls in (("shuffled", "-"), ("file order", "--")):
-            if arr not in lk:
+            if arr not in lk or "by_bucket" not in lk[arr]:
                 continue
             bb = lk[arr]["by_bucket"]
-            used = [i for i, c in enumerate(bb["counts"]) if c > 0]
-            axes[0].plot(range(len(used)), [bb["leak"][i] for i in used], ls=ls, marker="o", label=f"{name}, {arr}")
-            axes[0].set_xticks(range(len(used)), [bb["buckets"][i] for i in used], rotation=45)
+            used = [i for i, c in enumerate(bb["counts"]) if c > 0 and bb["leak"][i]]
+            x = np.arange(len(used))
+            mean = [bb["leak"][i]["mean"] for i in used]
+            line, = axes[0].plot(x, mean, ls=ls, marker="o", label=f"{name}, {arr}")
+            axes[0].fill_between(x, [bb["leak"][i]["min"] for i in used], [bb["leak"][i]["max"] for i in used],
+                                 color=line.get_color(), alpha=0.2)
+            axes[0].set_xticks(x, [bb["buckets"][i] for i in used], rotation=45)
     axes[0].set_xlabel("distance from the document's start (tokens)")
     axes[0].set_ylabel("attention on earlier documents, sink excluded (layer mean)")
     axes[0].legend(fontsize=7)
     x = np.arange(len(models))
-    for k, (arr, off) in enumerate((("shuffled", -0.2), ("file order", 0.2))):
-        vals = [lk.get(arr, {}).get("contamination_mean") or 0.0 for _, lk in models]
-        axes[1].bar(x + off, vals, width=0.4, label=f"{arr} neighbours")
+    for arr, off in (("shuffled", -0.2), ("file order", 0.2)):
+        sp = [lk.get(arr, {}).get("contamination_mean") for _, _, lk in models]
+        mean = [s["mean"] if s else 0.0 for s in sp]
+        err = [[s["mean"] - s["min"] if s else 0 for s in sp], [s["max"] - s["mean"] if s else 0 for s in sp]]
+        axes[1].bar(x + off, mean, width=0.4, yerr=err, capsize=4, label=f"{arr} neighbours")
+        for i, s in enumerate(sp):
+            if s and s["n"] > 1:
+                axes[1].plot([i + off] * s["n"], s["values"], "k.", ms=4)
     axes[1].axhline(0, color="k", lw=0.5)
-    axes[1].set_xticks(x, [n for n, _ in models], rotation=15)
+    axes[1].set_xticks(x, [n for n, _, _ in models], rotation=15)
     axes[1].set_ylabel("loss packed after others minus alone (nats)")
     axes[1].legend(fontsize=7)
-    fig.suptitle("Leakage without the mask, before/after fine-tuning. " + label(state), fontsize=8)
+    fig.suptitle("Leakage without the mask, before/after fine-tuning (mean over seeds, min-max).\n" + label(agg),
+                 fontsize=8)
     fig.tight_layout()
     return save_figure_atomic(fig, path)
 
 
-def write_report(state: dict, out: str) -> str:
-    from megatron_pack.experiment.compare import add_speedups, plot_curves, time_table
+def curve_seed(states: dict) -> int:
+    """The seed whose loss curves are plotted: the one with the most settings, lowest seed first."""
+    return max(states, key=lambda s: (len(states[s].get("rows", {})), -s))
 
-    rows = ordered_rows(state)
-    parts = [f"Real-model study ({label(state)})."]
-    if rows:
-        base = "padding" if "padding" in state["rows"] else rows[0]["setting"]
-        add_speedups(rows, base)
-        parts += [f"\n### Training time (speedup over {base})\n", time_table(rows)]
-        plot_curves(rows, os.path.join(out, "loss_vs_time.png"))
-    parts += ["\n### Quality\n", quality_table(state)]
-    parts += ["\n### Leakage without the mask (same held-out rows for every model; layer mean)\n", leakage_table(state)]
-    mc = state.get("base", {}).get("mask_check")
+
+def write_report(states: dict, out: str) -> str:
+    from megatron_pack.experiment.compare import plot_curves
+    from megatron_pack.files.atomic import write_json_atomic
+
+    agg = aggregate(states)
+    write_json_atomic(agg, os.path.join(out, "study.json"))
+    parts = [f"Real-model study ({label(agg)}). Mean [min, max] over training seeds; the held-out chats, QA "
+             f"prompts and leakage rows are the same for every seed."]
+    if agg["settings"]:
+        parts += ["\n### Training time (speedup over padding, computed within each seed)\n", time_table(agg),
+                  "\nWall-clock speedup over padding, per seed:\n", speedup_by_seed_table(agg)]
+        cs = curve_seed(states)
+        rows = [dict(r) for r in states[cs]["rows"].values()]
+        if rows:
+            plot_curves(rows, os.path.join(out, "loss_vs_time.png"))
+            parts.append(f"\n(loss_vs_time.png: the curves of seed {cs})")
+    parts += ["\n### Quality\n", quality_table(agg)]
+    parts += ["\n### Leakage without the mask (same held-out rows for every model; layer mean)\n", leakage_table(agg)]
+    parts += ["\n### Differences against the seed spread (ranges over seeds; the base model has no training noise)\n",
+              comparison_table(agg)]
+    mc = (agg.get("base") or {}).get("mask_check")
     if mc:
         parts.append(f"\nScored with the document mask (the measurement's check, base model): largest attention "
-                     f"figure {mc['attention_max']:.1e}, largest |contamination| {mc['contamination_max_abs']:.1e} nats.")
-    missing = [s for s in state.get("config", {}).get("settings", []) if s not in state["rows"]]
-    if missing:
-        parts.append(f"\nNot run yet (rerun the same command to continue): {', '.join(missing)}")
-    if state.get("base"):
-        plot_quality(state, os.path.join(out, "study_quality.png"))
-        plot_leakage(state, os.path.join(out, "study_leakage.png"))
+                     f"figure {mc['attention_max']:.1e}, largest |contamination| "
+                     f"{mc['contamination_max_abs']:.1e} nats.")
+    wanted = agg.get("config", {}).get("settings", [])
+    for seed, st in states.items():
+        missing = [s for s in wanted if s not in st.get("rows", {})]
+        if missing:
+            parts.append(f"\nSeed {seed}, not run yet (rerun with --seed {seed} to continue): {', '.join(missing)}")
+    if agg.get("base"):
+        plot_quality(agg, os.path.join(out, "study_quality.png"))
+        plot_leakage(agg, os.path.join(out, "study_leakage.png"))
     md = "\n".join(parts) + "\n"
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(md)
     return md
 
 
+def report_dir(out: str) -> str:
+    return write_report(load_seed_states(out), out)
+
+
 if __name__ == "__main__":
-    p = sys.argv[1]
-    print(write_report(json.load(open(p)), os.path.dirname(os.path.abspath(p))))
+    if len(sys.argv) != 2:
+        print("usage: bench_real_model_report.py OUT (the study's --output-dir)", file=sys.stderr)
+        sys.exit(2)
+    target = sys.argv[1]
+    target = os.path.dirname(os.path.abspath(target)) if target.endswith(".json") else target
+    if not load_seed_states(target):
+        print(f"error: {target}: no study_seed*.json (run bench_real_model_study.py first)", file=sys.stderr)
+        sys.exit(2)
+    print(report_dir(target))

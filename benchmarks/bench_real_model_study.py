@@ -3,7 +3,9 @@
 mask under padding / greedy / random / bfd, then measure time, quality and leakage.
 
     bash scripts/fetch_small_model.sh                           # SmolLM2-135M-Instruct + chatterbot corpus
-    python benchmarks/bench_real_model_study.py --preset small  # the reduced CPU table (~45 min on 2 cores)
+    python benchmarks/bench_real_model_study.py --preset small  # the reduced CPU table (5-33 min on 2 cores)
+    python benchmarks/bench_real_model_study.py --preset small --seed 2  # another training seed; the report
+                                                                          # aggregates every seed present
     torchrun --nproc-per-node 8 benchmarks/bench_real_model_study.py --model /models/my-hf-dir \\
         --data-path /data/chat.jsonl --qa-path /data/qa.jsonl --preset full -- --tensor-model-parallel-size 2
 
@@ -20,8 +22,13 @@ core of ``tools/analyze_leakage.py``). Added here, per setting and for the base 
   contamination), and the neighbours effect: the same held-out chats packed in file order
   (same-topic neighbours) vs shuffled.
 
-Resumable: ``OUT/study.json`` holds every finished setting; a rerun skips them (``--max-minutes``
-stops between settings). Outputs: study.json, study.md, loss_vs_time.png, study_quality.png,
+Seeds: ``--seed S`` is the training seed (row order, random packing); the train / held-out split,
+the QA prompts and the leakage rows come from ``--data-seed`` (default 1234) so every seed is scored
+on the same data and the base model is scored once. Each seed's finished settings are in
+``OUT/study_seed{S}.json``; a rerun with the same seed skips them (``--max-minutes`` stops between
+settings). A pre-seed ``OUT/study.json`` (one seed's state) is moved to ``study_seed{S}.json``.
+The report (``bench_real_model_report.py``) aggregates every seed present into ``OUT/study.json``
+(per setting mean / min / max / std over seeds), study.md, loss_vs_time.png, study_quality.png and
 study_leakage.png. Under torchrun prepare once first (``--prepare-only``, one process).
 """
 
@@ -65,18 +72,23 @@ def prepare(args, out: str) -> dict:
     ddir = os.path.join(out, "data")
     info_path = os.path.join(ddir, "prepared.json")
     if os.path.isfile(info_path):
-        return json.load(open(info_path))
+        info = json.load(open(info_path))
+        if info.setdefault("data_seed", 1234) != args.data_seed:  # pre-seed files were prepared with 1234
+            raise SystemExit(f"error: {info_path} was prepared with --data-seed {info['data_seed']}, not "
+                             f"{args.data_seed}; use another --output-dir")
+        return info
     from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
 
     os.makedirs(ddir, exist_ok=True)
     lines = [ln for ln in open(args.data_path, encoding="utf-8") if ln.strip()]
     order = list(range(len(lines)))
-    random.Random(args.seed).shuffle(order)
+    random.Random(args.data_seed).shuffle(order)
     n_held = min(args.heldout_docs, len(lines) // 2)
     held = sorted(order[:n_held])  # file order: same-category chats stay neighbours
     rest = order[n_held:]
     train = sorted(rest[:args.train_docs] if args.train_docs else rest)
-    info = {"source": os.path.abspath(args.data_path), "train_docs": len(train), "heldout_docs": len(held)}
+    info = {"source": os.path.abspath(args.data_path), "data_seed": args.data_seed, "train_docs": len(train),
+            "heldout_docs": len(held)}
     for name, idx in (("train", train), ("heldout", held)):
         path = os.path.join(ddir, name + ".jsonl")
         with open(path, "w", encoding="utf-8") as f:
@@ -233,7 +245,7 @@ def score_model(hf_dir: str, info: dict, args, leakage=("file order", "shuffled"
     log(f"  held-out loss (HF, each chat alone) {out['heldout_loss_hf']:.4f}; answer-contained "
         f"{out['generation'].get('contained', float('nan')):.1%} of {out['generation']['prompts']}")
     if leakage:
-        sep, rows = leakage_rows(info["heldout"], args.seq_length, args.seed)
+        sep, rows = leakage_rows(info["heldout"], args.seq_length, args.data_seed)
         layers = args.layers or list(range(model.config.num_hidden_layers))
         out["leakage"] = {}
         for arrangement in leakage:
@@ -274,6 +286,43 @@ def save_state(state: dict, path: str) -> None:
     write_json_atomic(state, path)
 
 
+def seed_state_path(out: str, seed: int) -> str:
+    return os.path.join(out, f"study_seed{seed}.json")
+
+
+def migrate_legacy(out: str) -> None:
+    """A pre-seed ``study.json`` (one seed's state: it has ``rows``, not ``seeds``) becomes
+    ``study_seed{S}.json``; its data seed was its seed."""
+    path = os.path.join(out, "study.json")
+    if not os.path.isfile(path):
+        return
+    state = json.load(open(path))
+    if "rows" not in state or "seeds" in state:
+        return
+    seed = int(state["config"]["seed"])
+    state["config"].setdefault("data_seed", seed)
+    target = seed_state_path(out, seed)
+    if os.path.exists(target):
+        raise SystemExit(f"error: {path} is one seed's state but {target} exists too; move one away")
+    save_state(state, target)
+    os.remove(path)
+
+
+def reuse_base(out: str, args) -> dict | None:
+    """The base model's scores from another seed of the same data (they do not depend on the
+    training seed), so each seed does not re-score it."""
+    import glob
+
+    for path in sorted(glob.glob(os.path.join(out, "study_seed*.json"))):
+        other = json.load(open(path))
+        c = other.get("config", {})
+        same = all(c.get(k) == getattr(args, k) for k in ("model", "data_seed", "seq_length", "qa", "layers",
+                                                           "leak_sequences", "heldout_docs"))
+        if same and other.get("base"):
+            return other["base"]
+    return None
+
+
 def run_one(base, name: str, out: str, info: dict, args, state: dict, state_path: str) -> dict:
     from megatron_pack.convert import convert_megatron_to_hf
     from megatron_pack.experiment.compare import run_setting
@@ -281,6 +330,7 @@ def run_one(base, name: str, out: str, info: dict, args, state: dict, state_path
 
     setting = Setting.parse(name)
     safe = name.replace("/", "_").replace(":", "_")
+    out = os.path.join(out, f"seed{args.seed}")  # step logs, checkpoints, exports of this seed
     ckpt, hf = os.path.join(out, "ckpt", safe), os.path.join(out, "hf", safe)
     row = state["trained"].get(name)
     if row is None or not os.path.isfile(os.path.join(hf, "config.json")):  # else: trained, scoring was cut short
@@ -296,6 +346,7 @@ def run_one(base, name: str, out: str, info: dict, args, state: dict, state_path
         save_state(state, state_path)
     arrangements = {"greedy/nomask": ("file order", "shuffled"), "greedy": ("shuffled",)}.get(name, ())
     row.update(score_model(hf, info, args, leakage=arrangements))
+    row["loadavg_1m"] = os.getloadavg()[0]  # timings are only comparable at similar machine load
     if not args.keep_hf:
         shutil.rmtree(hf, ignore_errors=True)
     return row
@@ -315,7 +366,9 @@ def parse(argv):
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--evals-per-run", type=int, default=0, help="trainer evaluations before the final one")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="training seed (row order, random packing)")
+    p.add_argument("--data-seed", type=int, default=1234,
+                   help="train / held-out split and leakage rows; keep it fixed across --seed repeats")
     p.add_argument("--max-minutes", type=float, default=None, help="start no setting after this (rerun resumes)")
     p.add_argument("--keep-hf", action="store_true", help="keep each fine-tune's HF export")
     p.add_argument("--no-mask-check", dest="mask_check", action="store_false")
@@ -349,11 +402,17 @@ def main(argv=None) -> int:
     if args.prepare_only:
         log(json.dumps({k: v for k, v in info.items() if k != "qa"}, indent=1))
         return 0
-    state_path = os.path.join(out, "study.json")
+    if RANK == 0:
+        migrate_legacy(out)
+    state_path = seed_state_path(out, args.seed)
     state = json.load(open(state_path)) if os.path.isfile(state_path) else {"rows": {}}
     state.setdefault("trained", {})
     state["config"] = {k: v for k, v in vars(args).items() if k != "train_flags"} | {"train_flags": extra}
     state["prepared"] = {k: v for k, v in info.items() if k != "qa"}
+    if "base" not in state and RANK == 0 and (reused := reuse_base(out, args)) is not None:
+        log("=== base model: scores reused from another seed of the same data ===")
+        state["base"] = reused
+        save_state(state, state_path)
     if "base" not in state and RANK == 0:
         log("=== base model (before fine-tuning) ===")
         state["base"] = score_model(args.model, info, args, mask_check=args.mask_check)
@@ -372,11 +431,11 @@ def main(argv=None) -> int:
             state["rows"][name] = row
             save_state(state, state_path)
     if RANK == 0:
-        from bench_real_model_report import write_report
+        from bench_real_model_report import report_dir
 
-        md = write_report(state, out)
+        md = report_dir(out)
         print(md)
-        print(f"\nwrote {state_path}, study.md and the PNGs under {out}")
+        print(f"\nwrote {state_path}; study.json (all seeds), study.md and the PNGs under {out}")
     return 0
 
 
