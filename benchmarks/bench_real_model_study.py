@@ -4,7 +4,7 @@ mask under padding / greedy / random / bfd, then measure time, quality and leaka
 
     bash scripts/fetch_small_model.sh                           # SmolLM2-135M-Instruct + chatterbot corpus
     python benchmarks/bench_real_model_study.py --preset small  # the reduced CPU table (5-33 min on 2 cores)
-    python benchmarks/bench_real_model_study.py --preset small --seed 2  # another training seed; the report
+    python benchmarks/bench_real_model_study.py --preset small --seeds 1234 2 3 4 5  # the published table; the report
                                                                           # aggregates every seed present
     torchrun --nproc-per-node 8 benchmarks/bench_real_model_study.py --model /models/my-hf-dir \\
         --data-path /data/chat.jsonl --qa-path /data/qa.jsonl --preset full -- --tensor-model-parallel-size 2
@@ -366,7 +366,8 @@ def parse(argv):
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--evals-per-run", type=int, default=0, help="trainer evaluations before the final one")
-    p.add_argument("--seed", type=int, default=1234, help="training seed (row order, random packing)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[1234],
+                   help="training seed(s) (row order, random packing), run one after another")
     p.add_argument("--data-seed", type=int, default=1234,
                    help="train / held-out split and leakage rows; keep it fixed across --seed repeats")
     p.add_argument("--max-minutes", type=float, default=None, help="start no setting after this (rerun resumes)")
@@ -384,6 +385,38 @@ def parse(argv):
     if args.qa_path and not os.path.isfile(args.qa_path):
         p.error(f"--qa-path {args.qa_path}: not found")
     return args
+
+
+def run_seed(args, out: str, info: dict, extra: list, t0: float) -> bool:
+    """Every setting of one training seed (``args.seed``), resuming from its state file;
+    False once ``--max-minutes`` stopped it."""
+    state_path = seed_state_path(out, args.seed)
+    state = json.load(open(state_path)) if os.path.isfile(state_path) else {"rows": {}}
+    state.setdefault("trained", {})
+    state["config"] = {k: v for k, v in vars(args).items() if k not in ("train_flags", "seeds")} | {"train_flags": extra}
+    state["prepared"] = {k: v for k, v in info.items() if k != "qa"}
+    if "base" not in state and RANK == 0 and (reused := reuse_base(out, args)) is not None:
+        log("=== base model: scores reused from another seed of the same data ===")
+        state["base"] = reused
+        save_state(state, state_path)
+    if "base" not in state and RANK == 0:
+        log("=== base model (before fine-tuning) ===")
+        state["base"] = score_model(args.model, info, args, mask_check=args.mask_check)
+        save_state(state, state_path)
+    base = base_config(args, info, extra)
+    for name in args.settings:
+        if name in state["rows"]:
+            log(f"=== {name}: done (in {state_path}), skipped ===")
+            continue
+        if args.max_minutes and (time.perf_counter() - t0) / 60 > args.max_minutes:
+            log(f"=== --max-minutes {args.max_minutes} reached: {name} and later not run; rerun to continue ===")
+            return False
+        log(f"\n=== {name} ({(time.perf_counter() - t0) / 60:.1f} min elapsed) ===")
+        row = run_one(base, name, out, info, args, state, state_path)
+        if RANK == 0:
+            state["rows"][name] = row
+            save_state(state, state_path)
+    return True
 
 
 def main(argv=None) -> int:
@@ -404,38 +437,17 @@ def main(argv=None) -> int:
         return 0
     if RANK == 0:
         migrate_legacy(out)
-    state_path = seed_state_path(out, args.seed)
-    state = json.load(open(state_path)) if os.path.isfile(state_path) else {"rows": {}}
-    state.setdefault("trained", {})
-    state["config"] = {k: v for k, v in vars(args).items() if k != "train_flags"} | {"train_flags": extra}
-    state["prepared"] = {k: v for k, v in info.items() if k != "qa"}
-    if "base" not in state and RANK == 0 and (reused := reuse_base(out, args)) is not None:
-        log("=== base model: scores reused from another seed of the same data ===")
-        state["base"] = reused
-        save_state(state, state_path)
-    if "base" not in state and RANK == 0:
-        log("=== base model (before fine-tuning) ===")
-        state["base"] = score_model(args.model, info, args, mask_check=args.mask_check)
-        save_state(state, state_path)
-    base = base_config(args, info, extra)
-    for name in args.settings:
-        if name in state["rows"]:
-            log(f"=== {name}: done (in {state_path}), skipped ===")
-            continue
-        if args.max_minutes and (time.perf_counter() - t0) / 60 > args.max_minutes:
-            log(f"=== --max-minutes {args.max_minutes} reached: {name} and later not run; rerun to continue ===")
+    for seed in args.seeds:
+        args.seed = seed
+        if not run_seed(args, out, info, extra, t0):
             break
-        log(f"\n=== {name} ({(time.perf_counter() - t0) / 60:.1f} min elapsed) ===")
-        row = run_one(base, name, out, info, args, state, state_path)
-        if RANK == 0:
-            state["rows"][name] = row
-            save_state(state, state_path)
     if RANK == 0:
         from bench_real_model_report import report_dir
 
         md = report_dir(out)
         print(md)
-        print(f"\nwrote {state_path}; study.json (all seeds), study.md and the PNGs under {out}")
+        done = ", ".join(os.path.basename(seed_state_path(out, seed)) for seed in args.seeds)
+        print(f"\nwrote {done}; study.json (all seeds), study.md and the PNGs under {out}")
     return 0
 
 
