@@ -62,15 +62,12 @@ def check_dataset(prefix: str) -> None:
 
 
 def conversation_count(prefix: str):
-    """Conversations in the dataset at ``prefix``, from the tokens ``.idx`` header (34 bytes, no
-    imports); ``None`` when the header is not a Megatron index (validation on open says why)."""
-    import struct
+    """Conversations in the dataset at ``prefix``, from the tokens ``.idx`` header alone;
+    ``None`` when the header is not a Megatron index (validation on open says why)."""
+    from megatron_pack.files.indexed_check import read_index_header
 
-    with open(prefix + ".idx", "rb") as f:
-        head = f.read(34)
-    if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
-        return None
-    return struct.unpack("<QBQQ", head[9:34])[2]
+    header = read_index_header(prefix + ".idx")
+    return None if header is None else header[2]
 
 
 class SFTDatasetWriter:

@@ -49,16 +49,25 @@ class EmptyDatasetError(DatasetError):
     (within the sequence length). The message names the prefix."""
 
 
+def read_index_header(idx_path: str):
+    """``(version, dtype code, sequences, documents)`` from a Megatron ``.idx`` header (34 bytes,
+    no other imports), or None when the file does not start with one."""
+    with open(idx_path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _HEADER:
+        return None
+    return struct.unpack("<QBQQ", head[9:34])
+
+
 class IndexArrays:
     """The arrays of one ``.idx`` file (memory-mapped, read-only) after the header checks."""
 
     def __init__(self, idx_path: str, expected_dtype):
         size = os.path.getsize(idx_path)
-        with open(idx_path, "rb") as f:
-            head = f.read(34)
-        if len(head) < 34 or head[:9] != _HEADER:
+        header = read_index_header(idx_path)
+        if header is None:
             raise DatasetError(f"{idx_path}: not a Megatron indexed-dataset index (bad header)")
-        version, code, n, d = struct.unpack("<QBQQ", head[9:34])
+        version, code, n, d = header
         if version != 1:
             raise DatasetError(f"{idx_path}: index version {version}, expected 1")
         dtype = _CODES.get(code)
