@@ -260,6 +260,38 @@ py::tuple pack_windowed_bfd(const Lengths& lengths, i64 capacity, i64 window, u6
     return order_result(std::move(order), std::move(offsets));
 }
 
+// Best-fit decreasing inside each group [group_offsets[g], group_offsets[g + 1]) of items, in
+// the given item order (per-step packing: a group is one optimizer step's conversations).
+// Longest first inside a group, ties by position; bins never span groups. Returns
+// (order, seq_offsets, group_seq_offsets): group g holds sequences
+// group_seq_offsets[g] .. group_seq_offsets[g + 1].
+py::tuple pack_bfd_groups(const Lengths& lengths, const Lengths& group_offsets, i64 capacity) {
+    const i64* L = checked(lengths, capacity);
+    i64 n = lengths.shape(0);
+    if (group_offsets.ndim() != 1 || group_offsets.shape(0) < 1) throw std::invalid_argument("group_offsets must be 1-D, non-empty");
+    const i64* G = group_offsets.data();
+    i64 ng = group_offsets.shape(0) - 1;
+    if (G[0] != 0 || G[ng] != n) throw std::invalid_argument("group_offsets must run from 0 to len(lengths)");
+    for (i64 g = 0; g < ng; ++g)
+        if (G[g + 1] < G[g]) throw std::invalid_argument("group_offsets must be non-decreasing");
+    std::vector<i64> order, offsets{0}, group_seq{0};
+    {
+        py::gil_scoped_release nogil;
+        order.reserve(n);
+        BestFit fit(capacity);
+        std::vector<i64> idx;
+        for (i64 g = 0; g < ng; ++g) {
+            idx.resize(G[g + 1] - G[g]);
+            std::iota(idx.begin(), idx.end(), G[g]);
+            std::stable_sort(idx.begin(), idx.end(), [&](i64 a, i64 b) { return L[a] > L[b]; });
+            fit.reset();
+            bfd_into(L, idx, fit, order, offsets);
+            group_seq.push_back(static_cast<i64>(offsets.size()) - 1);
+        }
+    }
+    return py::make_tuple(to_numpy(std::move(order)), to_numpy(std::move(offsets)), to_numpy(std::move(group_seq)));
+}
+
 // Shuffle, lay items end to end, cut every `capacity` tokens. Returns per piece the item,
 // the token range inside it, the sequence offsets, and how many items were cut.
 py::tuple pack_random(const Lengths& lengths, i64 capacity, u64 seed) {
@@ -417,6 +449,8 @@ PYBIND11_MODULE(_packing, m) {
     m.def("pack_windowed_bfd", &pack_windowed_bfd, py::arg("lengths"), py::arg("capacity"),
           py::arg("window"), py::arg("seed"),
           "Shuffle, then best-fit decreasing inside each window of `window` items. Returns (order, seq_offsets).");
+    m.def("pack_bfd_groups", &pack_bfd_groups, py::arg("lengths"), py::arg("group_offsets"), py::arg("capacity"),
+          "Best-fit decreasing inside each group of consecutive items. Returns (order, seq_offsets, group_seq_offsets).");
     m.def("pack_random", &pack_random, py::arg("lengths"), py::arg("capacity"), py::arg("seed"),
           "Shuffle, concatenate, cut every capacity tokens. Returns (item, lo, hi, seq_offsets, num_split_items).");
     m.def("split_turns", &split_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),

@@ -36,7 +36,7 @@ import warnings
 
 #: Step figures written as scalars (console key -> scalar name, Megatron-LM's TensorBoard style).
 STEP_SCALARS = ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
-                "compute imbalance")
+                "compute imbalance", "rows")
 
 
 def scalar_name(key: str) -> str:
@@ -184,6 +184,8 @@ def format_step(iteration: int, train_iters: int, m: dict) -> str:
     s += " number of nan iterations: {:3d} |".format(m.get("nan", 0))
     if m.get("compute imbalance") is not None:  # max/mean FLOPs over DP ranks (data.balance)
         s += " compute imbalance: {:.3f} |".format(m["compute imbalance"])
+    if m.get("rows") is not None:  # --pack-scope step: packed rows of this step
+        s += " rows: {:5d} |".format(m["rows"])
     return s
 
 

@@ -118,8 +118,7 @@ def build_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=None) -> Da
     common = dict(seed=cfg.train.seed, overlong=p.overlong, pad_to_multiple_of=multiple,
                   cache_dir=d.data_cache_path, group=group,
                   document_multiple=padding_multiple(cfg, tp_size, cp_size))
-    train = PackedSFTDataset(SFTSubset(base, train_idx), d.seq_length, p.pack_mode,
-                             document_mask=p.document_mask, **common)
+    train = train_dataset(cfg, SFTSubset(base, train_idx), **common)
     valid = None
     if valid_idx.size:
         # Sequence order does not matter for a full pass; keep it fixed across epochs.
@@ -164,7 +163,7 @@ def build_blended_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=Non
 
     train_kw = dict(mode=p.pack_mode, document_mask=p.document_mask)
     if isinstance(train_value, str):  # one plain prefix (with --valid-data-path)
-        train, names = source(train_parts[0], **train_kw)(0), ()
+        train, names = train_dataset(cfg, train_parts[0], **common), ()
     else:
         names = train_blend.names
         train = BlendedPackedDataset([source(x, **train_kw) for x in train_parts], names, train_blend.weights)
@@ -175,6 +174,18 @@ def build_blended_datasets(cfg, *, tp_size: int = 1, cp_size: int = 1, group=Non
     elif valid_parts:
         valid = BlendedPackedDataset([source(x, **valid_kw) for x in valid_parts], valid_names, None)
     return Datasets(train, valid, sum(len(x) for x in train_parts), sum(len(x) for x in valid_parts), tuple(names))
+
+
+def train_dataset(cfg, data, **common) -> PackedSFTDataset:
+    """The training split's dataset for ``--pack-scope``: the epoch's plan, or the padded run's
+    steps each packed on its own (:class:`~megatron_pack.data.step_dataset.StepPackedDataset`)."""
+    p = cfg.data.packing
+    if getattr(p, "pack_scope", "epoch") == "step":
+        from megatron_pack.data.step_dataset import StepPackedDataset
+
+        return StepPackedDataset(data, cfg.data.seq_length, p.pack_mode, document_mask=p.document_mask,
+                                 global_batch_size=cfg.train.global_batch_size, **common)
+    return PackedSFTDataset(data, cfg.data.seq_length, p.pack_mode, document_mask=p.document_mask, **common)
 
 
 def steps_in_epoch(num_sequences: int, global_batch_size: int) -> int:
@@ -281,7 +292,8 @@ def epochs_to_iters(dataset: PackedSFTDataset, global_batch_size: int, epochs: f
     for e in range(whole + (1 if frac > 0 else 0)):
         if dataset.epoch != e:
             dataset.set_epoch(e)
-        n = steps_in_epoch(len(dataset), global_batch_size)
+        n = getattr(dataset, "num_steps", None)  # per-step scope: the padded run's steps
+        n = steps_in_epoch(len(dataset), global_batch_size) if n is None else n
         total += n if e < whole else int(n * frac)
     if dataset.epoch != saved:
         dataset.set_epoch(saved)

@@ -142,6 +142,21 @@ def pack_windowed_bfd(lengths, capacity: int, window: int, seed: int):
     return _result(order, offsets)
 
 
+def pack_bfd_groups(lengths, group_offsets, capacity: int):
+    """Best-fit decreasing inside each group of consecutive items (per-step packing: a group is
+    one optimizer step's conversations). Returns ``(order, seq_offsets, group_seq_offsets)``."""
+    lengths = _check(lengths, capacity)
+    bounds = [int(x) for x in np.asarray(group_offsets).ravel()]
+    if not bounds or bounds[0] != 0 or bounds[-1] != len(lengths) or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError("group_offsets must run from 0 to len(lengths), non-decreasing")
+    order, offsets, group_seq = [], [0], [0]
+    for g0, g1 in zip(bounds, bounds[1:]):
+        chunk = list(range(g0, g1))
+        _flatten(_best_fit(lengths, sorted(chunk, key=lambda i: -lengths[i]), capacity), order, offsets)
+        group_seq.append(len(offsets) - 1)
+    return (*_result(order, offsets), np.asarray(group_seq, dtype=np.int64))
+
+
 def pack_random(lengths, capacity: int, seed: int):
     """The paper's random packing: shuffle, lay items end to end, cut every ``capacity`` tokens.
 

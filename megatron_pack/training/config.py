@@ -150,6 +150,12 @@ class PackingArgs:
     eval_pack_mode: str = arg("bfd", "Packing of the held-out split. Validation always uses the document "
                                      "mask, so its loss is the same computation whatever --pack-mode.",
                               metavar="MODE")
+    pack_scope: str = arg("epoch", "epoch: pack the whole epoch (fewest rows, fewer and larger steps than "
+                                   "padding); step: every step takes the conversations a padded run's step "
+                                   "takes (--global-batch-size counted in conversations, same order and seed) "
+                                   "and packs them (bfd) into as few rows as they need: with the document mask "
+                                   "the padded run's loss and gradients at a fraction of its rows.",
+                          choices=("epoch", "step"))
     document_padding_multiple: Optional[int] = arg(
         None, "Pad every document to a multiple of N before packing (zero-loss padding after its tokens). "
               "Default: what context parallelism needs (1 at CP 1; 2*CP, or lcm(2*CP, TP*CP) with "
@@ -354,6 +360,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.data.data_path is None and self.data.train_data_path is None:  # argparse's wording
             raise ConfigError("the following arguments are required: --data-path (or --train-data-path)")
+        if self.data.packing.pack_scope == "step":
+            from megatron_pack.packing.modes import get_mode
+
+            _need(get_mode(self.data.packing.pack_mode).name == "bfd", "--pack-scope step",
+                  f"packs each step with bfd; drop --pack-mode {self.data.packing.pack_mode}")
+            d = self.data
+            _need(isinstance(d.data_path if d.data_path is not None else d.train_data_path, str),
+                  "--pack-scope step", "takes one dataset prefix, not a blend")
         if self.train.loss_weighting == "sample":
             _need(self.data.packing.document_mask, "--loss-weighting sample",
                   "needs the document mask to know where samples start (drop --no-document-mask)")

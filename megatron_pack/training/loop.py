@@ -22,7 +22,8 @@ import torch
 from megatron_pack.checkpoint.dist import save_checkpoint
 from megatron_pack.checkpoint.integrity import acquire_save_lock
 from megatron_pack.checkpoint.signals import SignalHandler
-from megatron_pack.data.sampling import TrainStream, build_datasets, epochs_to_iters
+from megatron_pack.data.sampling import build_datasets, epochs_to_iters
+from megatron_pack.data.step_packing import train_stream
 from megatron_pack.training.config import TrainConfig, total_train_iters
 from megatron_pack.run_log import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import data_signature, restore
@@ -102,8 +103,13 @@ def _run(config: TrainConfig, st) -> dict:
     signature = data_signature(config)
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log, document_multiple=ds.train.document_multiple)
-    stream = TrainStream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
-                         balancer=_balancer(t, preset, vocab, st))
+    stream = train_stream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
+                          balancer=_balancer(t, preset, vocab, st))
+    if hasattr(ds.train, "rows_spread"):
+        r = ds.train.rows_spread()
+        log.print(f"> pack scope step: the padded run's {ds.train.num_steps} steps of {t.global_batch_size} "
+                  f"conversations in {len(ds.train)} rows (epoch 0; rows per step min {r['min']} mean "
+                  f"{r['mean']:.2f} max {r['max']})")
     log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch; "
               "training and evaluation)")
     # Evaluation places its batches by the same rule, with a balancer of its own (its plan's costs).
@@ -148,7 +154,7 @@ def _run(config: TrainConfig, st) -> dict:
             rec = train_step(ctx, micro, t.loss_weighting, iteration, last_ckpt)
             rec.update({"seconds": time.perf_counter() - t0, "real tokens": stats["real_tokens"],  # incl. data
                         "capacity": stats["capacity"], "samples": stats["samples"],
-                        "imbalance": stats.get("imbalance")})
+                        "imbalance": stats.get("imbalance"), "rows": stats.get("rows")})
             history.append(rec)
             if rec.get("note"):
                 log.print(f"> {rec['note']}")
@@ -200,6 +206,7 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
         "conversations/s": rec["samples"] / dt, "skipped": rec["skipped"], "tokens": rec["tokens"],
         **({k: rec[k] for k in ("source lm loss", "source tokens") if k in rec}),
         "compute imbalance": rec.get("imbalance"),
+        **({"rows": rec["rows"]} if rec.get("rows") is not None else {}),
     })
 
 

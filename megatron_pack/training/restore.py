@@ -16,6 +16,8 @@ def data_signature(config: TrainConfig) -> dict:
     sig = {"data_path": _abs(d.data_path), "seq_length": d.seq_length, "pack_mode": d.packing.pack_mode,
             "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
             "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
+    if d.packing.pack_scope != "epoch":  # only when not the default, so older checkpoints keep resuming
+        sig["pack_scope"] = d.packing.pack_scope
     if d.train_data_path is not None:  # only when given, so older checkpoints keep resuming
         sig["train_data_path"] = _abs(d.train_data_path)
     return sig
