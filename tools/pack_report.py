@@ -15,6 +15,9 @@ architecture) with contiguous and balanced placement, and the predicted step-tim
 
     python tools/pack_report.py --lengths lengths.npy --max-seq-length 32768 \
         --data-parallel-size 8 --global-batch-size 64 --model llama3-8b
+
+With ``--pack-scope step --global-batch-size G``, also the row of per-step packing (the padded
+run's steps of G conversations, each packed with bfd) and a table of steps and rows per step.
 """
 
 import os
@@ -43,11 +46,15 @@ def main(argv=None):
     p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="truncate",
                    help="what happens to samples longer than --max-seq-length; cut-at-turns cuts the stored "
                         "tokens at turn starts (split_turns: deprecated spelling)")
+    p.add_argument("--pack-scope", choices=("epoch", "step"), default="epoch",
+                   help="step: add the row of training's --pack-scope step (the padded run's steps of "
+                        "--global-batch-size conversations, each packed with bfd) with rows per step min/mean/max")
     p.add_argument("--json", dest="json_out", help="write the rows as JSON here")
     p.add_argument("--plot", dest="plot_out", help="write fill-ratio and length histograms (PNG) here")
     b = p.add_argument_group("balance forecast (per-step compute imbalance over data-parallel ranks)")
     b.add_argument("--data-parallel-size", type=int, help="DP ranks; turns the forecast on")
-    b.add_argument("--global-batch-size", type=int, help="sequences per step (required with --data-parallel-size)")
+    b.add_argument("--global-batch-size", type=int, help="sequences per step (required with --data-parallel-size); "
+                   "conversations per step for --pack-scope step")
     b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
     b.add_argument("--model", default="llama3-8b", metavar="PRESET|PATH",
                    help="architecture the cost model reads: a preset or a HF config.json / model directory "
@@ -65,6 +72,10 @@ def main(argv=None):
                     f"{args.micro_batch_size} x --data-parallel-size {args.data_parallel_size}")
         if args.model == "tiny" and args.vocab_size is None:
             p.error("--model tiny needs --vocab-size")
+    if args.pack_scope == "step" and args.global_batch_size is None:
+        p.error("--pack-scope step needs --global-batch-size (conversations per step)")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        p.error(f"--global-batch-size must be >= 1, got {args.global_batch_size}")
     modes = [m for m in args.modes.split(",") if m]
     try:  # everything checkable before the dataset is read
         for m in modes:
@@ -90,7 +101,8 @@ def main(argv=None):
     try:
         rows = run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths, modes=modes,
                    seed=args.seed, overlong=args.overlong, json_out=None if forecast else args.json_out,
-                   plot_out=args.plot_out, plans=plans)
+                   plot_out=args.plot_out, plans=plans,
+                   step_global_batch_size=args.global_batch_size if args.pack_scope == "step" else None)
         if forecast:
             _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:

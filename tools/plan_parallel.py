@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SFT indexed dataset prefix, or a blend as training takes it ('0.7 A 0.3 B'): "
                         "cost every packing mode on the training stream")
     g.add_argument("--pack-mode", default="bfd")
+    g.add_argument("--pack-scope", choices=("epoch", "step"), default="epoch",
+                   help="as training: step adds (and costs) the padded run's steps each packed with bfd")
     g.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd", help="modes to compare")
     g.add_argument("--document-mask", action=b, default=True)
     g.add_argument("--pad-attention", action="store_true", help="cost attention as S^2 per sequence (BSHD kernels)")
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
             global_batch_size=args.global_batch_size, vocab_size=args.vocab_size, gpu=args.gpu,
             mfu=DEFAULT_MFU if args.mfu is None else args.mfu, overhead_gb=args.overhead_gb,
             flash_attention=args.flash_attention, data_path=data_path, pack_mode=args.pack_mode,
+            pack_scope=args.pack_scope,
             modes=tuple(m for m in args.modes.split(",") if m), document_mask=args.document_mask,
             pad_attention=args.pad_attention, overlong=args.overlong, valid_fraction=args.valid_fraction, seed=args.seed,
             train_epochs=args.train_epochs, train_iters=args.train_iters, balance_batches=args.balance_batches,

@@ -8,10 +8,15 @@ run's steps (same conversations, same order, same seed), each packed by best-fit
                         (all-zero loss mask: they add nothing to the loss, its count or a gradient)
                     ->  placed on D ranks and micro-batches by the compute balancer
                         (data/balance.py), or contiguously when it is off
+                    ->  without pipeline parallelism (shapes may vary, as for padding:pad_to=longest)
+                        the empty rows are left out again: a micro-batch keeps its real rows, one
+                        with none becomes a single empty row of the smallest legal length
 
 so every DP rank (and each of its pipeline stages) runs the same number of micro-batches in a
 step, while that number may change from step to step (Megatron-Core's schedules take it per call).
-The data position is ``(epoch, step in epoch)`` as for every scope.
+E.g. R = 5, D = 2, micro-batch size 2: 8 slots, 2 micro-batches per rank; with PP 1 rank 0 runs
+rows [a b] [c], rank 1 [d e] [empty] (the empty one a few tokens long). The data position is
+``(epoch, step in epoch)`` as for every scope.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from megatron_pack.data.balance import contiguous
-from megatron_pack.data.collate import collate_thd
+from megatron_pack.data.collate import collate_thd, trim_to_longest
 from megatron_pack.data.sampling import TrainStream
 from megatron_pack.data.step_dataset import StepPackedDataset
 
@@ -28,6 +33,10 @@ from megatron_pack.data.step_dataset import StepPackedDataset
 class StepTrainStream(TrainStream):
     """:class:`~megatron_pack.data.sampling.TrainStream` for a :class:`StepPackedDataset`: step ``k``
     is its ``k``-th group of rows (a variable count), placed on ranks and micro-batches."""
+
+    #: Pipeline parallelism sends fixed-shape activations between stages: keep every micro-batch
+    #: at micro-batch size x padded length (empty rows included). False (PP 1): real rows only.
+    fixed_shapes = True
 
     def _check_epoch_size(self):
         if self.ds.num_steps == 0:
@@ -52,27 +61,42 @@ class StepTrainStream(TrainStream):
         micro = [self._micro_batch(rows, mb) for mb in placement[self.dp_rank]]
         samples = int(self.ds.plan.pieces_per_sequence()[rows].sum())
         self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[rows].sum()), "samples": samples,
-                           "capacity": (rows.size + fillers) * self.ds.padded_length, "rows": int(rows.size),
-                           "micro_batches": len(placement[self.dp_rank]), **balance}
+                           "capacity": sum(self._computed_tokens(rows.size, mb) for r in placement for mb in r),
+                           "rows": int(rows.size), "micro_batches": len(placement[self.dp_rank]), **balance}
         self.pos.step_in_epoch += 1
         self.pos.consumed_samples += self.gbs  # conversations, as the padded run counts them
         self.pos.consumed_conversations += samples
         return micro
 
+    def _computed_tokens(self, num_rows: int, positions) -> int:
+        """Tokens the micro-batch at ``positions`` runs through the model (for the padding fraction)."""
+        real = sum(p < num_rows for p in positions)
+        if self.fixed_shapes:
+            return len(positions) * self.ds.padded_length
+        return real * self.ds.padded_length if real else self.ds.pad_multiple
+
     def _micro_batch(self, rows: np.ndarray, positions) -> dict:
-        items = [self.ds[int(rows[p])] if p < rows.size else self.ds.empty_row() for p in positions]
-        batch = collate_thd(items)
         real = [int(rows[p]) for p in positions if p < rows.size]
+        if self.fixed_shapes:
+            items = [self.ds[int(rows[p])] if p < rows.size else self.ds.empty_row() for p in positions]
+        else:
+            items = [self.ds[r] for r in real] or trim_to_longest([self.ds.empty_row()], self.ds.pad_multiple)
+        batch = collate_thd(items)
         batch["num_samples"] = torch.tensor(int(self.ds.plan.pieces_per_sequence()[real].sum()), dtype=torch.int64)
         batch["capacity"] = torch.tensor(batch["tokens"].numel(), dtype=torch.int64)
         return batch
 
 
 def train_stream(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 position=None, balancer=None) -> TrainStream:
-    """The stream for ``dataset``'s scope: per step for a :class:`StepPackedDataset`, else per epoch."""
-    cls = StepTrainStream if isinstance(dataset, StepPackedDataset) else TrainStream
-    return cls(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, position, balancer=balancer)
+                 position=None, balancer=None, fixed_shapes: bool = True) -> TrainStream:
+    """The stream for ``dataset``'s scope: per step for a :class:`StepPackedDataset`, else per epoch.
+    ``fixed_shapes`` (pipeline parallelism): per-step micro-batches keep their empty rows."""
+    if not isinstance(dataset, StepPackedDataset):
+        return TrainStream(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, position, balancer=balancer)
+    stream = StepTrainStream(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, position,
+                             balancer=balancer)
+    stream.fixed_shapes = fixed_shapes
+    return stream
 
 
 def steps_per_epoch(dataset, global_batch_size: int) -> int | None:

@@ -22,6 +22,7 @@ import numpy as np
 from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.packing.modes import DEFAULT_MODES, get_mode
 from megatron_pack.packing.plan import PackingPlan, build_plan
+from megatron_pack.packing.step_scope import spread
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
 
@@ -77,8 +78,11 @@ def report(
     engine: str = "cpp",
     plans: dict | None = None,
     supervised=None,
+    step_global_batch_size: int | None = None,
 ) -> list[dict]:
     """Plan ``lengths`` with every mode; one row per mode (see module docstring).
+
+    ``step_global_batch_size``: add the row of ``--pack-scope step`` (:func:`step_scope_row`).
 
     ``supervised`` is :func:`~megatron_pack.packing.plan.build_plan`'s: with
     ``dataset_supervised(dataset)`` items left without a trained target are left out and counted,
@@ -88,6 +92,7 @@ def report(
     lengths = np.asarray(lengths, dtype=np.int64)
     padding_cost = None
     rows = []
+    kw = dict(seed=seed, epoch=epoch, overlong=overlong, turn_starts=turn_starts, engine=engine, supervised=supervised)
     for spec in modes:
         mode = get_mode(spec)
         t0 = time.perf_counter()
@@ -102,7 +107,47 @@ def report(
         rows.append(plan_row(plan, seconds, padding_cost))
         if plans is not None:
             plans[str(mode)] = plan
+    if step_global_batch_size is not None:
+        rows.append(step_scope_row(lengths, max_seq_length, step_global_batch_size, padding_cost=padding_cost, **kw))
     return rows
+
+
+def step_scope_row(lengths, max_seq_length: int, global_batch_size: int, *, padding_cost: float | None = None,
+                   seed: int = 1234, epoch: int = 0, overlong: str = "truncate", turn_starts=None,
+                   engine: str = "cpp", supervised=None) -> dict:
+    """The report row of ``--pack-scope step``: the padded run's steps of ``global_batch_size``
+    conversations (its epoch order, ``seed``/``epoch``), each packed by bfd; adds ``steps`` and
+    ``rows_per_step`` (min/mean/max). Planning seconds include the padding plan."""
+    from megatron_pack.packing.step_scope import build_step_plan, padded_epoch_order
+
+    t0 = time.perf_counter()
+    padding = build_plan(lengths, max_seq_length, "padding", seed=seed, epoch=epoch, overlong=overlong,
+                         turn_starts=turn_starts, engine=engine, supervised=supervised)
+    steps = build_step_plan(padding, padded_epoch_order(padding.num_sequences, seed, epoch), global_batch_size,
+                            engine=engine)
+    seconds = time.perf_counter() - t0
+    if padding_cost is None:
+        padding_cost = _sum_sq(padding.piece_lengths)
+    row = plan_row(steps.plan, seconds, padding_cost)
+    row["mode"] = f"bfd per step of {global_batch_size}"
+    row.update(scope="step", steps=steps.num_steps, rows_per_step=spread(steps.rows_per_step()))
+    return row
+
+
+def format_scope_table(rows: list[dict], global_batch_size: int) -> str:
+    """Steps and rows per step of every row at ``global_batch_size``: epoch scope steps take that
+    many rows (sequences), the per-step row that many conversations in however many rows they need."""
+    cells = []
+    for r in rows:
+        if r.get("scope") == "step":
+            rs = r["rows_per_step"]
+            cells.append([r["mode"], "step", f"{r['steps']:,}", f"{r['num_sequences']:,}", str(rs["min"]),
+                          f"{rs['mean']:.2f}", str(rs["max"])])
+        else:
+            g = str(global_batch_size)
+            cells.append([r["mode"], "epoch", f"{r['num_sequences'] // global_batch_size:,}",
+                          f"{r['num_sequences'] // global_batch_size * global_batch_size:,}", g, g, g])
+    return markdown_table(["mode", "scope", "steps", "rows", "rows/step min", "mean", "max"], cells)
 
 
 _COLUMNS = [
@@ -199,6 +244,7 @@ def run(
     json_out: str | None = None,
     plot_out: str | None = None,
     plans: dict | None = None,
+    step_global_batch_size: int | None = None,
 ) -> list[dict]:
     """What ``tools/pack_report.py`` does: load, report, print the table, write JSON/PNG.
     Pass a dict as ``plans`` to get the plans back (mode name -> plan)."""
@@ -206,13 +252,17 @@ def run(
     if plans is None and plot_out:
         plans = {}
     rows = report(lengths, max_seq_length, modes, seed=seed, overlong=overlong, turn_starts=turns, plans=plans,
-                  supervised=supervised)
+                  supervised=supervised, step_global_batch_size=step_global_batch_size)
     src = data_prefix or lengths_file
     print(f"{src}: {lengths.size:,} samples, {int(lengths.sum()):,} tokens, max length {max_seq_length}, "
           f"over-long policy {overlong}"
           + ("" if supervised else "; a lengths file has no loss mask, so items without a trained target are "
                                    "not left out as training leaves them"))
     print(format_table(rows))
+    if step_global_batch_size is not None:
+        print(f"\nsteps of --global-batch-size {step_global_batch_size} (epoch scope: sequences; step scope: "
+              "conversations, the padded run's steps):")
+        print(format_scope_table(rows, step_global_batch_size))
     if json_out:
         write_json_atomic(rows, json_out)
         print(f"wrote {json_out}")

@@ -65,6 +65,8 @@ class PlanConfig:
     data_path: Optional[str | list] = None
     """One prefix, or a blend as the training CLI takes it (``["0.7", "A", "0.3", "B"]``)."""
     pack_mode: str = "bfd"
+    pack_scope: str = "epoch"
+    """Training's --pack-scope; ``step`` adds (and selects) the per-step packing row."""
     modes: tuple = DEFAULT_MODES
     document_mask: bool = True
     pad_attention: bool = False
@@ -242,6 +244,15 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, progress: bo
             rows[-1].update({"balance": f.to_json(), "step_seconds_contiguous": contiguous,
                              "step_seconds_balanced": balanced,
                              "step_seconds_as_run": balanced if _balance_on(cfg, lay) else contiguous})
+    if cfg.pack_scope == "step":
+        from megatron_pack.planning.step_scope import step_scope_row
+
+        if not isinstance(cfg.data_path, str):
+            raise ValueError("--pack-scope step takes one dataset prefix, not a blend")
+        for r in rows:
+            r["selected"] = False
+        rows.append({**step_scope_row(cfg, parts[0], preset, params.matmul_total, tcfg, tcfg.num_gpus // (
+            cfg.model_parallel_size), lay.padded_seq_length if lay else cfg.seq_length), "selected": True})
     base = next((r for r in rows if r["mode"] == "padding"), None)
     for r in rows:
         r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base and base["steps"] and r["steps"] else None

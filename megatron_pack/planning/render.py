@@ -129,6 +129,11 @@ def render(plan: dict) -> str:
         out += ["", _modes_table(plan)]
         out.append("(* = --pack-mode; time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble); "
                    "FLOPs include padding positions)")
+        for r in (r for r in plan["modes"] if r.get("scope") == "step"):
+            rs, mb = r["rows_per_step"], r["micro_batches_per_step"]
+            out.append(f"  {r['mode']} (--pack-scope step): the padded run's {r['steps']:,} steps of "
+                       f"{c['global_batch_size']} conversations; rows per step min {rs['min']} mean {rs['mean']:.2f} "
+                       f"max {rs['max']}, micro-batches per rank min {mb['min']} mean {mb['mean']:.2f} max {mb['max']}")
         bal = [r for r in plan["modes"] if "balance" in r]
         if bal and lay["dp"] > 1:
             out += ["", f"Compute imbalance over DP {lay['dp']} (max/mean rank FLOPs per step, first "

@@ -104,7 +104,7 @@ def _run(config: TrainConfig, st) -> dict:
     iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
                                   signature=signature, log=log, document_multiple=ds.train.document_multiple)
     stream = train_stream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
-                          balancer=_balancer(t, preset, vocab, st))
+                          balancer=_balancer(t, preset, vocab, st), fixed_shapes=st.pp_size > 1)
     if hasattr(ds.train, "rows_spread"):
         r = ds.train.rows_spread()
         log.print(f"> pack scope step: the padded run's {ds.train.num_steps} steps of {t.global_batch_size} "

@@ -41,15 +41,15 @@ def _balancer(dp):
     return BatchBalancer(cost, dp, MBS)
 
 
-@pytest.mark.parametrize("dp", [1, 2])
-def test_steps_take_the_padded_steps_on_every_rank_alike(prefix, tmp_path, dp):
+@pytest.mark.parametrize("dp,fixed", [(1, True), (2, True), (2, False), (4, False)])
+def test_steps_take_the_padded_steps_on_every_rank_alike(prefix, tmp_path, dp, fixed):
     kw = dict(seed=7, cache_dir=str(tmp_path / "plans"))
     padded = PackedSFTDataset(prefix, 48, "padding", **kw)
     step = StepPackedDataset(prefix, 48, "bfd", global_batch_size=GBS, **kw)
     assert step.num_steps == len(padded) // GBS == epochs_to_iters(step, GBS, 1.0)
     pad_streams = [TrainStream(padded, GBS, MBS, r, dp) for r in range(dp)]
-    step_streams = [train_stream(step, GBS, MBS, r, dp, balancer=_balancer(dp) if dp > 1 else None)
-                    for r in range(dp)]
+    step_streams = [train_stream(step, GBS, MBS, r, dp, balancer=_balancer(dp) if dp > 1 else None,
+                                 fixed_shapes=fixed) for r in range(dp)]
     assert all(isinstance(s, StepTrainStream) for s in step_streams)
     for k in range(step.num_steps + 2):  # into the next epoch
         want = sorted(d for s in pad_streams for d in _docs(s.next_step()))
@@ -62,16 +62,30 @@ def test_steps_take_the_padded_steps_on_every_rank_alike(prefix, tmp_path, dp):
     assert step_streams[0].pos.epoch == 1 and step_streams[0].pos.consumed_samples == pad_streams[0].pos.consumed_samples
 
 
-def test_fillers_are_empty_rows(prefix, tmp_path):
+@pytest.mark.parametrize("fixed", [True, False])
+def test_fillers_are_empty_rows(prefix, tmp_path, fixed):
+    """Empty rows even out the ranks' micro-batch counts; with fixed shapes (PP) each micro-batch
+    is MBS rows, otherwise it keeps its real rows and an all-empty one is a few tokens long."""
     step = StepPackedDataset(prefix, 48, "bfd", global_batch_size=GBS, seed=7, cache_dir=str(tmp_path / "p"))
     rows = step.rows_per_step()
-    assert rows.min() < rows.max() or rows.min() % (2 * MBS)  # some step needs filling at DP 2
+    assert any(r % (2 * MBS) for r in rows)  # some step needs filling at DP 2
     empty = step.empty_row()
     assert float(empty["loss_mask"].sum()) == 0 and int(empty["num_real_tokens"]) == 0
-    stream = StepTrainStream(step, GBS, MBS, 0, 2)
+    streams = [train_stream(step, GBS, MBS, r, 2, fixed_shapes=fixed) for r in (0, 1)]
+    shorter = 0
     for _ in range(step.num_steps):
-        micro = stream.next_step()
-        assert len(micro) == -(-stream.last_stats["rows"] // (2 * MBS))
+        micro = [s.next_step() for s in streams]
+        n = streams[0].last_stats["rows"]
+        assert len(micro[0]) == len(micro[1]) == -(-n // (2 * MBS))
+        sizes = [int(b["tokens"].numel()) for m in micro for b in m]
+        if fixed:
+            assert set(sizes) == {MBS * 48}
+        else:
+            assert sum(sizes) == n * 48 + 48 * 0 + sizes.count(1) * 1 and set(sizes) <= {1, 48, MBS * 48}
+            shorter += any(x < MBS * 48 for x in sizes)
+        assert sum(sizes) == streams[0].last_stats["capacity"]
+        assert sum(int(b["num_real_tokens"]) for m in micro for b in m) == streams[0].last_stats["real_tokens"]
+    assert fixed or shorter
 
 
 def test_resume_from_position_continues_exactly(prefix, tmp_path):
