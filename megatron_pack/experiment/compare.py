@@ -39,11 +39,12 @@ def setting_config(base, setting: Setting, log_file: str, eval_interval: int | N
     """``base`` (a TrainConfig) with the setting's packing, its own log, and no checkpoints
     unless ``save`` (then the final one only, for a study that scores the trained model)."""
     d, p = base.data, base.data.packing
-    packing = dataclasses.replace(p, pack_mode=setting.mode, document_mask=setting.document_mask)
+    packing = dataclasses.replace(p, pack_mode=setting.mode, document_mask=setting.document_mask,
+                                  pack_scope=setting.pack_scope)
     return dataclasses.replace(
         base,
         data=dataclasses.replace(d, packing=packing),
-        train=dataclasses.replace(base.train, eval_interval=eval_interval),
+        train=dataclasses.replace(base.train, eval_interval=eval_interval, loss_weighting=setting.loss_weighting),
         checkpoint=dataclasses.replace(base.checkpoint, save=save, load=None, save_interval=None, exit_interval=None),
         logging=dataclasses.replace(base.logging, log_file=log_file),
     )
@@ -59,8 +60,14 @@ def planned_run(base, setting: Setting) -> dict:
     d, t = base.data, base.train
     data = SFTIndexedDataset(d.data_path)
     train_idx, _ = split_indices(len(data), d.valid_fraction, t.seed)
-    ds = PackedSFTDataset(SFTSubset(data, train_idx), d.seq_length, setting.mode, seed=t.seed,
-                          overlong=d.packing.overlong, use_cache=False)
+    kw = dict(seed=t.seed, overlong=d.packing.overlong, use_cache=False)
+    if setting.pack_scope == "step":
+        from megatron_pack.data.step_dataset import StepPackedDataset
+
+        ds = StepPackedDataset(SFTSubset(data, train_idx), d.seq_length, setting.mode,
+                               global_batch_size=t.global_batch_size, **kw)
+    else:
+        ds = PackedSFTDataset(SFTSubset(data, train_idx), d.seq_length, setting.mode, **kw)
     steps = t.train_iters or epochs_to_iters(ds, t.global_batch_size, t.train_epochs)
     s = ds.plan.stats
     return {"sequences": len(ds), "steps": int(steps), "mode_dropped_samples": s.mode_dropped_docs,
@@ -102,6 +109,7 @@ def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4,
     real = float(np.mean([h["real tokens"] for h in timed]))
     return {
         "setting": setting.name, "mode": setting.mode, "document_mask": setting.document_mask,
+        "pack_scope": setting.pack_scope, "loss_weighting": setting.loss_weighting,
         **planned, "steps": res["iteration"], "sequences": res["num_train_sequences"],
         "wall_time": float(res["wall_time"]), "step_s": step_s, "median_time": step_s * res["iteration"],
         "tokens_per_s": real / step_s if step_s else float("nan"),

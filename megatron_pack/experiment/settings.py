@@ -5,6 +5,12 @@ conversation per sequence: the mask changes nothing) and greedy and bfd with and
 mask. A setting's name is its mode, with ``/nomask`` when the mask is off::
 
     padding   greedy   greedy/nomask   bfd   bfd/nomask
+
+Two more knobs ride in the name: ``@step`` packs per step (``--pack-scope step``: the padded
+run's steps, each packed with bfd) and ``+sample`` weights each conversation's mean loss
+(``--loss-weighting sample``)::
+
+    bfd@step   bfd@step+sample   padding+sample   bfd/nomask+sample
 """
 
 from __future__ import annotations
@@ -18,18 +24,29 @@ from megatron_pack.packing.modes import get_mode
 class Setting:
     mode: str
     document_mask: bool = True
+    pack_scope: str = "epoch"  # --pack-scope
+    loss_weighting: str = "token"  # --loss-weighting
 
     @property
     def name(self) -> str:
-        return self.mode + ("" if self.document_mask else "/nomask")
+        return (self.mode + ("@step" if self.pack_scope == "step" else "") + ("" if self.document_mask else "/nomask")
+                + ("+sample" if self.loss_weighting == "sample" else ""))
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
-        """``bfd``, ``greedy:chunk=1000/nomask``; raises ValueError naming the bad part."""
-        mode, slash, flag = spec.partition("/")
+        """``bfd``, ``greedy:chunk=1000/nomask``, ``bfd@step+sample``; raises ValueError naming the bad part."""
+        body, plus, weighting = spec.partition("+")
+        if plus and weighting not in ("sample", "token"):
+            raise ValueError(f"setting {spec!r}: suffix must be +sample or +token, got +{weighting}")
+        body, slash, flag = body.partition("/")
         if slash and flag not in ("nomask", "mask"):
             raise ValueError(f"setting {spec!r}: suffix must be /mask or /nomask, got /{flag}")
-        return cls(str(get_mode(mode)), flag != "nomask")
+        mode, at, scope = body.partition("@")
+        if at and scope not in ("step", "epoch"):
+            raise ValueError(f"setting {spec!r}: scope must be @step or @epoch, got @{scope}")
+        if scope == "step" and get_mode(mode).name != "bfd":
+            raise ValueError(f"setting {spec!r}: @step packs each step with bfd")
+        return cls(str(get_mode(mode)), flag != "nomask", scope or "epoch", weighting or "token")
 
 
 def _one_per_sequence(mode: str) -> bool:
@@ -44,9 +61,9 @@ def expand_settings(modes, masks=(True,)) -> list[Setting]:
         for mask in masks:
             s = Setting.parse(spec)
             if "/" not in spec:
-                s = Setting(s.mode, bool(mask))
+                s = Setting(s.mode, bool(mask), s.pack_scope, s.loss_weighting)
             if _one_per_sequence(s.mode):
-                s = Setting(s.mode, True)
+                s = Setting(s.mode, True, s.pack_scope, s.loss_weighting)
             if s not in out:
                 out.append(s)
     return out

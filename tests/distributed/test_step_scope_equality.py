@@ -75,7 +75,12 @@ def test_step_scope_equals_padding(runs, layout):
 def test_without_the_document_mask_it_differs(runs):
     pad, bad = runs["padded"], runs["no_mask"]
     assert all(bad.steps[i]["rows"] == runs["tp1"].steps[i]["rows"] for i in (1, 2, 3))  # same rows
-    assert _rel(bad.steps[1]["lm loss"], pad.steps[1]["lm loss"]) > 100 * TOL
+    # the tiny model starts near uniform attention: the leak shows in the gradients first
+    diff = max(max(_rel(bad.steps[i]["lm loss"], pad.steps[i]["lm loss"]),
+                   _rel(bad.steps[i]["grad norm"], pad.steps[i]["grad norm"])) for i in (1, 2, 3))
+    assert diff > 100 * TOL, diff
+    w_bad, w_pad = _weights(bad.save_dir), _weights(pad.save_dir)
+    assert max(np.abs(w_bad[k] - w_pad[k]).max() / max(np.abs(w_pad[k]).max(), 1e-30) for k in w_pad) > 100 * TOL
 
 
 def test_sample_weighting_packed_per_step_equals_padded_per_sample_mean(runs):
