@@ -32,27 +32,38 @@ def _weights(ckpt_dir):
     return {k: r.tensor(k).double().numpy() for k in sorted(r.meta)}
 
 
+PLAN = {"padded": (1, ["--pack-mode", "padding"]),
+        # PP builds each stage's layers from its own seed: PP2 compares with a padded PP2 run
+        "padded_pp2": (2, ["--pack-mode", "padding", "--pipeline-model-parallel-size", "2"]),
+        "padded_sample": (1, ["--pack-mode", "padding", "--loss-weighting", "sample"]),
+        "no_mask": (1, ["--pack-scope", "step", "--no-document-mask"]),
+        "sample_dp2": (2, ["--pack-scope", "step", "--loss-weighting", "sample"]),
+        **{name: (n, ["--pack-scope", "step", *extra]) for name, (n, extra) in LAYOUTS.items()}}
+
+
+class Runs:
+    """Each launch of this file once, on first use (a test selected alone launches only what it reads)."""
+
+    def __init__(self, tmp_path_factory):
+        self.prefix = shared_dataset(tmp_path_factory)
+        self.tmp = tmp_path_factory.mktemp("step_scope")
+        base = [a for a in BASE_ARGS if a not in ("--lr-warmup-fraction", "0.2", "--lr", "3e-3")]
+        self.args = base + ["--data-path", self.prefix] + SGD
+        self.done = {}
+
+    def __getitem__(self, name):
+        if name not in self.done:
+            nprocs, extra = PLAN[name]
+            res = run_train(nprocs, self.args + extra + ["--save", str(self.tmp / name)], self.tmp, name=name)
+            assert res.returncodes == [0] * nprocs, describe_failure(res)
+            res.save_dir = self.tmp / name
+            self.done[name] = res
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every launch of this file once: the padded reference and the per-step runs."""
-    prefix = shared_dataset(tmp_path_factory)
-    tmp = tmp_path_factory.mktemp("step_scope")
-    base = [a for a in BASE_ARGS if a not in ("--lr-warmup-fraction", "0.2", "--lr", "3e-3")]
-    args = base + ["--data-path", prefix] + SGD
-    plan = {"padded": (1, ["--pack-mode", "padding"]),
-            # PP builds each stage's layers from its own seed: PP2 compares with a padded PP2 run
-            "padded_pp2": (2, ["--pack-mode", "padding", "--pipeline-model-parallel-size", "2"]),
-            "padded_sample": (1, ["--pack-mode", "padding", "--loss-weighting", "sample"]),
-            "no_mask": (1, ["--pack-scope", "step", "--no-document-mask"]),
-            "sample_dp2": (2, ["--pack-scope", "step", "--loss-weighting", "sample"])}
-    plan.update({name: (n, ["--pack-scope", "step", *extra]) for name, (n, extra) in LAYOUTS.items()})
-    out = {}
-    for name, (nprocs, extra) in plan.items():
-        res = run_train(nprocs, args + extra + ["--save", str(tmp / name)], tmp, name=name)
-        assert res.returncodes == [0] * nprocs, describe_failure(res)
-        res.save_dir = tmp / name
-        out[name] = res
-    return out
+    return Runs(tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -91,7 +102,10 @@ def test_sample_weighting_packed_per_step_equals_padded_per_sample_mean(runs):
         assert _rel(a["lm loss"], b["lm loss"]) <= TOL, (i, a["lm loss"], b["lm loss"])
         assert _rel(a["grad norm"], b["grad norm"]) <= TOL, (i, a["grad norm"], b["grad norm"])
     # negative control: token weighting is another objective when the conversations' lengths differ
-    assert _rel(token.steps[1]["lm loss"], pad.steps[1]["lm loss"]) > 100 * TOL
+    # (the tiny model starts near a uniform loss per token, so the gap starts small)
+    diff = max(max(_rel(token.steps[i]["lm loss"], pad.steps[i]["lm loss"]),
+                   _rel(token.steps[i]["grad norm"], pad.steps[i]["grad norm"])) for i in (1, 2, 3))
+    assert diff > 20 * TOL, diff
 
 
 def test_step_scope_resume_mid_epoch_equals_uninterrupted(tmp_path_factory):
