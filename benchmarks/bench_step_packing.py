@@ -13,8 +13,9 @@ training) is timed beside it.
 Training: the tiny model on CPU on the quickstart data (``examples/quickstart.sh``: the
 built-in sample, seq 512, global batch 8, micro-batch 4) for ``--steps`` steps under padding,
 per-step bfd (the same conversations in the same steps) and epoch bfd, the settings in turn
-for ``--rounds`` rounds. Each step's time is its best over the rounds (the same work every
-round; load only slows a step down); the first step is warm-up and left out. Speedup = padding's
+for ``--rounds`` rounds, at ``--threads`` torch threads (default 1). Each step's time, wall and
+process CPU (of ``train_step``: forward, backward, optimizer), is its best over the rounds (the
+same work every round; load only slows a step down); the first step is warm-up and left out. Speedup = padding's
 time / per-step's over the same steps; ideal = padding's rows / per-step's rows (the same
 tokens in fewer rows); target: speedup >= 0.9 x ideal. Epoch bfd trains other conversations
 per step, so only its real tokens/s compares.
@@ -80,30 +81,59 @@ def _config(prefix: str, mode: str, scope: str, args):
         logging=dataclasses.replace(cfg.logging, log_interval=10**9, log_file=None))
 
 
+def _cpu_timed_steps(loop, sink: list):
+    """Wrap the loop's ``train_step`` to record each step's process CPU seconds (forward, backward,
+    optimizer; a loaded machine stretches wall time far more than CPU time at one thread)."""
+    orig = loop.train_step
+
+    def timed(*a, **k):
+        t0 = time.process_time()
+        rec = orig(*a, **k)
+        sink.append(time.process_time() - t0)
+        return rec
+
+    loop.train_step = timed
+    return orig
+
+
 def bench_train(args) -> dict:
+    import megatron_pack.training.loop as loop
     from megatron_pack.demo import prepare_data
-    from megatron_pack.training.loop import train
 
     prefix = prepare_data(os.path.join(args.workdir, "data"))
     runs = {name: [] for name in SETTINGS}
+    cpu = {name: [] for name in SETTINGS}
     for rnd in range(args.rounds):
         for name, (mode, scope) in SETTINGS.items():
-            res = train(_config(prefix, mode, scope, args))
+            sink = []
+            orig = _cpu_timed_steps(loop, sink)
+            try:
+                res = loop.train(_config(prefix, mode, scope, args))
+            finally:
+                loop.train_step = orig
             runs[name].append(res["history"])
-            print(f"  round {rnd + 1} {name}: {sum(h['seconds'] for h in res['history']):.1f} s", flush=True)
+            cpu[name].append(sink)
+            print(f"  round {rnd + 1} {name}: {sum(h['seconds'] for h in res['history']):.1f} s wall, "
+                  f"{sum(sink):.1f} s CPU", flush=True)
     out = {}
     for name, hists in runs.items():
         secs = np.min([[h["seconds"] for h in hist] for hist in hists], axis=0)[1:]  # best per step, no warm-up
+        cpu_secs = np.min(cpu[name], axis=0)[1:]
         first = hists[0][1:]
         rows = [h["capacity"] // _config(prefix, *SETTINGS[name], args).data.seq_length for h in first]
-        out[name] = {"seconds": float(secs.sum()), "real_tokens": int(sum(h["real tokens"] for h in first)),
+        out[name] = {"seconds": float(secs.sum()), "cpu_seconds": float(cpu_secs.sum()),
+                     "real_tokens": int(sum(h["real tokens"] for h in first)),
                      "rows": int(sum(rows)), "rows_per_step": rows, "conversations": int(sum(h["samples"] for h in first)),
-                     "loss": [h["lm loss"] for h in hists[0]]}
+                     "loss": [h["lm loss"] for h in hists[0]], "wall_per_round": [[h["seconds"] for h in x] for x in hists],
+                     "cpu_per_round": cpu[name]}
         out[name]["tokens_per_s"] = out[name]["real_tokens"] / out[name]["seconds"]
+        out[name]["tokens_per_cpu_s"] = out[name]["real_tokens"] / out[name]["cpu_seconds"]
     pad, step = out["padding"], out["per-step bfd"]
     out["speedup"] = pad["seconds"] / step["seconds"]
+    out["speedup_cpu"] = pad["cpu_seconds"] / step["cpu_seconds"]
     out["ideal"] = pad["rows"] / step["rows"]
     out["fraction_of_ideal"] = out["speedup"] / out["ideal"]
+    out["fraction_of_ideal_cpu"] = out["speedup_cpu"] / out["ideal"]
     out["same_losses"] = bool(np.allclose(pad["loss"], step["loss"], rtol=1e-5))
     return out
 
@@ -122,7 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", default=os.path.join("outputs", "bench_step_packing"))
     p.add_argument("--json", dest="json_out")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds measure the work)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n\nper-step plan of {args.conversations:,} conversations:")
@@ -132,13 +166,15 @@ def main(argv=None) -> int:
         print(f"\ntraining, tiny model on CPU, quickstart data, {args.steps} steps x {args.rounds} rounds:")
         t = bench_train(args)
         result["train"] = t
-        print("\n| setting | rows (steps 2..) | conversations | seconds | real tokens/s |")
-        print("|---|---|---|---|---|")
+        print("\n| setting | rows (steps 2..) | conversations | wall s | real tokens/s | CPU s | real tokens/CPU-s |")
+        print("|---|---|---|---|---|---|---|")
         for name in SETTINGS:
             r = t[name]
-            print(f"| {name} | {r['rows']} | {r['conversations']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} |")
-        print(f"\nper-step over padding: speedup {t['speedup']:.2f}x, ideal {t['ideal']:.2f}x "
-              f"({t['fraction_of_ideal']:.2f} of ideal; target >= 0.90); same losses per step: {t['same_losses']}")
+            print(f"| {name} | {r['rows']} | {r['conversations']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['cpu_seconds']:.2f} | {r['tokens_per_cpu_s']:,.0f} |")
+        print(f"\nper-step over padding: speedup {t['speedup']:.2f}x wall, {t['speedup_cpu']:.2f}x CPU; ideal "
+              f"{t['ideal']:.2f}x ({t['fraction_of_ideal']:.2f} / {t['fraction_of_ideal_cpu']:.2f} of ideal; target "
+              f">= 0.90); same losses per step: {t['same_losses']}")
     result["machine"]["loadavg_end"] = os.getloadavg()
     print(f"load average at the end {result['machine']['loadavg_end'][0]:.2f}")
     if args.json_out:

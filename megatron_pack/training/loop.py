@@ -82,7 +82,8 @@ def _run(config: TrainConfig, st) -> dict:
                                 override=config.checkpoint.override_opt_param_scheduler,
                                 use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
     log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
-              f"distributed optimizer {use_dist_opt}, {sizes.num_microbatches} micro-batches of "
+              f"distributed optimizer {use_dist_opt}, {'up to ' if hasattr(ds.train, 'num_steps') else ''}"
+              f"{sizes.num_microbatches} micro-batches of "
               f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
     log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")  # ends with the one 'fusions:'
 
