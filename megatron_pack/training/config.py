@@ -255,7 +255,8 @@ class TrainArgs:
     """Batching, length of the run, loss weighting, evaluation."""
 
     micro_batch_size: int = arg(1, "Sequences per micro-batch per data-parallel rank.")
-    global_batch_size: int = arg(16, "Sequences per optimizer step over all data-parallel ranks.")
+    global_batch_size: int = arg(16, "Sequences per optimizer step over all data-parallel ranks (conversations "
+                                     "under --pack-scope step).")
     train_iters: Optional[int] = arg(None, "Optimizer steps (give this or --train-epochs).")
     train_epochs: Optional[float] = arg(None, "Passes over the training split (give this or --train-iters).")
     train_samples: Optional[int] = arg(None, "Sequences to train on, as in Megatron-LM: "
