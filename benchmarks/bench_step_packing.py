@@ -123,8 +123,9 @@ def bench_train(args) -> dict:
         rows = [h["capacity"] // _config(prefix, *SETTINGS[name], args).data.seq_length for h in first]
         out[name] = {"seconds": float(secs.sum()), "cpu_seconds": float(cpu_secs.sum()),
                      "real_tokens": int(sum(h["real tokens"] for h in first)),
-                     "rows": int(sum(rows)), "rows_per_step": rows, "conversations": int(sum(h["samples"] for h in first)),
-                     "loss": [h["lm loss"] for h in hists[0]], "wall_per_round": [[h["seconds"] for h in x] for x in hists],
+                     "rows": int(sum(rows)), "rows_per_step": rows,
+                     "conversations": int(sum(h["samples"] for h in first)), "loss": [h["lm loss"] for h in hists[0]],
+                     "wall_per_round": [[h["seconds"] for h in x] for x in hists],
                      "cpu_per_round": cpu[name]}
         out[name]["tokens_per_s"] = out[name]["real_tokens"] / out[name]["seconds"]
         out[name]["tokens_per_cpu_s"] = out[name]["real_tokens"] / out[name]["cpu_seconds"]

@@ -268,7 +268,8 @@ py::tuple pack_windowed_bfd(const Lengths& lengths, i64 capacity, i64 window, u6
 py::tuple pack_bfd_groups(const Lengths& lengths, const Lengths& group_offsets, i64 capacity) {
     const i64* L = checked(lengths, capacity);
     i64 n = lengths.shape(0);
-    if (group_offsets.ndim() != 1 || group_offsets.shape(0) < 1) throw std::invalid_argument("group_offsets must be 1-D, non-empty");
+    if (group_offsets.ndim() != 1 || group_offsets.shape(0) < 1)
+        throw std::invalid_argument("group_offsets must be 1-D, non-empty");
     const i64* G = group_offsets.data();
     i64 ng = group_offsets.shape(0) - 1;
     if (G[0] != 0 || G[ng] != n) throw std::invalid_argument("group_offsets must run from 0 to len(lengths)");
@@ -450,7 +451,8 @@ PYBIND11_MODULE(_packing, m) {
           py::arg("window"), py::arg("seed"),
           "Shuffle, then best-fit decreasing inside each window of `window` items. Returns (order, seq_offsets).");
     m.def("pack_bfd_groups", &pack_bfd_groups, py::arg("lengths"), py::arg("group_offsets"), py::arg("capacity"),
-          "Best-fit decreasing inside each group of consecutive items. Returns (order, seq_offsets, group_seq_offsets).");
+          "Best-fit decreasing inside each group of consecutive items. "
+          "Returns (order, seq_offsets, group_seq_offsets).");
     m.def("pack_random", &pack_random, py::arg("lengths"), py::arg("capacity"), py::arg("seed"),
           "Shuffle, concatenate, cut every capacity tokens. Returns (item, lo, hi, seq_offsets, num_split_items).");
     m.def("split_turns", &split_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),

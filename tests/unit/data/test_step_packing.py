@@ -59,7 +59,8 @@ def test_steps_take_the_padded_steps_on_every_rank_alike(prefix, tmp_path, dp, f
         st = step_streams[0].last_stats
         assert st["rows"] <= GBS and st["samples"] == GBS
         assert st["real_tokens"] == pad_streams[0].last_stats["real_tokens"]
-    assert step_streams[0].pos.epoch == 1 and step_streams[0].pos.consumed_samples == pad_streams[0].pos.consumed_samples
+    assert step_streams[0].pos.epoch == 1
+    assert step_streams[0].pos.consumed_samples == pad_streams[0].pos.consumed_samples
 
 
 @pytest.mark.parametrize("fixed", [True, False])
