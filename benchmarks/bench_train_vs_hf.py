@@ -97,12 +97,15 @@ def prepare(args) -> dict:
                          max_position_embeddings=max(4096, args.seq_length), rope_theta=500000.0, rms_norm_eps=1e-5,
                          initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0)
-    model = tf.LlamaForCausalLM(cfg).float()
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):  # a 1B init on the GPU takes seconds
+        model = tf.LlamaForCausalLM(cfg).float()
     if args.shape == "1b":  # half the bytes to write and read; every setting loads the same values
         model = model.to(torch.bfloat16)
     model.save_pretrained(paths["hf"], safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the settings run in their own processes
     _write_tokenizer(paths["hf"], s.vocab)
     convs = conversations(args.conversations, args.seq_length, s.vocab, args.seed)
     with open(paths["convs.json"], "w") as f:
@@ -345,6 +348,13 @@ def _worker_argv(args, setting: str) -> list:
     return [sys.executable, os.path.abspath(__file__), *keep, "--worker", setting]
 
 
+def _missing_modules(setting: str) -> list:
+    import importlib.util
+
+    need = ("trl", "datasets") if setting == "trl_packing" else ()
+    return [m for m in need if importlib.util.find_spec(m) is None]
+
+
 def run_all(args) -> dict:
     deadline = time.monotonic() + args.budget_s if args.budget_s else None  # preparing counts too
     info = prepare(args)
@@ -353,6 +363,10 @@ def run_all(args) -> dict:
         for setting in args.settings:
             if deadline is not None and time.monotonic() > deadline:
                 best.setdefault(setting, {"skipped": "time budget spent"})
+                continue
+            missing = _missing_modules(setting)
+            if missing:  # said without starting a process
+                best.setdefault(setting, {"skipped": f"{', '.join(missing)} not installed"})
                 continue
             env = dict(os.environ, MEGATRON_PACK_QUIET="1", PYTHONWARNINGS="ignore",
                        **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
