@@ -104,13 +104,18 @@ def matmul_rate(device, n: int = 8192, iters: int = 20) -> float | None:
     return 2.0 * n ** 3 / statistics.median(times)
 
 
-def read_junit(path: str | None) -> dict:
-    """Counts and failing test names of a pytest ``--junitxml`` file."""
-    if not path or not os.path.exists(path):
+def read_junit(paths: str | None) -> dict:
+    """Counts and failing test names of pytest ``--junitxml`` files (comma-separated; missing
+    ones are named: a run stopped by its time limit writes none)."""
+    found = [p for p in (paths or "").split(",") if p and os.path.exists(p)]
+    if not found:
         return {"ran": False, "why": "no JUnit XML (tests/gpu did not run)"}
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    out = {"ran": True, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "skip_reasons": []}
+    suites = []
+    for path in found:
+        root = ET.parse(path).getroot()
+        suites += [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    missing = [os.path.basename(p) for p in paths.split(",") if p and p not in found]
+    out = {"ran": True, "missing": missing, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "skip_reasons": []}
     for s in suites:
         for k in ("tests", "failures", "errors", "skipped"):
             out[k] += int(s.get(k, 0))
@@ -188,16 +193,16 @@ def _attention_kernels(device, heads: int, kv_heads: int, head_dim: int) -> dict
     def thd_of(fn):
         return lambda q, k, v, cu, m: fn(q, k, v, cu, m, causal=True, scale=scale)
 
-    out = {"torch": (thd_of(attention.torch_varlen), dense)}
+    torch_kernel = (thd_of(attention.torch_varlen), dense)
     if device.type != "cuda":
-        return {**out, **{k: "no CUDA" for k in ("varlen", "flex", "flash", "te")}}
-    out["varlen"] = ((thd_of(fused_varlen.torch_fa_varlen), dense) if fused_varlen.varlen_fn() is not None
-                     else "this torch has no torch.nn.attention.varlen")
-    out["flex"] = (thd_of(fused_varlen.flex_varlen), dense)
+        return {"torch": torch_kernel, **{k: "no CUDA" for k in ("varlen", "flex", "flash", "te")}}
+    out = {"varlen": ((thd_of(fused_varlen.torch_fa_varlen), dense) if fused_varlen.varlen_fn() is not None
+                      else "this torch has no torch.nn.attention.varlen"), "torch": torch_kernel}
     out["flash"] = ((thd_of(attention.flash_varlen),
                      lambda q, k, v: attention.flash_dense(q, k, v, causal=True, scale=scale))
                     if spec.flash_attn_available() else "flash-attn not installed")
     out["te"] = _te_kernels(heads, kv_heads, head_dim) if spec.te_available() else "Transformer Engine not installed"
+    out["flex"] = (thd_of(fused_varlen.flex_varlen), dense)  # last: its compilation takes the longest
     return out
 
 
@@ -226,9 +231,10 @@ def _kernel_row(name, thd, padded, data, warmup, iters, device) -> dict:
 
 
 def attention_bench(device, *, batch: int, max_len: int, heads: int, kv_heads: int, head_dim: int,
-                    padding: float = 0.45, warmup: int = 3, iters: int = 10, budget: Budget | None = None) -> dict:
+                    padding: float = 0.45, warmup: int = 3, iters: int = 10, budget: Budget | None = None,
+                    progress=None) -> dict:
     """THD (only the real tokens, cu_seqlens) vs padded SBHD (every document padded to
-    ``max_len``), forward + backward, per kernel."""
+    ``max_len``), forward + backward, per kernel; ``progress(result so far)`` after each."""
     import torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -245,6 +251,9 @@ def attention_bench(device, *, batch: int, max_len: int, heads: int, kv_heads: i
         real[:n, b] = True
     data = (q, k, v, pad(q), pad(k), pad(v), cu, lens, real)
     rows = []
+    result = {"batch": batch, "max_len": max_len, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+              "dtype": str(dtype).replace("torch.", ""), "real_tokens": total,
+              "padding_fraction": 1.0 - total / (batch * max_len), "rows": rows}
     for name, kern in _attention_kernels(device, heads, kv_heads, head_dim).items():
         if isinstance(kern, str):
             rows.append({"kernel": name, "skipped": kern})
@@ -255,9 +264,9 @@ def attention_bench(device, *, batch: int, max_len: int, heads: int, kv_heads: i
                 rows.append(_kernel_row(name, *kern, data, warmup, iters, device))
             except Exception as e:  # a kernel that fails here is a finding, not a crash of the check
                 rows.append({"kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    return {"batch": batch, "max_len": max_len, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "dtype": str(dtype).replace("torch.", ""), "real_tokens": total,
-            "padding_fraction": 1.0 - total / (batch * max_len), "rows": rows}
+        if progress is not None:
+            progress(result)
+    return result
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,8 +307,9 @@ def _train_argv(model: str, prefix: str, vocab: int, mode: str, seq: int, steps:
 
 
 def model_step_bench(device, workdir: str, *, models: list, modes: list, seq_length: int, steps: int, gbs: int,
-                     budget: Budget, seconds_per_run: float, matmul: float | None) -> list:
-    """``train()`` for ``steps`` steps per (model, mode), through the train CLI's parser."""
+                     budget: Budget, seconds_per_run: float, matmul: float | None, progress=None) -> list:
+    """``train()`` for ``steps`` steps per (model, mode), through the train CLI's parser;
+    ``progress(rows so far)`` after each."""
     import torch
 
     from megatron_pack.model import presets, spec
@@ -339,26 +349,42 @@ def model_step_bench(device, workdir: str, *, models: list, modes: list, seq_len
             except Exception as e:  # report and go on: one failing size must not hide the others
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
             rows.append(row)
+            if progress is not None:
+                progress(rows)
     return rows
 
 
 def measure(args) -> dict:
+    """Every section, saved to ``args.measured`` as soon as it is done (a time limit that kills
+    this process keeps what was measured before it)."""
     import torch
 
+    from megatron_pack.files.atomic import write_json_atomic
     from megatron_pack.parallel import destroy_distributed, initialize_distributed
 
     budget = Budget(args.deadline)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    out = {"environment": environment(), "matmul_flops": matmul_rate(device)}
+    out = {"environment": environment()}
+    print(f"environment: {json.dumps(out['environment'])}", flush=True)
+    out["matmul_flops"] = matmul_rate(device)
     gpu = gpu_spec(device)
     out["peak_flops"], out["gpu_spec"] = (gpu.peak_flops, gpu.name) if gpu else (None, None)
+    write_json_atomic(out, args.measured)
+    def save(key):
+        def progress(value):
+            out[key] = value
+            write_json_atomic(out, args.measured)
+        return progress
+
     if cuda:
         out["attention"] = attention_bench(device, batch=16, max_len=4096, heads=32, kv_heads=8, head_dim=128,
-                                           budget=budget)
+                                           budget=budget, progress=save("attention"))
     else:
         out["attention"] = attention_bench(device, batch=4, max_len=64, heads=4, kv_heads=2, head_dim=16,
                                            warmup=1, iters=2)
+    print(f"attention: {json.dumps(out['attention']['rows'])}", flush=True)
+    write_json_atomic(out, args.measured)
     seq, steps, gbs = (2048, args.steps or 6, 8) if cuda else (128, args.steps or 3, 4)
     out["model_step_setup"] = (f"seq {seq}, global batch {gbs} x micro-batch 1, {steps} steps (first not timed), "
                                f"~45% padding when padded")
@@ -368,7 +394,7 @@ def measure(args) -> dict:
         out["model_steps"] = model_step_bench(device, work, models=args.models.split(","),
                                               modes=args.modes.split(","), seq_length=seq, steps=steps, gbs=gbs,
                                               budget=budget, seconds_per_run=25.0 if cuda else 0.0,
-                                              matmul=out["matmul_flops"])
+                                              matmul=out["matmul_flops"], progress=save("model_steps"))
     finally:
         destroy_distributed()
         shutil.rmtree(work, ignore_errors=True)
@@ -408,7 +434,9 @@ def _render_tests(t: dict) -> list:
     lines = ["", "## tests/gpu", ""]
     if not t.get("ran"):
         return lines + [f"skipped: {t.get('why')}"]
-    lines.append(f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped")
+    lines.append(f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
+                 + (f"; no result from {', '.join(t['missing'])} (stopped by its time limit)" if t.get("missing")
+                    else ""))
     return lines + [f"- FAILED {n}" for n in t["failed"]] + [f"- skipped {s}" for s in t["skip_reasons"]]
 
 

@@ -10,7 +10,7 @@
 #     --target folder on PYTHONPATH; _packing is copied from the bundle (or built with pybind11)
 #     when this Python has none. Transformer Engine, flash-attn, trl are used only where already
 #     installed (a cluster's container); what is absent is named in the report as skipped;
-#  2. tests/gpu (pytest, JUnit XML);
+#  2. tests/gpu (pytest, JUnit XML; the flex_attention tests, which compile, in a second run);
 #  3. benchmarks/gpu_check.py: the bf16 matmul rate, packed (varlen, flex, flash, TE, per-document
 #     SDPA) vs padded attention fwd+bwd at ~45% padding, train() steps of the tiny model;
 #  4. (isolation audit on the 1B shape: the lead wires `train --check-isolation` in here);
@@ -18,8 +18,8 @@
 #     padding / greedy through train() against transformers' Trainer (SDPA, or flash-attn 2
 #     where installed; TRL only where installed) on the same conversations: real tokens/s, MFU,
 #     peak memory, the ratio to the fastest transformers setting;
-#  6. the report: gpu_check.md (the summary tables), gpu_check.json, gpu_tests.xml,
-#     train_vs_hf.{md,json} and logs.tar.gz (every log) in GPU_CHECK_OUT: at most 8 files.
+#  6. the report: gpu_check.md (the summary tables), gpu_check.json, gpu_tests{,_flex}.xml,
+#     train_vs_hf.{md,json} and logs.tar.gz (every log) in GPU_CHECK_OUT: at most 7 files.
 #
 # Without a GPU it installs (step 1), writes the "no GPU: skipped" report and exits 0.
 # Exit status: 0 when everything that ran passed, 1 when a GPU test or benchmark failed.
@@ -43,7 +43,7 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 MEGATRO
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR" "$SITE"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-rm -f "$OUT_DIR"/gpu_check.md "$OUT_DIR"/gpu_check.json "$OUT_DIR"/gpu_tests.xml "$OUT_DIR"/train_vs_hf.md \
+rm -f "$OUT_DIR"/gpu_check.md "$OUT_DIR"/gpu_check.json "$OUT_DIR"/gpu_tests*.xml "$OUT_DIR"/train_vs_hf.md \
       "$OUT_DIR"/train_vs_hf.json "$OUT_DIR"/logs.tar.gz
 : > "$NOTES"
 
@@ -127,7 +127,7 @@ snapshot
 
 report() {  # step 6, also the whole check without a GPU
     timeout 60 "$PYTHON" benchmarks/gpu_check.py --phase report --out-dir "$OUT_DIR" --install-notes "$NOTES" \
-        --measured "$WORK/measured.json" --tests-xml "$OUT_DIR/gpu_tests.xml" \
+        --measured "$WORK/measured.json" --tests-xml "$OUT_DIR/gpu_tests.xml,$OUT_DIR/gpu_tests_flex.xml" \
         --vs-hf "$OUT_DIR/train_vs_hf.json" > "$WORK/report.log" 2>&1
     local rc=$?
     cat "$WORK/report.log"
@@ -142,18 +142,27 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1 ||
     exit 0
 fi
 nvidia-smi -L
+"$PYTHON" -c "import inspect, torch; from megatron_pack.model.fused_varlen import varlen_fn as f
+print('torch', torch.__version__, torch.cuda.get_device_name(0)); fn = f()
+print('varlen_attn' + str(inspect.signature(fn)) if fn else 'no torch.nn.attention.varlen')" 2>&1 | tee "$WORK/torch.txt"
 
 # ---- 2. tests/gpu ----------------------------------------------------------------------------
-t=$(cap 100)
-echo "gpu_check: pytest tests/gpu (at most $t s)"
-timeout "$t" "$PYTHON" -m pytest -q tests/gpu -p no:cacheprovider --junitxml "$OUT_DIR/gpu_tests.xml" \
-    > "$WORK/gpu_tests.log" 2>&1
-[ $? = 124 ] && note "tests/gpu stopped after $t s (time budget)"
-tail -n 3 "$WORK/gpu_tests.log"
-snapshot
+# in two runs, so that flex_attention's compilations cannot cost the other results: a pytest
+# stopped by its time limit writes no JUnit XML
+gpu_tests() {  # gpu_tests NAME SECONDS PYTEST_ARGS...
+    local name=$1 t; t=$(cap "$2"); shift 2
+    echo "gpu_check: pytest tests/gpu $* (at most $t s)"
+    timeout "$t" "$PYTHON" -m pytest -q tests/gpu -p no:cacheprovider --junitxml "$OUT_DIR/$name.xml" "$@" \
+        > "$WORK/$name.log" 2>&1
+    [ $? = 124 ] && note "tests/gpu $* stopped after $t s (time budget)"
+    tail -n 3 "$WORK/$name.log"
+    snapshot
+}
+gpu_tests gpu_tests 75 -k "not flex"
+gpu_tests gpu_tests_flex 50 -k flex
 
 # ---- 3. matmul rate, attention, tiny train() steps -------------------------------------------
-t=$(cap 80)
+t=$(cap 90)
 echo "gpu_check: benchmarks/gpu_check.py --phase measure (at most $t s)"
 timeout "$t" "$PYTHON" benchmarks/gpu_check.py --phase measure --measured "$WORK/measured.json" \
     --deadline $(( $(date +%s) + t - 5 )) ${GPU_CHECK_ARGS:-} > "$WORK/measure.log" 2>&1
