@@ -75,6 +75,8 @@ def torch_fa_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
     if fn is None:
         raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (>= 2.10)")
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    if max_seqlen is None:  # PackedSeqParams built without it: one host read, not one per token
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel's one layout need
     return varlen_call(fn, q, k, v, cu, max_seqlen, causal=causal, scale=scale)
 

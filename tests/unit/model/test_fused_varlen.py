@@ -169,3 +169,30 @@ def test_flash_attn_stays_where_installed_and_cp_or_dropout_take_torch(machine):
 def test_without_cuda_varlen_is_not_available():
     assert spec_mod.torch_varlen_available() is False
     assert math.isfinite(1.0)
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_core_attention_module_runs_the_kernel_on_thd(kernel, monkeypatch):
+    """VarlenCoreAttention with each new kernel (varlen through a 2.13-signature stand-in, flex
+    eagerly on CPU): Megatron's [t, 1, h, d] inputs in, [t, h*d] out, equal to the torch kernel."""
+    from types import SimpleNamespace
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_pack.model.attention import VarlenCoreAttention
+
+    monkeypatch.setattr(FV, "varlen_fn", lambda: fake_2_13)
+    cfg = transformer_config(get_preset("tiny"))
+    pgs = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
+    mod = VarlenCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs, kernel=kernel)
+    ref_mod = VarlenCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs)
+    q, k, v = qkv(hq=4, hkv=2, d=cfg.kv_channels)
+    cu = torch.tensor(CU, dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=23, max_seqlen_kv=23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = mod(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), None, packed_seq_params=params)
+    ref = ref_mod(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (64, 4 * cfg.kv_channels)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
