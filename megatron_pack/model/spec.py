@@ -16,8 +16,10 @@ Context parallelism: TE attention takes the CP group and ``config.cp_comm_type``
 p2p or a2a); local layers use the ``torch`` kernel under CP, which all-gathers K/V over the CP
 group (:mod:`megatron_pack.model.cp_attention`); the fused local kernels have no CP path.
 
-Both produce the same parameter layout in checkpoints (the local spec maps its norms onto
-TE's fused names), so a run can switch backends between save and load. Without apex the
+Both route Megatron-Core's unfused THD RoPE through :mod:`megatron_pack.model.thd_rope` (the
+same values, no ``cu_seqlens`` read on the host per layer). Both produce the same parameter
+layout in checkpoints (the local spec maps its norms onto TE's fused names), so a run can
+switch backends between save and load. Without apex the
 local norms are :class:`megatron_pack.model.norm.TorchNorm`, which (unlike Megatron-Core's
 torch norm) allows sequence parallelism. :func:`get_block_spec` adds the final norm and is
 what :func:`megatron_pack.model.builder.build_model` passes to ``GPTModel``.
@@ -129,6 +131,9 @@ def get_layer_spec(config, backend: str = "auto"):
     """``ModuleSpec`` of one GPT decoder layer for ``config`` (a ``TransformerConfig``)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_pack.model import thd_rope
+
+    thd_rope.install()  # unfused THD RoPE without a host sync per layer (same values as Megatron's)
     resolved = resolve_backend(backend)
     if resolved == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
