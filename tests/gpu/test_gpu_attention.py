@@ -230,3 +230,36 @@ def test_te_layers_equal_local_layers(single_rank):
         leaked = P.doc_logits(te, P.leaked_batch(items), items, cuda)
     P.assert_logits_match(b, a, what="te vs local")
     assert P.logit_gap(leaked, a) > P.LOGIT_ATOL, "negative control: TE with the mask off must not match"
+
+
+def test_packed_forward_of_the_model_has_no_host_sync(single_rank, monkeypatch):
+    """Local layers, bf16, PyTorch's varlen kernel: a packed forward issues no synchronizing CUDA
+    call (the batch's ``PackedSeqParams`` built before, as the training loop does once per
+    micro-batch). Each sync is reported with the line that made it."""
+    import warnings
+
+    from megatron_pack.model import build_model, get_preset, transformer_config
+    from megatron_pack.model import fused_varlen as FV
+    from megatron_pack.model import spec
+    from megatron_pack.model.packed import model_inputs
+
+    if FV.varlen_fn() is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    monkeypatch.setattr(spec, "attention_kernel", lambda config: "varlen")
+    preset = get_preset("tiny")
+    model = build_model(preset, transformer_config(preset, bf16=True, init_method_std=0.1), vocab_size=256,
+                        backend="local").eval()
+    items = P.make_items()
+    kw = model_inputs({k: v for k, v in P.thd_batch(items).items() if k != "labels"}, device=torch.device("cuda"))
+    with torch.no_grad():
+        model(**kw)  # warm-up: caches (RoPE frequencies), kernel loading
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                model(**kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+    assert not syncs, f"{len(syncs)} host syncs in one packed forward: {sorted(set(syncs))}"
