@@ -115,7 +115,8 @@ def read_junit(paths: str | None) -> dict:
         root = ET.parse(path).getroot()
         suites += [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     missing = [os.path.basename(p) for p in paths.split(",") if p and p not in found]
-    out = {"ran": True, "missing": missing, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "skip_reasons": []}
+    out = {"ran": True, "missing": missing, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [],
+           "skip_reasons": []}
     for s in suites:
         for k in ("tests", "failures", "errors", "skipped"):
             out[k] += int(s.get(k, 0))

@@ -57,7 +57,8 @@ build_packing_ext() {  # build_packing_ext PYTHON DEST_DIR: _packing for that Py
 write_manifest() {  # write_manifest BUNDLE: sizes and sha256 of everything gathered
     local b=$1
     {
-        echo "# gathered $(date -u +%Y-%m-%dT%H:%M:%SZ) by scripts/gather_gpu_bundle.sh (commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo "# gathered $(date -u +%Y-%m-%dT%H:%M:%SZ) by scripts/gather_gpu_bundle.sh" \
+             "(commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
         (cd "$b" && find . -type f ! -name MANIFEST.txt | sort | while read -r f; do
             echo "$(sha256sum "$f" | cut -c1-16)  $(du -k "$f" | cut -f1) KiB  ${f#./}"; done)
     } > "$b/MANIFEST.txt"

@@ -75,7 +75,8 @@ PY
 }
 install_bundle() {
     if [ ! -f "$BUNDLE/wheels.txt" ]; then
-        needs megatron.core - && note "megatron-core missing and no bundle at $BUNDLE: run scripts/gather_gpu_bundle.sh where the registries are reachable and carry .gpu_bundle"
+        needs megatron.core - && note "megatron-core missing and no bundle at $BUNDLE:" \
+            "run scripts/gather_gpu_bundle.sh where the registries are reachable and carry .gpu_bundle"
         return
     fi
     local whl mod minv
@@ -118,10 +119,11 @@ install_packing() {  # the compiled packing engine for this Python
 echo "gpu_check: python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])'), bundle $BUNDLE, site $SITE"
 install_bundle
 install_packing
-py_ok "import transformer_engine.pytorch" \
-    || note "skipped: Transformer Engine not installed (cannot travel: ~180 MB CUDA wheel + a compiled torch extension): TE layers and TE attention"
+py_ok "import transformer_engine.pytorch" || note "skipped: Transformer Engine not installed (cannot travel:" \
+    "~180 MB CUDA wheel + a compiled torch extension): TE layers and TE attention"
 py_ok "import flash_attn" || note "skipped: flash-attn not installed (source only): its kernels"
-py_ok "import trl, datasets" || note "skipped: trl/datasets not installed: the TRL packing row of the transformers comparison"
+py_ok "import trl, datasets" \
+    || note "skipped: trl/datasets not installed: the TRL packing row of the transformers comparison"
 note "install took $(( $(date +%s) - START )) s"
 snapshot
 
@@ -144,7 +146,8 @@ fi
 nvidia-smi -L
 "$PYTHON" -c "import inspect, torch; from megatron_pack.model.fused_varlen import varlen_fn as f
 print('torch', torch.__version__, torch.cuda.get_device_name(0)); fn = f()
-print('varlen_attn' + str(inspect.signature(fn)) if fn else 'no torch.nn.attention.varlen')" 2>&1 | tee "$WORK/torch.txt"
+print('varlen_attn' + str(inspect.signature(fn)) if fn else 'no torch.nn.attention.varlen')" \
+    2>&1 | tee "$WORK/torch.txt"
 
 # ---- 2. tests/gpu ----------------------------------------------------------------------------
 # in two runs, so that flex_attention's compilations cannot cost the other results: a pytest
