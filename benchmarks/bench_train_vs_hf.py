@@ -263,6 +263,15 @@ def _timing_callback():
     return StepTimes()
 
 
+def _sampling(tf, grouped: bool) -> dict:
+    """Length grouping in this transformers' words (5.x: ``train_sampling_strategy``; before: ``group_by_length``)."""
+    import inspect
+
+    if "train_sampling_strategy" in inspect.signature(tf.TrainingArguments).parameters:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
+
+
 def run_hf(setting: str, info: dict, args) -> dict:
     """``hf_pad_max`` / ``hf_grouped``: transformers' Trainer over the conversations."""
     import transformers as tf
@@ -276,7 +285,7 @@ def run_hf(setting: str, info: dict, args) -> dict:
     model, attn = _hf_model(info, args)
     times = _timing_callback()
     trainer = tf.Trainer(model=model, args=tf.TrainingArguments(**_training_args(
-                         args, train_sampling_strategy="group_by_length" if setting == "hf_grouped" else "random")),
+                         args, **_sampling(tf, setting == "hf_grouped"))),
                          train_dataset=rows, data_collator=collator, callbacks=[times])
     trainer.train()
     step_s = [b - a for a, b in zip(times.t[:-1], times.t[1:])]
@@ -405,7 +414,7 @@ def run_all(args) -> dict:
             r["vs_best_hf_cpu"] = r["tokens_per_cpu_s"] / top["tokens_per_cpu_s"]
     if args.device == "cuda":
         _add_mfu(rows, info, args)
-    return {"shape": asdict(SHAPES[args.shape]), "params": info["params"], "device": args.device,
+    return {"shape": asdict(SHAPES[args.shape]), "shape_name": args.shape, "params": info["params"], "device": args.device,
             "seq_length": args.seq_length, "global_batch_size": args.global_batch_size,
             "micro_batch_size": args.micro_batch_size, "steps": args.steps, "best_hf": top and top["setting"],
             "rows": rows}
@@ -488,10 +497,10 @@ def main(argv=None) -> int:
         args.workdir = os.path.join("outputs", "bench_train_vs_hf", f"{args.shape}-{args.seq_length}-{args.device}")
     args.workdir = os.path.abspath(args.workdir)
     os.environ.setdefault("MEGATRON_PACK_QUIET", "1")
-    if args.worker:
-        from megatron_pack.quiet import quiet_library_noise
+    from megatron_pack.quiet import quiet_library_noise
 
-        quiet_library_noise()  # Megatron-Core's TE/Apex import warnings say nothing here
+    quiet_library_noise()  # Megatron-Core's TE/Apex import warnings, in the workers and the converting parent
+    if args.worker:
         if args.threads:
             import torch
 

@@ -480,8 +480,9 @@ def _render_steps(report: dict) -> list:
 def _render_vs_hf(v: dict, matmul: float | None) -> list:
     from megatron_pack.reporting import markdown_table
 
-    lines = ["", f"## 1B Llama (Llama-3.2-1B's shape, {v['params'] / 1e9:.2f}B), megatron_pack vs transformers, "
-                 f"seq {v['seq_length']}, {v['global_batch_size']} rows per step, {v['steps']} steps", ""]
+    lines = ["", f"## Llama of {v['params'] / 1e9:.2f}B parameters (shape {v.get('shape_name', '1b')}), megatron_pack "
+                 f"vs transformers, seq {v['seq_length']}, {v['global_batch_size']} rows per step, {v['steps']} steps",
+             ""]
     rows = []
     for r in v["rows"]:
         if "tokens_per_s" not in r:
