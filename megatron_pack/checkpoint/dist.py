@@ -29,6 +29,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
 from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
+from megatron_pack.checkpoint.mcore_shim import in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.model.state_keys import unwrap
@@ -97,6 +98,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     from megatron.core import dist_checkpointing
 
     children_die_with_parent()  # Megatron's writer forks; a SIGKILLed run must not leave them behind
+    in_process_write_results()  # ... nor a spawned Manager (and its resource tracker) for the write results
     rank, barrier = _dist()
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
