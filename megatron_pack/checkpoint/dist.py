@@ -135,10 +135,22 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     return final
 
 
-def saved_run_config(path: str) -> dict | None:
-    """The ``run_config.json`` of an iteration directory (None when absent)."""
+def is_dist_checkpoint(path: str) -> bool:
+    """``path`` holds a dist checkpoint (its ``.metadata``), not an empty ``--load``/``--save`` root."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def saved_run_config(path: str, required: bool = False) -> dict | None:
+    """The ``run_config.json`` of an iteration directory (None when absent). ``required``: a
+    missing file is a :class:`CheckpointError` -- every iteration a training run saves has one, and
+    the architecture and packing-plan checks of ``--load`` read nothing else, so without it they
+    would pass silently (a resume on another plan)."""
     f = os.path.join(path, "run_config.json")
     if not os.path.isfile(f):
+        if required:
+            raise CheckpointError(f"{f}: missing (every checkpoint a training run saves has it; the architecture "
+                                  "and packing-plan checks read it): the checkpoint is incomplete or was edited. "
+                                  "Restore the file from a copy of the checkpoint")
         return None
     try:
         with open(f) as fh:
@@ -156,7 +168,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
     RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none.
 
     Order: ``.metadata`` through the allow-list, then the checksum manifest (``verify_checksums``),
-    then ``check_run_config(saved run_config or None, path)`` -- all before any weight is read --
+    then ``check_run_config(saved run_config, path)`` (a missing ``run_config.json`` is refused)
+    -- all before any weight is read --
     and ``check_scheduler(saved scheduler state)`` before the scheduler takes it. The hooks raise
     to refuse."""
     from megatron.core import dist_checkpointing
@@ -172,7 +185,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
         else:
             warnings.warn(f"{path}: no checksum manifest (saved without --checkpoint-checksums); not verified")
     if check_run_config is not None:
-        check_run_config(saved_run_config(path), path)
+        check_run_config(saved_run_config(path, required=True), path)
     _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)

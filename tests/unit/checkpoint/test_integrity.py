@@ -177,3 +177,13 @@ def test_write_results_queue_is_in_process_not_a_spawned_manager():
         assert fa._get_write_results_queue() is q
     finally:
         fa._results_queue = saved
+
+
+def test_missing_run_config_is_refused_where_required(tmp_path):
+    (tmp_path / ".metadata").write_bytes(b"x")
+    assert D.is_dist_checkpoint(str(tmp_path)) and not D.is_dist_checkpoint(str(tmp_path / "rng"))
+    assert D.saved_run_config(str(tmp_path)) is None  # negative control: optional readers (export) get None
+    with pytest.raises(CheckpointError, match=r"run_config.json: missing .* architecture and packing-plan checks"):
+        D.saved_run_config(str(tmp_path), required=True)
+    (tmp_path / "run_config.json").write_text('{"plan": {"document_multiple": 4}}')
+    assert D.saved_run_config(str(tmp_path), required=True) == {"plan": {"document_multiple": 4}}
