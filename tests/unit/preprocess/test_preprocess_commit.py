@@ -11,7 +11,7 @@ import pytest
 
 from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
-from megatron_pack.files.indexed_check import DatasetError
+from megatron_pack.files.indexed_check import DatasetError, preprocessing_finished
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 OTHER = {"messages": [{"role": "user", "content": "what is two plus four"}, {"role": "assistant", "content": "six"}]}
@@ -85,9 +85,10 @@ def test_a_run_interrupted_at_any_step_of_the_commit_is_refused_until_rerun(word
             assert "out_summary.json: preprocessing into" in str(e) and "did not finish" in str(e)
             outcomes.append("refused")
     assert outcomes == [1] + ["refused"] * (len(steps) + 5)  # the old dataset (1 conversation), then refused
+    assert not preprocessing_finished(str(tmp_path / "out"))  # the demo and the study redo such a run
     state["fail_at"] = None
     _run(tmp_path, wordlevel_dir, [GOOD, OTHER, GOOD])
-    assert len(SFTIndexedDataset(str(tmp_path / "out"))) == 3
+    assert len(SFTIndexedDataset(str(tmp_path / "out"))) == 3 and preprocessing_finished(str(tmp_path / "out"))
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # aborted runs' temporaries removed
 
 
