@@ -127,15 +127,17 @@ def load_model(path: str, device: str = "cpu", dtype: str = "float32", model: st
     import torch
     from transformers import AutoModelForCausalLM
 
+    from megatron_pack.experiment.leakage import LOADED_ATTENTION as attention
+
     torch_dtype = getattr(torch, dtype)
     if os.path.isfile(os.path.join(path, "config.json")):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attention).to(device)
     from megatron_pack.convert.megatron_to_hf import convert_megatron_to_hf
 
     with tempfile.TemporaryDirectory(prefix="leakage_hf_") as tmp:
         out = os.path.join(tmp, "hf")
         convert_megatron_to_hf(path, out, dtype="fp32", model=model, progress=False)
-        return AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation=attention).to(device)
 
 
 def _pct(x) -> str:

@@ -8,11 +8,15 @@ import re
 
 
 def load_hf(path: str):
-    """An HF causal LM in float32, eval mode (the scores are CPU-reproducible)."""
+    """An HF causal LM in float32, eval mode (the scores are CPU-reproducible), with the
+    attention the leakage measurement expects (:data:`.leakage.LOADED_ATTENTION`, transformers'
+    default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from megatron_pack.experiment.leakage import LOADED_ATTENTION
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=LOADED_ATTENTION).eval()
 
 
 def heldout_loss(model, prefix: str) -> float:
