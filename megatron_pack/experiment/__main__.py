@@ -4,4 +4,5 @@ import sys
 
 from megatron_pack.experiment.study_cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not in a process that multiprocessing spawns (checkpoint writers)
+    sys.exit(main())

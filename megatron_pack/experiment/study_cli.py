@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", type=int, default=None, help="QA prompts scored (default: the preset's)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the training chats (default: the preset's)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers measured for leakage (default: the preset's; the full preset: all)")
     p.add_argument("--evals-per-run", type=int, default=0, help="trainer evaluations before the final one")
     p.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[1234],
                    help="training seed(s) (row order, random packing), run one after another")
