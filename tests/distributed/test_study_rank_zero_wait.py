@@ -8,7 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from launcher import free_port, rank_env
+
+pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_rank_zero_worker.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -40,6 +40,7 @@ TOOLS = {
     "compare": os.path.join(ROOT, "tools", "compare_modes.py"),
     "train": "megatron_pack.train",
     "demo": "megatron_pack.demo",
+    "study": "megatron_pack.experiment",
 }
 
 
@@ -91,6 +92,11 @@ BAD = [
     ("leakage", ["--modle", "x"], "did you mean --model"),
     ("compare", ["--mdoes", "bfd"], "did you mean --modes?"),
     ("compare", ["--modes", "tetris"], "--modes"),
+    ("study", ["--setings", "bfd"], "did you mean --settings?"),
+    ("study", ["--settings", "bdf"], "--settings: unknown packing mode 'bdf'"),
+    ("study", ["--model", "/nonexistent/model", "--data-path", "/nonexistent/chats.jsonl"],
+     "--model /nonexistent/model/config.json: not found"),
+    ("study", ["--report-only", "--output-dir", "/nonexistent/out"], "/nonexistent/out: no study_seed*.json"),
 ]
 #: The one exit-status rule of every command line (README, "Exit status"): 2 = bad invocation or input.
 USAGE_STATUS = 2
