@@ -1,7 +1,8 @@
-"""One rank of test_study_rank_zero_wait: a process group with a short timeout, rank 0 busy
-(a slowed scoring step) for longer than it, then a collective on the default group (what the
-next training run does first). ``--wait safe`` waits in :class:`RankZeroWork`; ``--wait old``
-goes straight to the collective, as the study did."""
+"""One rank of test_study_rank_zero_wait: a training group with a short timeout, rank 0 busy
+(a slowed scoring step) for longer than it, then a collective on that group (what the next
+training run does first). ``--wait safe`` waits in :class:`RankZeroWork`; ``--wait old`` goes
+straight to the collective, as the study did. (The rendezvous itself gets a minute: on a loaded
+machine connecting alone can take longer than the short timeout.)"""
 
 import argparse
 import datetime
@@ -21,14 +22,15 @@ p.add_argument("--timeout-s", type=float, required=True)
 p.add_argument("--score-s", type=float, required=True)
 p.add_argument("--out", required=True)
 a = p.parse_args()
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=a.timeout_s))
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+training = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=a.timeout_s))
 rank = dist.get_rank()
 work = RankZeroWork(wait_minutes=10) if a.wait == "safe" else None
 slow = lambda: time.sleep(a.score_s) or "scored"  # noqa: E731
 result = work.run(slow) if work else (slow() if rank == 0 else None)
 x = torch.ones(1)
 try:
-    dist.all_reduce(x)  # the next training run's first collective, under the short timeout
+    dist.all_reduce(x, group=training)  # the next training run's first collective, under the short timeout
     status = "ok"
 except Exception as e:  # gloo raises on its timeout
     status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

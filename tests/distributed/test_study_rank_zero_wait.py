@@ -1,4 +1,4 @@
-"""#31.10: rank 0 scores alone (a slowed step, 4x the process group's timeout) while rank 1
+"""#31.10: rank 0 scores alone (a slowed step, 3x the training group's timeout) while rank 1
 waits; with :class:`RankZeroWork` both ranks then run the next collective, with the old wait
 (straight into the collective) rank 1 fails on the timeout: the negative control."""
 
@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("_rank_zero_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(wait: str, out: Path, timeout_s: float = 1.0, score_s: float = 4.0) -> list:
+def run(wait: str, out: Path, timeout_s: float = 2.0, score_s: float = 6.0) -> list:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [sys.executable, str(WORKER), "--wait", wait, "--timeout-s", str(timeout_s), "--score-s", str(score_s),
