@@ -269,7 +269,7 @@ def score_model(hf_dir: str, info: dict, args, leakage=("file order", "shuffled"
 
 # ---------------------------------------------------------------- the study
 def base_config(args, info: dict, extra: list):
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     flags = ["--data-path", info["train"], "--valid-data-path", info["heldout"], "--valid-fraction", "0",
              "--tokenizer-model", args.model, "--pretrained-checkpoint", info["import"],

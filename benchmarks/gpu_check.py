@@ -310,7 +310,7 @@ def model_step_bench(device, workdir: str, *, model_args: dict, matmul: dict, mo
     import torch
 
     from megatron_pack.model import presets, spec
-    from megatron_pack.training.config import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
+    from megatron_pack.config.spec import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
                                                TrainArgs, TrainConfig)
     from megatron_pack.training.loop import train
 

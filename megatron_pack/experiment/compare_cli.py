@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         flags = sample_train_flags(prefix, tok) + flags
     if "--train-iters" not in flags and "--train-epochs" not in flags:
         flags += ["--train-epochs", str(args.epochs)]
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     base = parse_args(flags)  # exits 2 naming the flag on a bad one
     from megatron_pack.files.indexed import check_dataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pack.training.config import ConfigError, TrainConfig
+from megatron_pack.config.spec import ConfigError, TrainConfig
 
 
 def recorded_architecture(path: str):

@@ -400,7 +400,7 @@ def test_planner_plans_the_training_stream(tmp_path, blend):
     """The planner's sequences per mode are those of the dataset training builds (same split,
     per-source plans of a blend, items without a trained target left out)."""
     from megatron_pack.data.sampling import build_datasets
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     rng = np.random.default_rng(1)
     _write_supervised(tmp_path / "a", rng.integers(10, 120, 80).tolist() + [300] * 6, answer=8)
