@@ -115,3 +115,34 @@ def test_spec_sections_hold_parsed_values():
     assert cfg.data.train_blend.prefixes == ("A", "B") and cfg.data.train_blend.weights == pytest.approx((0.7, 0.3))
     assert cfg.data.packing.pack_mode == "windowed_bfd:window=64"  # the flag value as recorded
     assert "_mode" not in dataclasses.asdict(cfg.data.packing)  # the record holds flag values only
+
+
+def test_training_and_planner_refuse_tp_not_dividing_heads_with_one_line(tmp_path):
+    """TP 3 on tiny (4 heads): training refuses at its front door, before Megatron-Core (exit 2,
+    in well under the time a torch import takes), with the planner's line. On main training
+    passed the check without the architecture and went on to start 3 ranks' process group."""
+    import os
+    import subprocess
+
+    _write(tmp_path / "d", [20] * 12, 0)
+    repo = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ, WORLD_SIZE="3", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29591")
+    train = subprocess.run([sys.executable, "-m", "megatron_pack.train", "--model", "tiny", "--vocab-size", "256",
+                            "--tensor-model-parallel-size", "3", "--data-path", str(tmp_path / "d"),
+                            "--train-iters", "1", "--global-batch-size", "3"],
+                           capture_output=True, text=True, cwd=repo, env=env, timeout=60)
+    plan = subprocess.run([sys.executable, "tools/plan_parallel.py", "--model", "tiny", "--vocab-size", "256",
+                           "--nnodes", "1", "--gpus-per-node", "3", "--tensor-model-parallel-size", "3",
+                           "--global-batch-size", "3"], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert train.returncode == plan.returncode == 2, (train.stderr, plan.stderr)
+    why = "--tensor-model-parallel-size: TP 3 does not divide the 4 attention heads of tiny"
+    t_line, p_line = train.stderr.strip().splitlines(), plan.stderr.strip().splitlines()
+    assert len(t_line) == len(p_line) == 1
+    assert t_line[0].split("error: ", 1)[1] == p_line[0].split("error: illegal layout: ", 1)[1]
+    assert why in t_line[0]
+    # negative control: a TP that divides the heads passes the same check
+    ok = subprocess.run([sys.executable, "tools/plan_parallel.py", "--model", "tiny", "--vocab-size", "256",
+                         "--nnodes", "1", "--gpus-per-node", "2", "--tensor-model-parallel-size", "2",
+                         "--global-batch-size", "2", "--no-progress"], capture_output=True, text=True, cwd=repo,
+                        timeout=120)
+    assert ok.returncode in (0, 1), ok.stderr
