@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-#: The paper's three settings in its text's form, plus ours.
-DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
-
+from megatron_pack.packing.modes import PAPER_MODES  # the paper's three settings in its text's form, plus ours
 
 PROG = "compare_modes.py"
 
@@ -28,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.frontdoor import FrontDoorParser
 
     p = FrontDoorParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES),
+    p.add_argument("--modes", nargs="+", default=list(PAPER_MODES),
                    help="packing modes (e.g. padding:pad_to=longest greedy:chunk=1000 random:chunk=1000 bfd); "
                         "MODE/nomask for one setting without the document mask")
     p.add_argument("--masks", nargs="+", choices=("on", "off"), default=["on"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from megatron_pack.config.cli import build_spec, spec_fields
 from megatron_pack.config.spec import LayoutError, RunSpec, arg, need, parse_mode  # noqa: F401 (LayoutError: API)
 from megatron_pack.model.presets import get_preset
-from megatron_pack.packing.modes import DEFAULT_MODES
+from megatron_pack.packing.modes import DEFAULT_MODES, PAPER_MODES
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.context_parallel import cp_options, exposed_seconds, kv_exchange, smallest_fitting_cp
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
@@ -31,9 +31,8 @@ class CannotRunError(ValueError):
     """The layout is legal but the data gives training nothing to do (no step in an epoch)."""
 
 
-#: The planner's table rows: every registered mode (packing.modes.DEFAULT_MODES), in the paper's order.
-PLANNED_MODES = ("padding", "greedy", "random", "bfd", "windowed_bfd")
-assert sorted(PLANNED_MODES) == sorted(DEFAULT_MODES)
+#: The planner's table rows: the paper's four settings, then every other registered mode.
+PLANNED_MODES = PAPER_MODES + tuple(m for m in DEFAULT_MODES if m not in PAPER_MODES)
 
 
 @dataclass

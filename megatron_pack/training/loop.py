@@ -114,7 +114,8 @@ class Trainer:
                   f"CP {st.cp_size} DP {st.dp_size}, distributed optimizer {use_dist_opt}, "
                   f"{self.sizes.num_microbatches} micro-batches of {t.micro_batch_size} x {ds.train.padded_length} "
                   "tokens per rank and step")
-        log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")  # ends with the one 'fusions:'
+        # ends with the one 'fusions:'
+        log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")
         path = config.data.train_path
         path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
         log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "

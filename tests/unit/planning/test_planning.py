@@ -387,7 +387,8 @@ def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
     at2 = make_plan(plan_config(**{**cfg.to_json(), "context_parallel_size": 2}))
     assert at2["fits"] is True and at2["memory_per_gpu_gb"]["total"] == pytest.approx(opts[2])
     assert at2["timing"]["cp_kv_exchange"]["cp"] == 2 and "proposed CP: 2" in render(plan)
-    with pytest.raises(ConfigError, match="--seq-length: 262142 must be a multiple of 16 under --context-parallel-size 2"):
+    with pytest.raises(ConfigError,
+                       match="--seq-length: 262142 must be a multiple of 16 under --context-parallel-size 2"):
         validate_layout(plan_config(**{**cfg.to_json(), "context_parallel_size": 2, "seq_length": 262142}))
 
 
