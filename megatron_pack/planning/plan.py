@@ -247,7 +247,8 @@ def _mode_rows(cfg: PlanConfig, preset, params, tcfg: TimingConfig, lay: Layout)
     base = next((r for r in rows if r["mode"] == "padding"), None)
     epochs = cfg.spec.train.train_epochs
     for r in rows:
-        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if base and base["steps"] and r["steps"] else None
+        comparable = base and base["steps"] and r["steps"]
+        r["time_vs_padding"] = r["epoch_seconds"] / base["epoch_seconds"] if comparable else None
         if epochs is not None:  # as training counts them (epochs_to_iters), from epoch 0's plan
             whole, frac = int(epochs), epochs - int(epochs)
             r["train_steps"] = whole * r["steps"] + int(r["steps"] * frac)

@@ -74,8 +74,9 @@ class Trainer:
             self.bf16 = config.model.bf16 if config.model.bf16 is not None else self.use_cuda
             self.log = self._logger()
             self.exits.callback(self.log.close)
-            if config.checkpoint.save:  # one run per --save
-                self.exits.callback(acquire_save_lock(config.checkpoint.save).release)
+            lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
+            if lock:  # held by one rank
+                self.exits.callback(lock.release)
             self._build_data()
             self._build_model()
             self._restore()
