@@ -50,17 +50,15 @@ def setting_config(base, setting: Setting, log_file: str, eval_interval: int | N
 
 
 def planned_run(base, setting: Setting) -> dict:
-    """Sequences, steps and drops of a setting's training split, planned without the cache
-    (every rank computes the same numbers, nothing is written)."""
-    from megatron_pack.data.packed_dataset import PackedSFTDataset
-    from megatron_pack.data.sampling import SFTSubset, epochs_to_iters, split_indices
-    from megatron_pack.files.indexed import SFTIndexedDataset
+    """Sequences, steps and drops of a setting's training split: the datasets training builds
+    (:func:`megatron_pack.config.datasets.build_datasets`: blends, CP/document padding), planned
+    without the cache (every rank computes the same numbers, nothing is written)."""
+    from megatron_pack.config.datasets import build_datasets
+    from megatron_pack.data.sampling import epochs_to_iters
 
-    d, t = base.data, base.train
-    data = SFTIndexedDataset(d.data_path)
-    train_idx, _ = split_indices(len(data), d.valid_fraction, t.seed)
-    ds = PackedSFTDataset(SFTSubset(data, train_idx), d.seq_length, setting.mode, seed=t.seed,
-                          overlong=d.packing.overlong, use_cache=False)
+    t = base.train
+    spec = setting_config(base, setting, log_file=None, eval_interval=None)
+    ds = build_datasets(spec, use_cache=False, with_valid=False).train
     steps = t.train_iters or epochs_to_iters(ds, t.global_batch_size, t.train_epochs)
     s = ds.plan.stats
     return {"sequences": len(ds), "steps": int(steps), "mode_dropped_samples": s.mode_dropped_docs,

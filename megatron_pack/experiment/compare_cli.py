@@ -20,9 +20,6 @@ import os
 from megatron_pack.experiment.presets import sample_train_flags
 from megatron_pack.experiment.settings import PAPER_MODES
 
-#: The paper's three settings in its text's form, plus ours.
-DEFAULT_MODES = PAPER_MODES
-
 
 PROG = "compare_modes.py"
 
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.frontdoor import FrontDoorParser
 
     p = FrontDoorParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES),
+    p.add_argument("--modes", nargs="+", default=list(PAPER_MODES),
                    help="packing modes (e.g. padding:pad_to=longest greedy:chunk=1000 random:chunk=1000 bfd); "
                         "MODE/nomask for one setting without the document mask")
     p.add_argument("--masks", nargs="+", choices=("on", "off"), default=["on"],
@@ -71,7 +68,7 @@ def main(argv=None) -> int:
         flags = sample_train_flags(prefix, tok) + flags
     if "--train-iters" not in flags and "--train-epochs" not in flags:
         flags += ["--train-epochs", str(args.epochs)]
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     base = parse_args(flags)  # exits 2 naming the flag on a bad one
     from megatron_pack.files.indexed import check_dataset

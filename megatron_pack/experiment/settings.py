@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_pack.packing.modes import get_mode
+from megatron_pack.packing.modes import PAPER_MODES, get_mode
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,8 @@ def baseline(settings: list[Setting]) -> Setting:
     return settings[0]
 
 
-#: The paper's packing modes in the order its tables list them: the default of every comparison
-#: (the demo, tools/compare_modes.py and the study), each under the mask choices it is given.
-PAPER_MODES = ("padding", "greedy", "random", "bfd")
+# PAPER_MODES (packing.modes: the paper's modes in its tables' order) is the default of every
+# comparison (the demo, tools/compare_modes.py and the study), each under the mask choices given.
 #: The study scores leakage on this pair (without and with the mask) and trains it first, so a
 #: run cut short by its time budget still has the most informative rows.
 LEAKAGE_PAIR = ("greedy/nomask", "greedy")

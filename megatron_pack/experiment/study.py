@@ -40,7 +40,7 @@ def log(msg: str) -> None:
 
 def base_config(args, info: dict, extra: list):
     """The training config every setting shares (the setting changes only the packing)."""
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     flags = ["--data-path", info["train"], "--valid-data-path", info["heldout"], "--valid-fraction", "0",
              "--tokenizer-model", args.model, "--pretrained-checkpoint", info["import"],

@@ -7,27 +7,25 @@ import os
 
 from megatron_pack.checkpoint.dist import is_dist_checkpoint, load_checkpoint, saved_run_config
 from megatron_pack.data.sampling import DataPosition
-from megatron_pack.training.config import ConfigError, TrainConfig
+from megatron_pack.config.spec import ConfigError, TrainConfig
 
 
 def data_signature(config: TrainConfig) -> dict:
     """What the saved data position means; a resumed run must agree."""
     d, t = config.data, config.train
-    sig = {"data_path": _abs(d.data_path), "seq_length": d.seq_length, "pack_mode": d.packing.pack_mode,
-            "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
-            "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
+    sig = {"data_path": _abs(d.data_path, d.train_blend), "seq_length": d.seq_length,
+           "pack_mode": d.packing.pack_mode, "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
+           "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
     if d.train_data_path is not None:  # only when given, so older checkpoints keep resuming
-        sig["train_data_path"] = _abs(d.train_data_path)
+        sig["train_data_path"] = _abs(d.train_data_path, d.train_blend)
     return sig
 
 
-def _abs(value):
-    """A prefix, or a blend's tokens, with the prefixes made absolute (weights kept)."""
+def _abs(value, blend):
+    """A prefix, or a blend's tokens (``blend``: the parsed value), with the prefixes made
+    absolute (weights kept)."""
     if value is None or isinstance(value, str):
         return value and os.path.abspath(value)
-    from megatron_pack.data.blend import parse_blend
-
-    blend = parse_blend(value)
     if blend.weights is None:
         return [os.path.abspath(p) for p in blend.prefixes]
     return [x for w, p in zip(blend.weights, blend.prefixes) for x in (round(w, 12), os.path.abspath(p))]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pack.training.config import ConfigError, TrainConfig
+from megatron_pack.config.spec import ConfigError, TrainConfig
 
 
 def recorded_architecture(path: str):
@@ -77,17 +77,10 @@ def resolve_vocab_size(config: TrainConfig, preset) -> int:
     from megatron_pack.files.indexed_check import check_token_ids
     from megatron_pack.model.vocab import resolve_vocab_size as rule
 
-    from megatron_pack.data.blend import parse_blend
-
     d = config.data
-    value = d.train_data_path if d.train_data_path is not None else d.data_path
-    prefixes = [value] if isinstance(value, str) else list(parse_blend(value).prefixes)
     # A blend: the rule per source (the same unless it falls through to the data's largest id).
-    vocab = max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p) for p in prefixes)
-    if d.valid_data_path is not None:
-        held_out = d.valid_data_path
-        prefixes += [held_out] if isinstance(held_out, str) else list(parse_blend(held_out).prefixes)
-    for p in prefixes:
+    vocab = max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p) for p in d.train_blend.prefixes)
+    for p in d.prefixes:  # the training sources, then --valid-data-path's
         check_token_ids(p, vocab)
     return vocab
 

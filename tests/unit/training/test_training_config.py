@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from megatron_pack.training.cli import build_parser, parse_args, to_argv
-from megatron_pack.training.config import ConfigError, DataArgs, OptimArgs, TrainArgs, TrainConfig, warmup_steps
+from megatron_pack.config.cli import build_parser, parse_args, to_argv
+from megatron_pack.config.spec import ConfigError, DataArgs, OptimArgs, TrainArgs, TrainConfig, warmup_steps
 
 BASE = ["--data-path", "/data/sft", "--train-iters", "10"]
 
