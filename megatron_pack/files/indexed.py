@@ -133,7 +133,11 @@ class SFTDatasetWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # e.g. a full disk while finalizing: no temporary file left
+                self.abort()
+                raise
         else:
             self.abort()
         return False
