@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
+    from megatron_pack.checkpoint.dist import CheckpointSaveError
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.training.loop import NonFiniteLossError, train
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointSaveError) as e:  # it ran and failed (README: exit 1)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

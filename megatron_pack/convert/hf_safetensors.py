@@ -45,7 +45,8 @@ class SafetensorsReader:
                     self.weight_map = dict(json.load(f)["weight_map"])
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ConversionError(f"{index}: not a safetensors index ({e})") from None
-            bad = next((f for f in self.weight_map.values() if not isinstance(f, str) or os.path.basename(f) != f), None)
+            bad = next((f for f in self.weight_map.values()
+                        if not isinstance(f, str) or os.path.basename(f) != f), None)
             if bad is not None:
                 raise ConversionError(f"{index}: weight_map names {bad!r}, not a file in {hf_dir}")
         elif os.path.isfile(single):

@@ -32,7 +32,8 @@ MAX_HEADER_BYTES = 100_000_000
 def _entry(path: str, name: str, info) -> tuple:
     """``(dtype code, shape, start, end)`` of one header entry, checked for types and size."""
     ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list) \
-        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+        and len(info["shape"]) <= 64
     ints = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                       for v in info["shape"] + info["data_offsets"])
     if not ints:
@@ -40,9 +41,10 @@ def _entry(path: str, name: str, info) -> tuple:
     code, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
     if end < start:
         raise SafetensorsHeaderError(f"{path}: tensor {name!r}: data_offsets [{start}, {end}] end before they start")
-    if code in ITEM_BYTES and end - start != math.prod(shape) * ITEM_BYTES[code]:
-        raise SafetensorsHeaderError(f"{path}: tensor {name!r}: {code} {list(shape)} needs "
-                                     f"{math.prod(shape) * ITEM_BYTES[code]:,} bytes, data_offsets give {end - start:,}")
+    need = math.prod(shape) * ITEM_BYTES.get(code, 0)
+    if code in ITEM_BYTES and end - start != need:
+        raise SafetensorsHeaderError(f"{path}: tensor {name!r}: {code} {list(shape)} needs {need:,} bytes, "
+                                     f"data_offsets give {end - start:,}")
     return code, shape, start, end
 
 
