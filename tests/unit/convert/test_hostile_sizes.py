@@ -103,3 +103,16 @@ def test_presets_within_bounds_and_checkpoint_metadata_bounded():
         dataclasses.replace(PRESETS["tiny"], num_layers=10**9)
     with pytest.raises(ArchitectureError, match="hidden_size = '64': must be a positive integer"):
         Architecture("x", 2, "64", 176, 4, 2, None)
+
+
+def test_train_refuses_hostile_config_on_one_line_before_torch(tmp_path):
+    """``train --model PATH``: the config is read with the flags, before any heavy import (hidden
+    10^9 used to reach the model build and die with MemoryError)."""
+    cfg = _write(tmp_path / "m", hf_config(hidden_size=10**9))
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "megatron_pack.train", "--model", str(cfg),
+                          "--data-path", str(tmp_path / "absent"), "--train-iters", "1"],
+                         capture_output=True, text=True, preexec_fn=_limited, timeout=120)
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert f"--model: {cfg / 'config.json'}: hidden_size = 1000000000: exceeds 131,072" in lines[0]
+    assert " torch\n" not in res.stderr and "| torch" not in res.stderr  # refused before torch was imported
