@@ -34,7 +34,10 @@ def prepare_data(workdir: str) -> str:
     jsonl, tok = prepare_sample(workdir)
     prefix = os.path.join(workdir, "sample")
     summary = prefix + "_summary.json"
-    if not (os.path.isfile(summary) and os.path.getmtime(summary) >= os.path.getmtime(os.path.join(tok, "SAMPLE_SHA"))):
+    from megatron_pack.files.indexed_check import preprocessing_finished
+
+    if not (preprocessing_finished(prefix)  # an interrupted run's "incomplete" summary is redone
+            and os.path.getmtime(summary) >= os.path.getmtime(os.path.join(tok, "SAMPLE_SHA"))):
         preprocess(PreprocessConfig(inputs=[jsonl], tokenizer=tok, output_prefix=prefix, progress=False))
     return prefix
 
