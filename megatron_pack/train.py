@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, DatasetError) as e:
         return refusal(PROG, str(e))  # once per job under torchrun
 
+    from megatron_pack.checkpoint.dist import CheckpointSaveError
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.training.loop import NonFiniteLossError, train
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         train(config)
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
         return refusal(PROG, str(e))
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointSaveError) as e:  # it ran and failed (README: exit 1)
         return refusal("", str(e), status=1)
     return 0
 

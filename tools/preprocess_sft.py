@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     except (PreprocessError, TokenizerError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only output directory, a full disk: temporaries already removed
+        from megatron_pack.files.atomic import os_error_line
+
+        print(f"{PROG}: error: {os_error_line(exc, cfg.output_prefix)}", file=sys.stderr)
+        return 2
     secs = time.perf_counter() - start
     c = s["conversations"]
     print(f"conversations: read {c['read']}, written {c['written']}, rejected {c['rejected']} "

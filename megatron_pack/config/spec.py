@@ -106,6 +106,14 @@ class ModelArgs:
         need(self.model is None or self.model in MODEL_PRESETS or os.path.exists(self.model), "--model",
               f"unknown model {self.model!r}: a preset ({', '.join(MODEL_PRESETS)}) or the path of a Hugging "
               "Face config.json / model directory")
+        if self.model is not None and self.model not in MODEL_PRESETS:
+            from megatron_pack.model.architecture import ArchitectureError
+            from megatron_pack.model.hf_architecture import load_hf_architecture
+
+            try:  # a config's sizes bounded here, before torch: hidden 10^9 was a 7.68 TB allocation
+                load_hf_architecture(self.model)
+            except ArchitectureError as e:
+                raise ConfigError(f"--model: {e}") from None
         need(self.init_method_std is None or self.init_method_std > 0, "--init-method-std",
               f"must be > 0, got {self.init_method_std}")
         if self.tokenizer_type is not None:

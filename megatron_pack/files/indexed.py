@@ -170,7 +170,11 @@ class SFTDatasetWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # e.g. a full disk while finalizing: no temporary file left
+                self.abort()
+                raise
         elif not self._closed:
             self.abort()
         return False

@@ -243,15 +243,28 @@ class SentencePieceTokenizer(BaseTokenizer):
 
 
 def _read_chat_template(directory: str, config: dict) -> Optional[str]:
+    """The directory's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or transformers' list of named templates: the ``default`` one).
+    A template of any other type is refused: ignoring it would guess another template."""
     jinja_file = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{jinja_file}: unreadable chat template ({exc})") from None
     template = config.get("chat_template")
+    where = f"{os.path.join(directory, 'tokenizer_config.json')}: chat_template"
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+        if not template or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise TokenizerError(f"{where}: a list must hold {{\"name\": ..., \"template\": \"...\"}} objects with "
+                                 f"string templates, found {json.dumps(template)[:120]}")
+        named = {t.get("name"): t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()))
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{where} = {json.dumps(template)[:120]}: not a string (a Jinja template, or a list of "
+                             "named ones); refusing to guess a template instead")
+    return template
 
 
 #: Megatron-LM ``--tokenizer-type`` -> the file a path of that kind holds.
@@ -305,6 +318,8 @@ def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
                     config = json.load(f)
             except (OSError, ValueError) as exc:
                 raise TokenizerError(f"{config_path}: unreadable tokenizer config ({exc})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
         json_path = os.path.join(path, "tokenizer.json")
         if os.path.isfile(json_path):
             return HFTokenizer(json_path, config, _read_chat_template(path, config), fast=fast)
