@@ -28,7 +28,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _reset_peak():
@@ -130,7 +129,7 @@ def launch(cp: int, args, data: str, out: str) -> list:
     for r in range(cp):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="",
-                   PYTHONWARNINGS="ignore", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONWARNINGS="ignore", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--cp", str(cp), "--data", data,
                                        "--out", out, "--seq-length", str(args.seq_length), "--steps",
                                        str(args.steps)], env=env))
@@ -164,7 +163,7 @@ def planner_part() -> list:
 
     warnings.filterwarnings("ignore")
     import megatron_pack.planning.params as params_mod
-    from megatron_pack.planning.plan import PlanConfig, make_plan
+    from megatron_pack.planning.plan import make_plan, plan_config
 
     built, count = {}, params_mod.count_parameters
 
@@ -179,11 +178,11 @@ def planner_part() -> list:
     rows = []
     for seq in (32768, 131072):
         for cp in (1, 2):
-            plan = make_plan(PlanConfig(model="llama3-70b", nnodes=4, gpus_per_node=8, tensor_model_parallel_size=8,
+            plan = make_plan(plan_config(model="llama3-70b", nnodes=4, gpus_per_node=8, tensor_model_parallel_size=8,
                                         pipeline_model_parallel_size=2, context_parallel_size=cp,
                                         sequence_parallel=True, use_distributed_optimizer=True,
                                         recompute_granularity="full", seq_length=seq, global_batch_size=64,
-                                        gpu="a800"))
+                                        gpu="a800")).to_json()
             x = plan["timing"]["cp_kv_exchange"]
             rows.append({"seq_length": seq, "cp": cp, "dp": plan["layout"]["dp"],
                          "peak_gb": plan["memory_per_gpu_gb"]["total"],
@@ -206,10 +205,10 @@ def planner_part() -> list:
     print("| seq | CP 1 | CP 2 | CP 4 | CP 8 | proposed CP |")
     print("|---:|---:|---:|---:|---:|---:|")
     for seq in (32768, 131072):
-        plan = make_plan(PlanConfig(model="llama3-70b", nnodes=16, gpus_per_node=8, tensor_model_parallel_size=8,
+        plan = make_plan(plan_config(model="llama3-70b", nnodes=16, gpus_per_node=8, tensor_model_parallel_size=8,
                                     pipeline_model_parallel_size=2, sequence_parallel=True,
                                     use_distributed_optimizer=True, recompute_granularity="selective",
-                                    seq_length=seq, global_batch_size=64, gpu="a800"))
+                                    seq_length=seq, global_batch_size=64, gpu="a800")).to_json()
         opts = {o["cp"]: o["peak_gb"] for o in plan["cp_options_gb"]}
         cells = " | ".join(f"{opts[c]:.1f}" if c in opts else "-" for c in (1, 2, 4, 8))
         print(f"| {seq // 1024}k | {cells} | {plan['proposed_cp']} |")

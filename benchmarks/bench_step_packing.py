@@ -32,9 +32,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 def bench_plan(n: int, seq_lengths, batch_sizes, repeats: int) -> list[dict]:
     from bench_packing import sft_length_mix

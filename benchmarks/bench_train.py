@@ -21,14 +21,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def bench(args) -> list[dict]:
     import numpy as np
 
     from megatron_pack.demo import prepare_data
-    from megatron_pack.training.config import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
+    from megatron_pack.config.spec import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
                                                TrainArgs, TrainConfig)
     from megatron_pack.training.loop import train
 

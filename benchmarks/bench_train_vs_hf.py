@@ -162,7 +162,7 @@ def _summary(step_s: list, real: list, slots: list, losses: list, cuda: bool, cp
 
 
 def run_megatron(setting: str, info: dict, args) -> dict:
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.training.loop import train
 
     mode = setting.split("_", 1)[1]

@@ -316,7 +316,7 @@ def model_step_bench(device, workdir: str, *, models: list, modes: list, seq_len
     from megatron_pack.model import presets, spec
     from megatron_pack.model.cost import CostModel
     from megatron_pack.planning.mfu import flops_per_real_token, mfu
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.training.loop import train
 
     cuda = device.type == "cuda"

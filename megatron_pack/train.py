@@ -7,7 +7,7 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
         --train-epochs 3 --lr 1e-5 --lr-warmup-fraction 0.2 --tensor-model-parallel-size 8 \\
         --save ckpt --load ckpt
 
-``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
+``--help`` lists every flag (generated from :mod:`megatron_pack.config.spec`).
 Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
 2 on a bad command line, missing input or a refused input (dataset, checkpoint, --save in use). The
 command line, the batch arithmetic and the dataset's files are checked before Megatron-Core (or
@@ -26,16 +26,18 @@ PROG = "python -m megatron_pack.train"
 def main(argv=None) -> int:
     from megatron_pack.files.indexed import check_dataset
     from megatron_pack.files.indexed_check import DatasetError
+    from megatron_pack.frontdoor import refusal
     from megatron_pack.quiet import quiet_library_noise
-    from megatron_pack.training.cli import parse_args
-    from megatron_pack.training.config import ConfigError
+    from megatron_pack.config.cli import parse_args
+    from megatron_pack.config.spec import ConfigError
 
     quiet_library_noise()
     config = parse_args(argv)
     try:
-        # Batch arithmetic against torchrun's WORLD_SIZE and the dataset's files before paying
-        # for Megatron's import; train() checks the batch again against the real process group.
-        config.resolve(int(os.environ.get("WORLD_SIZE", "1")))
+        # Layout and batch arithmetic against torchrun's WORLD_SIZE (and --model's heads and
+        # layers) and the dataset's files before paying for Megatron's import; train() checks
+        # again against the real process group and the architecture --load records.
+        config.resolve(int(os.environ.get("WORLD_SIZE", "1")), architecture=_flag_architecture(config))
         for prefix in config.data.prefixes:  # every source of a blend, and --valid-data-path's
             check_dataset(prefix)  # missing parts, or an empty dataset
         if config.logging.wandb_project:
@@ -45,9 +47,9 @@ def main(argv=None) -> int:
                 raise ConfigError("--wandb-project: the wandb package is not installed (pip install wandb, "
                                   "or the project's wandb extra)")
     except (ConfigError, FileNotFoundError, DatasetError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return refusal(PROG, str(e))  # once per job under torchrun
 
+    from megatron_pack.checkpoint.dist import CheckpointSaveError
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.training.loop import NonFiniteLossError, train
@@ -55,12 +57,24 @@ def main(argv=None) -> int:
     try:
         train(config)
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return refusal(PROG, str(e))
+    except (NonFiniteLossError, CheckpointSaveError) as e:  # it ran and failed (README: exit 1)
+        return refusal("", str(e), status=1)
     return 0
+
+
+def _flag_architecture(config):
+    """The architecture --model names (a preset or a HF config.json), or None when the run takes
+    the one --load / --pretrained-checkpoint records (checked in train(), once it is read)."""
+    if not config.model.model:
+        return None
+    from megatron_pack.config.spec import ConfigError
+    from megatron_pack.model.presets import get_preset
+
+    try:
+        return get_preset(config.model.model)
+    except ValueError as e:  # an unreadable or refused config.json (ArchitectureError)
+        raise ConfigError(f"--model: {e}") from None
 
 
 if __name__ == "__main__":

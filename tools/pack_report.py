@@ -21,9 +21,7 @@ run's steps of G conversations, each packed with bfd) and a table of steps and r
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROG = "pack_report.py"
 

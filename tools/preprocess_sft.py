@@ -15,12 +15,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_pack.preprocess.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
-from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
-from megatron_pack.templates.registry import TEMPLATES  # noqa: E402
-from megatron_pack.frontdoor import FrontDoorParser  # noqa: E402
+from megatron_pack.preprocess.encode import LOSS_POLICIES  # (numpy only: light)
+from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES
+from megatron_pack.templates.registry import TEMPLATES
+from megatron_pack.frontdoor import FrontDoorParser
 
 PROG = "preprocess_sft.py"
 
@@ -86,6 +84,11 @@ def main(argv=None) -> int:
         s = preprocess(cfg)
     except (PreprocessError, TokenizerError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only output directory, a full disk: temporaries already removed
+        from megatron_pack.files.atomic import os_error_line
+
+        print(f"{PROG}: error: {os_error_line(exc, cfg.output_prefix)}", file=sys.stderr)
         return 2
     secs = time.perf_counter() - start
     c = s["conversations"]

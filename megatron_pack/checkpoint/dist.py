@@ -20,6 +20,7 @@ so the marker never points at nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -29,6 +30,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
 from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
+from megatron_pack.checkpoint.mcore_shim import in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.model.state_keys import unwrap
@@ -90,13 +92,35 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
                 st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be completed (a full disk, an unwritable directory); the previous
+    checkpoint stays the latest and the half-written iteration is removed."""
+
+
+def _save_failure(root: str, iteration: int, exc: BaseException) -> str:
+    """One line: where, why (the disk's free space when that is the likely cause), what is kept."""
+    first = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) in (28, 122) or (free is not None and free < 64 << 20)
+    why = f"the disk is full ({free:,} bytes free)" if full and free is not None else first
+    kept = latest_iteration(root) if os.path.isfile(os.path.join(root, MARKER)) else None
+    return (f"--save {root}: saving iteration {iteration} failed: {why}; the half-written {iter_dir(root, iteration)}"
+            f".tmp was removed, " + (f"iteration {kept} stays the latest checkpoint" if kept is not None
+                                     else "no checkpoint was written"))
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
                     extra: dict | None = None, run_config: dict | None = None, checksums: bool = False) -> str:
     """Collective: every rank calls it. Returns the final directory. ``checksums``: write a
     SHA-256 manifest of the iteration's files (checked by :func:`load_checkpoint`)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's writer failures
 
     children_die_with_parent()  # Megatron's writer forks; a SIGKILLed run must not leave them behind
+    in_process_write_results()  # ... nor a spawned Manager (and its resource tracker) for the write results
     rank, barrier = _dist()
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
@@ -110,15 +134,28 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     state["data"] = dict(data_state)
     state["iteration"] = int(iteration)
     state["extra"] = dict(extra or {})
-    dist_checkpointing.save(state, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-    barrier()
+    # Megatron's writer logs a worker's failure itself; the one line below says it all
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = writer_log.level
+    try:
+        writer_log.setLevel(logging.CRITICAL)
+        dist_checkpointing.save(state, tmp)
+        writer_log.setLevel(level)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        barrier()
+        if rank == 0:
+            if run_config is not None:
+                write_json_atomic(run_config, os.path.join(tmp, "run_config.json"), default=str)
+            if checksums:
+                write_manifest(tmp)  # last: it vouches for everything above
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk: torch's "unexpected pos 704 vs 598"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_save_failure(root, iteration, e)) from None
+    finally:
+        writer_log.setLevel(level)
     if rank == 0:
-        if run_config is not None:
-            write_json_atomic(run_config, os.path.join(tmp, "run_config.json"), default=str)
-        if checksums:
-            write_manifest(tmp)  # last: it vouches for everything above
         old = final + ".old"
         if os.path.isdir(final):  # re-saving the same step (resumed run): set the old one aside
             shutil.rmtree(old, ignore_errors=True)
@@ -133,10 +170,22 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     return final
 
 
-def saved_run_config(path: str) -> dict | None:
-    """The ``run_config.json`` of an iteration directory (None when absent)."""
+def is_dist_checkpoint(path: str) -> bool:
+    """``path`` holds a dist checkpoint (its ``.metadata``), not an empty ``--load``/``--save`` root."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def saved_run_config(path: str, required: bool = False) -> dict | None:
+    """The ``run_config.json`` of an iteration directory (None when absent). ``required``: a
+    missing file is a :class:`CheckpointError` -- every iteration a training run saves has one, and
+    the architecture and packing-plan checks of ``--load`` read nothing else, so without it they
+    would pass silently (a resume on another plan)."""
     f = os.path.join(path, "run_config.json")
     if not os.path.isfile(f):
+        if required:
+            raise CheckpointError(f"{f}: missing (every checkpoint a training run saves has it; the architecture "
+                                  "and packing-plan checks read it): the checkpoint is incomplete or was edited. "
+                                  "Restore the file from a copy of the checkpoint")
         return None
     try:
         with open(f) as fh:
@@ -154,7 +203,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
     RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none.
 
     Order: ``.metadata`` through the allow-list, then the checksum manifest (``verify_checksums``),
-    then ``check_run_config(saved run_config or None, path)`` -- all before any weight is read --
+    then ``check_run_config(saved run_config, path)`` (a missing ``run_config.json`` is refused)
+    -- all before any weight is read --
     and ``check_scheduler(saved scheduler state)`` before the scheduler takes it. The hooks raise
     to refuse."""
     from megatron.core import dist_checkpointing
@@ -170,7 +220,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
         else:
             warnings.warn(f"{path}: no checksum manifest (saved without --checkpoint-checksums); not verified")
     if check_run_config is not None:
-        check_run_config(saved_run_config(path), path)
+        check_run_config(saved_run_config(path, required=True), path)
+    rank, _ = _dist()
+    rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    # read before any weight: a damaged file is refused while the model is still untouched
+    rng = safe_torch_load(rng_file) if os.path.isfile(rng_file) else None
     _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)
@@ -181,10 +235,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
     if check_scheduler is not None:
         check_scheduler(loaded["scheduler"])
     scheduler.load_state_dict(loaded["scheduler"])
-    rank, _ = _dist()
-    rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(safe_torch_load(rng_file))
+    if rng is not None:
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state this run can restore ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
     else:
         warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
     return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),

@@ -55,7 +55,10 @@ class DistCheckpointReader:
     def __init__(self, iter_path: str):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        from megatron_pack.checkpoint.dist_files import check_dist_files
+
         self._metadata = read_dist_metadata(iter_path)  # before anything else reads the directory
+        check_dist_files(iter_path, self._metadata)
         self.path = iter_path
         md = self._metadata.state_dict_metadata
         self.meta = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)

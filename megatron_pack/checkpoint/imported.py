@@ -62,8 +62,13 @@ def read_import_metadata(path: str) -> Optional[dict]:
     meta_path = os.path.join(d, META_NAME)
     if not os.path.isfile(meta_path):
         return None
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable import metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object")
     if meta.get("format") != IMPORT_FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {IMPORT_FORMAT!r}")
     if meta.get("version") != IMPORT_VERSION:
@@ -77,8 +82,17 @@ def is_imported_checkpoint(path: Optional[str]) -> bool:
 
 
 def preset_from_metadata(meta: dict) -> LlamaPreset:
-    """The architecture an import (or a training checkpoint's run_config.json) records."""
-    return architecture_from_dict(meta["architecture"])
+    """The architecture an import (or a training checkpoint's run_config.json) records; one that
+    could not be built (a forged size, a wrong type) is a :class:`CheckpointError`."""
+    from megatron_pack.model.architecture import ArchitectureError
+
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{meta.get('_dir', 'checkpoint')}: metadata records no architecture object")
+    try:
+        return architecture_from_dict(arch)
+    except (ArchitectureError, TypeError) as e:
+        raise CheckpointError(f"{meta.get('_dir', 'checkpoint')}: recorded architecture refused: {e}") from None
 
 
 # ---- writing the import format ------------------------------------------------------------------
@@ -94,11 +108,22 @@ def save_tensors(path: str, tensors: dict) -> None:
 
 
 def read_tensors(path: str) -> dict:
+    """One file of the import, its header checked first (a damaged one is a one-line
+    :class:`CheckpointError` naming it, not the safetensors library's traceback)."""
     from safetensors.torch import load_file
+
+    from megatron_pack.files.safetensors import SafetensorsHeaderError, read_safetensors_header
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing from the imported checkpoint")
-    return load_file(path)
+    try:
+        read_safetensors_header(path)
+        return load_file(path)
+    except SafetensorsHeaderError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # the library's own refusal of what the check above let through
+        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 # ---- loading the import format into a model (the --load hook) -----------------------------------

@@ -87,6 +87,11 @@ def safe_torch_load(path, **kw):
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused (only tensors and plain values are loaded): "
                               f"{str(e).splitlines()[0]}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or corrupt zip archive
+        first = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0]
+        raise CheckpointError(f"{path}: unreadable ({first}; truncated or damaged)") from None
 
 
 def _safe_reader_cls():
@@ -137,7 +142,10 @@ def safe_load_strategies(iter_path: str, metadata=None):
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 
+    from megatron_pack.checkpoint.dist_files import check_dist_files
+
     md = metadata if metadata is not None else read_dist_metadata(iter_path)
+    check_dist_files(iter_path, md)  # every shard the index names there and long enough
 
     class SafePlanner(SafeBytesMixin, mtorch.MCoreLoadPlanner):
         pass

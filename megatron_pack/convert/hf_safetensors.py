@@ -10,70 +10,85 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
 from megatron_pack.checkpoint.layout import CheckpointError as ConversionError
 from megatron_pack.convert import mapping as M
-from megatron_pack.files.safetensors import release_memory, write_safetensors
+from megatron_pack.files.safetensors import (SafetensorsHeaderError, read_safetensors_header, release_memory,
+                                             write_safetensors)
 from megatron_pack.model.presets import LlamaPreset
 
 
 # safetensors header codes a weight may have (anything else -- I32, I8, U8, F8_*, ... -- is refused)
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class SafetensorsReader:
-    """Tensors of a HF directory (``model.safetensors`` or an index + shards), one at a time."""
+    """Tensors of a HF directory (``model.safetensors`` or an index + shards), one at a time.
+    Every shard's header is checked (:func:`read_safetensors_header`) before the safetensors
+    library opens it, so a damaged file is one line naming it, not a ``SafetensorError``."""
 
     def __init__(self, hf_dir: str):
         from safetensors import safe_open
 
         self._safe_open = safe_open
         self.dir = hf_dir
+        self._headers: dict = {}  # file name -> {tensor: (dtype code, shape)}
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(index):
             try:
                 with open(index) as f:
                     self.weight_map = dict(json.load(f)["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ConversionError(f"{index}: not a safetensors index ({e})") from None
+            bad = next((f for f in self.weight_map.values()
+                        if not isinstance(f, str) or os.path.basename(f) != f), None)
+            if bad is not None:
+                raise ConversionError(f"{index}: weight_map names {bad!r}, not a file in {hf_dir}")
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            self.weight_map = {k: "model.safetensors" for k in self._header("model.safetensors")}
         else:
             bins = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth"))]
             hint = f" (found {bins}: pickle checkpoints are not read; convert them to safetensors first)" if bins else ""
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._shapes: dict = {}  # name -> (shape, dtype code), read from the headers
 
-    def _path(self, name: str) -> str:
+    def _header(self, fname: str) -> dict:
+        if fname not in self._headers:
+            path = os.path.join(self.dir, fname)
+            if not os.path.isfile(path):
+                raise ConversionError(f"{path}: listed in the index but missing")
+            try:
+                self._headers[fname] = read_safetensors_header(path)
+            except SafetensorsHeaderError as e:
+                raise ConversionError(str(e)) from None
+        return self._headers[fname]
+
+    def _entry(self, name: str) -> tuple:
+        """``(dtype code, shape)`` of ``name`` from its shard's checked header."""
         try:
             fname = self.weight_map[name]
         except KeyError:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing") from None
-        path = os.path.join(self.dir, fname)
-        if not os.path.isfile(path):
-            raise ConversionError(f"{path}: listed in the index but missing")
-        return path
+        header = self._header(fname)
+        if name not in header:
+            raise ConversionError(f"{os.path.join(self.dir, fname)}: holds no tensor {name!r} (the index says it does)")
+        return header[name]
 
     def _open(self, name: str):
         # A fresh mapping per read: a handle kept open would keep every page it ever touched
         # in this process's resident set until the end (file-backed, but it is what RSS shows).
-        return self._safe_open(self._path(name), framework="pt")
+        self._entry(name)
+        return self._safe_open(os.path.join(self.dir, self.weight_map[name]), framework="pt")
 
     def names(self) -> list:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple:
-        if name not in self._shapes:
-            with self._open(name) as f:
-                for k in f.keys():
-                    if self.weight_map.get(k) == self.weight_map[name]:
-                        sl = f.get_slice(k)
-                        self._shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
-        return self._shapes[name][0]
+        return self._entry(name)[1]
 
     def get(self, name: str) -> torch.Tensor:
         with self._open(name) as f:
@@ -85,17 +100,26 @@ class SafetensorsReader:
             return f.get_slice(name)[start:end]
 
     def dtype(self, name: str) -> torch.dtype:
-        self.shape(name)
-        code = self._shapes[name][1]
+        code = self._entry(name)[0]
         if code not in FLOAT_DTYPES:
-            raise ConversionError(f"{self._path(name)}: tensor {name!r} is {code}; weights must be one of "
-                                  f"{sorted(FLOAT_DTYPES)} (an integer or quantized tensor would be cast to "
-                                  "nonsense values)")
+            raise ConversionError(f"{os.path.join(self.dir, self.weight_map[name])}: tensor {name!r} is {code}; "
+                                  f"weights must be one of {sorted(FLOAT_DTYPES)} (an integer or quantized tensor "
+                                  "would be cast to nonsense values)")
         return FLOAT_DTYPES[code]
 
-    def validate(self, preset: LlamaPreset) -> None:
+    def check_layer_count(self, preset: LlamaPreset, config_path: str) -> None:
+        """``num_hidden_layers`` against the layers the tensors hold, before anything is sized
+        from it (a config claiming 10^9 layers over a 2-layer file once built 10^9 layers' names)."""
+        held = {int(m.group(1)) for m in map(_LAYER_NAME.match, self.weight_map) if m}
+        if len(held) != preset.num_layers:
+            raise ConversionError(f"{config_path}: num_hidden_layers = {preset.num_layers}, but the safetensors in "
+                                  f"{self.dir} hold {len(held)} layers" +
+                                  (f" (model.layers.{min(held)} .. {max(held)})" if held else ""))
+
+    def validate(self, preset: LlamaPreset, config_path: str = "config.json") -> None:
         """Every tensor the architecture needs is there with the shape the config implies
         (headers only: nothing is read), before any output is written."""
+        self.check_layer_count(preset, config_path)
         shapes = M.hf_shapes(preset)
         expected = dict(shapes["top"])
         for i in range(preset.num_layers):
@@ -122,7 +146,7 @@ class SafetensorsReader:
                                   f"describes it, e.g. {extra[:3]} (a different architecture?)")
 
     def close(self) -> None:
-        self._shapes.clear()
+        self._headers.clear()
 
 
 class ShardedSafetensorsWriter:

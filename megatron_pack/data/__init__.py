@@ -3,7 +3,10 @@
     packed_dataset  PackedSFTDataset: fixed-length sequences with labels, loss mask,
                     positions and cu_seqlens from a packing plan
     collate         THD (packed) and padded collate functions
-    sampling        train/held-out split, subsets, the resumable DP-sharded stream, eval batches
+    split           the held-out split and subset views
+    datasets        train and held-out datasets, plain or blended (built from plain arguments)
+    sampling        the resumable DP-sharded training stream
+    eval_batches    the held-out split as global batches
 
 Names are resolved lazily so ``import megatron_pack.data`` needs neither torch nor the
 compiled packing engine until they are used.

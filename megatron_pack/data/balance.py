@@ -175,6 +175,14 @@ def place(costs, dp_size: int, micro_batch_size: int) -> list[list[list[int]]]:
     return out
 
 
+def balance_on(balance_batches: bool | None, dp_size: int, pp_size: int) -> bool:
+    """``--balance-batches`` as training resolves it (and the planner forecasts it): on by
+    default when DP > 1 or PP > 1; ``--balance-batches``/``--no-balance-batches`` override."""
+    if balance_batches is not None:
+        return bool(balance_batches)
+    return dp_size > 1 or pp_size > 1
+
+
 def contiguous(n: int, dp_size: int, micro_batch_size: int) -> list[list[list[int]]]:
     """The unbalanced placement (stream order): rank r takes the r-th block of ``n / D``."""
     per = n // dp_size

@@ -58,6 +58,11 @@ class Blend:
     weights: Optional[tuple] = None
 
     @property
+    def plain(self) -> bool:
+        """One prefix without a weight: the plain dataset, not a blend."""
+        return len(self.prefixes) == 1 and self.weights is None
+
+    @property
     def names(self) -> tuple:
         """Short unique names for logs: the prefix's file name (with ``#k`` when repeated)."""
         base = [os.path.basename(p.rstrip("/")) or p for p in self.prefixes]

@@ -107,9 +107,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"seq_length must be >= 2, got {seq_length}")
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        if document_multiple < 1 or seq_length % document_multiple:
-            raise ValueError(f"--seq-length {seq_length} must be a multiple of {document_multiple} (2 x context "
-                             "parallel size, times TP with sequence parallel) so every rank gets whole chunks")
+        if document_multiple < 1 or seq_length % document_multiple:  # the flags are checked in config.spec
+            raise ValueError(f"seq_length {seq_length} is not a multiple of document_multiple {document_multiple}")
         self.document_multiple = int(document_multiple)
         self.seq_length = int(seq_length)
         self.padded_length = -(-self.seq_length // pad_to_multiple_of) * pad_to_multiple_of

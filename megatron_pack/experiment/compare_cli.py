@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 
-#: The paper's three settings in its text's form, plus ours.
-DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
+from megatron_pack.experiment.presets import sample_train_flags
+from megatron_pack.experiment.settings import PAPER_MODES
 
 
 PROG = "compare_modes.py"
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pack.frontdoor import FrontDoorParser
 
     p = FrontDoorParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES),
+    p.add_argument("--modes", nargs="+", default=list(PAPER_MODES),
                    help="packing modes (e.g. padding:pad_to=longest greedy:chunk=1000 random:chunk=1000 bfd); "
                         "MODE/nomask for one setting without the document mask")
     p.add_argument("--masks", nargs="+", choices=("on", "off"), default=["on"],
@@ -40,13 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --data-path: N synthetic conversations instead of the built-in sample")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then training flags for every run")
     return p
-
-
-def sample_train_flags(prefix: str, tokenizer: str) -> list[str]:
-    """The quickstart's training flags for the tiny model on the sample data."""
-    return ["--data-path", prefix, "--tokenizer-model", tokenizer, "--model", "tiny", "--seq-length", "512",
-            "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4",
-            "--lr-warmup-fraction", "0.1", "--clip-grad", "1.0", "--valid-fraction", "0.05", "--log-interval", "5"]
 
 
 def main(argv=None) -> int:
@@ -75,7 +68,7 @@ def main(argv=None) -> int:
         flags = sample_train_flags(prefix, tok) + flags
     if "--train-iters" not in flags and "--train-epochs" not in flags:
         flags += ["--train-epochs", str(args.epochs)]
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     base = parse_args(flags)  # exits 2 naming the flag on a bad one
     from megatron_pack.files.indexed import check_dataset

@@ -31,6 +31,28 @@ class ArchitectureError(ValueError):
     """An architecture that megatron_pack cannot build, with the key, value and reason."""
 
 
+#: Upper bounds on the sizes an architecture may have, far above any published decoder (Llama 3.1
+#: 405B: 126 layers, hidden 16384, FFN 53248, 128 heads; the largest vocabularies ~256k tokens;
+#: contexts of 10M tokens). A config above one of them is hostile or mistyped: refused before
+#: anything is sized from it (a model spec of 10^9 layers, a 7 TB allocation for hidden 10^9).
+SIZE_LIMITS = {"num_layers": 1 << 10, "hidden_size": 1 << 17, "ffn_hidden_size": 1 << 20,
+               "num_attention_heads": 1 << 12, "num_query_groups": 1 << 12, "head_dim": 1 << 13,
+               "vocab_size": 1 << 24, "max_position_embeddings": 1 << 27,
+               "rope_original_max_position_embeddings": 1 << 27}
+
+
+_OPTIONAL_SIZES = ("vocab_size", "head_dim", "rope_original_max_position_embeddings")
+
+
+def size_problem(value, limit: int) -> Optional[str]:
+    """Why ``value`` is not a size in [1, limit] (None when it is one)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return "must be a positive integer"
+    if value > limit:
+        return f"exceeds {limit:,} (the sane bound for this size; no published model comes near it)"
+    return None
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Architecture of a Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE."""
@@ -60,6 +82,16 @@ class Architecture:
     rope_original_max_position_embeddings: Optional[int] = None
 
     def __post_init__(self):
+        for key, limit in SIZE_LIMITS.items():
+            value = getattr(self, key)
+            problem = None if value is None and key in _OPTIONAL_SIZES else size_problem(value, limit)
+            if problem:
+                raise ArchitectureError(f"architecture {self.name}: {key} = {value!r}: {problem}")
+        for key in ("rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "norm_eps",
+                    "init_method_std"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ArchitectureError(f"architecture {self.name}: {key} = {value!r}: must be a finite number >= 0")
         if self.family not in FAMILIES:
             raise ArchitectureError(f"architecture {self.name}: family {self.family!r} is not one of {FAMILIES}")
         if self.rope_scaling_type not in ROPE_SCALING_TYPES:

@@ -21,20 +21,34 @@ converter; :mod:`megatron_pack.convert.hf_config` wraps it for conversion.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
-from megatron_pack.model.architecture import Architecture, ArchitectureError
+from megatron_pack.model.architecture import SIZE_LIMITS, Architecture, ArchitectureError, size_problem
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
                  "rms_norm_eps")
+#: Size keys of a config -> the architecture field whose bound (``SIZE_LIMITS``) they obey; checked
+#: before anything is sized from them.
+SIZE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size",
+             "num_attention_heads": "num_attention_heads", "num_hidden_layers": "num_layers",
+             "vocab_size": "vocab_size", "num_key_value_heads": "num_query_groups", "head_dim": "head_dim",
+             "max_position_embeddings": "max_position_embeddings"}
 #: Keys whose presence (non-zero) means mixture-of-experts layers.
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
 
 
 def _refuse(path: str, key: str, value, reason: str):
     raise ArchitectureError(f"{path}: {key} = {json.dumps(value)}: {reason}")
+
+
+def _number(path: str, key: str, value) -> float:
+    """A finite, non-negative JSON number (Python's json reads ``Infinity`` and ``NaN`` too)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        _refuse(path, key, value, "must be a finite number >= 0")
+    return float(value)
 
 
 def _family(cfg: dict, path: str) -> str:
@@ -74,10 +88,13 @@ def _rope(cfg: dict, path: str) -> dict:
     ``rope_scaling`` (4.x configs, the hub's)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            _refuse(path, key, value, "must be a JSON object")
     where = "rope_parameters" if params.get("rope_type") or params.get("type") else "rope_scaling"
     source = {**scaling, **params} if where == "rope_parameters" else {**params, **scaling}
     kind = source.get("rope_type") or source.get("type") or "default"
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _number(path, "rope_theta", params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     partial = source.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         _refuse(path, "partial_rotary_factor", partial, "partial rotary embeddings are not supported")
@@ -91,13 +108,17 @@ def _rope(cfg: dict, path: str) -> dict:
     def need(key):
         if key not in source:
             raise ArchitectureError(f"{path}: {where}.{key} is missing (needed by rope_type {kind!r})")
-        return source[key]
+        return _number(path, f"{where}.{key}", source[key])
 
-    out.update(rope_scaling_type=kind, rope_scaling_factor=float(need("factor")))
+    out.update(rope_scaling_type=kind, rope_scaling_factor=need("factor"))
     if kind == "llama3":
-        out.update(rope_low_freq_factor=float(need("low_freq_factor")),
-                   rope_high_freq_factor=float(need("high_freq_factor")),
-                   rope_original_max_position_embeddings=int(need("original_max_position_embeddings")))
+        out.update(rope_low_freq_factor=need("low_freq_factor"), rope_high_freq_factor=need("high_freq_factor"))
+        need("original_max_position_embeddings")
+        original = source["original_max_position_embeddings"]
+        problem = size_problem(original, SIZE_LIMITS["rope_original_max_position_embeddings"])
+        if problem:
+            _refuse(path, f"{where}.original_max_position_embeddings", original, problem)
+        out["rope_original_max_position_embeddings"] = original
         if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
             _refuse(path, f"{where}.high_freq_factor", out["rope_high_freq_factor"],
                     "must exceed low_freq_factor")
@@ -114,12 +135,13 @@ def architecture_from_hf_config(cfg: dict, path: str = "config.json", name: Opti
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ArchitectureError(f"{path}: missing required keys {missing}")
-    for k in REQUIRED_KEYS[:5] + ("num_key_value_heads", "head_dim"):
+    for k, field in SIZE_KEYS.items():
         v = cfg.get(k)
         if v is None and k not in REQUIRED_KEYS:
             continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            _refuse(path, k, v, "must be a positive integer")
+        problem = size_problem(v, SIZE_LIMITS[field])
+        if problem:
+            _refuse(path, k, v, problem)
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu":
         _refuse(path, "hidden_act", act, "only SiLU (SwiGLU) MLPs are supported")
@@ -141,8 +163,9 @@ def architecture_from_hf_config(cfg: dict, path: str = "config.json", name: Opti
         name=name or f"hf-{family}", family=family, num_layers=cfg["num_hidden_layers"], hidden_size=hidden,
         ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads, num_query_groups=kv,
         vocab_size=cfg["vocab_size"], max_position_embeddings=int(cfg.get("max_position_embeddings") or default_max),
-        norm_eps=float(cfg["rms_norm_eps"]), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_method_std=float(cfg.get("initializer_range", 0.02)),
+        norm_eps=_number(path, "rms_norm_eps", cfg["rms_norm_eps"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_method_std=_number(path, "initializer_range", cfg.get("initializer_range", 0.02)),
         head_dim=head_dim if head_dim not in (None, hidden // heads) else None,
         qkv_bias=family == "qwen2", **_rope(cfg, path),
     )

@@ -256,5 +256,8 @@ def get_mode(spec: "str | PackingMode") -> PackingMode:
     return cls(**kwargs)
 
 
-#: Every mode registered above, in registry order: what pack_report and the planner compare.
+#: Every mode registered above, in registry order: what pack_report compares.
 DEFAULT_MODES = tuple(PACKING_MODES)
+#: The four settings "Packing Analysis" (arXiv 2410.08081) compares, in its order: the experiment's
+#: default; the planner's rows are these, then the other registered modes.
+PAPER_MODES = ("padding", "greedy", "random", "bfd")

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from megatron_pack.packing import reference as ref
+from megatron_pack.packing.seeds import derive_seed
 from megatron_pack.packing.modes import PACKING_MODES, Engine, PackingMode, _engine, get_mode  # noqa: F401
 
 OverlongPolicy = Literal["truncate", "drop", "cut-at-turns"]
@@ -280,7 +280,7 @@ def build_plan(
     item_len = np.ascontiguousarray(items[:, 2] - items[:, 1])
     if pad_multiple > 1:
         item_len = -(-item_len // pad_multiple) * pad_multiple
-    item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, ref.derive_seed(seed, epoch), engine)
+    item, lo, hi, seq_offsets, split = mode.pack(item_len, max_seq_length, derive_seed(seed, epoch), engine)
     item = np.asarray(item, dtype=np.int64)
     pieces = np.take(items, item, axis=0)  # much faster than items[item] for [n, 3]
     if lo is not None:

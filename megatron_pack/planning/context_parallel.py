@@ -19,7 +19,6 @@ previous one, so only what exceeds the attention compute time is exposed.
 
 from __future__ import annotations
 
-import dataclasses
 
 from megatron_pack.model.presets import LlamaPreset
 from megatron_pack.planning.catalogue import GPUSpec
@@ -49,15 +48,16 @@ def cp_candidates(cfg) -> list[int]:
     world / (TP * PP), the batch still splits over DP, and --seq-length over 2*CP (x TP with SP)."""
     from megatron_pack.data.context_parallel import document_multiple
 
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    par, t = cfg.spec.parallel, cfg.spec.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     out = []
     for cp in range(1, cfg.world_size // (tp * pp) + 1):
         if cfg.world_size % (tp * pp * cp):
             continue
         dp = cfg.world_size // (tp * pp * cp)
-        if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        if t.global_batch_size % (t.micro_batch_size * dp):
             continue
-        if cfg.seq_length % document_multiple(cp, tp, cfg.sequence_parallel):
+        if cfg.spec.data.seq_length % document_multiple(cp, tp, par.sequence_parallel):
             continue
         out.append(cp)
     return out
@@ -65,7 +65,7 @@ def cp_candidates(cfg) -> list[int]:
 
 def cp_options(cfg, peak_of) -> list[dict]:
     """Peak GiB per GPU at every legal CP (``peak_of(cfg_at_cp)`` returns it), smallest first."""
-    return [{"cp": cp, "peak_gb": float(peak_of(dataclasses.replace(cfg, context_parallel_size=cp)))}
+    return [{"cp": cp, "peak_gb": float(peak_of(cfg.with_cp(cp)))}
             for cp in cp_candidates(cfg)]
 
 

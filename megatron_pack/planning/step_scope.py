@@ -18,28 +18,23 @@ from megatron_pack.model.cost import CostModel
 from megatron_pack.packing.step_scope import spread
 
 
-def step_scope_row(cfg, part, preset, matmul_params: int, tcfg, dp: int, padded_length: int) -> dict:
-    """One ``_modes_table`` row (plus ``rows_per_step``) for per-step packing of ``part`` (the training split)."""
-    from megatron_pack.data.context_parallel import document_multiple
-    from megatron_pack.data.step_dataset import StepPackedDataset
-
-    ds = StepPackedDataset(part, cfg.seq_length, "bfd", global_batch_size=cfg.global_batch_size, seed=cfg.seed,
-                           overlong=cfg.overlong, document_mask=cfg.document_mask, use_cache=False,
-                           document_multiple=document_multiple(cfg.context_parallel_size,
-                                                               cfg.tensor_model_parallel_size, cfg.sequence_parallel))
+def step_scope_row(ds, preset, matmul_params: int, tcfg, *, dp: int, micro_batch_size: int, padded_length: int,
+                   document_mask: bool, pad_attention: bool) -> dict:
+    """One ``_modes_table`` row (plus ``rows_per_step``) for ``ds``, the training split's
+    :class:`~megatron_pack.data.step_dataset.StepPackedDataset` (built by ``build_datasets``)."""
     plan, rows = ds.plan, ds.rows_per_step()
-    unit = dp * cfg.micro_batch_size
+    unit = dp * micro_batch_size
     run_rows = -(-rows // unit) * unit  # with the empty rows that even out the ranks
     cost = CostModel.from_architecture(preset, matmul_params=matmul_params)
-    sq = np.zeros(plan.num_sequences) if cfg.pad_attention else sequence_sum_sq(plan, cfg.document_mask)
-    if cfg.pad_attention:
+    sq = np.zeros(plan.num_sequences) if pad_attention else sequence_sum_sq(plan, document_mask)
+    if pad_attention:
         sq[:] = float(padded_length) ** 2
     attn = cost.attention_flops_per_sq * np.add.reduceat(sq, ds.step_offsets[:-1]) if rows.size else np.zeros(0)
     dense = cost.linear_flops_per_token * padded_length * run_rows
     model = dense + attn
-    extra = {"full": model / 3.0, "selective": attn / 3.0}.get(cfg.recompute_granularity, 0.0)
+    extra = {"full": model / 3.0, "selective": attn / 3.0}.get(tcfg.recompute_granularity, 0.0)
     micro = run_rows // unit
-    bubble = (cfg.pipeline_model_parallel_size - 1) / np.maximum(micro, 1)
+    bubble = (tcfg.pp - 1) / np.maximum(micro, 1)
     seconds = (model + extra) / (tcfg.num_gpus * tcfg.gpu.peak_flops * tcfg.mfu) * (1.0 + bubble)
     steps = int(rows.size)
     epoch_s = float(seconds.sum())

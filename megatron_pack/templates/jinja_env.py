@@ -7,9 +7,12 @@ exactly as ``apply_chat_template`` renders it. On top, because templates are unt
 
 - no constant folding at compile time (``optimized=False``): ``{{ 'a' * 3000000000 }}`` is not
   evaluated while compiling; output is the same, folding only moves work earlier;
-- operators and filters that build big values in one C call (``*``, ``**``, ``+``, ``%``,
-  ``center``, ``indent``, ``format``, ``tojson(indent=...)``) refuse results above
-  ``max_chars``; ``range`` is already capped at 100,000 by Jinja's sandbox;
+- operators, filters and string methods that build big values in one C call (``*``, ``**``,
+  ``+``, ``%``, ``~``; ``center``, ``indent``, ``format``, ``replace``, ``join``, ``batch``,
+  ``slice``, ``tojson(indent=...)``; ``str.zfill/ljust/rjust/center/expandtabs/replace/join/
+  translate/format/format_map``; ``lipsum``) refuse results above ``max_chars``, checked before
+  the value is built where it grows multiplicatively (``''.zfill(2**31)`` in a template that never
+  outputs it once took 2 GB); ``range`` is already capped at 100,000 by Jinja's sandbox;
 - a wall-clock limit per render (SIGALRM, main thread only) and an output limit.
 
 Over a bound, :class:`TemplateLimitError` names the bound; callers reject the record.
@@ -83,6 +86,84 @@ class _Bounds:
         return wrapped
 
 
+    def method_size(self, owner: str, name: str, args: tuple, kwargs: dict) -> int:
+        """Characters a ``str`` method call would build (0: does not grow its string)."""
+        arg = lambda i, key, default=0: kwargs.get(key, args[i] if len(args) > i else default)  # noqa: E731
+        if name in ("zfill", "ljust", "rjust", "center"):
+            width = arg(0, "width")
+            return max(len(owner), width) if isinstance(width, int) else 0
+        if name == "expandtabs":
+            size = arg(0, "tabsize", 8)
+            return len(owner) + owner.count("\t") * size if isinstance(size, int) else 0
+        if name == "replace":
+            old, new = arg(0, "old", None), arg(1, "new", None)
+            if isinstance(old, str) and isinstance(new, str):
+                hits = owner.count(old) if old else len(owner) + 1
+                return len(owner) + hits * max(0, len(new) - len(old))
+        if name == "translate" and isinstance(arg(0, "table", None), dict):
+            longest = max((_size(v) for v in arg(0, "table").values()), default=1)
+            return len(owner) * max(1, longest)
+        if name in ("format", "format_map"):
+            return self.format_size(owner, args, kwargs)
+        return 0
+
+    def format_size(self, owner: str, args: tuple, kwargs: dict) -> int:
+        """An upper estimate of ``owner.format(*args, **kwargs)``: the literal, every argument's
+        size, and every width a format spec may ask for (literal digits, or any integer argument
+        when the width is itself a replacement field)."""
+        import string
+
+        values = list(args) + list(kwargs.values())
+        for v in list(values):
+            if isinstance(v, dict):
+                values += list(v.values())
+        total = len(owner) + sum(_size(v) for v in values)
+        try:
+            fields = list(string.Formatter().parse(owner))
+        except ValueError:
+            return total  # format() raises the same error itself
+        for _, _, spec, _ in fields:
+            if spec:
+                total += sum(int(d) for d in re.findall(r"\d+", spec))
+                if "{" in spec:
+                    total += sum(abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+        return total
+
+    def call(self, env_call):
+        """The sandbox's ``call`` with string methods that grow their string checked first."""
+        def call(context, obj, *args, **kwargs):
+            target = getattr(obj, "__wrapped__", obj)  # str.format arrives wrapped by the sandbox
+            owner = getattr(target, "__self__", None)
+            if isinstance(owner, str):
+                name = getattr(target, "__name__", "")
+                if name == "join":
+                    items = list(args[0]) if args else []
+                    self.check(len(owner) * max(0, len(items) - 1) + sum(_size(i) for i in items), "str.join")
+                    args = (items,) + tuple(args[1:])
+                else:
+                    self.check(self.method_size(owner, name, args, kwargs), f"str.{name}")
+            return env_call(context, obj, *args, **kwargs)
+
+        return call
+
+    def sized(self, value, what: str):
+        """``value`` itself, after checking its size (for additive operations, built first)."""
+        self.check(_size(value), what)
+        return value
+
+
+def _bounded_code_generator(base):
+    """Jinja's code generator with ``a ~ b`` (string concatenation, not a sandbox-intercepted
+    operator) checked: a template doubling a string in a loop grew without bound."""
+    class BoundedCodeGenerator(base):
+        def visit_Concat(self, node, frame):
+            self.write("environment.bounds.sized(")
+            super().visit_Concat(node, frame)
+            self.write(", \"'~'\")")
+
+    return BoundedCodeGenerator
+
+
 #: The transformers release this module is tested with (``_compile_jinja_template`` is private
 #: API; pyproject allows >=4.45, where it exists).
 TESTED_TRANSFORMERS = "5.24"
@@ -101,6 +182,42 @@ def _transformers_environment():
     return _compile_jinja_template("").environment
 
 
+def _bound_collection_filters(env, bounds: _Bounds) -> None:
+    """``replace``, ``join``, ``batch``, ``slice`` and ``lipsum``: sizes checked before building."""
+    base = dict(env.filters)
+
+    def replace(eval_ctx, s, old, new, count=None):
+        if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+            bounds.check(bounds.method_size(s, "replace", (old, new), {}), "replace")
+        return base["replace"](eval_ctx, s, old, new, count)
+
+    def join(eval_ctx, value, d="", attribute=None):
+        items = list(value)
+        bounds.check(len(str(d)) * max(0, len(items) - 1) + sum(_size(i) for i in items), "join")
+        return base["join"](eval_ctx, items, d, attribute)
+
+    def batch(value, linecount, fill_with=None):
+        if isinstance(linecount, int):
+            bounds.check(linecount, "batch")
+        return base["batch"](value, linecount, fill_with)
+
+    def slice_(value, slices, fill_with=None):
+        if isinstance(slices, int):
+            bounds.check(slices, "slice")
+        return base["slice"](value, slices, fill_with)
+
+    from jinja2.utils import pass_eval_context
+
+    env.filters.update(replace=pass_eval_context(replace), join=pass_eval_context(join), batch=batch, slice=slice_)
+    lipsum = env.globals.get("lipsum")
+    if lipsum is not None:
+        def bounded_lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 (Jinja's names)
+            bounds.check(n * max if isinstance(n, int) and isinstance(max, int) else 0, "lipsum")
+            return lipsum(n, html, min, max)
+
+        env.globals["lipsum"] = bounded_lipsum
+
+
 def bounded_environment(max_chars: int = DEFAULT_MAX_CHARS, date: Optional[datetime] = None):
     """An overlay of transformers' environment with the bounds above. ``date`` pins
     ``strftime_now`` (the day a preprocessing run started), so one run is reproducible."""
@@ -109,6 +226,9 @@ def bounded_environment(max_chars: int = DEFAULT_MAX_CHARS, date: Optional[datet
     bounds = _Bounds(max_chars)
     env.intercepted_binops = frozenset({"*", "**", "+", "%"})
     env.call_binop = bounds.binop(base.call_binop)
+    env.call = bounds.call(base.call)
+    env.bounds = bounds
+    env.code_generator_class = _bounded_code_generator(base.code_generator_class)
     env.filters = dict(base.filters)
     for name in ("center", "indent"):
         env.filters[name] = bounds.wrap_width(base.filters[name], name)
@@ -130,6 +250,7 @@ def bounded_environment(max_chars: int = DEFAULT_MAX_CHARS, date: Optional[datet
 
     env.filters["tojson"] = bounded_tojson
     env.globals = dict(base.globals)
+    _bound_collection_filters(env, bounds)
     if date is not None:
         env.globals["strftime_now"] = lambda fmt: date.strftime(fmt)
     return env
@@ -182,12 +303,16 @@ def render_bounded(template, max_chars: int, time_limit_s: Optional[float], trac
             ctx = template.environment.activate_tracker(*tracker)
         else:
             ctx = _nullcontext()
-        with ctx:
-            for block in template.generate(**context):
-                total += len(block)
-                if total > max_chars:
-                    raise TemplateLimitError(f"rendered chat exceeds {max_chars:,} characters")
-                blocks.append(block)
+        try:
+            with ctx:
+                for block in template.generate(**context):
+                    total += len(block)
+                    if total > max_chars:
+                        raise TemplateLimitError(f"rendered chat exceeds {max_chars:,} characters")
+                    blocks.append(block)
+        except MemoryError:  # a growth no bound above foresaw, under a memory limit
+            del blocks[:]
+            raise TemplateLimitError("rendering the chat template ran out of memory") from None
     return "".join(blocks)
 
 

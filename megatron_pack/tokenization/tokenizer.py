@@ -125,10 +125,40 @@ class HFTokenizer(BaseTokenizer):
                                                "cls_token", "mask_token")
                                 if (n := token_name(config.get(k))) is not None}
         self._hf = None
-        self._byte_len = None
+        self._byte_len = self._tiktoken_added = None
 
     def added_tokens(self):
         return [(t.content, t.special) for t in self._tok.get_added_tokens_decoder().values()]
+
+    def added_token_ids(self) -> dict:
+        """``{content: id}`` of every added token, special or not."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @property
+    def tiktoken(self):
+        """The tiktoken Encoding that encodes plain text, or None when ``tokenizers`` does."""
+        return self._tiktoken
+
+    def chat_backend(self):
+        """A ``tokenizers.Tokenizer`` that matches added tokens in text, as transformers encodes
+        a rendered chat (this tokenizer's own does not: only templates emit special tokens);
+        built on first use."""
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_str(self._tok.to_str())
+            self._hf.encode_special_tokens = False
+        return self._hf
+
+    def tiktoken_tables(self) -> tuple:
+        """``(byte length of every id, a tiktoken Encoding that knows the added tokens)``, built
+        on first use (:func:`megatron_pack.tokenization.offsets.tiktoken_tables`)."""
+        if self._byte_len is None:
+            from megatron_pack.tokenization.offsets import tiktoken_tables
+
+            self._byte_len, self._tiktoken_added = tiktoken_tables(self._tiktoken, self.added_token_ids(),
+                                                                   self.vocab_size)
+        return self._byte_len, self._tiktoken_added
 
     def encode_chats(self, texts, protects, added_re, control_re):
         from megatron_pack.tokenization.offsets import hf_encode_chats
@@ -136,12 +166,9 @@ class HFTokenizer(BaseTokenizer):
         return hf_encode_chats(self, texts, protects, added_re)
 
     def _encode_bytes(self, text):
-        if self._byte_len is None:
-            from megatron_pack.tokenization.offsets import tiktoken_tables
-
-            tiktoken_tables(self)
+        byte_len, _ = self.tiktoken_tables()
         ids = self._tiktoken.encode_ordinary(text)
-        return ids, self._byte_len[ids].tolist() if ids else []
+        return ids, byte_len[ids].tolist() if ids else []
 
     def _configured(self, config, key, candidates) -> Optional[int]:
         name = token_name(config.get(key))
@@ -216,15 +243,28 @@ class SentencePieceTokenizer(BaseTokenizer):
 
 
 def _read_chat_template(directory: str, config: dict) -> Optional[str]:
+    """The directory's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or transformers' list of named templates: the ``default`` one).
+    A template of any other type is refused: ignoring it would guess another template."""
     jinja_file = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{jinja_file}: unreadable chat template ({exc})") from None
     template = config.get("chat_template")
+    where = f"{os.path.join(directory, 'tokenizer_config.json')}: chat_template"
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+        if not template or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise TokenizerError(f"{where}: a list must hold {{\"name\": ..., \"template\": \"...\"}} objects with "
+                                 f"string templates, found {json.dumps(template)[:120]}")
+        named = {t.get("name"): t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()))
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{where} = {json.dumps(template)[:120]}: not a string (a Jinja template, or a list of "
+                             "named ones); refusing to guess a template instead")
+    return template
 
 
 #: Megatron-LM ``--tokenizer-type`` -> the file a path of that kind holds.
@@ -278,6 +318,8 @@ def load_tokenizer(path: str, fast: bool = True) -> BaseTokenizer:
                     config = json.load(f)
             except (OSError, ValueError) as exc:
                 raise TokenizerError(f"{config_path}: unreadable tokenizer config ({exc})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
         json_path = os.path.join(path, "tokenizer.json")
         if os.path.isfile(json_path):
             return HFTokenizer(json_path, config, _read_chat_template(path, config), fast=fast)

@@ -14,7 +14,7 @@ Data comes from :mod:`megatron_pack.data.sampling`, checkpoints from :mod:`megat
 Entry point: ``python -m megatron_pack.train`` (see ``--help``).
 """
 
-from megatron_pack.training.config import TrainConfig  # noqa: F401
+from megatron_pack.config.spec import TrainConfig  # noqa: F401
 
 
 def train(config):

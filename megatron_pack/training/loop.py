@@ -6,13 +6,14 @@ runs the micro-batches, Megatron-Core DDP reduces the gradients and
 :mod:`megatron_pack.training.loss`), the Megatron optimizer clips and steps, and
 ``OptimizerParamScheduler`` moves the learning rate.
 
-    train  ->  initialize_distributed -> _run:
-               build datasets -> setup_model_and_optimizer (setup) -> restore (restore)
-               -> loop of train_step (step), evaluate, save -> results
+    train  ->  initialize_distributed -> Trainer(config, st)   (builds: layout check, datasets,
+               setup_model_and_optimizer (setup), restore (restore), the stream)
+               -> Trainer.train(): loop of train_step (step), evaluate, save -> results
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -22,11 +23,12 @@ import torch
 from megatron_pack.checkpoint.dist import save_checkpoint
 from megatron_pack.checkpoint.integrity import acquire_save_lock
 from megatron_pack.checkpoint.signals import SignalHandler
-from megatron_pack.data.sampling import build_datasets, epochs_to_iters
+from megatron_pack.config.datasets import build_datasets
+from megatron_pack.config.spec import TrainConfig, total_train_iters
+from megatron_pack.data.sampling import epochs_to_iters
 from megatron_pack.data.step_packing import train_stream
-from megatron_pack.training.config import TrainConfig, total_train_iters
 from megatron_pack.run_log import TrainingLogger, is_main_logger
-from megatron_pack.training.restore import data_signature, restore
+from megatron_pack.training.restore import architecture_record, data_signature, restore
 from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
 from megatron_pack.training.step import (NonFiniteLossError, StepContext, evaluate, evaluate_by_source,  # noqa: F401
                                          train_step)
@@ -46,146 +48,186 @@ def train(config: TrainConfig) -> dict:
                                 p.context_parallel_size, backend=p.distributed_backend,
                                 timeout_minutes=p.distributed_timeout_minutes)
     try:
-        return _run(config, st)
+        return Trainer(config, st).train()
     finally:
         if owns_group:
             destroy_distributed()
 
 
-def _run(config: TrainConfig, st) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+class Trainer:
+    """One run: everything is built in ``__init__`` (torchtitan's shape), :meth:`train` loops.
 
-    from megatron_pack.model.spec import describe as describe_backends
-    from megatron_pack.parallel import set_seed
-    from megatron_pack.training.schedule import build_scheduler
+    The save lock and the logger are held by an :class:`contextlib.ExitStack` from the start of
+    the build, so a build that fails releases them too; :meth:`train` closes it.
+    """
 
-    sizes = config.resolve(st.world_size)
-    set_seed(config.train.seed)
-    use_cuda = st.device.type == "cuda"
-    bf16 = config.model.bf16 if config.model.bf16 is not None else use_cuda
-    lg = config.logging
-    log = TrainingLogger(is_main_logger(st.rank, st.world_size), 0, lg.tensorboard_dir, lg.log_file,
-                         wandb_project=lg.wandb_project, wandb_exp_name=lg.wandb_exp_name,
-                         wandb_save_dir=lg.wandb_save_dir or (os.path.join(config.checkpoint.save, "wandb")
-                                                              if lg.wandb_project and config.checkpoint.save else None),
-                         run_config=dataclasses.asdict(config) if lg.wandb_project else None)
-    lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
+    def __init__(self, config: TrainConfig, st):
+        from megatron_pack.parallel import set_seed
 
-    ds = build_datasets(config, tp_size=st.tp_size, cp_size=st.cp_size)
-    t, ck = config.train, config.checkpoint
-    total_iters = total_train_iters(t, lambda epochs: epochs_to_iters(ds.train, t.global_batch_size, epochs))
-    log.train_iters = total_iters
-    preset, hf_extras = resolve_architecture(config)  # --model, or what --load records
-    vocab = resolve_vocab_size(config, preset)
-    model, optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, preset, vocab, bf16, use_cuda)
-    scheduler = build_scheduler(optimizer, config.optim, total_iters,
-                                override=config.checkpoint.override_opt_param_scheduler,
-                                use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
-    log.print(f"> model {preset.name}: vocab {vocab}, bf16 {bf16}, TP {st.tp_size} PP {st.pp_size} CP {st.cp_size} DP {st.dp_size}, "
-              f"distributed optimizer {use_dist_opt}, {'up to ' if hasattr(ds.train, 'num_steps') else ''}"
-              f"{sizes.num_microbatches} micro-batches of "
-              f"{t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
-    log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")  # ends with the one 'fusions:'
+        self.config, self.st = config, st
+        self.exits = contextlib.ExitStack()
+        try:
+            self.preset, self.hf_extras = resolve_architecture(config)  # --model, or what --load records
+            # the layout against the architecture: TP must divide the heads, PP the layers (one line, exit 2)
+            self.sizes = config.resolve(st.world_size, architecture=self.preset)
+            set_seed(config.train.seed)
+            self.use_cuda = st.device.type == "cuda"
+            self.bf16 = config.model.bf16 if config.model.bf16 is not None else self.use_cuda
+            self.log = self._logger()
+            self.exits.callback(self.log.close)
+            lock = acquire_save_lock(config.checkpoint.save) if config.checkpoint.save else None  # one run per --save
+            if lock:  # held by one rank
+                self.exits.callback(lock.release)
+            self._build_data()
+            self._build_model()
+            self._restore()
+        except BaseException:
+            self.exits.close()
+            raise
 
-    path = config.data.data_path if config.data.data_path is not None else config.data.train_data_path
-    path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
-    log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
-              f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
-              f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
-              f"efficiency {ds.train.plan.efficiency:.2%}; {total_iters} steps")
-    if ds.train_names:  # a blend: what each source contributes to an epoch
-        counts = ds.train.source_counts()
-        log.print("> blend (sequences per epoch 0): " + ", ".join(
-            f"{n} {c} ({c / len(ds.train):.1%})" for n, c in zip(ds.train_names, counts)))
+    def _logger(self) -> TrainingLogger:
+        config, st, lg = self.config, self.st, self.config.logging
+        save_dir = config.checkpoint.save
+        return TrainingLogger(is_main_logger(st.rank, st.world_size), 0, lg.tensorboard_dir, lg.log_file,
+                              wandb_project=lg.wandb_project, wandb_exp_name=lg.wandb_exp_name,
+                              wandb_save_dir=lg.wandb_save_dir or (os.path.join(save_dir, "wandb")
+                                                                   if lg.wandb_project and save_dir else None),
+                              run_config=dataclasses.asdict(config) if lg.wandb_project else None)
 
-    if ds.train.plan.stats.unsupervised_items:
-        log.print(f"> {ds.train.plan.stats.unsupervised_items} training items without a supervised token after "
-                  f"truncation left out ({ds.train.plan.stats.unsupervised_tokens} tokens)")
-    signature = data_signature(config)
-    iteration, position = restore(config, model, optimizer, scheduler, preset=preset, vocab_size=vocab,
-                                  signature=signature, log=log, document_multiple=ds.train.document_multiple)
-    stream = train_stream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size, position,
-                          balancer=_balancer(t, preset, vocab, st), fixed_shapes=st.pp_size > 1)
-    if hasattr(ds.train, "rows_spread"):
-        r = ds.train.rows_spread()
-        log.print(f"> pack scope step: the padded run's {ds.train.num_steps} steps of {t.global_batch_size} "
-                  f"conversations in {len(ds.train)} rows (epoch 0; rows per step min {r['min']} mean "
-                  f"{r['mean']:.2f} max {r['max']})")
-    log.print(f"> batch balancing {'on' if stream.balancer.enabled else 'off'} (compute per DP rank and micro-batch; "
-              "training and evaluation)")
-    # Evaluation places its batches by the same rule, with a balancer of its own (its plan's costs).
-    eval_balancer = _balancer(t, preset, vocab, st) if stream.balancer.enabled else None
-    ctx = StepContext(model=model, optimizer=optimizer, scheduler=scheduler,
-                      forward_backward=get_forward_backward_func(), device=st.device,
-                      seq_length=t.micro_batch_size * ds.train.padded_length,
-                      loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=use_cuda,
-                      source_names=ds.train_names, cp_group=_cp_group(st.cp_size))
-    run_config = dataclasses.asdict(config)
-    run_config.update(architecture=preset.with_vocab(vocab).to_dict(), hf=hf_extras,  # read by export and --load
-                      plan={"document_multiple": ds.train.document_multiple})  # read by --load (check_plan)
+    def _build_data(self):
+        config, t = self.config, self.config.train
+        self.ds = ds = build_datasets(config)
+        self.total_iters = total_train_iters(t, lambda epochs: epochs_to_iters(ds.train, t.global_batch_size, epochs))
+        self.log.train_iters = self.total_iters
 
-    def save(it):
-        return save_checkpoint(ck.save, it, model, optimizer, scheduler, stream.pos.state_dict(),
-                               extra={"data_signature": signature}, run_config=run_config,
-                               checksums=ck.checkpoint_checksums)
+    def _build_model(self):
+        from megatron_pack.model.spec import describe as describe_backends
+        from megatron_pack.training.schedule import build_scheduler
 
-    def validate(it):
-        loss, count, by_source = evaluate_by_source(ctx, ds.valid, t.global_batch_size, t.micro_batch_size,
-                                                    st.dp_rank, st.dp_size, t.eval_iters, eval_balancer)
+        config, st, t, ds = self.config, self.st, self.config.train, self.ds
+        self.vocab = resolve_vocab_size(config, self.preset)
+        self.model, self.optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, self.preset, self.vocab,
+                                                                                   self.bf16, self.use_cuda)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_iters,
+                                         override=config.checkpoint.override_opt_param_scheduler,
+                                         use_checkpoint=config.checkpoint.use_checkpoint_opt_param_scheduler)
+        log = self.log
+        log.print(f"> model {self.preset.name}: vocab {self.vocab}, bf16 {self.bf16}, TP {st.tp_size} PP {st.pp_size} "
+                  f"CP {st.cp_size} DP {st.dp_size}, distributed optimizer {use_dist_opt}, "
+                  f"{'up to ' if hasattr(ds.train, 'num_steps') else ''}{self.sizes.num_microbatches} micro-batches "
+                  f"of {t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
+        # ends with the one 'fusions:'
+        log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")
+        path = config.data.train_path
+        path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
+        log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
+                  f"held-out conversations; pack mode {config.data.packing.pack_mode} (document mask "
+                  f"{'on' if config.data.packing.document_mask else 'off'}): {len(ds.train)} sequences, "
+                  f"efficiency {ds.train.plan.efficiency:.2%}; {self.total_iters} steps")
+        if ds.train_names:  # a blend: what each source contributes to an epoch
+            counts = ds.train.source_counts()
+            log.print("> blend (sequences per epoch 0): " + ", ".join(
+                f"{n} {c} ({c / len(ds.train):.1%})" for n, c in zip(ds.train_names, counts)))
+        if ds.train.plan.stats.unsupervised_items:
+            log.print(f"> {ds.train.plan.stats.unsupervised_items} training items without a supervised token after "
+                      f"truncation left out ({ds.train.plan.stats.unsupervised_tokens} tokens)")
+
+    def _restore(self):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        config, st, t, ds = self.config, self.st, self.config.train, self.ds
+        self.signature = data_signature(config)
+        self.iteration, position = restore(config, self.model, self.optimizer, self.scheduler, preset=self.preset,
+                                           vocab_size=self.vocab, signature=self.signature, log=self.log,
+                                           document_multiple=ds.train.document_multiple)
+        self.stream = train_stream(ds.train, t.global_batch_size, t.micro_batch_size, st.dp_rank, st.dp_size,
+                                   position, balancer=_balancer(t, self.preset, self.vocab, st),
+                                   fixed_shapes=st.pp_size > 1)
+        if hasattr(ds.train, "rows_spread"):  # --pack-scope step
+            r = ds.train.rows_spread()
+            self.log.print(f"> pack scope step: the padded run's {ds.train.num_steps} steps of {t.global_batch_size} "
+                           f"conversations in {len(ds.train)} rows (epoch 0; rows per step min {r['min']} mean "
+                           f"{r['mean']:.2f} max {r['max']})")
+        self.log.print(f"> batch balancing {'on' if self.stream.balancer.enabled else 'off'} (compute per DP rank "
+                       "and micro-batch; training and evaluation)")
+        # Evaluation places its batches by the same rule, with a balancer of its own (its plan's costs).
+        self.eval_balancer = _balancer(t, self.preset, self.vocab, st) if self.stream.balancer.enabled else None
+        self.ctx = StepContext(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               forward_backward=get_forward_backward_func(), device=st.device,
+                               seq_length=t.micro_batch_size * ds.train.padded_length,
+                               loss_owner=st.is_last_stage and st.tp_rank == 0, use_cuda=self.use_cuda,
+                               source_names=ds.train_names, cp_group=_cp_group(st.cp_size))
+        self.run_config = dataclasses.asdict(config)
+        self.run_config.update(architecture=architecture_record(self.preset, self.vocab),  # read by export, --load
+                               hf=self.hf_extras,
+                               plan={"document_multiple": ds.train.document_multiple})  # read by --load (check_plan)
+
+    def save(self, iteration: int) -> str:
+        ck = self.config.checkpoint
+        return save_checkpoint(ck.save, iteration, self.model, self.optimizer, self.scheduler,
+                               self.stream.pos.state_dict(), extra={"data_signature": self.signature},
+                               run_config=self.run_config, checksums=ck.checkpoint_checksums)
+
+    def validate(self, iteration: int):
+        t, st, ds = self.config.train, self.st, self.ds
+        loss, count, by_source = evaluate_by_source(self.ctx, ds.valid, t.global_batch_size, t.micro_batch_size,
+                                                    st.dp_rank, st.dp_size, t.eval_iters, self.eval_balancer)
         if ds.valid is not None:
-            log.validation(it, loss, count, by_source)
+            self.log.validation(iteration, loss, count, by_source)
         return loss, count
 
-    history, exit_reason, last_ckpt = [], "completed", None
-    valid_loss = valid_tokens = None
-    # Megatron-LM's --exit-interval: stop after the next iteration divisible by it (a resumed
-    # run goes on to the following multiple).
-    stop_at = (min(total_iters, (iteration // ck.exit_interval + 1) * ck.exit_interval)
-               if ck.exit_interval else total_iters)
-    handler = SignalHandler() if ck.exit_signal_handler else None
-    if handler:
-        handler.__enter__()
-    try:
-        model.train()
-        while iteration < stop_at:
+    def train(self) -> dict:
+        """The loop; returns figures of the run (see :func:`_results`)."""
+        ck = self.config.checkpoint
+        # Megatron-LM's --exit-interval: stop after the next iteration divisible by it (a resumed
+        # run goes on to the following multiple).
+        stop_at = (min(self.total_iters, (self.iteration // ck.exit_interval + 1) * ck.exit_interval)
+                   if ck.exit_interval else self.total_iters)
+        with self.exits:
+            handler = self.exits.enter_context(SignalHandler()) if ck.exit_signal_handler else None
+            history, exit_reason, last_ckpt = self._loop(stop_at, handler)
+            valid_loss = valid_tokens = None
+            if exit_reason == "completed" and self.iteration < self.total_iters:
+                exit_reason = "exit_interval"
+            if exit_reason == "completed":
+                valid_loss, valid_tokens = self.validate(self.iteration)
+        return _results(history, iteration=self.iteration, train_iters=self.total_iters, exit_reason=exit_reason,
+                        valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(self.ds.train),
+                        checkpoint=last_ckpt, data_position=self.stream.pos.state_dict(),
+                        world_size=self.st.world_size)
+
+    def _loop(self, stop_at: int, handler) -> tuple[list, str, str | None]:
+        """Steps until ``stop_at`` or a SIGTERM; ``(history, exit reason, last checkpoint)``."""
+        t, ck, log, stream = self.config.train, self.config.checkpoint, self.log, self.stream
+        history, last_ckpt = [], None
+        self.model.train()
+        while self.iteration < stop_at:
             t0 = time.perf_counter()
             micro = stream.next_step()
             stats = dict(stream.last_stats)
-            iteration += 1
-            rec = train_step(ctx, micro, t.loss_weighting, iteration, last_ckpt)
+            self.iteration += 1
+            iteration = self.iteration
+            rec = train_step(self.ctx, micro, t.loss_weighting, iteration, last_ckpt)
             rec.update({"seconds": time.perf_counter() - t0, "real tokens": stats["real_tokens"],  # incl. data
                         "capacity": stats["capacity"], "samples": stats["samples"],
                         "imbalance": stats.get("imbalance"), "rows": stats.get("rows")})
             history.append(rec)
             if rec.get("note"):
                 log.print(f"> {rec['note']}")
-            if iteration % config.logging.log_interval == 0 or iteration == stop_at:
+            if iteration % self.config.logging.log_interval == 0 or iteration == stop_at:
                 log_step(log, rec, stream.pos.consumed_samples, t.global_batch_size)
-            if t.eval_interval and iteration % t.eval_interval == 0 and iteration < total_iters:
-                validate(iteration)
+            if t.eval_interval and iteration % t.eval_interval == 0 and iteration < self.total_iters:
+                self.validate(iteration)
             stop = handler is not None and handler.stop_requested()
             if ck.save and (stop or iteration == stop_at
                             or (ck.save_interval and iteration % ck.save_interval == 0)):
-                last_ckpt = save(iteration)
+                last_ckpt = self.save(iteration)
                 log.print(f"> saved checkpoint {last_ckpt}")
             if stop:
-                exit_reason = "signal"
                 log.print(f"> SIGTERM received: stopped after iteration {iteration}"
                           + (f", checkpoint {last_ckpt}" if ck.save else " (no --save: nothing saved)"))
-                break
-        if exit_reason == "completed" and iteration < total_iters:
-            exit_reason = "exit_interval"
-        if exit_reason == "completed":
-            valid_loss, valid_tokens = validate(iteration)
-    finally:
-        if handler:
-            handler.__exit__(None, None, None)
-        if lock:
-            lock.release()
-        log.close()
-    return _results(history, iteration=iteration, train_iters=total_iters, exit_reason=exit_reason,
-                    valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(ds.train),
-                    checkpoint=last_ckpt, data_position=stream.pos.state_dict(), world_size=st.world_size)
+                return history, "signal", last_ckpt
+        return history, "completed", last_ckpt
 
 
 def _cp_group(cp_size: int):
@@ -214,11 +256,11 @@ def log_step(log, rec: dict, consumed_samples: int, global_batch_size: int) -> N
 def _balancer(t, preset, vocab: int, st):
     """The stream's :class:`BatchBalancer`: cost from the architecture, on by default when
     DP > 1 or PP > 1 (``--balance-batches``/``--no-balance-batches`` override)."""
-    from megatron_pack.data.balance import BatchBalancer
+    from megatron_pack.data.balance import BatchBalancer, balance_on
     from megatron_pack.model.cost import CostModel
     from megatron_pack.model.presets import padded_vocab_size
 
-    on = t.balance_batches if t.balance_batches is not None else (st.dp_size > 1 or st.pp_size > 1)
+    on = balance_on(t.balance_batches, st.dp_size, st.pp_size)
     cost = CostModel.from_architecture(preset, vocab_size=padded_vocab_size(vocab, st.tp_size), cp=st.cp_size)
     return BatchBalancer(cost, st.dp_size, t.micro_batch_size, enabled=on)
 

@@ -5,31 +5,29 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from megatron_pack.checkpoint.dist import load_checkpoint, saved_run_config
+from megatron_pack.checkpoint.dist import is_dist_checkpoint, load_checkpoint, saved_run_config
 from megatron_pack.data.sampling import DataPosition
-from megatron_pack.training.config import ConfigError, TrainConfig
+from megatron_pack.config.spec import ConfigError, TrainConfig
 
 
 def data_signature(config: TrainConfig) -> dict:
     """What the saved data position means; a resumed run must agree."""
     d, t = config.data, config.train
-    sig = {"data_path": _abs(d.data_path), "seq_length": d.seq_length, "pack_mode": d.packing.pack_mode,
-            "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
-            "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
+    sig = {"data_path": _abs(d.data_path, d.train_blend), "seq_length": d.seq_length,
+           "pack_mode": d.packing.pack_mode, "document_mask": d.packing.document_mask, "overlong": d.packing.overlong,
+           "valid_fraction": d.valid_fraction, "global_batch_size": t.global_batch_size, "seed": t.seed}
     if d.packing.pack_scope != "epoch":  # only when not the default, so older checkpoints keep resuming
         sig["pack_scope"] = d.packing.pack_scope
     if d.train_data_path is not None:  # only when given, so older checkpoints keep resuming
-        sig["train_data_path"] = _abs(d.train_data_path)
+        sig["train_data_path"] = _abs(d.train_data_path, d.train_blend)
     return sig
 
 
-def _abs(value):
-    """A prefix, or a blend's tokens, with the prefixes made absolute (weights kept)."""
+def _abs(value, blend):
+    """A prefix, or a blend's tokens (``blend``: the parsed value), with the prefixes made
+    absolute (weights kept)."""
     if value is None or isinstance(value, str):
         return value and os.path.abspath(value)
-    from megatron_pack.data.blend import parse_blend
-
-    blend = parse_blend(value)
     if blend.weights is None:
         return [os.path.abspath(p) for p in blend.prefixes]
     return [x for w, p in zip(blend.weights, blend.prefixes) for x in (round(w, 12), os.path.abspath(p))]
@@ -182,7 +180,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
             from megatron_pack.checkpoint.layout import resolve_iteration_dir
 
             d = resolve_iteration_dir(ck.pretrained_checkpoint)
-            check_architecture(saved_run_config(d), preset, vocab_size, f"--pretrained-checkpoint {d}")
+            rc = saved_run_config(d, required=is_dist_checkpoint(d))
+            check_architecture(rc, preset, vocab_size, f"--pretrained-checkpoint {d}")
             load_model_from_dist_checkpoint(d, model)
             if hasattr(optimizer, "reload_model_params"):
                 optimizer.reload_model_params()  # bf16: refresh the fp32 main copies

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_pack.training.config import OptimArgs, warmup_steps
+from megatron_pack.config.spec import OptimArgs, warmup_steps
 
 
 def build_scheduler(optimizer, optim: OptimArgs, total_steps: int, *, override: bool = False,

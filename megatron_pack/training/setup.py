@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pack.training.config import ConfigError, TrainConfig
+from megatron_pack.config.spec import ConfigError, TrainConfig
 
 
 def recorded_architecture(path: str):
     """``(architecture, HF extras)`` recorded in an import or a training checkpoint at ``path``
     (root or iteration directory); ``(None, {})`` when nothing there records one. HF extras:
     ``{"special_tokens": {...}, "generation_config": {...}}``, carried to the export."""
-    from megatron_pack.checkpoint.dist import saved_run_config
+    from megatron_pack.checkpoint.dist import is_dist_checkpoint, saved_run_config
     from megatron_pack.checkpoint.imported import preset_from_metadata, read_import_metadata
     from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
     from megatron_pack.model.presets import get_preset
@@ -27,7 +27,8 @@ def recorded_architecture(path: str):
     except CheckpointError:
         return None, {}
     try:
-        rc = saved_run_config(iter_path)
+        # a dist checkpoint without its record would silently disable the architecture and plan checks
+        rc = saved_run_config(iter_path, required=is_dist_checkpoint(iter_path))
     except CheckpointError as e:
         raise ConfigError(f"{e}; cannot read the architecture the run recorded") from None
     if rc is None:
@@ -76,17 +77,10 @@ def resolve_vocab_size(config: TrainConfig, preset) -> int:
     from megatron_pack.files.indexed_check import check_token_ids
     from megatron_pack.model.vocab import resolve_vocab_size as rule
 
-    from megatron_pack.data.blend import parse_blend
-
     d = config.data
-    value = d.train_data_path if d.train_data_path is not None else d.data_path
-    prefixes = [value] if isinstance(value, str) else list(parse_blend(value).prefixes)
     # A blend: the rule per source (the same unless it falls through to the data's largest id).
-    vocab = max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p) for p in prefixes)
-    if d.valid_data_path is not None:
-        held_out = d.valid_data_path
-        prefixes += [held_out] if isinstance(held_out, str) else list(parse_blend(held_out).prefixes)
-    for p in prefixes:
+    vocab = max(rule(config.model.vocab_size, config.model.tokenizer_path, preset, p) for p in d.train_blend.prefixes)
+    for p in d.prefixes:  # the training sources, then --valid-data-path's
         check_token_ids(p, vocab)
     return vocab
 

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from megatron_pack.data.sampling import eval_batches
+from megatron_pack.data.eval_batches import eval_batches
 from megatron_pack.training.loss import masked_loss, reduce_reports, reduce_source_reports
 
 
@@ -121,7 +121,7 @@ def evaluate(ctx: StepContext, valid, global_batch_size: int, micro_batch_size: 
              eval_iters, balancer=None) -> tuple:
     """Token-weighted held-out loss over ``valid`` (every sequence once across DP ranks):
     ``(loss, supervised tokens)``, or ``(None, 0)`` without a held-out split. ``balancer``:
-    place each step's sequences as training does (:func:`~megatron_pack.data.sampling.eval_batches`)."""
+    place each step's sequences as training does (:func:`~megatron_pack.data.eval_batches.eval_batches`)."""
     return evaluate_by_source(ctx, valid, global_batch_size, micro_batch_size, dp_rank, dp_size, eval_iters,
                               balancer)[:2]
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from launcher import free_port, rank_env
 
+from megatron_pack.frontdoor import QUIET_RANK_WAIT_S
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -103,7 +105,11 @@ def _run_once(nprocs, args, workdir, timeout, sigterm_after, name) -> RunResult:
                         p.send_signal(signal.SIGTERM)
                     signalled = True
             time.sleep(0.02)
-        time.sleep(0.5)  # let the other ranks of a failed one exit on their own
+        # let the other ranks of a failed one exit on their own: a refusal's quiet ranks wait
+        # frontdoor.QUIET_RANK_WAIT_S before they exit with the same status
+        settle = time.monotonic() + QUIET_RANK_WAIT_S + 3.0
+        while any(p.poll() is None for p in procs) and time.monotonic() < settle:
+            time.sleep(0.05)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -260,8 +260,8 @@ def test_finetune_import_without_model_flag_export_hf_loss_equals_megatron(hf_di
 
 def test_model_flag_conflicting_with_the_import_is_refused(hf_dirs, tmp_path):
     from megatron_pack.convert import convert_hf_to_megatron
-    from megatron_pack.training.cli import parse_args
-    from megatron_pack.training.config import ConfigError
+    from megatron_pack.config.cli import parse_args
+    from megatron_pack.config.spec import ConfigError
     from megatron_pack.training.setup import resolve_architecture
 
     imp = tmp_path / "imp"

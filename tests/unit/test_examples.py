@@ -160,7 +160,7 @@ def test_demo_runs_end_to_end(tmp_path):
     summary = json.load(open(tmp_path / "data" / "sample_summary.json"))
     assert summary["max_seq_length"] is None and summary["overlong"]["over_max_seq_length"] is None
     assert f"packing truncates the {over} over" in out.stdout
-    from megatron_pack.data.sampling import split_indices
+    from megatron_pack.data.split import split_indices
     from megatron_pack.files.indexed import SFTIndexedDataset
 
     ds = SFTIndexedDataset(str(tmp_path / "data" / "sample"))

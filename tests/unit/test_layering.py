@@ -1,6 +1,7 @@
 """Dependencies point one way (docs/architecture.md):
 
-    front-ends (train, demo) -> training / planning / convert -> checkpoint / model / parallel / data
+    front-ends (train, demo) -> experiment -> training / planning / convert -> config (the run spec)
+        -> checkpoint / model / parallel / data
         -> packing -> preprocess -> templates -> tokenization
         -> files (+ the leaf modules reporting, frontdoor, quiet)
 
@@ -26,9 +27,10 @@ RANK = {
     "preprocess": 3,    # JSONL records -> the indexed SFT dataset
     "packing": 4,
     "data": 5, "model": 5, "parallel": 5, "checkpoint": 5,
-    "training": 6, "planning": 6, "convert": 6,
-    "experiment": 7,  # runs training (comparisons) and loads checkpoints (leakage)
-    "train": 8, "demo": 8,
+    "config": 6,      # the run spec: sections, parsed values, the generated CLIs
+    "training": 7, "planning": 7, "convert": 7,
+    "experiment": 8,  # runs training (comparisons) and loads checkpoints (leakage)
+    "train": 9, "demo": 9,
 }
 SAME_RANK_OK = {5}  # checkpoint reads model's tensor names; model uses parallel's seeds
 

@@ -437,7 +437,8 @@ def test_cli_reports_bad_input_and_exits_2(tmp_path):
     res = subprocess.run([sys.executable, tool, "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--output",
                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 2  # bad input (README, "Exit status")
-    assert "convert_checkpoint.py: error:" in res.stderr and "missing, e.g. ['model.layers.2." in res.stderr
+    assert "convert_checkpoint.py: error:" in res.stderr
+    assert "num_hidden_layers = 3, but the safetensors in" in res.stderr and "hold 2 layers" in res.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -206,7 +206,7 @@ def test_placement_does_not_change_a_globally_normalised_loss(prefix):
 
 def _eval_steps(ds, dp, balancer, gbs=8, mbs=2):
     """Per step, per rank: the rows (real tokens) of each micro-batch eval_batches hands it."""
-    from megatron_pack.data.sampling import eval_batches
+    from megatron_pack.data.eval_batches import eval_batches
 
     per_rank = [list(eval_batches(ds, gbs, mbs, r, dp, balancer=balancer)) for r in range(dp)]
     return [[[[tuple(t for t in row.tolist() if t) for row in mb["tokens"].reshape(-1, ds.padded_length)]

@@ -5,9 +5,11 @@ import pytest
 
 from megatron_pack.data.blend import BlendError, BlendedPackedDataset, blend_schedule, parse_blend
 from megatron_pack.data.packed_dataset import PackedSFTDataset
-from megatron_pack.data.sampling import DataPosition, TrainStream, build_datasets, eval_batches
+from megatron_pack.config.datasets import build_datasets
+from megatron_pack.data.eval_batches import eval_batches
+from megatron_pack.data.sampling import DataPosition, TrainStream
 from megatron_pack.files.indexed import SFTDatasetWriter
-from megatron_pack.training.config import DataArgs, TrainArgs, TrainConfig
+from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
 
 
 def _write(path, n, first_token, seed):
@@ -50,7 +52,7 @@ def test_parse_forms_and_errors():
 
 
 def test_cli_accepts_megatron_blend_syntax(tmp_path):
-    from megatron_pack.training.cli import parse_args, to_argv
+    from megatron_pack.config.cli import parse_args, to_argv
 
     cfg = parse_args(["--data-path", "0.3", "A", "0.7", "B", "--train-iters", "1"])
     assert cfg.data.data_path == ["0.3", "A", "0.7", "B"]
@@ -66,7 +68,7 @@ def test_cli_accepts_megatron_blend_syntax(tmp_path):
     (["--valid-data-path", "V", "--train-iters", "1"], "required: --data-path (or --train-data-path)"),
 ])
 def test_cli_rejects_bad_blends(argv, msg, capsys):
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.cli import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(argv)

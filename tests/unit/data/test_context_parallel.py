@@ -71,8 +71,8 @@ def test_document_mask_off_is_one_padded_segment(data):
     assert it["position_ids"].tolist() == list(range(16))
 
 
-def test_bad_input_names_the_flag(data):
-    with pytest.raises(ValueError, match="--seq-length 10 must be a multiple of 4"):
+def test_bad_input_names_the_argument(data):
+    with pytest.raises(ValueError, match="seq_length 10 is not a multiple of document_multiple 4"):
         PackedSFTDataset(data, 10, "bfd", document_multiple=4, use_cache=False)
     with pytest.raises(ValueError, match="not a multiple of 2 \\* CP = 4"):
         rank_token_index([0, 6, 8], 2, 0)

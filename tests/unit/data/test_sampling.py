@@ -5,8 +5,9 @@ import pytest
 
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset
-from megatron_pack.data.sampling import (DataPosition, SFTSubset, TrainStream, epochs_to_iters, eval_batches,
-                                         split_indices)
+from megatron_pack.data.eval_batches import eval_batches
+from megatron_pack.data.sampling import DataPosition, TrainStream, epochs_to_iters
+from megatron_pack.data.split import SFTSubset, split_indices
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ from megatron_pack.model.presets import PRESETS
 from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import GIB, MemoryConfig, layer_activation_bytes_per_token, state_bytes_per_param
 from megatron_pack.planning.params import count_parameters
-from megatron_pack.planning.plan import LayoutError, PlanConfig, make_plan, validate_layout
+from megatron_pack.config.spec import ConfigError
+from megatron_pack.planning.plan import LayoutError, make_plan as _make_plan, plan_config, validate_layout
+
+
+def make_plan(cfg, **kw) -> dict:
+    return _make_plan(cfg, **kw).to_json()
 from megatron_pack.planning.render import render
 from megatron_pack.planning.timing import SequenceStats, TimingConfig, estimate
 
@@ -110,22 +115,22 @@ def test_tp_split_rule_matches_megatron_tags(model, tp, pp):
     (dict(pipeline_model_parallel_size=3, nnodes=3), "PP 3 does not divide the 80 layers"),
     (dict(gpus_per_node=6), "TP\\*PP\\*CP = 8\\*1\\*1 = 8 does not divide the world size 6"),
     (dict(nnodes=2, global_batch_size=3), "not a multiple of micro-batch-size \\* data-parallel = 1 \\* 2"),
-    (dict(tensor_model_parallel_size=1, sequence_parallel=True), "--sequence-parallel needs"),
+    (dict(tensor_model_parallel_size=1, sequence_parallel=True), "--sequence-parallel: needs"),
 ])
 def test_illegal_layouts_rejected(over, reason):
     cfg = dict(model="llama3-70b", nnodes=1, gpus_per_node=8, tensor_model_parallel_size=8, global_batch_size=8)
     cfg.update(over)
-    with pytest.raises(LayoutError, match=reason):
-        validate_layout(PlanConfig(**cfg))
+    with pytest.raises(ConfigError, match=reason):  # LayoutError is one; the spec refuses SP without TP
+        validate_layout(plan_config(**cfg))
 
 
 def test_legal_layout_sizes_and_warnings():
-    lay = validate_layout(PlanConfig(model="llama3-70b", nnodes=4, tensor_model_parallel_size=8,
+    lay = validate_layout(plan_config(model="llama3-70b", nnodes=4, tensor_model_parallel_size=8,
                                      pipeline_model_parallel_size=2, global_batch_size=64, seq_length=4100,
                                      sequence_parallel=True))
     assert (lay.data_parallel_size, lay.num_microbatches, lay.padded_seq_length) == (2, 32, 4104)
     assert any("padded from --seq-length 4100 to 4104" in w for w in lay.warnings)
-    lay = validate_layout(PlanConfig(model="llama3-70b", nnodes=2, gpus_per_node=4, tensor_model_parallel_size=8,
+    lay = validate_layout(plan_config(model="llama3-70b", nnodes=2, gpus_per_node=4, tensor_model_parallel_size=8,
                                      global_batch_size=4, sequence_parallel=False))
     assert any("spans nodes" in w for w in lay.warnings) and any("without --sequence-parallel" in w for w in lay.warnings)
 
@@ -151,7 +156,7 @@ def test_plan_70b_memory_and_json_keys(p70, monkeypatch):
     import megatron_pack.planning.params as params_mod
 
     monkeypatch.setattr(params_mod, "count_parameters", lambda *a, **k: p70)  # built above, reuse
-    cfg = PlanConfig(model="llama3-70b", nnodes=4, gpus_per_node=8, tensor_model_parallel_size=8,
+    cfg = plan_config(model="llama3-70b", nnodes=4, gpus_per_node=8, tensor_model_parallel_size=8,
                      pipeline_model_parallel_size=4, sequence_parallel=True, seq_length=4096,
                      micro_batch_size=1, global_batch_size=64, gpu="a800-80gb")
     plan = make_plan(cfg)
@@ -206,7 +211,7 @@ def test_mode_table_by_hand(tmp_path):
     _write_dataset(tmp_path / "d", [5, 3, 6, 2])
     cfg = dict(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=1, seq_length=8, global_batch_size=2,
                data_path=str(tmp_path / "d"), modes=("padding", "bfd"), valid_fraction=0.0)
-    plan = make_plan(PlanConfig(**cfg))
+    plan = make_plan(plan_config(**cfg))
     rows = {r["mode"]: r for r in plan["modes"]}
     assert (rows["padding"]["num_sequences"], rows["bfd"]["num_sequences"]) == (4, 2)
     assert (rows["padding"]["steps"], rows["bfd"]["steps"]) == (2, 1)
@@ -214,9 +219,9 @@ def test_mode_table_by_hand(tmp_path):
     # every sequence costs 8 positions of dense FLOPs; attention is the same 74 s^2 in total
     dense, attn = 6 * plan["matmul_parameters"] * 8, 6 * 2 * 64 * 74
     assert rows["bfd"]["selected"] and rows["bfd"]["time_vs_padding"] == pytest.approx((2 * dense + attn) / (4 * dense + attn))
-    nomask = {r["mode"]: r for r in make_plan(PlanConfig(**cfg, document_mask=False))["modes"]}
+    nomask = {r["mode"]: r for r in make_plan(plan_config(**cfg, document_mask=False))["modes"]}
     assert nomask["bfd"]["attention_sum_sq"] == 64 + 64 and nomask["padding"]["attention_sum_sq"] == 74
-    padded = {r["mode"]: r for r in make_plan(PlanConfig(**cfg, pad_attention=True))["modes"]}
+    padded = {r["mode"]: r for r in make_plan(plan_config(**cfg, pad_attention=True))["modes"]}
     assert padded["padding"]["attention_sum_sq"] == 4 * 64
 
 
@@ -267,7 +272,7 @@ def test_cli_rejects_and_oom(capsys):
 
 
 def test_plan_without_dataset_uses_full_sequences():
-    cfg = PlanConfig(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=2, tensor_model_parallel_size=2,
+    cfg = plan_config(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=2, tensor_model_parallel_size=2,
                      seq_length=16, global_batch_size=4, train_iters=10, recompute_granularity="full", gpu="a100")
     plan = make_plan(cfg)
     t = plan["timing"]
@@ -336,7 +341,7 @@ def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
     rng = np.random.default_rng(0)
     lengths = [int(rng.integers(1500, 2048)) if i % 10 == 0 else int(rng.integers(20, 200)) for i in range(400)]
     _write_dataset(tmp_path / "d", lengths)
-    cfg = PlanConfig(model="tiny", vocab_size=256, nnodes=1, gpus_per_node=4, seq_length=2048, global_batch_size=16,
+    cfg = plan_config(model="tiny", vocab_size=256, nnodes=1, gpus_per_node=4, seq_length=2048, global_batch_size=16,
                      data_path=str(tmp_path / "d"), modes=("bfd",), valid_fraction=0.0)
     plan = make_plan(cfg)
     (row,) = plan["modes"]
@@ -372,18 +377,19 @@ def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
     import megatron_pack.planning.params as params_mod
 
     monkeypatch.setattr(params_mod, "count_parameters", lambda *a, **k: p70)
-    cfg = PlanConfig(model="llama3-70b", nnodes=8, gpus_per_node=8, tensor_model_parallel_size=8,
+    cfg = plan_config(model="llama3-70b", nnodes=8, gpus_per_node=8, tensor_model_parallel_size=8,
                      pipeline_model_parallel_size=4, sequence_parallel=True, use_distributed_optimizer=False,
                      recompute_granularity="full", seq_length=262144, global_batch_size=64, gpu="a800")
     plan = make_plan(cfg)
     opts = {o["cp"]: o["peak_gb"] for o in plan["cp_options_gb"]}
     assert sorted(opts) == [1, 2] and opts[2] < opts[1]
     assert plan["fits"] is False and opts[1] > 80 >= opts[2] and plan["proposed_cp"] == 2
-    at2 = make_plan(PlanConfig(**{**cfg.__dict__, "context_parallel_size": 2}))
+    at2 = make_plan(plan_config(**{**cfg.to_json(), "context_parallel_size": 2}))
     assert at2["fits"] is True and at2["memory_per_gpu_gb"]["total"] == pytest.approx(opts[2])
     assert at2["timing"]["cp_kv_exchange"]["cp"] == 2 and "proposed CP: 2" in render(plan)
-    with pytest.raises(LayoutError, match="--seq-length 262142 must be a multiple of 16 under --context-parallel-size 2"):
-        validate_layout(PlanConfig(**{**cfg.__dict__, "context_parallel_size": 2, "seq_length": 262142}))
+    with pytest.raises(ConfigError,
+                       match="--seq-length: 262142 must be a multiple of 16 under --context-parallel-size 2"):
+        validate_layout(plan_config(**{**cfg.to_json(), "context_parallel_size": 2, "seq_length": 262142}))
 
 
 def _write_supervised(prefix, lengths, answer):
@@ -399,14 +405,14 @@ def _write_supervised(prefix, lengths, answer):
 def test_planner_plans_the_training_stream(tmp_path, blend):
     """The planner's sequences per mode are those of the dataset training builds (same split,
     per-source plans of a blend, items without a trained target left out)."""
-    from megatron_pack.data.sampling import build_datasets
-    from megatron_pack.training.cli import parse_args
+    from megatron_pack.config.datasets import build_datasets
+    from megatron_pack.config.cli import parse_args
 
     rng = np.random.default_rng(1)
     _write_supervised(tmp_path / "a", rng.integers(10, 120, 80).tolist() + [300] * 6, answer=8)
     _write_supervised(tmp_path / "b", rng.integers(10, 60, 50).tolist(), answer=8)
     data = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")] if blend else [str(tmp_path / "a")]
-    cfg = PlanConfig(model="tiny", vocab_size=512, nnodes=1, gpus_per_node=1, seq_length=128, global_batch_size=2,
+    cfg = plan_config(model="tiny", vocab_size=512, nnodes=1, gpus_per_node=1, seq_length=128, global_batch_size=2,
                      data_path=data if blend else data[0], modes=("padding", "bfd"), valid_fraction=0.1)
     rows = {r["mode"]: r for r in make_plan(cfg)["modes"]}
     for mode in ("padding", "bfd"):

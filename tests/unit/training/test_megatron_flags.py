@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from megatron_pack.training.cli import parse_args, to_argv
-from megatron_pack.training.config import ConfigError, ModelArgs, TrainArgs, total_train_iters
+from megatron_pack.config.cli import parse_args, to_argv
+from megatron_pack.config.spec import ConfigError, ModelArgs, TrainArgs, total_train_iters
 
 BASE = ["--data-path", "/data/sft"]
 

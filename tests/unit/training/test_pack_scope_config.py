@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_pack.training.config import ConfigError, DataArgs, PackingArgs, TrainArgs, TrainConfig
+from megatron_pack.config.spec import ConfigError, DataArgs, PackingArgs, TrainArgs, TrainConfig
 from megatron_pack.training.restore import data_signature
 
 

@@ -2,10 +2,12 @@
 
 import dataclasses
 
+import json
+
 import pytest
 
-from megatron_pack.training.cli import build_parser, parse_args, to_argv
-from megatron_pack.training.config import ConfigError, DataArgs, OptimArgs, TrainArgs, TrainConfig, warmup_steps
+from megatron_pack.config.cli import build_parser, parse_args, to_argv
+from megatron_pack.config.spec import ConfigError, DataArgs, OptimArgs, TrainArgs, TrainConfig, warmup_steps
 
 BASE = ["--data-path", "/data/sft", "--train-iters", "10"]
 
@@ -77,7 +79,14 @@ def test_model_is_a_preset_or_a_hf_config_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--model" in err and "unknown model 'gpt5'" in err
     cfg = tmp_path / "config.json"
-    cfg.write_text("{}")
+    cfg.write_text("{}")  # read with the flags (sizes bounded before torch): an unusable config is refused here
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--model", str(cfg)])
+    assert f"--model: {cfg}: neither 'architectures' nor 'model_type'" in capsys.readouterr().err
+    from megatron_pack.model.hf_architecture import hf_config_from_architecture
+    from megatron_pack.model.presets import PRESETS
+
+    cfg.write_text(json.dumps(hf_config_from_architecture(PRESETS["qwen2.5-7b"], "bfloat16")))
     assert parse_args(BASE + ["--model", str(cfg)]).model.model == str(cfg)
     assert parse_args(BASE + ["--model", "qwen2.5-7b"]).model.model == "qwen2.5-7b"
     assert parse_args(BASE).model.model is None  # the architecture then comes from --load, else tiny

@@ -1,9 +1,18 @@
-"""Training configuration: one dataclass per concern, the command line generated from them.
+"""The run spec: one dataclass per concern, read by training, the planner and the experiment.
 
 Every field carries its help text and, where Megatron-LM has the flag, Megatron's name
-(the field name with ``_`` -> ``-``). ``__post_init__`` rejects bad values with a message
-naming the flag. Checks that need the world size (batch divisibility) live in
-:meth:`TrainConfig.resolve`, called once distributed init has happened.
+(the field name with ``_`` -> ``-``); :mod:`megatron_pack.config.cli` generates the training
+and the planner command lines from these fields. ``__post_init__`` parses and checks each value
+once, where it is read, with a message naming the flag: the packing modes become
+:class:`~megatron_pack.packing.modes.PackingMode` objects (``PackingArgs.mode``), the data paths
+:class:`~megatron_pack.data.blend.Blend` objects (``DataArgs.train_blend``); the fields keep the
+flag values as given, which is what checkpoints record and what :func:`~megatron_pack.config.cli.to_argv`
+replays. Checks that need the world size or the architecture (layout, batch divisibility) live in
+:meth:`RunSpec.resolve`.
+
+    RunSpec      model / parallel / data (packing) / optim / train / checkpoint / logging:
+                 what the planner costs (no dataset or run length needed)
+    TrainConfig  a RunSpec that can run: a dataset and a run length are required
 """
 
 from __future__ import annotations
@@ -23,7 +32,12 @@ MODEL_PRESETS = tuple(_PRESETS)
 
 
 class ConfigError(ValueError):
-    """A bad training setting; the message names the flag."""
+    """A bad run setting; the message names the flag."""
+
+
+class LayoutError(ConfigError):
+    """An impossible parallel layout (world size, batch, architecture); the message lists every
+    reason, each starting with the flag to change."""
 
 
 #: Megatron-LM's --tokenizer-type values we read (both take --tokenizer-model).
@@ -32,7 +46,7 @@ TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer")
 
 def arg(default, help: str, *, choices=None, flag: Optional[str] = None, metavar: Optional[str] = None,
         required: bool = False, nargs: Optional[str] = None):
-    """A config field with its CLI help (read by :mod:`megatron_pack.training.cli`); ``nargs="+"``
+    """A config field with its CLI help (read by :mod:`megatron_pack.config.cli`); ``nargs="+"``
     makes a flag that takes one or more values (the field then holds a str or a list of str)."""
     meta = {"help": help}
     if required:
@@ -52,7 +66,7 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _need(cond: bool, flag: str, msg: str):
+def need(cond: bool, flag: str, msg: str):
     if not cond:
         raise ConfigError(f"{flag}: {msg}")
 
@@ -88,14 +102,22 @@ class ModelArgs:
     recompute_granularity: Optional[str] = arg(None, "Activation recomputation.", choices=("full", "selective"))
 
     def __post_init__(self):
-        _need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
-        _need(self.model is None or self.model in MODEL_PRESETS or os.path.exists(self.model), "--model",
+        need(self.vocab_size is None or self.vocab_size > 0, "--vocab-size", f"must be > 0, got {self.vocab_size}")
+        need(self.model is None or self.model in MODEL_PRESETS or os.path.exists(self.model), "--model",
               f"unknown model {self.model!r}: a preset ({', '.join(MODEL_PRESETS)}) or the path of a Hugging "
               "Face config.json / model directory")
-        _need(self.init_method_std is None or self.init_method_std > 0, "--init-method-std",
+        if self.model is not None and self.model not in MODEL_PRESETS:
+            from megatron_pack.model.architecture import ArchitectureError
+            from megatron_pack.model.hf_architecture import load_hf_architecture
+
+            try:  # a config's sizes bounded here, before torch: hidden 10^9 was a 7.68 TB allocation
+                load_hf_architecture(self.model)
+            except ArchitectureError as e:
+                raise ConfigError(f"--model: {e}") from None
+        need(self.init_method_std is None or self.init_method_std > 0, "--init-method-std",
               f"must be > 0, got {self.init_method_std}")
         if self.tokenizer_type is not None:
-            _need(self.tokenizer_model is not None, "--tokenizer-type", "needs --tokenizer-model")
+            need(self.tokenizer_model is not None, "--tokenizer-type", "needs --tokenizer-model")
             self.tokenizer_path  # a kind the path does not hold fails here, before any heavy import
 
     @property
@@ -133,8 +155,8 @@ class ParallelArgs:
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             v = getattr(self, name)
-            _need(v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
-        _need(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "must be > 0")
+            need(v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
+        need(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "must be > 0")
 
 
 @dataclass
@@ -164,17 +186,36 @@ class PackingArgs:
         metavar="N")
 
     def __post_init__(self):
-        from megatron_pack.packing.modes import get_mode
-
         if self.document_padding_multiple is not None:
-            _need(self.document_padding_multiple >= 1, "--document-padding-multiple",
+            need(self.document_padding_multiple >= 1, "--document-padding-multiple",
                   f"must be >= 1, got {self.document_padding_multiple}")
         self.overlong = overlong_policy(self.overlong)
-        for flag, spec in (("--pack-mode", self.pack_mode), ("--eval-pack-mode", self.eval_pack_mode)):
-            try:
-                get_mode(spec)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"{flag}: {e}") from None
+        self._mode = parse_mode(self.pack_mode, "--pack-mode")
+        self._eval_mode = parse_mode(self.eval_pack_mode, "--eval-pack-mode")
+        if self.pack_scope == "step":
+            need(self._mode.name == "bfd", "--pack-scope step",
+                 f"packs each step with bfd; drop --pack-mode {self.pack_mode}")
+
+    @property
+    def mode(self):
+        """``--pack-mode`` parsed (a :class:`~megatron_pack.packing.modes.PackingMode`)."""
+        return self._mode
+
+    @property
+    def eval_mode(self):
+        """``--eval-pack-mode`` parsed."""
+        return self._eval_mode
+
+
+def parse_mode(value, flag: str):
+    """A packing mode string (``windowed_bfd:window=4096``) or object -> :class:`PackingMode`;
+    :class:`ConfigError` naming ``flag`` on a bad one."""
+    from megatron_pack.packing.modes import get_mode
+
+    try:
+        return get_mode(value)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 @dataclass
@@ -196,10 +237,11 @@ class DataArgs:
     packing: PackingArgs = field(default_factory=PackingArgs)
 
     def __post_init__(self):
-        _need(self.seq_length >= 2, "--seq-length", f"must be >= 2, got {self.seq_length}")
-        _need(0.0 <= self.valid_fraction < 1.0, "--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        need(self.seq_length >= 2, "--seq-length", f"must be >= 2, got {self.seq_length}")
+        need(0.0 <= self.valid_fraction < 1.0, "--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
         from megatron_pack.data.blend import BlendError, parse_blend
 
+        self._blends = {}
         for name in ("data_path", "train_data_path", "valid_data_path"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)) and len(value) == 1:
@@ -207,19 +249,34 @@ class DataArgs:
             setattr(self, name, list(value) if isinstance(value, (list, tuple)) else value)
             if value is not None:
                 try:
-                    parse_blend(value, "--" + name.replace("_", "-"))
+                    self._blends[name] = parse_blend(value, "--" + name.replace("_", "-"))
                 except BlendError as e:
                     raise ConfigError(str(e)) from None
-        _need(self.data_path is None or self.train_data_path is None, "--train-data-path",
+        need(self.data_path is None or self.train_data_path is None, "--train-data-path",
               "give --data-path or --train-data-path, not both")
+        if self.packing.pack_scope == "step" and self.train_blend is not None:
+            need(self.train_blend.plain, "--pack-scope step", "takes one dataset prefix, not a blend")
+
+    @property
+    def train_path(self):
+        """The training data as given: --train-data-path, else --data-path (a prefix or a blend list)."""
+        return self.train_data_path if self.train_data_path is not None else self.data_path
+
+    @property
+    def train_blend(self):
+        """The training sources parsed (a :class:`~megatron_pack.data.blend.Blend`; one prefix
+        is a one-source blend without weights), or None without data."""
+        return self._blends.get("train_data_path", self._blends.get("data_path"))
+
+    @property
+    def valid_blend(self):
+        """``--valid-data-path`` parsed, or None."""
+        return self._blends.get("valid_data_path")
 
     @property
     def prefixes(self) -> list:
         """Every dataset prefix the run reads: the training sources, then the held-out ones."""
-        from megatron_pack.data.blend import parse_blend
-
-        return [p for v in (self.data_path, self.train_data_path, self.valid_data_path) if v is not None
-                for p in parse_blend(v).prefixes]
+        return [p for b in (self.train_blend, self.valid_blend) if b is not None for p in b.prefixes]
 
 
 @dataclass
@@ -240,14 +297,14 @@ class OptimArgs:
     clip_grad: float = arg(1.0, "Gradient clipping on the global L2 norm (0 disables it).")
 
     def __post_init__(self):
-        _need(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
-        _need(0 <= self.min_lr <= self.lr, "--min-lr", f"must be in [0, --lr={self.lr}], got {self.min_lr}")
+        need(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        need(0 <= self.min_lr <= self.lr, "--min-lr", f"must be in [0, --lr={self.lr}], got {self.min_lr}")
         if self.lr_warmup_fraction is not None:
-            _need(0.0 <= self.lr_warmup_fraction <= 1.0, "--lr-warmup-fraction",
+            need(0.0 <= self.lr_warmup_fraction <= 1.0, "--lr-warmup-fraction",
                   f"must be in [0, 1], got {self.lr_warmup_fraction}")
-        _need(self.lr_warmup_iters >= 0, "--lr-warmup-iters", "must be >= 0")
-        _need(self.weight_decay >= 0, "--weight-decay", "must be >= 0")
-        _need(self.clip_grad >= 0, "--clip-grad", "must be >= 0")
+        need(self.lr_warmup_iters >= 0, "--lr-warmup-iters", "must be >= 0")
+        need(self.weight_decay >= 0, "--weight-decay", "must be >= 0")
+        need(self.clip_grad >= 0, "--clip-grad", "must be >= 0")
 
 
 @dataclass
@@ -274,21 +331,21 @@ class TrainArgs:
                                                 "are placed the same way. Default: on when DP > 1 or PP > 1.")
 
     def __post_init__(self):
-        _need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
-        _need(self.global_batch_size >= 1, "--global-batch-size", f"must be >= 1, got {self.global_batch_size}")
+        need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")
+        need(self.global_batch_size >= 1, "--global-batch-size", f"must be >= 1, got {self.global_batch_size}")
         given = [x is not None for x in (self.train_iters, self.train_epochs, self.train_samples)]
-        _need(sum(given) == 1, "--train-iters/--train-epochs" + ("/--train-samples" if given[2] else ""),
+        need(sum(given) <= 1, "--train-iters/--train-epochs" + ("/--train-samples" if given[2] else ""),
               "give exactly one")
         if self.train_samples is not None:
-            _need(self.train_samples >= self.global_batch_size, "--train-samples",
+            need(self.train_samples >= self.global_batch_size, "--train-samples",
                   f"must be >= --global-batch-size {self.global_batch_size}, got {self.train_samples}")
         if self.train_iters is not None:
-            _need(self.train_iters >= 1, "--train-iters", f"must be >= 1, got {self.train_iters}")
+            need(self.train_iters >= 1, "--train-iters", f"must be >= 1, got {self.train_iters}")
         if self.train_epochs is not None:
-            _need(self.train_epochs > 0, "--train-epochs", f"must be > 0, got {self.train_epochs}")
+            need(self.train_epochs > 0, "--train-epochs", f"must be > 0, got {self.train_epochs}")
         for name in ("eval_interval", "eval_iters"):
             v = getattr(self, name)
-            _need(v is None or v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
+            need(v is None or v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}")
 
 
 @dataclass
@@ -320,10 +377,10 @@ class CheckpointArgs:
                                             "checkpoint).")
 
     def __post_init__(self):
-        _need(self.save_interval is None or self.save_interval >= 1, "--save-interval", "must be >= 1")
-        _need(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+        need(self.save_interval is None or self.save_interval >= 1, "--save-interval", "must be >= 1")
+        need(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
               "--override-opt_param-scheduler", "and --use-checkpoint-opt_param-scheduler exclude each other")
-        _need(self.exit_interval is None or self.exit_interval >= 1, "--exit-interval", "must be >= 1")
+        need(self.exit_interval is None or self.exit_interval >= 1, "--exit-interval", "must be >= 1")
 
 
 @dataclass
@@ -340,15 +397,15 @@ class LoggingArgs:
                                               "else ./wandb).", metavar="DIR")
 
     def __post_init__(self):
-        _need(self.log_interval >= 1, "--log-interval", "must be >= 1")
+        need(self.log_interval >= 1, "--log-interval", "must be >= 1")
         for flag in ("wandb_exp_name", "wandb_save_dir"):
-            _need(getattr(self, flag) is None or bool(self.wandb_project), "--" + flag.replace("_", "-"),
+            need(getattr(self, flag) is None or bool(self.wandb_project), "--" + flag.replace("_", "-"),
                   "needs --wandb-project")
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs; ``python -m megatron_pack.train --help`` lists it."""
+class RunSpec:
+    """A run as the planner costs it: every section, no dataset or run length required."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
@@ -359,26 +416,14 @@ class TrainConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
 
     def __post_init__(self):
-        if self.data.data_path is None and self.data.train_data_path is None:  # argparse's wording
-            raise ConfigError("the following arguments are required: --data-path (or --train-data-path)")
-        if self.data.packing.pack_scope == "step":
-            from megatron_pack.packing.modes import get_mode
-
-            _need(get_mode(self.data.packing.pack_mode).name == "bfd", "--pack-scope step",
-                  f"packs each step with bfd; drop --pack-mode {self.data.packing.pack_mode}")
-            d = self.data
-            _need(isinstance(d.data_path if d.data_path is not None else d.train_data_path, str),
-                  "--pack-scope step", "takes one dataset prefix, not a blend")
         if self.train.loss_weighting == "sample":
-            _need(self.data.packing.document_mask, "--loss-weighting sample",
+            need(self.data.packing.document_mask, "--loss-weighting sample",
                   "needs the document mask to know where samples start (drop --no-document-mask)")
         if self.parallel.sequence_parallel:
-            _need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
+            need(self.parallel.tensor_model_parallel_size > 1, "--sequence-parallel",
                   "needs --tensor-model-parallel-size > 1")
         if self.parallel.pipeline_model_parallel_size > 1:
-            from megatron_pack.packing.modes import get_mode
-
-            _need(not get_mode(self.data.packing.pack_mode).pads_to_longest, "--pack-mode padding:pad_to=longest",
+            need(not self.data.packing.mode.pads_to_longest, "--pack-mode padding:pad_to=longest",
                   "changes the sequence length per micro-batch; pipeline parallelism needs fixed shapes "
                   "(use --pipeline-model-parallel-size 1 or --pack-mode padding)")
         cp = self.parallel.context_parallel_size
@@ -388,30 +433,56 @@ class TrainConfig:
 
             m = document_multiple(cp, self.parallel.tensor_model_parallel_size, self.parallel.sequence_parallel)
             if n is not None:
-                _need(n % m == 0, "--document-padding-multiple",
+                need(n % m == 0, "--document-padding-multiple",
                       f"{n} must be a multiple of {m}, what --context-parallel-size {cp} needs (2 x CP, and "
                       "TP x CP with --sequence-parallel)")
-                _need(self.data.seq_length % n == 0, "--seq-length",
+                need(self.data.seq_length % n == 0, "--seq-length",
                       f"{self.data.seq_length} must be a multiple of --document-padding-multiple {n}")
             elif cp > 1:
-                _need(self.data.seq_length % m == 0, "--seq-length",
+                need(self.data.seq_length % m == 0, "--seq-length",
                       f"{self.data.seq_length} must be a multiple of {m} under --context-parallel-size {cp} "
                       "(2 x CP, and TP x CP with --sequence-parallel) so every document splits into whole chunks")
             if self.model.transformer_impl == "transformer_engine":
-                _need(self.parallel.cp_comm_type in ("p2p", "a2a"), "--cp-comm-type",
+                need(self.parallel.cp_comm_type in ("p2p", "a2a"), "--cp-comm-type",
                       f"{self.parallel.cp_comm_type} does not take packed (THD) sequences in Transformer Engine; "
                       "use p2p or a2a")
 
-    def resolve(self, world_size: int) -> "ResolvedSizes":
-        """Batch arithmetic for ``world_size`` ranks; raises :class:`ConfigError` on a mismatch."""
+    def resolve(self, world_size: int, architecture=None) -> "ResolvedSizes":
+        """Batch arithmetic for ``world_size`` ranks, and with ``architecture`` (a
+        :class:`~megatron_pack.model.architecture.Architecture`) that TP divides its heads and
+        PP its layers; raises :class:`LayoutError` listing every reason (the planner's line too)."""
         from megatron_pack.parallel.layout import check_layout
 
         p = self.parallel
         check = check_layout(world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                             p.context_parallel_size, self.train.micro_batch_size, self.train.global_batch_size)
+                             p.context_parallel_size, self.train.micro_batch_size, self.train.global_batch_size,
+                             architecture=architecture)
         if check.errors:
-            raise ConfigError(check.errors[0])
+            raise LayoutError("; ".join(check.errors))
         return ResolvedSizes(check.data_parallel_size, check.num_microbatches)
+
+    @property
+    def document_multiple(self) -> int:
+        """What every document is padded to: --document-padding-multiple, else what CP (and SP)
+        need (1 at CP 1)."""
+        from megatron_pack.data.context_parallel import document_multiple
+
+        n, p = self.data.packing.document_padding_multiple, self.parallel
+        return int(n) if n is not None else document_multiple(p.context_parallel_size,
+                                                               p.tensor_model_parallel_size, p.sequence_parallel)
+
+
+@dataclass
+class TrainConfig(RunSpec):
+    """Everything one training run needs; ``python -m megatron_pack.train --help`` lists it."""
+
+    def __post_init__(self):
+        if self.data.data_path is None and self.data.train_data_path is None:  # argparse's wording
+            raise ConfigError("the following arguments are required: --data-path (or --train-data-path)")
+        t = self.train
+        need(sum(x is not None for x in (t.train_iters, t.train_epochs, t.train_samples)) == 1,
+              "--train-iters/--train-epochs", "give exactly one")
+        super().__post_init__()
 
 
 def total_train_iters(train: TrainArgs, epochs_to_iters) -> int:
