@@ -90,7 +90,7 @@ def test_planner_refuses_hostile_config_on_one_line(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_parallel.py"), "--model", str(cfg)],
                          capture_output=True, text=True, preexec_fn=_limited, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"plan_parallel.py: error: {cfg / 'config.json'}: num_hidden_layers = 1000000000: exceeds 1,024 (the sane "
+        f"plan_parallel.py: error: --model: {cfg / 'config.json'}: num_hidden_layers = 1000000000: exceeds 1,024 (the sane "
         "bound for this size; no published model comes near it)"]
 
 
