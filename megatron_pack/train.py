@@ -8,7 +8,8 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
         --save ckpt --load ckpt
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.training.config`).
-Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
+Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss or a leak
+found by ``--check-isolation error|only``,
 2 on a bad command line, missing input or a refused input (dataset, checkpoint, --save in use). The
 command line, the batch arithmetic and the dataset's files are checked before Megatron-Core (or
 torch) is imported: a wrong invocation answers in well under a second, on one line.
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
 
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
+    from megatron_pack.training.isolation import IsolationLeakError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
     try:
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, IsolationLeakError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -138,7 +138,15 @@ def _run(config: TrainConfig, st) -> dict:
     handler = SignalHandler() if ck.exit_signal_handler else None
     if handler:
         handler.__enter__()
+    isolation = None
     try:
+        if t.check_isolation:  # before the first step, on exactly what the steps will run
+            from megatron_pack.training.isolation import check_isolation
+
+            isolation = check_isolation(config, st, model, optimizer, tcfg, ctx, ds.train, vocab, bf16, log,
+                                        "; ".join(describe_backends(tcfg, config.model.backend).split("; ")[:2]))
+            if t.check_isolation == "only":
+                exit_reason, stop_at = "isolation_only", iteration
         model.train()
         while iteration < stop_at:
             t0 = time.perf_counter()
@@ -178,7 +186,8 @@ def _run(config: TrainConfig, st) -> dict:
         log.close()
     return _results(history, iteration=iteration, train_iters=total_iters, exit_reason=exit_reason,
                     valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(ds.train),
-                    checkpoint=last_ckpt, data_position=stream.pos.state_dict(), world_size=st.world_size)
+                    checkpoint=last_ckpt, data_position=stream.pos.state_dict(), world_size=st.world_size,
+                    isolation=isolation)
 
 
 def _cp_group(cp_size: int):
