@@ -12,6 +12,7 @@ Cases: ``NAME:LAYOUT[:CONTROL]``, LAYOUT as in ``_worker.parse_layout`` (``tp2``
              (the row is attended as one sequence)
   positions  RoPE positions do not restart per document (they run on over the row)
   nomask     --no-document-mask (documents see each other by configuration)
+  mbs1       --micro-batch-size 1 (with 2 rows per micro-batch TP 2 shards fall on the row boundary)
   train      no audit: two training steps (reference for ``train_warn``)
   train_warn ``--check-isolation warn`` then the same two training steps
 """
@@ -88,6 +89,8 @@ def case_args(base: list, layout: str, control: str, workdir: str) -> list:
         args.append("--sequence-parallel")
     if control == "nomask":
         args.append("--no-document-mask")
+    if control == "mbs1":  # one row per micro-batch: sequence-parallel shards cut documents
+        args += ["--micro-batch-size", "1"]
     if control == "train":
         return args
     return args + ["--check-isolation", "warn" if control == "train_warn" else "only"]
