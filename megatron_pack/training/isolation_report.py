@@ -9,6 +9,10 @@ def _num(x: float) -> str:
     return "0" if x == 0 else f"{x:.2g}"
 
 
+def _count(n: int, word: str, plural: str = "s") -> str:
+    return f"{n} {word}{'' if n == 1 else plural}"
+
+
 def _diff(c: dict) -> str:
     text = f"{_num(c['max_diff'])} {c['unit']}"
     if "mean_diff" in c and c["max_diff"]:
@@ -31,10 +35,10 @@ def format_report(report: dict) -> list:
              f"DP {lay['dp']}, sequence parallel {'on' if lay['sequence_parallel'] else 'off'}, {lay['dtype']}, "
              f"document mask {'on' if lay['document_mask'] else 'off'}"
              + (f"; {lay['backends']}" if lay["backends"] else ""),
-             f">   rows: {rows['micro_batches']} micro-batch(es) of {rows['rows']} row(s) x {rows['row_length']} tokens on "
-             f"each of {lay['dp']} DP rank(s), {rows['origin']}; {rows['documents']} documents "
-             f"({rows['min_docs']}-{rows['max_docs']} per row), {rows['straddling']} split over token-split ranks"
-             + (f"; layers per stage {lay['layers_per_stage']}" if lay['pp'] > 1 else "")]
+             f">   rows: {_count(rows['micro_batches'], 'micro-batch', 'es')} of {_count(rows['rows'], 'row')} x "
+             f"{rows['row_length']} tokens per DP rank, {rows['origin']}; {rows['documents']} documents "
+             f"({rows['min_docs']}-{rows['max_docs']} per row), {rows['straddling']} split over CP / SP ranks"
+             + (f"; layers per stage {'/'.join(map(str, lay['layers_per_stage']))}" if lay['pp'] > 1 else "")]
     head = ("check", "largest difference", "tolerance", "result")
     table = [head] + [(c["check"], _diff(c), f"{_num(c['tolerance'])}, {c['tolerance_rule']}",
                        _result(c, report["by_configuration"])) for c in report["checks"]]

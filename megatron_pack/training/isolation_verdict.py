@@ -72,7 +72,7 @@ def verdict(best: dict, sums: dict, stage_of: dict, dtype: str, document_mask: b
     floor_rel = max([_rel(best, "repeat", n, k) for n in layers for k in ("layer", "query")] or [0.0])
     exact = floor_loss == 0.0 and floor_rel == 0.0
     if exact:
-        p_tol, p_rel, rule = 0.0, 0.0, "exact (two identical forwards agree bit for bit)"
+        p_tol, p_rel, rule = 0.0, 0.0, "exact: identical forwards agree bitwise"
     else:
         p_tol, p_rel = max(loss_tol, 4 * floor_loss), max(rel_tol, 4 * floor_rel)
         rule = f"{dtype} rounding, or 4x the repeat noise {floor_loss:.1e}"
@@ -86,7 +86,7 @@ def verdict(best: dict, sums: dict, stage_of: dict, dtype: str, document_mask: b
     deepest = next((n for n in reversed(layers) if _get(best, f"backward/layer/{n}") > b_tol), None)
     checks.append(_check("backward", other, "grad", b_tol, "exact: zero" if exact else
                          f"{dtype}: {rel_tol:g} x the targeted documents' gradient", deepest, stage_of,
-                         f"largest gradient on the targeted documents {target:.3g}", "crosses"))
+                         f"largest gradient on the targeted documents {target:.3g}", "deepest crossing"))
     first, kind = _first(best, "reference", layers, rel_tol)
     ref = _check("reference", _get(best, "reference/loss"), "nats", loss_tol, f"{dtype} rounding; states, queries "
                  f"{rel_tol:g} relative", first, stage_of,
