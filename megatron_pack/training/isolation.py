@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from megatron_pack.training.isolation_checks import AuditRun
+from megatron_pack.training.isolation_checks import MAX_REFERENCE_DOCS, AuditRun
 from megatron_pack.training.isolation_probe import AuditEnv, LayerWatch, untouched_run
 from megatron_pack.training.isolation_report import format_report, report_path
 from megatron_pack.training.isolation_rows import audit_batches, plain_dataset, straddling
@@ -52,6 +52,7 @@ def _rows_summary(batches: list, ds, cp: int, tp: int, sp: bool) -> dict:
             "row_length": ds.padded_length, "documents": sum(len(ab.docs) for ab in batches),
             "min_docs": min(per_row.values()), "max_docs": max(per_row.values()),
             "straddling": sum(straddling(ab, cp, tp, sp) for ab in batches),
+            "reference_documents": min(MAX_REFERENCE_DOCS, sum(len(ab.docs) for ab in batches)),
             "origin": ("built from the split's conversations (no plan row holds 3 documents)" if built
                        else "rows of the training plan"), "source": [x for ab in batches for x in ab.source]}
 
@@ -81,7 +82,7 @@ def audit(env: AuditEnv, dataset, *, micro_batch_size: int, dp_rank: int, pp_ran
 def _combine_rows(rows: list) -> dict:
     rows = [r for r in rows if r is not None]
     out = dict(rows[0])
-    for k in ("documents", "straddling"):
+    for k in ("documents", "straddling", "reference_documents"):
         out[k] = sum(r[k] for r in rows)
     out["min_docs"], out["max_docs"] = min(r["min_docs"] for r in rows), max(r["max_docs"] for r in rows)
     return out

@@ -26,6 +26,7 @@ from megatron_pack.training.isolation_rows import (AuditBatch, alone, local_posi
                                                     sp_shard)
 
 PERTURB_SEED = 20260527
+MAX_REFERENCE_DOCS = 32  # reference micro-batches per DP rank (one forward each): seconds on a large model
 
 
 class Largest:
@@ -130,10 +131,11 @@ class AuditRun:
         self._compare(name, rows, pairs, loss_pairs)
 
     def reference(self) -> None:
-        """Every document alone in a micro-batch, compared token by token with the packed rows."""
+        """Every document (the first MAX_REFERENCE_DOCS) alone in a micro-batch, compared token by
+        token with the packed rows."""
         rows, pairs, loss_pairs = [], [], []
         for b, ab in enumerate(self.batches):
-            for d in ab.docs:
+            for d in ab.docs[:max(0, MAX_REFERENCE_DOCS - len(rows))]:
                 ref = alone(ab, d, self.multiple)
                 inv = _inverse(ref.batch, self.env)
                 oi, ti = _pair(self.inv[b], torch.arange(d.start, d.end), inv, torch.arange(d.length),

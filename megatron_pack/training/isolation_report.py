@@ -45,6 +45,8 @@ def format_report(report: dict) -> list:
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     for r in table:
         lines.append(">   " + "  ".join(x.ljust(w) for x, w in zip(r[:3], widths)) + "  " + r[3])
+    if rows.get("reference_documents", rows["documents"]) < rows["documents"]:
+        lines.append(f">   reference: the first {rows['reference_documents']} documents of each DP rank")
     for c in report["checks"]:
         if not c["passed"] and c.get("detail"):
             lines.append(f">   {c['check']}: {c['detail']}")

@@ -81,3 +81,25 @@ def test_report_fits_one_screen():
                        "document_mask": True, "backends": "", "layers_per_stage": [4]})
     lines = format_report(rep)
     assert len(lines) <= 12 and "LEAK" in lines[-1] and any("layer 1" in ln for ln in lines)
+
+
+def test_a_leak_exits_1_with_one_line(tmp_path, monkeypatch, capsys):
+    """``python -m megatron_pack.train --check-isolation error`` maps the audit's leak to exit 1."""
+    from megatron_pack import train as front
+    from megatron_pack.files.indexed import SFTDatasetWriter
+    from megatron_pack.training import loop
+    from megatron_pack.training.isolation import IsolationLeakError
+
+    with SFTDatasetWriter(str(tmp_path / "sft")) as w:
+        for n in (5, 6, 7, 8):
+            w.add(list(range(1, n + 1)), [0] + [1] * (n - 1), [0, 1])
+
+    def leak(config):
+        assert config.train.check_isolation == "error"
+        raise IsolationLeakError("--check-isolation: packed documents see each other: ...", {})
+
+    monkeypatch.setattr(loop, "train", leak)
+    rc = front.main(["--data-path", str(tmp_path / "sft"), "--train-iters", "1", "--global-batch-size", "1",
+                     "--check-isolation", "error"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--check-isolation: packed documents see each other" in err[0]
