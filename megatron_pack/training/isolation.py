@@ -109,7 +109,8 @@ def check_isolation(config, st, model, optimizer, tcfg, ctx, dataset, vocab_size
     mask = bool(plain_dataset(dataset).document_mask)
     report = verdict(best, sums, stage_of, "bf16" if bf16 else "fp32", mask)
     per_stage = sorted({sum(1 for s in stage_of.values() if s == p) for p in set(stage_of.values())})
-    report.update(mode=mode, seconds=time.perf_counter() - t0, passes=passes, rows=_combine_rows([r[4] for r in per_rank]),
+    report.update(mode=mode, seconds=time.perf_counter() - t0, passes=passes,
+                  rows=_combine_rows([r[4] for r in per_rank]),
                   layout={"tp": st.tp_size, "pp": st.pp_size, "cp": st.cp_size, "dp": st.dp_size,
                           "sequence_parallel": config.parallel.sequence_parallel, "dtype": "bf16" if bf16 else "fp32",
                           "document_mask": mask, "backends": backends, "layers_per_stage": per_stage})

@@ -19,6 +19,7 @@ tokens (and, under CP, its padding) move; labels and the loss mask travel with t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,9 +129,10 @@ def _built_rows(ds, count: int, offset: int) -> list:
                 break
         if len(lens) < MIN_DOCS:
             raise ValueError(f"cannot fit {MIN_DOCS} conversations into one row of --seq-length {S}")
-        item = ds._assemble(np.concatenate(toks), np.concatenate(masks), np.asarray(lens, np.int64))
-        rows.append((item, lens, ids))
-    return rows
+        rows.append((np.concatenate(toks), np.concatenate(masks), lens, ids))
+    view = copy.copy(ds)  # room for the rows' boundaries; the dataset itself is left as it is
+    view.cu_seqlens_len = max(len(r[2]) for r in rows) + 1
+    return [(view._assemble(t, mk, np.asarray(lens, np.int64)), lens, ids) for t, mk, lens, ids in rows]
 
 
 def audit_batches(dataset, micro_batch_size: int, dp_rank: int, num_batches: int = 1) -> list:

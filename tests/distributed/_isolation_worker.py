@@ -12,6 +12,7 @@ Cases: ``NAME:LAYOUT[:CONTROL]``, LAYOUT as in ``_worker.parse_layout`` (``tp2``
              (the row is attended as one sequence)
   positions  RoPE positions do not restart per document (they run on over the row)
   nomask     --no-document-mask (documents see each other by configuration)
+  padding    --pack-mode padding (no plan row holds 3 documents: rows built from conversations)
   mbs1       --micro-batch-size 1 (with 2 rows per micro-batch TP 2 shards fall on the row boundary)
   train      no audit: two training steps (reference for ``train_warn``)
   train_warn ``--check-isolation warn`` then the same two training steps
@@ -57,8 +58,9 @@ def patched(control: str):
     def cp_pad(self, q, k, v, mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None and packed_seq_params.cu_seqlens_q_padded is not None:
             whole = packed_seq_params.cu_seqlens_q_padded[[0, -1]]
+            cu = packed_seq_params.cu_seqlens_q
             packed_seq_params = PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=packed_seq_params.cu_seqlens_q, cu_seqlens_kv=packed_seq_params.cu_seqlens_q,
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                 cu_seqlens_q_padded=whole, cu_seqlens_kv_padded=whole, max_seqlen_q=int(whole[-1]),
                 max_seqlen_kv=int(whole[-1]), cp_group=packed_seq_params.cp_group)
         return orig_forward(self, q, k, v, mask, attn_mask_type, attention_bias, packed_seq_params)
@@ -89,6 +91,8 @@ def case_args(base: list, layout: str, control: str, workdir: str) -> list:
         args.append("--sequence-parallel")
     if control == "nomask":
         args.append("--no-document-mask")
+    if control == "padding":  # one conversation per row: the audit builds its rows
+        args += ["--pack-mode", "padding"]
     if control == "mbs1":  # one row per micro-batch: sequence-parallel shards cut documents
         args += ["--micro-batch-size", "1"]
     if control == "train":

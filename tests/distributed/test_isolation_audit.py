@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_isolation_worker.py")
 TWO = ("tp2:tp2,tp2sp:tp2sp:mbs1,pp2:pp2,cp2:cp2,dp2:dp2,cp_pad:cp2:cp_pad,positions:pp2:positions,"
-       "nomask:dp2:nomask,train:pp2:train,train_warn:pp2:train_warn")
+       "nomask:dp2:nomask,built:dp2:padding,train:pp2:train,train_warn:pp2:train_warn")
 FOUR = "pp4:pp4,tp2pp2:tp2pp2,bridge:pp4:bridge"
 
 
@@ -83,9 +83,11 @@ def assert_isolated(ranks, name):
         assert res["iteration"] == 0  # no step taken
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2sp", "pp2", "cp2", "dp2"])
+@pytest.mark.parametrize("name", ["tp2", "tp2sp", "pp2", "cp2", "dp2", "built"])
 def test_isolated_on_two_rank_layouts(two, name):
+    """``built``: --pack-mode padding has no row of 3 documents; the audit builds its rows."""
     assert_isolated(two[0], name)
+    assert two[0][0][name]["report"]["rows"]["origin"].startswith("built") == (name == "built")
 
 
 def test_isolated_on_pp4_and_tp2pp2(four):
