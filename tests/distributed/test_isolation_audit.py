@@ -1,4 +1,5 @@
-"""``--check-isolation`` on CPU with gloo: passes on TP2, TP2+SP, PP2, PP4, CP2, DP2 and TP2xPP2 with
+"""``--check-isolation`` on CPU with gloo: passes on TP2, TP2+SP, PP2, PP4, CP2, DP2, TP2xPP2 and
+CP2xTP2+SP with
 the tiny architecture (4 layers so PP4 has a layer per stage), and catches, naming the place:
 
 - the Megatron-Bridge #2952 bug: one middle pipeline stage (PP4, stage 2) ignores a document
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("_isolation_worker.py")
 TWO = ("tp2:tp2,tp2sp:tp2sp:mbs1,pp2:pp2,cp2:cp2,dp2:dp2,cp_pad:cp2:cp_pad,positions:pp2:positions,"
        "nomask:dp2:nomask,built:dp2:padding,train:pp2:train,train_warn:pp2:train_warn")
-FOUR = "pp4:pp4,tp2pp2:tp2pp2,bridge:pp4:bridge"
+FOUR = "pp4:pp4,tp2pp2:tp2pp2,tp2spcp2:tp2spcp2,bridge:pp4:bridge"
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,12 @@ def test_isolated_on_two_rank_layouts(two, name):
     assert two[0][0][name]["report"]["rows"]["origin"].startswith("built") == (name == "built")
 
 
-def test_isolated_on_pp4_and_tp2pp2(four):
+def test_isolated_on_pp4_tp2pp2_and_cp2_tp2_sp(four):
     """PP4 unpatched is also the control that must pass: every difference exactly zero."""
     assert_isolated(four[0], "pp4")
     assert_isolated(four[0], "tp2pp2")
+    assert_isolated(four[0], "tp2spcp2")  # CP 2 x TP 2 with sequence parallel: the TE #1930 neighbourhood
+    assert four[0][0]["tp2spcp2"]["report"]["rows"]["straddling"] > 0
     rep = four[0][0]["pp4"]["report"]
     assert rep["layout"]["pp"] == 4 and rep["layout"]["layers_per_stage"] == [1]
 
