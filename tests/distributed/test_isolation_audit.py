@@ -1,6 +1,6 @@
 """``--check-isolation`` on CPU with gloo: passes on TP2, TP2+SP, PP2, PP4, CP2, DP2, TP2xPP2 and
-CP2xTP2+SP with
-the tiny architecture (4 layers so PP4 has a layer per stage), and catches, naming the place:
+CP2xTP2+SP with the tiny architecture (4 layers so PP4 has a layer per stage), and catches,
+naming the place:
 
 - the Megatron-Bridge #2952 bug: one middle pipeline stage (PP4, stage 2) ignores a document
   boundary -> perturbation and backward fail at stage 2, layer 3;
