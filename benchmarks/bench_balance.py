@@ -30,7 +30,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def long_tailed_lengths(seq_length: int, total_tokens: int, long_share: float, seed: int) -> np.ndarray:
@@ -120,7 +119,7 @@ def _launch(nprocs: int, args: list, workdir: str, name: str, timeout: float) ->
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                    LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONPATH=os.environ.get("PYTHONPATH", ""))
         out = open(os.path.join(workdir, f"{name}.rank{rank}.log"), "w")
         procs.append((subprocess.Popen([sys.executable, "-m", "megatron_pack.train", *args, "--log-file", log],
                                        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT), out))

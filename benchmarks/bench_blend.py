@@ -22,25 +22,7 @@ import time
 import numpy as np
 
 from megatron_pack.data.blend import blend_schedule
-
-
-def largest_deficit(shares, n):
-    """The loop of megatron_pack/data/blend.py before (Megatron-Core's `build_blending_indices` rule),
-    verbatim from 02c82b0; tests/unit/data/test_blend_schedule.py compares against it too."""
-    shares = list(shares)
-    total = sum(shares)
-    counts = [0] * len(shares)
-    out = np.empty(n, dtype=np.int32)
-    k = len(shares)
-    for i in range(n):
-        best, best_score = 0, None
-        for d in range(k):
-            score = shares[d] * (i + 1) - counts[d] * total
-            if best_score is None or score > best_score:
-                best, best_score = d, score
-        out[i] = best
-        counts[best] += 1
-    return out
+from megatron_pack.data.largest_deficit import largest_deficit
 
 
 def worst_lag(sched, w):

@@ -28,7 +28,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _reset_peak():
@@ -130,7 +129,7 @@ def launch(cp: int, args, data: str, out: str) -> list:
     for r in range(cp):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="",
-                   PYTHONWARNINGS="ignore", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONWARNINGS="ignore", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--cp", str(cp), "--data", data,
                                        "--out", out, "--seq-length", str(args.seq_length), "--steps",
                                        str(args.steps)], env=env))

@@ -7,7 +7,8 @@ opened with and without the checks of :mod:`megatron_pack.files.indexed_check`.
 
 The dataset is written straight in Megatron-Core's ``.bin``/``.idx`` format with numpy (random
 token ids below the vocabulary, random 0/1 loss mask, four turn starts per conversation) plus a
-preprocessing summary naming its files, so building it takes seconds. Each timing is the best of
+preprocessing summary naming its files (the loss mask hashed, its supervised count), so building
+it takes seconds. Each timing is the best of
 ``--repeats`` runs with the files in the page cache (a cold first open pays the disk read of the
 mask and token files once more).
 """
@@ -25,8 +26,8 @@ import time
 import numpy as np
 
 from megatron_pack.files.indexed import PART_DTYPES, PART_SUFFIXES, SFTIndexedDataset, dataset_files
-from megatron_pack.files.indexed_check import (SUMMARY_SUFFIX, check_summary, check_token_ids, dataset_manifest,
-                                               validate_dataset)
+from megatron_pack.files.indexed_check import (SUMMARY_SUFFIX, _sha256, check_summary, check_token_ids,
+                                               dataset_manifest, validate_dataset)
 
 _CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}
 
@@ -49,12 +50,18 @@ def build(prefix: str, docs: int, mean_length: int, vocab: int, seed: int = 0) -
                            dtype=np.int64)
     total = int(lengths.sum())
     write_part(prefix, lengths, rng.integers(0, vocab, total, dtype=np.int32))
-    write_part(prefix + PART_SUFFIXES[1], lengths, rng.integers(0, 2, total, dtype=np.uint8))
+    mask = rng.integers(0, 2, total, dtype=np.uint8)
+    write_part(prefix + PART_SUFFIXES[1], lengths, mask)
     turns = np.stack([np.zeros_like(lengths), lengths // 4, lengths // 2, 3 * lengths // 4], axis=1)
     write_part(prefix + PART_SUFFIXES[2], np.full(docs, 4), turns.astype(np.int32).ravel())
     with open(prefix + SUMMARY_SUFFIX, "w") as f:
-        json.dump({"files": dataset_manifest(dataset_files(prefix))}, f)
+        json.dump({"supervised_tokens": int(np.count_nonzero(mask)),
+                   "files": dataset_manifest(dataset_files(prefix), hash_also=(mask_bin(prefix),))}, f)
     return total
+
+
+def mask_bin(prefix: str) -> str:
+    return prefix + PART_SUFFIXES[1] + ".bin"
 
 
 def best(fn, repeats: int) -> float:
@@ -86,8 +93,11 @@ def main(argv=None) -> dict:
             "open, no validation (Megatron IndexedDataset x3)": best(lambda: SFTIndexedDataset(prefix, validate=False),
                                                                       args.repeats),
             "open with validation (default)": best(lambda: SFTIndexedDataset(prefix), args.repeats),
-            "  summary match (.idx SHA-256, sizes)": best(lambda: check_summary(prefix, dataset_files(prefix)),
-                                                          args.repeats),
+            "  summary match (sizes, .idx and loss-mask SHA-256, supervised count)": best(
+                lambda: check_summary(prefix, dataset_files(prefix), mask_bin=mask_bin(prefix)), args.repeats),
+            "    of which loss-mask SHA-256": best(lambda: _sha256(mask_bin(prefix)), args.repeats),
+            "    of which supervised count (np.count_nonzero)": best(
+                lambda: np.count_nonzero(np.memmap(mask_bin(prefix), mode="r", dtype=np.uint8)), args.repeats),
             "  structure + mask + turns": best(lambda: validate_dataset(prefix, parts), args.repeats),
             "token ids < vocab (once per training run)": best(lambda: check_token_ids(prefix, args.vocab),
                                                                args.repeats),

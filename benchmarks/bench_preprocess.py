@@ -35,14 +35,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_pack.files.indexed import SFTDatasetWriter  # noqa: E402
-from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess  # noqa: E402
-from megatron_pack.preprocess.sample import generate_conversations, write_jsonl  # noqa: E402
-from megatron_pack.preprocess.schema import normalize_record  # noqa: E402
-from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE  # noqa: E402
-from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer  # noqa: E402
+from megatron_pack.files.indexed import SFTDatasetWriter
+from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+from megatron_pack.preprocess.sample import generate_conversations, write_jsonl
+from megatron_pack.preprocess.schema import normalize_record
+from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE
+from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer
 
 
 def make_data(workdir: str, num: int, seed: int, vocab: int):

@@ -21,8 +21,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def bench(args) -> list[dict]:
     import numpy as np

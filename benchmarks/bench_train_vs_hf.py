@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_pack.experiment.hf_baseline import conversations, padding_free_check
 
 MP_SETTINGS = ("mp_padding", "mp_greedy", "mp_bfd")
 HF_SETTINGS = ("hf_pad_max", "hf_grouped", "trl_packing")
@@ -74,27 +74,6 @@ SHAPES = {
 # --------------------------------------------------------------------------------------------
 
 
-def conversations(n: int, seq: int, vocab: int, seed: int = 0) -> list:
-    """``n`` learnable multi-turn chats (arithmetic token progressions, each turn a prompt
-    that is not trained then an answer that is), log-normal lengths (median ~seq/3) up to ``seq``."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(np.clip(rng.lognormal(np.log(seq / 3), 0.6), 24, seq))
-        a, b = int(rng.integers(0, vocab)), int(rng.integers(1, 7))
-        toks = ((a + b * np.arange(length)) % (vocab - 3) + 3).tolist()
-        mask, pos, turns = [0] * length, 0, []
-        k = int(rng.integers(1, 4))
-        for t in range(k):  # k turns of equal share: 30% prompt, 70% answer
-            end = length if t == k - 1 else pos + length // k
-            turns.append(pos)
-            start = pos + max(1, (end - pos) * 3 // 10)
-            mask[start:end] = [1] * (end - start)
-            pos = end
-        out.append({"input_ids": toks, "loss_mask": mask, "turn_starts": turns})
-    return out
 
 
 def prepare(args) -> dict:
@@ -118,12 +97,15 @@ def prepare(args) -> dict:
                          max_position_embeddings=max(4096, args.seq_length), rope_theta=500000.0, rms_norm_eps=1e-5,
                          initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0)
-    model = tf.LlamaForCausalLM(cfg).float()
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):  # a 1B init on the GPU takes seconds
+        model = tf.LlamaForCausalLM(cfg).float()
     if args.shape == "1b":  # half the bytes to write and read; every setting loads the same values
         model = model.to(torch.bfloat16)
     model.save_pretrained(paths["hf"], safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the settings run in their own processes
     _write_tokenizer(paths["hf"], s.vocab)
     convs = conversations(args.conversations, args.seq_length, s.vocab, args.seed)
     with open(paths["convs.json"], "w") as f:
@@ -281,6 +263,15 @@ def _timing_callback():
     return StepTimes()
 
 
+def _sampling(tf, grouped: bool) -> dict:
+    """Length grouping in this transformers' words (5.x: ``train_sampling_strategy``; before: ``group_by_length``)."""
+    import inspect
+
+    if "train_sampling_strategy" in inspect.signature(tf.TrainingArguments).parameters:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
+
+
 def run_hf(setting: str, info: dict, args) -> dict:
     """``hf_pad_max`` / ``hf_grouped``: transformers' Trainer over the conversations."""
     import transformers as tf
@@ -294,7 +285,7 @@ def run_hf(setting: str, info: dict, args) -> dict:
     model, attn = _hf_model(info, args)
     times = _timing_callback()
     trainer = tf.Trainer(model=model, args=tf.TrainingArguments(**_training_args(
-                         args, train_sampling_strategy="group_by_length" if setting == "hf_grouped" else "random")),
+                         args, **_sampling(tf, setting == "hf_grouped"))),
                          train_dataset=rows, data_collator=collator, callbacks=[times])
     trainer.train()
     step_s = [b - a for a, b in zip(times.t[:-1], times.t[1:])]
@@ -333,28 +324,6 @@ def run_trl(setting: str, info: dict, args) -> dict:
             "attention": attn, **check}
 
 
-def padding_free_check(model, batch) -> dict:
-    """Loss of a flattened (padding-free) batch vs the same conversations one per padded row."""
-    import torch
-
-    dev = next(model.parameters()).device
-    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-    pos = batch["position_ids"][0]
-    starts = (pos == 0).nonzero().flatten().tolist() + [pos.numel()]
-    segs = [(a, b) for a, b in zip(starts[:-1], starts[1:])]
-    width = max(b - a for a, b in segs)
-    ids = torch.zeros(len(segs), width, dtype=torch.long, device=dev)
-    att, lab = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, (a, b) in enumerate(segs):
-        ids[i, : b - a], att[i, : b - a], lab[i, : b - a] = batch["input_ids"][0, a:b], 1, batch["labels"][0, a:b]
-    with torch.no_grad():
-        # as SFTTrainer.compute_loss calls it: transformers reads document boundaries from
-        # restarting position_ids only without an attention mask and without a KV cache
-        keys = ("input_ids", "labels", "position_ids", "attention_mask")
-        packed = float(model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).loss)
-        padded = float(model(input_ids=ids, attention_mask=att, labels=lab).loss)
-    tol = 1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4
-    return {"packed": packed, "padded": padded, "correct": abs(packed - padded) <= tol * abs(padded)}
 
 
 def worker(setting: str, args) -> dict:
@@ -367,9 +336,10 @@ def worker(setting: str, args) -> dict:
         return run_megatron(setting, info, args)
     if setting == "trl_packing":
         try:
+            import datasets  # noqa: F401
             import trl  # noqa: F401
-        except ImportError:
-            return {"skipped": "trl not installed (pip install trl)"}
+        except ImportError as e:
+            return {"skipped": f"{e.name} not installed"}
         return run_trl(setting, info, args)
     return run_hf(setting, info, args)
 
@@ -387,6 +357,13 @@ def _worker_argv(args, setting: str) -> list:
     return [sys.executable, os.path.abspath(__file__), *keep, "--worker", setting]
 
 
+def _missing_modules(setting: str) -> list:
+    import importlib.util
+
+    need = ("trl", "datasets") if setting == "trl_packing" else ()
+    return [m for m in need if importlib.util.find_spec(m) is None]
+
+
 def run_all(args) -> dict:
     deadline = time.monotonic() + args.budget_s if args.budget_s else None  # preparing counts too
     info = prepare(args)
@@ -395,6 +372,10 @@ def run_all(args) -> dict:
         for setting in args.settings:
             if deadline is not None and time.monotonic() > deadline:
                 best.setdefault(setting, {"skipped": "time budget spent"})
+                continue
+            missing = _missing_modules(setting)
+            if missing:  # said without starting a process
+                best.setdefault(setting, {"skipped": f"{', '.join(missing)} not installed"})
                 continue
             env = dict(os.environ, MEGATRON_PACK_QUIET="1", PYTHONWARNINGS="ignore",
                        **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
@@ -433,34 +414,31 @@ def run_all(args) -> dict:
             r["vs_best_hf_cpu"] = r["tokens_per_cpu_s"] / top["tokens_per_cpu_s"]
     if args.device == "cuda":
         _add_mfu(rows, info, args)
-    return {"shape": asdict(SHAPES[args.shape]), "params": info["params"], "device": args.device,
+    return {"shape": asdict(SHAPES[args.shape]), "shape_name": args.shape, "params": info["params"], "device": args.device,
             "seq_length": args.seq_length, "global_batch_size": args.global_batch_size,
             "micro_batch_size": args.micro_batch_size, "steps": args.steps, "best_hf": top and top["setting"],
             "rows": rows}
 
 
 def _add_mfu(rows: list, info: dict, args) -> None:
-    """Model FLOPs utilisation on real tokens (the documents' own attention, as with the mask)."""
-    try:
-        from benchmarks.gpu_check import peak_flops
-    except ImportError:
-        return
+    """Model FLOPs utilisation on real tokens against the GPU's bf16 peak
+    (:mod:`megatron_pack.planning.mfu`: the documents' own causal attention, counted once)."""
     import torch
 
     from megatron_pack.model.cost import CostModel
     from megatron_pack.model.hf_architecture import load_hf_architecture
+    from megatron_pack.planning.catalogue import gpu_from_device_name
+    from megatron_pack.planning.mfu import flops_per_real_token, mfu
 
-    _, peak = peak_flops(torch.device("cuda"))
-    if not peak:
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    if gpu is None:
         return
     convs = json.load(open(info["convs.json"]))
-    lens = [len(c["input_ids"]) for c in convs]
-    per_token_attn = sum(n * n for n in lens) / sum(lens)  # sum s^2 per real token
-    cost = CostModel.from_architecture(load_hf_architecture(info["hf"]))
-    per_token = cost.linear_flops_per_token + cost.attention_flops_per_sq * per_token_attn / 2  # causal half
+    per_token = flops_per_real_token(CostModel.from_architecture(load_hf_architecture(info["hf"])),
+                                     [len(c["input_ids"]) for c in convs])
     for r in rows:
         if "tokens_per_s" in r:
-            r["mfu"] = r["tokens_per_s"] * per_token / peak
+            r["mfu"] = mfu(r["tokens_per_s"], per_token, gpu.peak_flops)
 
 
 def format_table(report: dict) -> str:
@@ -519,6 +497,9 @@ def main(argv=None) -> int:
         args.workdir = os.path.join("outputs", "bench_train_vs_hf", f"{args.shape}-{args.seq_length}-{args.device}")
     args.workdir = os.path.abspath(args.workdir)
     os.environ.setdefault("MEGATRON_PACK_QUIET", "1")
+    from megatron_pack.quiet import quiet_library_noise
+
+    quiet_library_noise()  # Megatron-Core's TE/Apex import warnings, in the workers and the converting parent
     if args.worker:
         if args.threads:
             import torch

@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 
+from megatron_pack.experiment.presets import QUICKSTART_FLAGS, quickstart
+from megatron_pack.experiment.settings import PAPER_MODES
 from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.reporting import markdown_table
 
-#: The quickstart compares these (windowed_bfd packs like bfd on 480 chats).
-DEMO_MODES = ("padding", "greedy", "random", "bfd")
+#: The quickstart compares the paper's modes (windowed_bfd packs like bfd on 480 chats).
+DEMO_MODES = PAPER_MODES
 
 
 def prepare_data(workdir: str) -> str:
@@ -34,7 +35,10 @@ def prepare_data(workdir: str) -> str:
     jsonl, tok = prepare_sample(workdir)
     prefix = os.path.join(workdir, "sample")
     summary = prefix + "_summary.json"
-    if not (os.path.isfile(summary) and os.path.getmtime(summary) >= os.path.getmtime(os.path.join(tok, "SAMPLE_SHA"))):
+    from megatron_pack.files.indexed_check import preprocessing_finished
+
+    if not (preprocessing_finished(prefix)  # an interrupted run's "incomplete" summary is redone
+            and os.path.getmtime(summary) >= os.path.getmtime(os.path.join(tok, "SAMPLE_SHA"))):
         preprocess(PreprocessConfig(inputs=[jsonl], tokenizer=tok, output_prefix=prefix, progress=False))
     return prefix
 
@@ -44,10 +48,12 @@ def demo_config(prefix: str, mode: str, args) -> "TrainConfig":  # noqa: F821
                                                PackingArgs, TrainArgs, TrainConfig)
 
     return TrainConfig(
-        model=ModelArgs(model="tiny", tokenizer_model=os.path.join(os.path.dirname(prefix), "tokenizer")),
+        model=ModelArgs(model=QUICKSTART_FLAGS["--model"],
+                        tokenizer_model=os.path.join(os.path.dirname(prefix), "tokenizer")),
         data=DataArgs(data_path=prefix, seq_length=args.seq_length, valid_fraction=args.valid_fraction,
                       packing=PackingArgs(pack_mode=mode, document_mask=not args.no_document_mask)),
-        optim=OptimArgs(lr=args.lr, min_lr=args.lr / 10, lr_warmup_fraction=0.1, clip_grad=1.0),
+        optim=OptimArgs(lr=args.lr, min_lr=args.lr / 10, lr_warmup_fraction=quickstart("--lr-warmup-fraction"),
+                        clip_grad=quickstart("--clip-grad")),
         train=TrainArgs(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
                         train_epochs=args.epochs, seed=args.seed),
         checkpoint=CheckpointArgs(),
@@ -90,9 +96,12 @@ RESULT_NOTES = (
 def format_results(rows: list[dict]) -> str:
     """The results table; a disturbed speedup (:func:`~megatron_pack.experiment.timing.mark_disturbed`)
     is printed with the word beside it, so it cannot be read as a result."""
-    cells = [[fmt.format(r[key]) + (" (disturbed)" if key == "speedup" and r.get("disturbed") else "")
-              for _, key, fmt in RESULT_COLUMNS] for r in rows]
-    return markdown_table([h for h, _, _ in RESULT_COLUMNS], cells)
+    from megatron_pack.experiment.tables import rows_table
+
+    def cell(key, fmt):
+        return lambda r: fmt.format(r[key]) + (" (disturbed)" if key == "speedup" and r.get("disturbed") else "")
+
+    return rows_table(rows, [(h, cell(key, fmt)) for h, key, fmt in RESULT_COLUMNS])
 
 
 def summarize_run(row: dict, round_step_s: list | None = None) -> dict:
@@ -115,10 +124,10 @@ def summarize_run(row: dict, round_step_s: list | None = None) -> dict:
 
 def add_speedups(rows: list[dict]) -> None:
     """Speedup and ideal against the padding row (else the first): both are ratios to it."""
-    base = next((r for r in rows if r["mode"] == "padding"), rows[0])
-    for r in rows:
-        r["speedup"] = base["epoch_time"] / r["epoch_time"] if r["epoch_time"] else float("nan")
-        r["ideal_speedup"] = base["sequences"] / r["sequences"]
+    from megatron_pack.experiment.speedup import add_speedups as add
+
+    add(rows, next((r for r in rows if r["mode"] == "padding"), rows[0]),
+        {"speedup": "epoch_time", "ideal_speedup": "sequences"})
 
 
 def run_demo(args) -> list[dict]:
@@ -187,15 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = FrontDoorParser(prog="python -m megatron_pack.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=os.path.join("outputs", "demo"), help="data, plots, logs, results")
     p.add_argument("--modes", nargs="+", default=list(DEMO_MODES), help="packing modes to compare")
-    p.add_argument("--seq-length", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--global-batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--seq-length", type=int, default=int(quickstart("--seq-length")), help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=int(quickstart("--micro-batch-size")),
+                   help="sequences per micro-batch")
+    p.add_argument("--global-batch-size", type=int, default=int(quickstart("--global-batch-size")),
+                   help="sequences per optimizer step")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training conversations per mode")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine, 10%% warmup)")
-    p.add_argument("--valid-fraction", type=float, default=0.05, help="conversations held out for the loss")
+    p.add_argument("--lr", type=float, default=quickstart("--lr"), help="peak learning rate (cosine, 10%% warmup)")
+    p.add_argument("--valid-fraction", type=float, default=quickstart("--valid-fraction"),
+                   help="conversations held out for the loss")
     p.add_argument("--no-document-mask", action="store_true", help="the paper's setting")
     p.add_argument("--seed", type=int, default=1234, help="split, packing and initialisation seed")
-    p.add_argument("--log-interval", type=int, default=5, help="steps between training log lines")
+    p.add_argument("--log-interval", type=int, default=int(quickstart("--log-interval")),
+                   help="steps between training log lines")
     p.add_argument("--timing-rounds", type=int, default=3,
                    help="rounds that time every mode a few steps in turn (0: only the epoch runs' medians)")
     p.add_argument("--timing-steps", type=int, default=4, help="timed steps per mode and round")

@@ -9,7 +9,9 @@ silently drops a misspelt flag. :class:`FrontDoorParser` instead
   ``did you mean --seq-length?``;
 - takes flags only by their full name (Megatron-LM's ``allow_abbrev=False``);
 - shows ``(default: X)`` only where the help text does not already speak of the default, and
-  marks required flags ``(required)``.
+  marks required flags ``(required)``;
+- under torchrun (or srun) prints a refusal once, from rank 0 (:func:`refusal`): every rank
+  checks the same command line and files, and eight copies of one line bury it.
 
 Imports only the standard library: the front doors build and run it before any heavy import,
 so a wrong invocation answers in well under a second.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
+import time
 from typing import NoReturn
 
 
@@ -68,7 +72,7 @@ class FrontDoorParser(argparse.ArgumentParser):
         return ns
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        fail(self.prog, f"{message} (--help lists the flags)")
 
 
 def unknown_message(extras: list[str], known: list[str]) -> str:
@@ -88,7 +92,35 @@ def unknown_message(extras: list[str], known: list[str]) -> str:
     return "unrecognized argument" + ("s " if len(parts) > 1 else " ") + ", ".join(parts)
 
 
+#: How long a quiet rank waits before exiting with the refusal's status: under torchrun the first
+#: rank to exit makes the agent stop the others, which could cut rank 0 off before its line is out.
+QUIET_RANK_WAIT_S = 2.0
+
+
+def speaks_for_the_job() -> bool:
+    """Whether this process prints a refusal: ``RANK`` 0, else ``LOCAL_RANK`` 0 (torchrun sets
+    both; read from the environment, so it holds before the process group exists), else a lone
+    process."""
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value == "0" or not value.isdigit()
+    return True
+
+
+def refusal(prog: str, message: str, status: int = 2, prefix: str = "error: ") -> int:
+    """Write ``PROG: error: MESSAGE`` on one line from the rank that speaks for the job; the
+    others stay quiet, wait :data:`QUIET_RANK_WAIT_S`, and the caller exits with ``status`` on
+    every rank alike. Returns ``status``."""
+    if speaks_for_the_job():
+        sys.stderr.write(f"{prog + ': ' if prog else ''}{prefix}{message}\n")
+        sys.stderr.flush()
+    else:
+        time.sleep(QUIET_RANK_WAIT_S)
+    return status
+
+
 def fail(prog: str, message: str, status: int = 2) -> NoReturn:
-    """One-line error for a check made after parsing (a missing file), argparse's format."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    sys.exit(status)
+    """One-line error for a check made after parsing (a missing file), argparse's format; once
+    per job under torchrun (:func:`refusal`)."""
+    sys.exit(refusal(prog, message, status))

@@ -27,6 +27,7 @@ PROG = "python -m megatron_pack.train"
 def main(argv=None) -> int:
     from megatron_pack.files.indexed import check_dataset
     from megatron_pack.files.indexed_check import DatasetError
+    from megatron_pack.frontdoor import refusal
     from megatron_pack.quiet import quiet_library_noise
     from megatron_pack.training.cli import parse_args
     from megatron_pack.training.config import ConfigError
@@ -46,8 +47,7 @@ def main(argv=None) -> int:
                 raise ConfigError("--wandb-project: the wandb package is not installed (pip install wandb, "
                                   "or the project's wandb extra)")
     except (ConfigError, FileNotFoundError, DatasetError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return refusal(PROG, str(e))  # once per job under torchrun
 
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
@@ -57,11 +57,9 @@ def main(argv=None) -> int:
     try:
         train(config)
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return refusal(PROG, str(e))
     except (NonFiniteLossError, IsolationLeakError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return refusal("", str(e), status=1)
     return 0
 
 

@@ -1,97 +1,200 @@
 #!/usr/bin/env bash
-# One command for a machine with one or more NVIDIA GPUs:
+# One command for a machine with an NVIDIA GPU, offline included (nothing is fetched):
 #
-#   bash scripts/gpu_check.sh            # report in outputs/gpu_check/gpu_check.{md,json}
+#   bash scripts/gather_gpu_bundle.sh        # once, where the registries are reachable
+#   GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh   # on the GPU machine, the tree + .gpu_bundle carried
 #
-# 1. installs the GPU extras if missing (Transformer Engine; flash-attn only from a prebuilt
-#    wheel: building it takes far longer than this check has), each failure noted in the report;
-# 2. runs tests/gpu (pytest, JUnit XML kept beside the report);
-# 3. benchmarks/gpu_check.py: THD varlen vs padded attention at ~45% padding, and one-GPU
-#    training steps of the tiny and a 1.2B model under padding / greedy / bfd with TE and bf16
-#    (real tokens/s, MFU from the planner's FLOP count, peak memory); writes the report;
-# 4. benchmarks/bench_train_vs_hf.py at the 1B shape: megatron_pack (TE layers, bf16) bfd /
-#    padding / greedy against transformers' Trainer (flash-attn 2 where installed, else SDPA;
-#    bf16 autocast) and TRL's padding-free packing, the same conversations and real tokens:
-#    tokens/s, MFU and the ratio to the fastest transformers setting, in train_vs_hf.{md,json}.
+# Steps, each with a hard time limit inside BUDGET_S (default 420 s = 7 min, the install included):
+#  1. install: only from the bundle (.gpu_bundle/, scripts/gather_gpu_bundle.sh), never from the
+#     network: each wheel of wheels.txt whose module is missing or too old goes into a fresh
+#     --target folder on PYTHONPATH; _packing is copied from the bundle (or built with pybind11)
+#     when this Python has none. Transformer Engine, flash-attn, trl are used only where already
+#     installed (a cluster's container); what is absent is named in the report as skipped;
+#  2. tests/gpu (pytest, JUnit XML; the flex_attention tests, which compile, in a second run);
+#  3. benchmarks/gpu_check.py: the bf16 matmul rate, packed (varlen, flex, flash, TE, per-document
+#     SDPA) vs padded attention fwd+bwd at ~45% padding, train() steps of the tiny model;
+#  4. (isolation audit on the 1B shape: the lead wires `train --check-isolation` in here);
+#  5. benchmarks/bench_train_vs_hf.py at the 1B shape (Llama-3.2-1B's): megatron_pack bfd /
+#     padding / greedy through train() against transformers' Trainer (SDPA, or flash-attn 2
+#     where installed; TRL only where installed) on the same conversations: real tokens/s, MFU,
+#     peak memory, the ratio to the fastest transformers setting;
+#  6. the report: gpu_check.md (the summary tables), gpu_check.json, gpu_tests{,_flex}.xml,
+#     train_vs_hf.{md,json} and logs.tar.gz (every log) in GPU_CHECK_OUT: at most 7 files.
 #
-# Without a GPU it writes a "no GPU: skipped" report and exits 0 (CI runs it that way).
+# Without a GPU it installs (step 1), writes the "no GPU: skipped" report and exits 0.
 # Exit status: 0 when everything that ran passed, 1 when a GPU test or benchmark failed.
-# Knobs: OUT_DIR, PYTHON, BUDGET_S (whole check, default 600 s: 10 min on one H100/H200),
-#        VS_HF_BUDGET_S (the part of it kept for step 4, default 240), INSTALL_TIMEOUT_S
-#        (default 240), SKIP_INSTALL=1, GPU_CHECK_ARGS / VS_HF_ARGS (extra benchmark flags).
+# Knobs: GPU_CHECK_OUT (report folder, default outputs/gpu_check), GPU_BUNDLE (default .gpu_bundle),
+#        GPU_CHECK_SITE (install target, default a fresh /tmp folder), PYTHON (default python3),
+#        BUDGET_S, GPU_CHECK_ARGS / VS_HF_ARGS (extra flags of steps 3 / 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT_DIR=${OUT_DIR:-outputs/gpu_check}
+ROOT=$PWD
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-600}
-VS_HF_BUDGET_S=${VS_HF_BUDGET_S:-240}
-INSTALL_TIMEOUT_S=${INSTALL_TIMEOUT_S:-240}
+OUT_DIR=${GPU_CHECK_OUT:-outputs/gpu_check}
+BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu_bundle}
+SITE=${GPU_CHECK_SITE:-$(mktemp -d /tmp/megatron_pack_site.XXXXXX)}
+BUDGET_S=${BUDGET_S:-420}
+RESERVE_S=25  # kept for the report (step 6)
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-CHECK_DEADLINE=$((DEADLINE - VS_HF_BUDGET_S))  # steps 2-3 end here; step 4 has the rest
-mkdir -p "$OUT_DIR"
-NOTES="$OUT_DIR/install_notes.txt"
+WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)  # logs; tarred into logs.tar.gz after every step
+NOTES=$WORK/notes.txt
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 MEGATRON_PACK_QUIET=1
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT_DIR" "$SITE"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+rm -f "$OUT_DIR"/gpu_check.md "$OUT_DIR"/gpu_check.json "$OUT_DIR"/gpu_tests*.xml "$OUT_DIR"/train_vs_hf.md \
+      "$OUT_DIR"/train_vs_hf.json "$OUT_DIR"/logs.tar.gz
 : > "$NOTES"
-rm -f "$OUT_DIR/gpu_tests.xml"
 
-cuda_ok() { "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1 || ! cuda_ok; then
-    echo "gpu_check: no usable NVIDIA GPU (nvidia-smi or torch.cuda); writing the 'no GPU: skipped' report"
-    exec "$PYTHON" benchmarks/gpu_check.py --out-dir "$OUT_DIR"
-fi
-nvidia-smi -L
+note() { echo "$*" >> "$NOTES"; echo "gpu_check: $*"; }
+snapshot() { tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null || true; }
+cap() {  # cap SECONDS: that many, or what is left before the report's reserve if less (>= 1)
+    local left=$((DEADLINE - RESERVE_S - $(date +%s)))
+    [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
+py_ok() { "$PYTHON" -c "$1" >/dev/null 2>&1; }
 
-# ---- 1. GPU extras ------------------------------------------------------------------------
-have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
-install() {  # install NAME SPEC [pip flags...]: bounded in time, logged, failure noted
-    local name=$1 spec=$2; shift 2
-    echo "gpu_check: installing $spec"
-    if ! timeout "$INSTALL_TIMEOUT_S" "$PYTHON" -m pip install --no-build-isolation "$@" "$spec" \
-            > "$OUT_DIR/install_$name.log" 2>&1; then
-        echo "$name not installed (pip failed or took over ${INSTALL_TIMEOUT_S} s; see install_$name.log)" >> "$NOTES"
+# ---- 1. install from the bundle only ---------------------------------------------------------
+needs() {  # needs MODULE MIN_VERSION: true when MODULE is missing or older ("-": any version will do)
+    # found without importing it (megatron.core would import torch: seconds per check)
+    ! "$PYTHON" - "$1" "$2" >/dev/null 2>&1 <<'PY'
+import importlib.metadata as md, importlib.util, sys
+name, least = sys.argv[1], sys.argv[2]
+if importlib.util.find_spec(name) is None:
+    sys.exit(1)
+if least != "-":
+    dists = md.packages_distributions().get(name.split(".")[0], [])
+    have = max((md.version(d) for d in dists), default="0")
+    try:
+        from packaging.version import Version
+    except ImportError:
+        sys.exit(3)
+    sys.exit(0 if Version(have) >= Version(least) else 3)
+PY
+}
+install_bundle() {
+    if [ ! -f "$BUNDLE/wheels.txt" ]; then
+        needs megatron.core - && note "megatron-core missing and no bundle at $BUNDLE:" \
+            "run scripts/gather_gpu_bundle.sh where the registries are reachable and carry .gpu_bundle"
+        return
+    fi
+    local whl mod minv
+    while read -r whl mod minv; do
+        [ -n "$whl" ] || continue
+        if ! needs "$mod" "$minv"; then
+            note "install: $mod already importable here; bundle's $whl not installed"
+            continue
+        fi
+        if timeout "$(cap 90)" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target "$SITE" "$BUNDLE/wheels/$whl" < /dev/null > "$WORK/install_$mod.log" 2>&1 \
+                && ! needs "$mod" "$minv"; then
+            note "install: $whl from the bundle into $SITE"
+        else
+            note "install: $whl FAILED (see install_$mod.log in logs.tar.gz)"
+        fi
+    done < "$BUNDLE/wheels.txt"
+}
+install_packing() {  # the compiled packing engine for this Python
+    if py_ok "import megatron_pack._packing"; then
+        note "install: _packing already built for this Python"
+        return
+    fi
+    local suffix
+    suffix=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    if [ -f "$BUNDLE/ext/_packing$suffix" ]; then
+        cp "$BUNDLE/ext/_packing$suffix" megatron_pack/ && py_ok "import megatron_pack._packing" \
+            && { note "install: _packing$suffix from the bundle"; return; }
+        rm -f "megatron_pack/_packing$suffix"
+    fi
+    if timeout "$(cap 120)" ${CXX:-g++} -O3 -shared -std=c++17 -fPIC -fvisibility=hidden \
+            $("$PYTHON" -m pybind11 --includes 2>/dev/null) csrc/packing.cpp -o "megatron_pack/_packing$suffix" \
+            > "$WORK/install_packing.log" 2>&1 && py_ok "import megatron_pack._packing"; then
+        note "install: _packing built here with pybind11 (not in the bundle for $suffix)"
+    else
+        rm -f "megatron_pack/_packing$suffix"
+        note "install: _packing unavailable (no bundle build for $suffix, compile failed): pure-Python planner"
     fi
 }
-if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-    have transformer_engine.pytorch || install transformer_engine "transformer-engine[pytorch]>=2.0"
-    have flash_attn || install flash_attn "flash-attn>=2.6" --only-binary=:all:
-else
-    echo "install skipped (SKIP_INSTALL=1)" >> "$NOTES"
+echo "gpu_check: python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])'), bundle $BUNDLE, site $SITE"
+install_bundle
+install_packing
+py_ok "import transformer_engine.pytorch" || note "skipped: Transformer Engine not installed (cannot travel:" \
+    "~180 MB CUDA wheel + a compiled torch extension): TE layers and TE attention"
+py_ok "import flash_attn" || note "skipped: flash-attn not installed (source only): its kernels"
+py_ok "import trl, datasets" \
+    || note "skipped: trl/datasets not installed: the TRL packing row of the transformers comparison"
+note "install took $(( $(date +%s) - START )) s"
+snapshot
+
+report() {  # step 6, also the whole check without a GPU
+    timeout 60 "$PYTHON" benchmarks/gpu_check.py --phase report --out-dir "$OUT_DIR" --install-notes "$NOTES" \
+        --measured "$WORK/measured.json" --tests-xml "$OUT_DIR/gpu_tests.xml,$OUT_DIR/gpu_tests_flex.xml" \
+        --vs-hf "$OUT_DIR/train_vs_hf.json" > "$WORK/report.log" 2>&1
+    local rc=$?
+    cat "$WORK/report.log"
+    snapshot
+    return $rc
+}
+
+cuda_ok() { py_ok "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; }
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1 || ! cuda_ok; then
+    echo "gpu_check: no usable NVIDIA GPU (nvidia-smi or torch.cuda); writing the 'no GPU: skipped' report"
+    report
+    exit 0
 fi
-have transformer_engine.pytorch || echo "Transformer Engine unavailable: TE layers and TE attention skipped" >> "$NOTES"
-have flash_attn || echo "flash-attn unavailable: its kernels skipped" >> "$NOTES"
+nvidia-smi -L
+"$PYTHON" -c "import inspect, torch; from megatron_pack.model.fused_varlen import varlen_fn as f
+print('torch', torch.__version__, torch.cuda.get_device_name(0)); fn = f()
+print('varlen_attn' + str(inspect.signature(fn)) if fn else 'no torch.nn.attention.varlen')" \
+    2>&1 | tee "$WORK/torch.txt"
 
-# ---- 2. tests/gpu -------------------------------------------------------------------------
-left=$((CHECK_DEADLINE - $(date +%s)))
-tests_budget=$(( left > 360 ? 180 : left / 2 ))
-echo "gpu_check: pytest tests/gpu (at most ${tests_budget} s)"
-timeout "$tests_budget" "$PYTHON" -m pytest -q tests/gpu -p no:cacheprovider --junitxml "$OUT_DIR/gpu_tests.xml" \
-    > "$OUT_DIR/gpu_tests.log" 2>&1
-rc=$?
-[ "$rc" = "124" ] && echo "tests/gpu stopped after ${tests_budget} s (time budget)" >> "$NOTES"
-tail -n 3 "$OUT_DIR/gpu_tests.log"
+# ---- 2. tests/gpu ----------------------------------------------------------------------------
+# in two runs, so that flex_attention's compilations cannot cost the other results: a pytest
+# stopped by its time limit writes no JUnit XML
+gpu_tests() {  # gpu_tests NAME SECONDS PYTEST_ARGS...
+    local name=$1 t; t=$(cap "$2"); shift 2
+    echo "gpu_check: pytest tests/gpu $* (at most $t s)"
+    timeout "$t" "$PYTHON" -m pytest -q tests/gpu -p no:cacheprovider --junitxml "$OUT_DIR/$name.xml" "$@" \
+        > "$WORK/$name.log" 2>&1
+    [ $? = 124 ] && note "tests/gpu $* stopped after $t s (time budget)"
+    tail -n 3 "$WORK/$name.log"
+    snapshot
+}
+gpu_tests gpu_tests 75 -k "not flex"
+gpu_tests gpu_tests_flex 50 -k flex
 
-# ---- 3. benchmark and report --------------------------------------------------------------
-"$PYTHON" benchmarks/gpu_check.py --out-dir "$OUT_DIR" --tests-xml "$OUT_DIR/gpu_tests.xml" \
-    --install-notes "$NOTES" --deadline "$CHECK_DEADLINE" ${GPU_CHECK_ARGS:-}
-bench=$?
+# ---- 3. matmul rate, attention, tiny train() steps -------------------------------------------
+t=$(cap 90)
+echo "gpu_check: benchmarks/gpu_check.py --phase measure (at most $t s)"
+timeout "$t" "$PYTHON" benchmarks/gpu_check.py --phase measure --measured "$WORK/measured.json" \
+    --deadline $(( $(date +%s) + t - 5 )) ${GPU_CHECK_ARGS:-} > "$WORK/measure.log" 2>&1
+[ $? = 124 ] && note "gpu_check.py measure stopped after $t s (time budget)"
+tail -n 5 "$WORK/measure.log"
+snapshot
 
-# ---- 4. the same model and data through transformers / TRL ------------------------------------
-[ "${SKIP_INSTALL:-0}" = "1" ] || have trl || install trl "trl>=1.0"
-have trl || echo "trl unavailable: the TRL packing row of the transformers comparison skipped" >> "$NOTES"
-left=$((DEADLINE - $(date +%s)))
-if [ "$left" -gt 60 ]; then
-    echo "gpu_check: bench_train_vs_hf.py at the 1B shape (at most ${left} s)"
-    timeout "$left" "$PYTHON" benchmarks/bench_train_vs_hf.py --device cuda --shape 1b --steps 4 --repeats 1 \
-        --conversations 600 --budget-s $((left - 30)) --timeout-s $((left - 20)) \
-        --settings mp_bfd hf_grouped trl_packing hf_pad_max mp_padding mp_greedy \
+# ---- 4. isolation audit on the 1B shape -------------------------------------------------------
+# (the lead wires `train --check-isolation` in here: timeout "$(cap 60)", log under $WORK, and a
+#  `note` line with its verdict)
+
+# ---- 5. the same model and data through transformers -----------------------------------------
+t=$(cap 400)
+if [ "$t" -gt 60 ]; then
+    echo "gpu_check: bench_train_vs_hf.py at the 1B shape (at most $t s)"
+    timeout "$t" "$PYTHON" benchmarks/bench_train_vs_hf.py --device cuda --shape 1b --steps 4 --repeats 1 \
+        --conversations 400 --budget-s $((t - 25)) --timeout-s $((t - 20)) --workdir "$WORK/vs_hf" \
+        --settings mp_bfd hf_grouped mp_padding hf_pad_max mp_greedy trl_packing \
         --json "$OUT_DIR/train_vs_hf.json" --markdown "$OUT_DIR/train_vs_hf.md" ${VS_HF_ARGS:-} \
-        > "$OUT_DIR/train_vs_hf.log" 2>&1
-    vs_hf=$?
-    [ "$vs_hf" = "124" ] && echo "bench_train_vs_hf.py stopped after ${left} s (time budget)" >> "$NOTES"
-    tail -n 12 "$OUT_DIR/train_vs_hf.log"
+        > "$WORK/train_vs_hf.log" 2>&1
+    [ $? = 124 ] && note "bench_train_vs_hf.py stopped after $t s (time budget)"
+    rm -rf "$WORK/vs_hf"  # the 1B checkpoints: not for the log archive
+    tail -n 12 "$WORK/train_vs_hf.log"
 else
-    echo "bench_train_vs_hf.py not run: ${left} s left of BUDGET_S" | tee -a "$NOTES"
+    note "bench_train_vs_hf.py not run: $t s left of BUDGET_S"
 fi
-echo "gpu_check: report $OUT_DIR/gpu_check.md ($(( $(date +%s) - START )) s)"
-exit "$bench"
+
+# ---- 6. report -------------------------------------------------------------------------------
+report
+rc=$?
+echo "gpu_check: report in $OUT_DIR ($(ls "$OUT_DIR" | wc -l) files, $(( $(date +%s) - START )) s)"
+exit $rc

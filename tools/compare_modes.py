@@ -7,12 +7,9 @@
 ``--help`` lists the flags (``megatron_pack/experiment/compare_cli.py``).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
-
-from megatron_pack.experiment.compare_cli import main  # noqa: E402
+from megatron_pack.experiment.compare_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

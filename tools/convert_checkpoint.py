@@ -14,9 +14,7 @@ nothing is left at --output. Only safetensors are read from HF directories.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROG = "convert_checkpoint.py"
 

@@ -18,9 +18,7 @@ architecture) with contiguous and balanced placement, and the predicted step-tim
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROG = "pack_report.py"
 

@@ -13,10 +13,8 @@ illegal layout, bad input, or data too small for one global batch (it cannot run
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROG = "plan_parallel.py"
 

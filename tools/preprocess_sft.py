@@ -15,12 +15,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_pack.preprocess.encode import LOSS_POLICIES  # noqa: E402  (numpy only: light)
-from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES  # noqa: E402
-from megatron_pack.templates.registry import TEMPLATES  # noqa: E402
-from megatron_pack.frontdoor import FrontDoorParser  # noqa: E402
+from megatron_pack.preprocess.encode import LOSS_POLICIES  # (numpy only: light)
+from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES
+from megatron_pack.templates.registry import TEMPLATES
+from megatron_pack.frontdoor import FrontDoorParser
 
 PROG = "preprocess_sft.py"
 

@@ -6,6 +6,7 @@
     signals        SIGTERM -> save at the step boundary
     safe_metadata  the restricted unpickler every dist checkpoint is read through first
     integrity      checksum manifest, one run per --save (flock), forked writers die with the run
+    mcore_shim     Megatron-Core private names, version-checked: the writer's results queue in-process
     dist_reader    one tensor / one layer at a time from a dist checkpoint (no process group)
     imported       the hf-to-megatron import format and loading it into a model
 

@@ -29,6 +29,7 @@ import torch
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
 from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
+from megatron_pack.checkpoint.mcore_shim import in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.model.state_keys import unwrap
@@ -97,6 +98,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     from megatron.core import dist_checkpointing
 
     children_die_with_parent()  # Megatron's writer forks; a SIGKILLed run must not leave them behind
+    in_process_write_results()  # ... nor a spawned Manager (and its resource tracker) for the write results
     rank, barrier = _dist()
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
@@ -133,10 +135,22 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data
     return final
 
 
-def saved_run_config(path: str) -> dict | None:
-    """The ``run_config.json`` of an iteration directory (None when absent)."""
+def is_dist_checkpoint(path: str) -> bool:
+    """``path`` holds a dist checkpoint (its ``.metadata``), not an empty ``--load``/``--save`` root."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def saved_run_config(path: str, required: bool = False) -> dict | None:
+    """The ``run_config.json`` of an iteration directory (None when absent). ``required``: a
+    missing file is a :class:`CheckpointError` -- every iteration a training run saves has one, and
+    the architecture and packing-plan checks of ``--load`` read nothing else, so without it they
+    would pass silently (a resume on another plan)."""
     f = os.path.join(path, "run_config.json")
     if not os.path.isfile(f):
+        if required:
+            raise CheckpointError(f"{f}: missing (every checkpoint a training run saves has it; the architecture "
+                                  "and packing-plan checks read it): the checkpoint is incomplete or was edited. "
+                                  "Restore the file from a copy of the checkpoint")
         return None
     try:
         with open(f) as fh:
@@ -154,7 +168,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
     RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none.
 
     Order: ``.metadata`` through the allow-list, then the checksum manifest (``verify_checksums``),
-    then ``check_run_config(saved run_config or None, path)`` -- all before any weight is read --
+    then ``check_run_config(saved run_config, path)`` (a missing ``run_config.json`` is refused)
+    -- all before any weight is read --
     and ``check_scheduler(saved scheduler state)`` before the scheduler takes it. The hooks raise
     to refuse."""
     from megatron.core import dist_checkpointing
@@ -170,7 +185,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
         else:
             warnings.warn(f"{path}: no checksum manifest (saved without --checkpoint-checksums); not verified")
     if check_run_config is not None:
-        check_run_config(saved_run_config(path), path)
+        check_run_config(saved_run_config(path, required=True), path)
     _ensure_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)

@@ -32,7 +32,7 @@ import numpy as np
 from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.experiment.settings import Setting, baseline
 from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.reporting import markdown_table
+from megatron_pack.experiment.tables import column, rows_table
 
 
 def setting_config(base, setting: Setting, log_file: str, eval_interval: int | None, save: str | None = None):
@@ -113,33 +113,39 @@ def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4,
 
 
 def add_speedups(rows: list[dict], base_name: str) -> None:
-    """Speedups over the baseline row: measured time (the paper's), steps x median step time,
-    real tokens/s, and the ideal (baseline sequences / the row's)."""
+    """Speedups over the baseline row (:mod:`.speedup`): measured time (the paper's), steps x
+    median step time, real tokens/s, and the ideal (baseline sequences / the row's)."""
+    from megatron_pack.experiment.speedup import add_speedups as add, speedup
+
     b = next(r for r in rows if r["setting"] == base_name)
-    ratio = lambda x, y: x / y if y else float("nan")  # noqa: E731
+    add(rows, b, {"time_speedup": "wall_time", "median_speedup": "median_time"})
     for r in rows:
-        r["time_speedup"] = ratio(b["wall_time"], r["wall_time"])
-        r["median_speedup"] = ratio(b["median_time"], r["median_time"])
-        r["speedup"] = ratio(r["tokens_per_s"], b["tokens_per_s"])
-        r["ideal_speedup"] = ratio(b["sequences"], r["sequences"])
+        r["speedup"] = speedup(r["tokens_per_s"], b["tokens_per_s"])  # a rate: the row's over the baseline's
+    add(rows, b, {"ideal_speedup": "sequences"})
+
+
+TIME_COLUMNS = [
+    column("setting", "setting"), column("sequences", "sequences", "{:,}"), column("steps", "steps"),
+    column("training time (s)", "wall_time", "{:.1f}"), column("speedup", "time_speedup", "{:.2f}x"),
+    column("steps x median step (s)", "median_time", "{:.1f}"),
+    column("speedup (median)", "median_speedup", "{:.2f}x"), column("ideal", "ideal_speedup", "{:.2f}x"),
+    column("real tokens/s", "tokens_per_s", "{:,.0f}"), column("dropped samples", "mode_dropped_samples"),
+]
+LOSS_COLUMNS = [
+    column("setting", "setting"), column("held-out loss", "valid_loss", "{:.4f}", "n/a"),
+    column("final train loss", "final_train_loss", "{:.4f}", "n/a"),
+    column("real tokens seen", "real_tokens_seen", "{:,}"),
+    column("supervised tokens seen", "supervised_tokens_seen", "{:,}"),
+]
 
 
 def time_table(rows: list[dict]) -> str:
     """The paper's Table 5 shape: training time and steps per setting, speedup over padding."""
-    heads = ["setting", "sequences", "steps", "training time (s)", "speedup", "steps x median step (s)",
-             "speedup (median)", "ideal", "real tokens/s", "dropped samples"]
-    cells = [[r["setting"], f"{r['sequences']:,}", str(r["steps"]), f"{r['wall_time']:.1f}", f"{r['time_speedup']:.2f}x",
-              f"{r['median_time']:.1f}", f"{r['median_speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-              f"{r['tokens_per_s']:,.0f}", str(r["mode_dropped_samples"])] for r in rows]
-    return markdown_table(heads, cells)
+    return rows_table(rows, TIME_COLUMNS)
 
 
 def loss_table(rows: list[dict]) -> str:
-    heads = ["setting", "held-out loss", "final train loss", "real tokens seen", "supervised tokens seen"]
-    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    cells = [[r["setting"], fmt(r["valid_loss"]), fmt(r["final_train_loss"]), f"{r['real_tokens_seen']:,}",
-              f"{r['supervised_tokens_seen']:,}"] for r in rows]
-    return markdown_table(heads, cells)
+    return rows_table(rows, LOSS_COLUMNS)
 
 
 def plot_curves(rows: list[dict], path: str) -> str:

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_pack.experiment.presets import sample_train_flags
+from megatron_pack.experiment.settings import PAPER_MODES
+
 #: The paper's three settings in its text's form, plus ours.
-DEFAULT_MODES = ("padding", "greedy", "random", "bfd")
+DEFAULT_MODES = PAPER_MODES
 
 
 PROG = "compare_modes.py"
@@ -40,13 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --data-path: N synthetic conversations instead of the built-in sample")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then training flags for every run")
     return p
-
-
-def sample_train_flags(prefix: str, tokenizer: str) -> list[str]:
-    """The quickstart's training flags for the tiny model on the sample data."""
-    return ["--data-path", prefix, "--tokenizer-model", tokenizer, "--model", "tiny", "--seq-length", "512",
-            "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4",
-            "--lr-warmup-fraction", "0.1", "--clip-grad", "1.0", "--valid-fraction", "0.05", "--log-interval", "5"]
 
 
 def main(argv=None) -> int:

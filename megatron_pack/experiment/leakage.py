@@ -33,7 +33,6 @@ model's own elsewhere) and reduced to these sums at once; memory is one layer's
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -164,26 +163,46 @@ class AttentionStats:
         }
 
 
+#: The attention the leakage models are loaded with (``from_pretrained(attn_implementation=...)``),
+#: run in every layer not measured and put back after :func:`capture_attention`.
+LOADED_ATTENTION = "sdpa"
+#: The name :func:`capture_attention` registers its attention function under (transformers'
+#: public ``AttentionInterface``).
+CAPTURE_ATTENTION = "megatron_pack_leakage_capture"
+
+
 @contextmanager
 def capture_attention(model, layers: list[int], sink):
-    """Eager attention in ``layers`` only; ``sink(layer_pos, probs [H, R, R])`` gets each one.
-    Run the model through :func:`forward_nll` (explicit mask) inside it."""
+    """Eager attention in ``layers`` only (eager is what returns the probabilities), the loaded
+    sdpa elsewhere; ``sink(layer_pos, probs [H, R, R])`` gets each measured layer's. Done with
+    transformers' public API: an attention function registered in ``AttentionInterface`` and
+    ``model.set_attn_implementation``. Run the model through :func:`forward_nll` (explicit 4D
+    mask, which transformers passes through as it is) inside it."""
+    import sys
+
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
     blocks = model.model.layers
-    saved, hooks = [], []
-    for li, layer in enumerate(layers):
-        attn = blocks[layer].self_attn
-        saved.append((attn, attn.config))
-        cfg = copy.copy(attn.config)
-        cfg._attn_implementation = "eager"
-        attn.config = cfg
-        hooks.append(attn.register_forward_hook(lambda mod, inp, out, li=li: sink(li, out[1][0].float())))
+    measured = {id(blocks[layer].self_attn): li for li, layer in enumerate(layers)}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        li = measured.get(id(module))
+        if li is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward  # the model family's own
+        out, probs = eager(module, query, key, value, attention_mask, **kwargs)
+        sink(li, probs[0].float())
+        return out, probs
+
+    AttentionInterface.register(CAPTURE_ATTENTION, attention)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CAPTURE_ATTENTION)
     try:
         yield
     finally:
-        for h in hooks:
-            h.remove()
-        for attn, cfg in saved:
-            attn.config = cfg
+        model.set_attn_implementation(LOADED_ATTENTION)
 
 
 def forward_nll(model, p: Packed, document_mask: bool, device="cpu") -> torch.Tensor:

@@ -41,6 +41,40 @@ def pick_sequences(data, seq_length: int, mode: str, max_sequences: int, seed: i
     return [[data.get_slice(int(d), int(a), int(b)) for d, a, b in plan.sequence(int(i))] for i in chosen]
 
 
+
+def documents(data) -> list:
+    """Every conversation of ``data`` as ``(tokens, supervised)``, in file order."""
+    return [data.get_slice(i, 0, int(data.lengths[i])) for i in range(len(data))]
+
+
+def rows_in_order(docs: list, seq_length: int, order) -> list:
+    """``docs`` taken in ``order`` and cut next-fit into rows of ``seq_length`` (one token of room
+    per document, for the doubled-separator variant); the rows holding two or more documents.
+    Unlike :func:`pick_sequences` (a packing mode's plan) this keeps the given order, so chats that
+    are neighbours in the file stay neighbours in a row."""
+    rows, cur, used = [], [], 0
+    for i in order:
+        n = len(docs[i][0]) + 1
+        if cur and used + n > seq_length:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(docs[i])
+        used += n
+    rows.append(cur)
+    return [r for r in rows if len(r) >= 2]
+
+
+def neighbour_rows(data, seq_length: int, seed: int) -> dict:
+    """The same chats in rows two ways: ``file order`` (same-topic neighbours) and ``shuffled``
+    (seeded): how much of the leakage depends on what the neighbours are."""
+    import random
+
+    docs = documents(data)
+    order = list(range(len(docs)))
+    shuffled = order[:]
+    random.Random(seed).shuffle(shuffled)
+    return {"file order": rows_in_order(docs, seq_length, order), "shuffled": rows_in_order(docs, seq_length, shuffled)}
+
 #: checkpoint.imported.META_NAME and checkpoint.dist's run config, named here because those
 #: modules import torch and this is read before any heavy import (a test keeps them equal).
 IMPORT_META_NAME = "megatron_pack_import.json"
@@ -93,15 +127,17 @@ def load_model(path: str, device: str = "cpu", dtype: str = "float32", model: st
     import torch
     from transformers import AutoModelForCausalLM
 
+    from megatron_pack.experiment.leakage import LOADED_ATTENTION as attention
+
     torch_dtype = getattr(torch, dtype)
     if os.path.isfile(os.path.join(path, "config.json")):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attention).to(device)
     from megatron_pack.convert.megatron_to_hf import convert_megatron_to_hf
 
     with tempfile.TemporaryDirectory(prefix="leakage_hf_") as tmp:
         out = os.path.join(tmp, "hf")
         convert_megatron_to_hf(path, out, dtype="fp32", model=model, progress=False)
-        return AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation=attention).to(device)
 
 
 def _pct(x) -> str:

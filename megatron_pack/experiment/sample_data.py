@@ -22,6 +22,8 @@ def prepare_sample_data(workdir: str, synthetic: int | None = None, seed: int = 
     prefix = os.path.join(workdir, name)
     summary = prefix + "_summary.json"
     stamp = os.path.join(tok, "SAMPLE_SHA")
-    if not (os.path.isfile(summary) and os.path.getmtime(summary) >= os.path.getmtime(stamp)):
+    from megatron_pack.files.indexed_check import preprocessing_finished
+
+    if not (preprocessing_finished(prefix) and os.path.getmtime(summary) >= os.path.getmtime(stamp)):
         preprocess(PreprocessConfig(inputs=[jsonl], tokenizer=tok, output_prefix=prefix, progress=False, plot=False))
     return prefix, tok

@@ -59,3 +59,31 @@ def baseline(settings: list[Setting]) -> Setting:
             if s.mode == want:
                 return s
     return settings[0]
+
+
+#: The paper's packing modes in the order its tables list them: the default of every comparison
+#: (the demo, tools/compare_modes.py and the study), each under the mask choices it is given.
+PAPER_MODES = ("padding", "greedy", "random", "bfd")
+#: The study scores leakage on this pair (without and with the mask) and trains it first, so a
+#: run cut short by its time budget still has the most informative rows.
+LEAKAGE_PAIR = ("greedy/nomask", "greedy")
+
+
+def setting_names(modes=PAPER_MODES, masks=(True, False)) -> list[str]:
+    """The settings' names in table order (padding, then each mode with and without the mask)."""
+    return [s.name for s in expand_settings(modes, masks)]
+
+
+def run_order(names: list[str]) -> list[str]:
+    """The study's training order: the leakage pair first ("greedy" before "greedy/nomask"), then
+    the others as listed."""
+    first = [n for n in reversed(LEAKAGE_PAIR) if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def quality_pairs(names: list[str], base: str = "padding") -> list[tuple[str, str]]:
+    """``(a, b)`` pairs the study compares on quality: every setting against ``base``, then each
+    no-mask setting against its masked twin."""
+    pairs = [(n, base) for n in names if n != base] if base in names else []
+    return pairs + [(n, n.removesuffix("/nomask")) for n in names
+                    if n.endswith("/nomask") and n.removesuffix("/nomask") in names]

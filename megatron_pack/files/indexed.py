@@ -14,11 +14,13 @@ Example, a two-exchange conversation of 12 tokens::
     turns      [0, 3, 6, 8]
 
 Everything is written under temporary names and renamed only once complete, so an
-interrupted run never leaves a dataset that looks whole.
+interrupted run never leaves a dataset that looks whole; with a preprocessing summary, the
+summary is the commit point (:meth:`SFTDatasetWriter.close`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,9 +44,13 @@ def dataset_exists(prefix: str) -> bool:
 
 def check_dataset(prefix: str) -> None:
     """The check every opener of an SFT dataset goes through (:class:`SFTIndexedDataset` calls
-    it; front-ends call it before their heavy imports): one-line ``FileNotFoundError`` unless
-    every part exists, one-line ``EmptyDatasetError`` when it holds no conversation (an empty
+    it; front-ends call it before their heavy imports): one-line ``DatasetError`` when its
+    preprocessing summary marks an interrupted run, ``FileNotFoundError`` unless every part
+    exists, ``EmptyDatasetError`` when it holds no conversation (an empty
     set must never pass for a whole one: nothing downstream can train, plan or score on it)."""
+    from megatron_pack.files.indexed_check import read_summary
+
+    read_summary(prefix)  # refuses the summary of a preprocessing run interrupted while replacing the dataset
     missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
     if len(missing) == len(PART_SUFFIXES) * 2:
         raise FileNotFoundError(f"{prefix}: no SFT dataset at this prefix (expected {prefix}.bin/.idx and its "
@@ -90,6 +96,7 @@ class SFTDatasetWriter:
             for s, dt in zip(PART_SUFFIXES, PART_DTYPES)
         ]
         self.num_conversations = 0
+        self._closed = False
 
     def add(self, tokens: Sequence[int], loss_mask: Sequence[int], turn_starts: Sequence[int]):
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -106,17 +113,47 @@ class SFTDatasetWriter:
     def _tmp_files(self) -> list[str]:
         return dataset_files(self._tmp_prefix)
 
-    def close(self):
+    def close(self, summary: dict | None = None, also_rename=()) -> dict | None:
+        """Rename the finished parts into place. With a preprocessing ``summary`` the commit is::
+
+            1. the summary, vouching for the new files, written under a temporary name
+            2. PREFIX_summary.json replaced by an "incomplete" one   (the dataset is refused from here)
+            3. old parts removed, new parts renamed in; ``also_rename`` (rejects, histogram)
+            4. the temporary summary renamed over the incomplete one (the commit point)
+
+        A run killed anywhere leaves either the old dataset with its own summary (before 2) or an
+        "incomplete" summary that every opener refuses (2-3); never a complete-looking mix.
+        Without a summary (the library used directly) only 3 happens. Returns the summary as
+        written (with ``files``). Idempotent."""
+        if self._closed:
+            return self._written
+        from megatron_pack.files.atomic import temp_name, write_json_atomic
+        from megatron_pack.files.indexed_check import INCOMPLETE, SUMMARY_SUFFIX, dataset_manifest
+
         for builder, s in zip(self._builders, PART_SUFFIXES):
             builder.finalize(self._tmp_prefix + s + ".idx")
         finals = dataset_files(self.prefix)
+        summary_path = self.prefix + SUMMARY_SUFFIX
+        if summary is not None:
+            files = dataset_manifest(self._tmp_files(), [os.path.basename(f) for f in finals],
+                                     hash_also=(self._tmp_prefix + LOSS_MASK_SUFFIX + ".bin",))
+            summary = dict(summary, files=files)
+            self._summary_tmp = temp_name(summary_path) + ".new"  # write_json_atomic uses temp_name itself
+            with open(self._summary_tmp, "w", encoding="utf-8") as f:  # 1
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+            write_json_atomic({INCOMPLETE: f"process {os.getpid()} was replacing the dataset"}, summary_path)  # 2
         # Remove an older dataset at this prefix first: a crash between the renames below
         # then leaves an incomplete set (refused by the reader), never a mix of old and new.
         for final in finals:
             if os.path.exists(final):
                 os.remove(final)
-        for tmp, final in zip(self._tmp_files(), finals):
+        for tmp, final in list(zip(self._tmp_files(), finals)) + list(also_rename):
             os.replace(tmp, final)
+        if summary is not None:
+            os.replace(self._summary_tmp, summary_path)  # 4
+        self._closed, self._written = True, summary
+        return summary
 
     def abort(self):
         for builder in self._builders:
@@ -124,8 +161,8 @@ class SFTDatasetWriter:
                 builder.data_file.close()
             except Exception:
                 pass
-        for tmp in self._tmp_files():
-            if os.path.exists(tmp):
+        for tmp in self._tmp_files() + [getattr(self, "_summary_tmp", "")]:
+            if tmp and os.path.exists(tmp):
                 os.remove(tmp)
 
     def __enter__(self):
@@ -134,7 +171,7 @@ class SFTDatasetWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:
+        elif not self._closed:
             self.abort()
         return False
 
@@ -160,7 +197,7 @@ class SFTIndexedDataset:
         if validate:
             from megatron_pack.files.indexed_check import check_summary, validate_dataset
 
-            check_summary(prefix, dataset_files(prefix))
+            check_summary(prefix, dataset_files(prefix), mask_bin=prefix + LOSS_MASK_SUFFIX + ".bin")
             validate_dataset(prefix, tuple(zip(PART_SUFFIXES, PART_DTYPES)))
         self.prefix = prefix
         self.tokens = IndexedDataset(prefix)

@@ -13,6 +13,11 @@ header, version, dtype per part    ``.idx`` header bytes; dtype must be the    O
 pointers and lengths vs ``.bin``   lengths >= 0; pointers = exclusive cumsum   O(documents)
                                    of lengths x itemsize; total = ``.bin``
                                    size; document index = 0..n
+summary match (preprocessed sets)  sizes; SHA-256 of the ``.idx`` files and    O(tokens), 1 B
+                                   of the loss mask; its count of 1s = the
+                                   summary's supervised tokens; the
+                                   "incomplete" summary of an interrupted
+                                   run refused
 parts agree                        same count; tokens and mask same lengths    O(documents)
 loss mask values in {0, 1}         ``max`` over the mask ``.bin``              O(tokens), 1 B
 turn offsets inside each document  first 0, strictly increasing, < length      O(turns)
@@ -189,40 +194,98 @@ def check_token_ids(prefix: str, vocab_size: int, lengths: np.ndarray | None = N
                        f"{vocab_size} (--vocab-size / --tokenizer-model too small, or the wrong tokenizer)")
 
 
-def dataset_manifest(files) -> dict:
-    """``{basename: {"bytes": size[, "sha256": ...]}}`` for the dataset's ``files``; the ``.idx``
-    files (small: 20 bytes per conversation) are hashed, the ``.bin`` files sized."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_manifest(files, names=None, hash_also=()) -> dict:
+    """``{name: {"bytes": size[, "sha256": ...]}}`` for the dataset's ``files`` (``names``: the
+    basenames to record them under, default their own -- the final names when measured on
+    temporary files). The ``.idx`` files (20 bytes per conversation) and ``hash_also`` (the loss
+    mask's ``.bin``, 1 byte per token: a same-size mask from another run, e.g. ``--loss-on all``,
+    otherwise passes) are hashed, the other ``.bin`` files sized."""
     out = {}
-    for f in files:
+    for i, f in enumerate(files):
         entry = {"bytes": os.path.getsize(f)}
-        if f.endswith(".idx"):
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            entry["sha256"] = h.hexdigest()
-        out[os.path.basename(f)] = entry
+        if f.endswith(".idx") or f in hash_also:
+            entry["sha256"] = _sha256(f)
+        out[names[i] if names is not None else os.path.basename(f)] = entry
     return out
 
 
-def check_summary(prefix: str, files) -> None:
-    """A dataset with a preprocessing summary must be the one the summary vouches for: a run
-    killed between renaming a new dataset in and writing its summary, or a dataset copied over
-    another, is refused. Datasets without a summary (written by the library directly) pass."""
+#: What a summary holds while preprocessing replaces the dataset beside it (see ``SFTDatasetWriter.close``).
+INCOMPLETE = "incomplete"
+
+
+def read_summary(prefix: str):
+    """The preprocessing summary at ``prefix`` (None without one); :class:`DatasetError` when it
+    is unreadable or marks a preprocessing run that was interrupted while replacing the dataset."""
     path = prefix + SUMMARY_SUFFIX
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            vouched = json.load(f).get("files")
-    except (OSError, ValueError, AttributeError) as e:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable preprocessing summary ({type(e).__name__}: {e})") from None
-    if vouched is None:
-        return  # a summary from before summaries named their files
-    now = dataset_manifest(files)
-    for name, have in now.items():
-        want = vouched.get(name) if isinstance(vouched, dict) else None
+    if INCOMPLETE in summary:
+        raise DatasetError(f"{path}: preprocessing into {prefix} did not finish ({summary[INCOMPLETE]}); "
+                           "the dataset may be part old, part new: re-run preprocessing")
+    return summary
+
+
+def preprocessing_finished(prefix: str) -> bool:
+    """A finished preprocessing run's summary is at ``prefix`` (not an interrupted one's)."""
+    try:
+        return read_summary(prefix) is not None
+    except DatasetError:
+        return False
+
+
+def _count_ones(mask_bin: str) -> int:
+    return int(np.count_nonzero(np.memmap(mask_bin, mode="r", dtype=np.uint8))) if os.path.getsize(mask_bin) else 0
+
+
+def _mask_refusal(path: str, mask_bin: str, supervised) -> DatasetError:
+    have = _count_ones(mask_bin)
+    says = f"says {supervised:,} supervised tokens" if isinstance(supervised, int) else "records another loss mask"
+    return DatasetError(f"{path}: {says}, {mask_bin} marks {have:,}: the loss mask comes from another "
+                        "preprocessing run (another --loss-on?); re-run preprocessing")
+
+
+def check_summary(prefix: str, files, mask_bin: str | None = None) -> None:
+    """A dataset with a preprocessing summary must be the one the summary vouches for: a run
+    killed while replacing the dataset, a dataset copied over another, or a loss mask from
+    another run (``mask_bin``: its SHA-256 where the summary records one, its count of 1s
+    against the summary's ``supervised_tokens``) is refused. Datasets without a summary (written
+    by the library directly) pass; summaries from before a field existed are checked on the others."""
+    summary = read_summary(prefix)
+    if summary is None:
+        return
+    path = prefix + SUMMARY_SUFFIX
+    supervised = summary.get("supervised_tokens")
+    supervised = supervised if isinstance(supervised, int) and not isinstance(supervised, bool) else None
+    vouched = summary.get("files")
+    differ = []
+    for f in files if vouched is not None else ():  # None: a summary from before summaries named their files
+        want = vouched.get(os.path.basename(f)) if isinstance(vouched, dict) else None
+        have = {"bytes": os.path.getsize(f)}
+        if isinstance(want, dict) and "sha256" in want:  # what the summary recorded is what is compared
+            have["sha256"] = _sha256(f)
         if want != have:
-            raise DatasetError(f"{path}: vouches for {name} as {want}, the file is {have}: the dataset and its "
-                               "summary come from different preprocessing runs (one interrupted?); "
-                               "re-run preprocessing")
+            differ.append((f, want, have))
+    if mask_bin is not None and [f for f, _, _ in differ] == [mask_bin]:
+        raise _mask_refusal(path, mask_bin, supervised)
+    if differ:
+        f, want, have = differ[0]
+        raise DatasetError(f"{path}: vouches for {os.path.basename(f)} as {want}, the file is {have}: the dataset "
+                           "and its summary come from different preprocessing runs (one interrupted?); "
+                           "re-run preprocessing")
+    if mask_bin is not None and supervised is not None and _count_ones(mask_bin) != supervised:
+        raise _mask_refusal(path, mask_bin, supervised)  # summaries without the mask's hash: its count

@@ -12,10 +12,14 @@ holding several documents; ``cu_seqlens`` marks where each starts::
 
 Each segment is attended on its own, so the cost is sum(s_i^2), never a dense
 (sum s_i)^2 mask. The kernel is picked once by the spec provider
-(:func:`megatron_pack.model.spec.get_layer_spec`): ``flash`` (``flash_attn_varlen_func``,
-CUDA + fp16/bf16) or ``torch`` (``scaled_dot_product_attention`` per segment, any device).
-With context parallelism the ``torch`` kernel all-gathers K/V over the CP group
-(:mod:`megatron_pack.model.cp_attention`); ``flash`` refuses CP.
+(:func:`megatron_pack.model.spec.get_layer_spec`): ``flash`` (flash-attn's
+``flash_attn_varlen_func``, CUDA + fp16/bf16), ``varlen`` (PyTorch's own FlashAttention-2
+varlen, ``torch.nn.attention.varlen``, CUDA + fp16/bf16, :mod:`megatron_pack.model.fused_varlen`),
+``flex`` (compiled ``flex_attention`` with a document block mask; measured by the GPU check) or
+``torch`` (``scaled_dot_product_attention`` per segment, any device; it reads ``cu_seqlens``
+on the host in every layer). With context parallelism the ``torch`` kernel all-gathers K/V over
+the CP group (:mod:`megatron_pack.model.cp_attention`); the other kernels refuse CP (the spec
+picks ``torch`` for CP runs without TE).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from megatron_pack.model.cp_attention import cp_varlen
+from megatron_pack.model.fused_varlen import flex_varlen, torch_fa_varlen
 
 # --------------------------------------------------------------------------------------------
 # Kernels. THD: q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d].  SBHD: q [s, b, hq, d] -> same.
@@ -135,6 +140,8 @@ def flash_dense(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, 
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "torch": (torch_varlen, torch_dense),
     "flash": (flash_varlen, flash_dense),
+    "varlen": (torch_fa_varlen, torch_dense),  # padded rows: SDPA picks its own flash kernel
+    "flex": (flex_varlen, torch_dense),
 }
 
 
@@ -164,7 +171,7 @@ class VarlenCoreAttention(MegatronModule):
         if config.context_parallel_size > 1 and kernel != "torch":
             raise ValueError(f"--context-parallel-size {config.context_parallel_size}: the local backend's {kernel!r} "
                              "kernel has no context-parallel path; use --transformer-impl transformer_engine, or "
-                             "fp32 for the PyTorch kernel (all-gathers K/V over the CP group)")
+                             "the 'torch' kernel (all-gathers K/V over the CP group)")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding_causal):
             raise ValueError(f"VarlenCoreAttention supports causal/no_mask attention, got {attn_mask_type}")
         if kernel not in KERNELS:

@@ -50,10 +50,8 @@ def all_gather_with_grad(x: Tensor, group) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, offset: int, scale: float, dropout_p: float) -> Tensor:
-    """q [c, hq, d] at global positions offset..offset+c-1, k/v [offset+c, hkv, d] -> [c, hq, d]."""
-    if k.size(1) != q.size(1):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    """q [c, hq, d] at global positions offset..offset+c-1, k/v [offset+c, hkv, d] -> [c, hq, d].
+    Grouped-query heads: SDPA's ``enable_gqa`` shares each K/V head over its query group (no copies)."""
     if offset:
         # SDPA's is_causal aligns the diagonal top-left; with ``offset`` dummy query rows in
         # front, query row offset+i sees keys <= offset+i, as it must. No mask tensor is
@@ -61,7 +59,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, offset: int, scale: float, dropout_
         # the dummy rows cost compute, not memory, and are dropped.
         q = torch.cat([q.new_zeros(offset, q.size(1), q.size(2)), q])
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, s, d]
-    o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale)
+    o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                       enable_gqa=k.size(1) != q.size(1))
     return o.squeeze(0).transpose(0, 1)[offset:]
 
 

@@ -4,19 +4,22 @@
 backend     layers                                     packed (THD) attention
 ==========  =========================================  =====================================
 ``te``      Transformer Engine (fused norm+linear)     TE fused attention (cuDNN / flash)
-``local``   Megatron-Core local (torch) layers         :class:`VarlenCoreAttention`:
-                                                       ``flash_attn_varlen_func`` with CUDA,
-                                                       flash-attn and fp16/bf16; PyTorch SDPA
-                                                       per document otherwise
+``local``   Megatron-Core local (torch) layers         :class:`VarlenCoreAttention`, with CUDA
+                                                       and fp16/bf16: flash-attn's varlen where
+                                                       installed, else PyTorch's own varlen
+                                                       (``torch.nn.attention.varlen``); PyTorch
+                                                       SDPA per document otherwise
 ``auto``    ``te`` if transformer_engine imports and CUDA is available, else ``local``
 ==========  =========================================  =====================================
 
 Context parallelism: TE attention takes the CP group and ``config.cp_comm_type`` (THD with
-p2p or a2a); the local ``torch`` kernel all-gathers K/V over the CP group
-(:mod:`megatron_pack.model.cp_attention`); the local ``flash`` kernel refuses CP.
+p2p or a2a); local layers use the ``torch`` kernel under CP, which all-gathers K/V over the CP
+group (:mod:`megatron_pack.model.cp_attention`); the fused local kernels have no CP path.
 
-Both produce the same parameter layout in checkpoints (the local spec maps its norms onto
-TE's fused names), so a run can switch backends between save and load. Without apex the
+Both route Megatron-Core's unfused THD RoPE through :mod:`megatron_pack.model.thd_rope` (the
+same values, no ``cu_seqlens`` read on the host per layer). Both produce the same parameter
+layout in checkpoints (the local spec maps its norms onto TE's fused names), so a run can
+switch backends between save and load. Without apex the
 local norms are :class:`megatron_pack.model.norm.TorchNorm`, which (unlike Megatron-Core's
 torch norm) allows sequence parallelism. :func:`get_block_spec` adds the final norm and is
 what :func:`megatron_pack.model.builder.build_model` passes to ``GPTModel``.
@@ -65,10 +68,28 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def torch_varlen_available() -> bool:
+    """PyTorch's own FlashAttention-2 varlen (``torch.nn.attention.varlen``, torch >= 2.10) on CUDA."""
+    return torch.cuda.is_available() and _importable("torch.nn.attention.varlen")
+
+
+#: kernel -> what the run header calls it
+KERNEL_NAMES = {"flash": "flash-attn varlen", "varlen": "PyTorch varlen_attn (FlashAttention-2)",
+                "flex": "PyTorch flex_attention (document block mask)", "torch": "PyTorch SDPA per document"}
+
+
 def attention_kernel(config) -> str:
-    """Kernel for :class:`VarlenCoreAttention` in local layers: flash-attn needs CUDA and 16-bit."""
+    """Kernel for :class:`VarlenCoreAttention` in local layers. The fused ones need CUDA, 16-bit
+    and no attention dropout: flash-attn where installed, else PyTorch's varlen; context
+    parallelism takes ``torch`` (the one with the all-gather K/V path)."""
     half = bool(getattr(config, "bf16", False) or getattr(config, "fp16", False))
-    return "flash" if half and flash_attn_available() else "torch"
+    if not half or int(getattr(config, "context_parallel_size", 1) or 1) > 1:
+        return "torch"
+    if flash_attn_available():
+        return "flash"
+    if torch_varlen_available() and not float(getattr(config, "attention_dropout", 0.0) or 0.0):
+        return "varlen"
+    return "torch"
 
 
 #: TransformerConfig switches for fused kernels, named as the run header prints them (once, in
@@ -90,7 +111,7 @@ def describe(config, backend: str = "auto", optimizer: str = "adam") -> str:
     else:
         kernel = attention_kernel(config)
         parts = ["layers: Megatron-Core local",
-                 "attention: " + ("flash-attn varlen" if kernel == "flash" else "PyTorch SDPA per document")
+                 "attention: " + KERNEL_NAMES[kernel]
                  + (f", CP {cp} all-gather K/V" if cp > 1 else "")]
         norm = get_layer_spec(config, resolved).submodules.input_layernorm
         parts.append(f"norm: {getattr(norm, '__name__', norm)}")
@@ -110,6 +131,9 @@ def get_layer_spec(config, backend: str = "auto"):
     """``ModuleSpec`` of one GPT decoder layer for ``config`` (a ``TransformerConfig``)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_pack.model import thd_rope
+
+    thd_rope.install()  # unfused THD RoPE without a host sync per layer (same values as Megatron's)
     resolved = resolve_backend(backend)
     if resolved == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

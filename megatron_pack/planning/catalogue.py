@@ -56,3 +56,15 @@ def get_gpu(name: str) -> GPUSpec:
         names = sorted({g.name for g in GPUS.values()})
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(names)} (or their short names "
                          f"a800, a100, h100, h200)") from None
+
+
+#: substring of ``torch.cuda.get_device_name()`` -> catalogue key, most specific first
+DEVICE_NAMES = (("H200", "h200"), ("H100", "h100"), ("A800", "a800"), ("A100", "a100"))
+
+
+def gpu_from_device_name(device_name: str) -> GPUSpec | None:
+    """The catalogue entry of a CUDA device name (``"NVIDIA H200"`` -> H200), ``None`` if unknown."""
+    for needle, key in DEVICE_NAMES:
+        if needle in device_name:
+            return get_gpu(key)
+    return None

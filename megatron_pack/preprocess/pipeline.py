@@ -11,8 +11,10 @@ Outputs for ``--output-prefix P``::
     P_rejects.jsonl   one line per rejected record: file, line, reason, message, record
     P_lengths.png     histogram of document lengths
 
-Every file is written under a temporary name and renamed when complete; the summary is
-renamed last, so its presence marks a finished run.
+Every file is written under a temporary name and renamed when complete. The summary is the
+commit point (``SFTDatasetWriter.close``): replaced by an "incomplete" one before the new files
+are renamed in, renamed in last, so a run killed at any step leaves either the old dataset with
+its own summary or one every opener refuses.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import numpy as np
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.preprocess.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
 from megatron_pack.files.indexed import SFTDatasetWriter, dataset_exists, dataset_files
-from megatron_pack.files.indexed_check import dataset_manifest
 from megatron_pack.preprocess.overlong import overlong_policy
 from megatron_pack.templates.registry import TEMPLATES, auto_template_name, build_template
 from megatron_pack.tokenization.tokenizer import load_tokenizer
@@ -308,7 +309,7 @@ def _summary(cfg, tokenizer: dict, template_name: str, paths: dict, read: int, r
         "overlong": ({"over_max_seq_length": overlong.pop("over_max", 0), **dict(sorted(overlong.items()))}
                      if cfg.max_seq_length is not None else {"over_max_seq_length": None}),
         "outputs": {k: v for k, v in paths.items() if k != "histogram" or cfg.plot},
-        "files": dataset_manifest(dataset_files(cfg.output_prefix)),  # what this summary vouches for
+        # "files" (what the summary vouches for) is added by SFTDatasetWriter.close
     }
 
 
@@ -367,23 +368,22 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             if writer is None:
                 rej.close()
                 _no_usable_conversation(cfg, paths, rejects_tmp, counts["read"], reasons, first_reject)
-            # The summary is the commit point: the old one goes before the new dataset is renamed
-            # in, the new one (naming the files it vouches for) is written last.
-            if os.path.exists(paths["summary"]):
-                os.remove(paths["summary"])
-        os.replace(rejects_tmp, paths["rejects"])
+            rej.close()
+            lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
+            summary = _summary(cfg, tokenizer.describe(), template_name, paths, counts["read"], reasons, schemas,
+                               overlong, lengths, supervised)
+            renames = [(rejects_tmp, paths["rejects"])]
+            if cfg.plot:
+                _plot(lengths, cfg.max_seq_length, paths["histogram"] + tmp,
+                      f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {summary['tokens']} tokens")
+                renames.append((paths["histogram"] + tmp, paths["histogram"]))
+            # The commit (SFTDatasetWriter.close): the old summary is replaced by an "incomplete" one
+            # before the dataset is renamed in, the new summary (vouching for the files) renamed last.
+            summary = writer.close(summary, also_rename=renames)
     except BaseException:
         bar.close()
-        if os.path.exists(rejects_tmp):
-            os.remove(rejects_tmp)
+        for path in (rejects_tmp, paths["histogram"] + tmp):
+            if os.path.exists(path):
+                os.remove(path)
         raise
-
-    lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
-    summary = _summary(cfg, tokenizer.describe(), template_name, paths, counts["read"], reasons, schemas, overlong,
-                       lengths, supervised)
-    if cfg.plot:
-        _plot(lengths, cfg.max_seq_length, paths["histogram"] + tmp,
-              f"{os.path.basename(cfg.output_prefix)}: {lengths.size} documents, {summary['tokens']} tokens")
-        os.replace(paths["histogram"] + tmp, paths["histogram"])
-    write_json_atomic(summary, paths["summary"], indent=2)
     return summary

@@ -77,17 +77,12 @@ def from_encoding(enc):
 
 def hf_encode_chats(tok, texts, protects, added_re):
     """``HFTokenizer``: tiktoken when it is the backend, else ``tokenizers`` on whole chats."""
-    if tok._tiktoken is not None:
+    if tok.tiktoken is not None:
         return tiktoken_chats(tok, texts, protects, added_re)
-    if tok._hf is None:
-        from tokenizers import Tokenizer
-
-        # Added tokens matched in text, as transformers encodes a rendered chat.
-        tok._hf = Tokenizer.from_str(tok._tok.to_str())
-        tok._hf.encode_special_tokens = False
     out = [None] * len(texts)
     plain = [i for i, p in enumerate(protects) if not p]
-    for i, enc in zip(plain, tok._hf.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
+    backend = tok.chat_backend()  # added tokens matched in text, as transformers encodes a rendered chat
+    for i, enc in zip(plain, backend.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
         out[i] = from_encoding(enc)
     for i, p in enumerate(protects):
         if p:
@@ -110,7 +105,7 @@ def encode_marked(tok, text, protect):
     """transformers' ``encode_marked_chat``: cut at each protected control-token string, encode
     it as plain text, and every piece after the first behind a newline it then drops. A
     protected piece's tokens all get the piece's span (it lies inside one message's text)."""
-    hf = tok._hf
+    hf = tok.chat_backend()
     newline = hf.encode("\n", add_special_tokens=False).ids
     newline_plain = plain_ids(hf, "\n")
     cuts = [0] + sorted({x for a, b in protect for x in (a, b)}) + [len(text)]
@@ -141,35 +136,33 @@ def encode_marked(tok, text, protect):
     return ids, np.concatenate(starts), np.concatenate(ends)
 
 
-def tiktoken_tables(tok):
-    """Byte length of every id and a tiktoken Encoding that knows the added tokens."""
+def tiktoken_tables(enc, added: dict, vocab_size: int) -> tuple:
+    """``(byte length of every id, a tiktoken Encoding that also knows the added tokens)`` for
+    the tiktoken Encoding ``enc`` and ``added`` (``{content: id}``)."""
     import tiktoken
 
-    enc = tok._tiktoken
-    lens = np.zeros(tok.vocab_size, dtype=np.int64)
+    lens = np.zeros(vocab_size, dtype=np.int64)
     for i in range(enc.n_vocab):
         try:
             lens[i] = len(enc.decode_single_token_bytes(i))
         except KeyError:
             pass
-    added = {t.content: i for i, t in tok._tok.get_added_tokens_decoder().items()}
     for content, i in added.items():
         lens[i] = len(content.encode("utf-8"))
-    tok._byte_len = lens
-    tok._tiktoken_added = tiktoken.Encoding("megatron_pack_chat", pat_str=enc._pat_str,
-                                            mergeable_ranks=enc._mergeable_ranks, special_tokens=added)
+    with_added = tiktoken.Encoding("megatron_pack_chat", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                   special_tokens=added)
+    return lens, with_added
 
 
 def tiktoken_chats(tok, texts, protects, added_re):
     """One tiktoken call per chat, the added tokens registered as its special tokens (split
     out in Rust, as ``tokenizers`` splits them); chats with protected text go piecewise."""
-    if tok._byte_len is None:
-        tiktoken_tables(tok)
+    byte_len, with_added = tok.tiktoken_tables()
     out = []
     for text, protect in zip(texts, protects):
         if protect:
             out.append(split_encode(tok, text, protect, added_re))
             continue
-        ids = tok._tiktoken_added.encode(text, allowed_special="all", disallowed_special=())
-        out.append((ids, *char_offsets(text, tok._byte_len[ids] if ids else [])))
+        ids = with_added.encode(text, allowed_special="all", disallowed_special=())
+        out.append((ids, *char_offsets(text, byte_len[ids] if ids else [])))
     return out

@@ -125,10 +125,40 @@ class HFTokenizer(BaseTokenizer):
                                                "cls_token", "mask_token")
                                 if (n := token_name(config.get(k))) is not None}
         self._hf = None
-        self._byte_len = None
+        self._byte_len = self._tiktoken_added = None
 
     def added_tokens(self):
         return [(t.content, t.special) for t in self._tok.get_added_tokens_decoder().values()]
+
+    def added_token_ids(self) -> dict:
+        """``{content: id}`` of every added token, special or not."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @property
+    def tiktoken(self):
+        """The tiktoken Encoding that encodes plain text, or None when ``tokenizers`` does."""
+        return self._tiktoken
+
+    def chat_backend(self):
+        """A ``tokenizers.Tokenizer`` that matches added tokens in text, as transformers encodes
+        a rendered chat (this tokenizer's own does not: only templates emit special tokens);
+        built on first use."""
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_str(self._tok.to_str())
+            self._hf.encode_special_tokens = False
+        return self._hf
+
+    def tiktoken_tables(self) -> tuple:
+        """``(byte length of every id, a tiktoken Encoding that knows the added tokens)``, built
+        on first use (:func:`megatron_pack.tokenization.offsets.tiktoken_tables`)."""
+        if self._byte_len is None:
+            from megatron_pack.tokenization.offsets import tiktoken_tables
+
+            self._byte_len, self._tiktoken_added = tiktoken_tables(self._tiktoken, self.added_token_ids(),
+                                                                   self.vocab_size)
+        return self._byte_len, self._tiktoken_added
 
     def encode_chats(self, texts, protects, added_re, control_re):
         from megatron_pack.tokenization.offsets import hf_encode_chats
@@ -136,12 +166,9 @@ class HFTokenizer(BaseTokenizer):
         return hf_encode_chats(self, texts, protects, added_re)
 
     def _encode_bytes(self, text):
-        if self._byte_len is None:
-            from megatron_pack.tokenization.offsets import tiktoken_tables
-
-            tiktoken_tables(self)
+        byte_len, _ = self.tiktoken_tables()
         ids = self._tiktoken.encode_ordinary(text)
-        return ids, self._byte_len[ids].tolist() if ids else []
+        return ids, byte_len[ids].tolist() if ids else []
 
     def _configured(self, config, key, candidates) -> Optional[int]:
         name = token_name(config.get(key))

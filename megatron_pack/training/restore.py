@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from megatron_pack.checkpoint.dist import load_checkpoint, saved_run_config
+from megatron_pack.checkpoint.dist import is_dist_checkpoint, load_checkpoint, saved_run_config
 from megatron_pack.data.sampling import DataPosition
 from megatron_pack.training.config import ConfigError, TrainConfig
 
@@ -180,7 +180,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
             from megatron_pack.checkpoint.layout import resolve_iteration_dir
 
             d = resolve_iteration_dir(ck.pretrained_checkpoint)
-            check_architecture(saved_run_config(d), preset, vocab_size, f"--pretrained-checkpoint {d}")
+            rc = saved_run_config(d, required=is_dist_checkpoint(d))
+            check_architecture(rc, preset, vocab_size, f"--pretrained-checkpoint {d}")
             load_model_from_dist_checkpoint(d, model)
             if hasattr(optimizer, "reload_model_params"):
                 optimizer.reload_model_params()  # bf16: refresh the fp32 main copies

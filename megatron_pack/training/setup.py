@@ -13,7 +13,7 @@ def recorded_architecture(path: str):
     """``(architecture, HF extras)`` recorded in an import or a training checkpoint at ``path``
     (root or iteration directory); ``(None, {})`` when nothing there records one. HF extras:
     ``{"special_tokens": {...}, "generation_config": {...}}``, carried to the export."""
-    from megatron_pack.checkpoint.dist import saved_run_config
+    from megatron_pack.checkpoint.dist import is_dist_checkpoint, saved_run_config
     from megatron_pack.checkpoint.imported import preset_from_metadata, read_import_metadata
     from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
     from megatron_pack.model.presets import get_preset
@@ -27,7 +27,8 @@ def recorded_architecture(path: str):
     except CheckpointError:
         return None, {}
     try:
-        rc = saved_run_config(iter_path)
+        # a dist checkpoint without its record would silently disable the architecture and plan checks
+        rc = saved_run_config(iter_path, required=is_dist_checkpoint(iter_path))
     except CheckpointError as e:
         raise ConfigError(f"{e}; cannot read the architecture the run recorded") from None
     if rc is None:

@@ -42,10 +42,11 @@ def patched(control: str):
 
     from megatron.core.models.common.embeddings import rope_utils
 
+    from megatron_pack.model import thd_rope
     from megatron_pack.model.attention import VarlenCoreAttention
 
-    saved = VarlenCoreAttention.forward, rope_utils._apply_rotary_pos_emb_thd
-    orig_forward, orig_rope = saved
+    saved = VarlenCoreAttention.forward, rope_utils._apply_rotary_pos_emb_thd, thd_rope.apply_rotary_pos_emb_thd
+    orig_forward, orig_rope = saved[0], saved[2]
 
     def bridge(self, q, k, v, mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None and ps.get_pipeline_model_parallel_rank() == 2:
@@ -66,7 +67,7 @@ def patched(control: str):
         return orig_forward(self, q, k, v, mask, attn_mask_type, attention_bias, packed_seq_params)
 
     def no_restart(t, cu_seqlens, freqs, *args, **kwargs):
-        # positions run on over the whole row: freqs for every position, offset per document
+        # positions run on over the whole row: freqs for every position (Megatron's offsets case)
         total = int(cu_seqlens[-1])
         every = torch.arange(total, device=freqs.device, dtype=freqs.dtype).view(-1, 1, 1, 1) * freqs[1:2]
         return orig_rope(t, cu_seqlens, every, *args, **kwargs)
@@ -76,11 +77,12 @@ def patched(control: str):
     elif control == "cp_pad":
         VarlenCoreAttention.forward = cp_pad
     elif control == "positions":
-        rope_utils._apply_rotary_pos_emb_thd = no_restart
+        # the spec provider installs thd_rope's function at every model build: patch what it installs
+        thd_rope.apply_rotary_pos_emb_thd = rope_utils._apply_rotary_pos_emb_thd = no_restart
     try:
         yield
     finally:
-        VarlenCoreAttention.forward, rope_utils._apply_rotary_pos_emb_thd = saved
+        VarlenCoreAttention.forward, rope_utils._apply_rotary_pos_emb_thd, thd_rope.apply_rotary_pos_emb_thd = saved
 
 
 def case_args(base: list, layout: str, control: str, workdir: str) -> list:

@@ -95,3 +95,24 @@ def test_resume_on_another_packing_plan_is_refused(saved):
                                "(--context-parallel-size 2), this run's to 1 (--context-parallel-size 1)") in line[0]
     assert "Resume with --context-parallel-size 2" in line[0]
     assert not res.steps  # no step of the other plan ran
+
+
+def test_checkpoint_without_run_config_is_refused(saved):
+    """``run_config.json`` is what the architecture and packing-plan checks read: a checkpoint
+    without it, resumed with another --document-padding-multiple, used to resume silently on the
+    other plan. Refused on one line, before any step; with the file present the same flags are
+    refused by the plan check (negative control: the file is what the check reads)."""
+    import shutil
+
+    tmp, args, ck = saved
+    plan = ["--train-iters", "2", "--document-padding-multiple", "4"]
+    present = run_train(1, args + plan + ["--load", str(ck)], tmp, name="rc_present")
+    assert present.returncodes == [2] and "packing plan" in _error_line(present)[0], describe_failure(present)
+    gone = tmp / "ck_no_rc"
+    shutil.copytree(ck, gone)
+    (gone / "iter_0000002" / "run_config.json").unlink()
+    res = run_train(1, args + plan + ["--load", str(gone)], tmp, name="rc_missing")
+    assert res.returncodes == [2], describe_failure(res)
+    line = _error_line(res)
+    assert len(line) == 1 and "iter_0000002/run_config.json: missing" in line[0]
+    assert not res.steps

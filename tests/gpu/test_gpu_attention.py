@@ -1,7 +1,9 @@
 """GPU tier: the fast packed-attention paths equal the PyTorch reference (skipped without CUDA).
 
-* flash-attn ``flash_attn_varlen_func`` (local layers) and Transformer Engine THD attention
-  against a float64 dense block-diagonal causal reference, GQA included, with gradients;
+* PyTorch's ``varlen_attn`` and ``flex_attention`` (document block mask), flash-attn
+  ``flash_attn_varlen_func`` (local layers) and Transformer Engine THD attention against a
+  float64 dense block-diagonal causal reference, GQA included, with gradients; the PyTorch
+  kernels also with the document mask off (one segment over the row), which must fail it;
 * the whole tiny GPTModel: packed (THD) == padded on each backend, TE layers == local layers,
   compared on every real token's logits (``packed_logits``: a tolerance that a document-mask
   leak exceeds ~17x, and the leaked row as negative control that must fail the comparison).
@@ -59,6 +61,47 @@ def test_flash_varlen_matches_reference():
     check_against_reference(lambda q, k, v, cu, m: flash_varlen(q, k, v, cu, m, causal=True, scale=64 ** -0.5))
 
 
+def _fails_reference(fn):
+    """Negative control: ``fn`` given one segment over the whole row (no document mask)."""
+    cu = torch.tensor(CU, dtype=torch.int32, device="cuda")
+    q, k, v = qkv(CU[-1], 8, 2, 64, seed=1)
+    with torch.no_grad():
+        out = fn(q, k, v, torch.tensor([0, CU[-1]], dtype=torch.int32, device="cuda"), CU[-1])
+        gap = float((out.float().reshape(q.shape) - reference(q, k, v, cu).float()).abs().max())
+    assert gap > 10 * BF16_TOL["atol"], f"negative control: the unmasked row is within {gap:.4f} of the reference"
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_pytorch_fused_kernels_match_reference(kernel):
+    from megatron_pack.model import fused_varlen as FV
+
+    if FV.varlen_fn() is None and kernel == "varlen":
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    fn = FV.torch_fa_varlen if kernel == "varlen" else FV.flex_varlen
+    run = lambda q, k, v, cu, m: fn(q, k, v, cu, m, causal=True, scale=64 ** -0.5)  # noqa: E731
+    check_against_reference(run)
+    _fails_reference(run)
+
+
+def test_varlen_runs_without_a_host_sync():
+    """The varlen path never waits on the GPU: under ``set_sync_debug_mode("error")`` a host
+    sync (``cu_seqlens.tolist()``, ``.item()``) would raise."""
+    from megatron_pack.model import fused_varlen as FV
+
+    if FV.varlen_fn() is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    cu = torch.tensor(CU, dtype=torch.int32, device="cuda")
+    q, k, v = qkv(CU[-1], 8, 2, 64)
+    FV.torch_fa_varlen(q, k, v, cu, 83, causal=True, scale=0.125)  # warm-up: first call may load kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = FV.torch_fa_varlen(q, k, v, cu, 83, causal=True, scale=0.125)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == q.shape
+
+
 def test_torch_varlen_on_cuda_matches_reference():
     from megatron_pack.model.attention import torch_varlen
 
@@ -107,6 +150,26 @@ def _packed_and_padded_loss(model, lengths=P.LENGTHS):
         mask = batch["loss_mask"].cuda()
         losses.append(float((out.float() * mask).sum() / mask.sum()))
     return losses
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex", "torch"])
+def test_model_packed_equals_padded_per_local_kernel(single_rank, kernel, monkeypatch):
+    """Local layers with each PyTorch kernel: packed == padded on every real token's logits, and
+    the leaked row (mask off) fails the same comparison (``check_packed_equals_padded``)."""
+    from megatron_pack.model import build_model, get_preset, transformer_config
+    from megatron_pack.model import fused_varlen as FV
+    from megatron_pack.model import spec
+
+    if kernel == "varlen" and FV.varlen_fn() is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    monkeypatch.setattr(spec, "attention_kernel", lambda config: kernel)
+    preset = get_preset("tiny")
+    model = build_model(preset, transformer_config(preset, bf16=True, init_method_std=0.1), vocab_size=256,
+                        backend="local").eval()
+    ca = model.decoder.layers[0].self_attention.core_attention
+    assert ca.kernel == kernel
+    gaps = P.check_packed_equals_padded(model, device=torch.device("cuda"), what=f"local/{kernel}")
+    print(kernel, gaps)
 
 
 @pytest.mark.parametrize("backend", ["te", "local"])
@@ -167,3 +230,36 @@ def test_te_layers_equal_local_layers(single_rank):
         leaked = P.doc_logits(te, P.leaked_batch(items), items, cuda)
     P.assert_logits_match(b, a, what="te vs local")
     assert P.logit_gap(leaked, a) > P.LOGIT_ATOL, "negative control: TE with the mask off must not match"
+
+
+def test_packed_forward_of_the_model_has_no_host_sync(single_rank, monkeypatch):
+    """Local layers, bf16, PyTorch's varlen kernel: a packed forward issues no synchronizing CUDA
+    call (the batch's ``PackedSeqParams`` built before, as the training loop does once per
+    micro-batch). Each sync is reported with the line that made it."""
+    import warnings
+
+    from megatron_pack.model import build_model, get_preset, transformer_config
+    from megatron_pack.model import fused_varlen as FV
+    from megatron_pack.model import spec
+    from megatron_pack.model.packed import model_inputs
+
+    if FV.varlen_fn() is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    monkeypatch.setattr(spec, "attention_kernel", lambda config: "varlen")
+    preset = get_preset("tiny")
+    model = build_model(preset, transformer_config(preset, bf16=True, init_method_std=0.1), vocab_size=256,
+                        backend="local").eval()
+    items = P.make_items()
+    kw = model_inputs({k: v for k, v in P.thd_batch(items).items() if k != "labels"}, device=torch.device("cuda"))
+    with torch.no_grad():
+        model(**kw)  # warm-up: caches (RoPE frequencies), kernel loading
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                model(**kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+    assert not syncs, f"{len(syncs)} host syncs in one packed forward: {sorted(set(syncs))}"

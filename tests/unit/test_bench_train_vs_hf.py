@@ -1,17 +1,11 @@
-"""benchmarks/bench_train_vs_hf.py: its check of TRL's padding-free batches (a flattened row
-with restarting ``position_ids``, no attention mask) passes for transformers' SDPA path on
+"""megatron_pack.experiment.hf_baseline (benchmarks/bench_train_vs_hf.py's baseline): its check of
+TRL's padding-free batches (a flattened row with restarting ``position_ids``, no attention mask) passes for transformers' SDPA path on
 CPU (called as SFTTrainer calls the model) and fails a batch whose attention crosses documents."""
-
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import bench_train_vs_hf as B  # noqa: E402
+from megatron_pack.experiment import hf_baseline as B
 
 transformers = pytest.importorskip("transformers")
 

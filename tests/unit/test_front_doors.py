@@ -40,6 +40,7 @@ TOOLS = {
     "compare": os.path.join(ROOT, "tools", "compare_modes.py"),
     "train": "megatron_pack.train",
     "demo": "megatron_pack.demo",
+    "study": "megatron_pack.experiment",
 }
 
 
@@ -93,6 +94,11 @@ BAD = [
     ("leakage", ["--modle", "x"], "did you mean --model"),
     ("compare", ["--mdoes", "bfd"], "did you mean --modes?"),
     ("compare", ["--modes", "tetris"], "--modes"),
+    ("study", ["--setings", "bfd"], "did you mean --settings?"),
+    ("study", ["--settings", "bdf"], "--settings: unknown packing mode 'bdf'"),
+    ("study", ["--model", "/nonexistent/model", "--data-path", "/nonexistent/chats.jsonl"],
+     "--model /nonexistent/model/config.json: not found"),
+    ("study", ["--report-only", "--output-dir", "/nonexistent/out"], "/nonexistent/out: no study_seed*.json"),
 ]
 #: The one exit-status rule of every command line (README, "Exit status"): 2 = bad invocation or input.
 USAGE_STATUS = 2
@@ -235,7 +241,8 @@ def test_readme_exit_status_table_covers_every_command_line():
     """One table for every front door, and a bad-invocation case (exit 2) above for each."""
     table = _readme_exit_table()
     scripts = sorted(f"tools/{f}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
-    assert set(scripts) | {"python -m megatron_pack.train", "python -m megatron_pack.demo"} == set(table), table
+    modules = {"python -m megatron_pack.train", "python -m megatron_pack.demo", "python -m megatron_pack.experiment"}
+    assert set(scripts) | modules == set(table), table
     assert all(len(cells) == 4 and cells[3] for cells in table.values())  # every command says what a 2 means
     tested = {t for t, _, _ in BAD}
     for name, target in TOOLS.items():  # every command line has a case that must exit 2

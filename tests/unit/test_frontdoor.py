@@ -67,3 +67,18 @@ def test_unknown_message_forms():
     assert unknown_message(["--zzz", "1"], ["--a"]) == "unrecognized argument --zzz"
     assert unknown_message(["stray"], ["--a"]) == "unexpected argument(s): stray"
     assert "not a flag of this command" in unknown_message(["--a"], ["--a"])
+
+
+def test_a_refusal_is_printed_by_rank_0_only(monkeypatch, capsys):
+    from megatron_pack import frontdoor
+
+    monkeypatch.setattr(frontdoor, "QUIET_RANK_WAIT_S", 0.0)
+    for env, speaks in (({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False),
+                        ({"LOCAL_RANK": "1"}, False), ({"RANK": "4", "LOCAL_RANK": "0"}, False)):
+        for name in ("RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert frontdoor.speaks_for_the_job() is speaks
+        assert frontdoor.refusal("prog", "bad input") == 2
+        assert capsys.readouterr().err == ("prog: error: bad input\n" if speaks else "")  # negative control: rank 0

@@ -153,3 +153,37 @@ def test_forked_writers_die_with_a_sigkilled_trainer(installed):
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_write_results_queue_is_in_process_not_a_spawned_manager():
+    """Megatron-Core 0.16 collects a save's write results in a spawned Manager's queue (a server
+    process and a resource tracker that outlive a SIGKILLed trainer); after the shim its
+    queue is a plain in-process one, and a synchronous save spawns nothing (the end-to-end kill
+    is ``tests/distributed/test_killed_run_leaves_nothing.py``)."""
+    import multiprocessing as mp
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    from megatron_pack.checkpoint.mcore_shim import in_process_write_results
+
+    saved = fa._results_queue
+    try:
+        fa._results_queue = None
+        in_process_write_results()
+        q = fa._get_write_results_queue()
+        assert type(q) is queue.Queue and not mp.active_children()
+        in_process_write_results()  # idempotent: the same queue
+        assert fa._get_write_results_queue() is q
+    finally:
+        fa._results_queue = saved
+
+
+def test_missing_run_config_is_refused_where_required(tmp_path):
+    (tmp_path / ".metadata").write_bytes(b"x")
+    assert D.is_dist_checkpoint(str(tmp_path)) and not D.is_dist_checkpoint(str(tmp_path / "rng"))
+    assert D.saved_run_config(str(tmp_path)) is None  # negative control: optional readers (export) get None
+    with pytest.raises(CheckpointError, match=r"run_config.json: missing .* architecture and packing-plan checks"):
+        D.saved_run_config(str(tmp_path), required=True)
+    (tmp_path / "run_config.json").write_text('{"plan": {"document_multiple": 4}}')
+    assert D.saved_run_config(str(tmp_path), required=True) == {"plan": {"document_multiple": 4}}

@@ -1,18 +1,13 @@
 """The blend schedule: within one sequence of every weight at every prefix, both sides, for any
 number of sources; the C++ loop equals the readable rule below on many random cases."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_pack.data.blend import blend_schedule
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
-from bench_blend import largest_deficit  # noqa: E402  (the old rule, kept once: the benchmark times it)
+from megatron_pack.data.largest_deficit import largest_deficit  # the old rule (the benchmark times it)
 
 
 def reference_schedule(shares, n):

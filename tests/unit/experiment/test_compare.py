@@ -23,7 +23,7 @@ def test_settings_cross_modes_and_masks_padding_once():
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     from megatron_pack.experiment.compare import run_comparison
-    from megatron_pack.experiment.compare_cli import sample_train_flags
+    from megatron_pack.experiment.presets import sample_train_flags
     from megatron_pack.experiment.sample_data import prepare_sample_data
     from megatron_pack.training.cli import parse_args
 
@@ -76,7 +76,7 @@ def test_setting_config_keeps_a_checkpoint_only_when_asked(tmp_path):
     """The real-model study scores each trained setting, so it asks for the final checkpoint;
     the comparison itself saves none, whatever the base flags say."""
     from megatron_pack.experiment.compare import setting_config
-    from megatron_pack.experiment.compare_cli import sample_train_flags
+    from megatron_pack.experiment.presets import sample_train_flags
     from megatron_pack.experiment.sample_data import prepare_sample_data
     from megatron_pack.training.cli import parse_args
 

@@ -79,16 +79,19 @@ def test_uniform_attention_gives_earlier_over_visible_exactly():
     assert np.abs(other.leak[0] - want_leak).max() > 1e-3
 
 
-def test_only_analysed_layers_are_materialised_and_config_restored():
+def test_only_analysed_layers_are_materialised_and_attention_restored():
     model = tiny_llama(uniform=False)
     seen = []
-    before = [layer.self_attn.config._attn_implementation for layer in model.model.layers]
     p = assemble(docs([4, 6]), SEP)
-    with capture_attention(model, [1], lambda li, w: seen.append((li, tuple(w.shape)))), torch.no_grad():
-        assert model.model.layers[0].self_attn.config._attn_implementation == "sdpa"
-        forward_nll(model, p, document_mask=False)
-    assert seen == [(0, (4, 10, 10))]
-    assert [layer.self_attn.config._attn_implementation for layer in model.model.layers] == before
+    with torch.no_grad():
+        before = forward_nll(model, p, document_mask=False)
+        with capture_attention(model, [1], lambda li, w: seen.append((li, tuple(w.shape)))):
+            inside = forward_nll(model, p, document_mask=False)
+        after = forward_nll(model, p, document_mask=False)
+    assert seen == [(0, (4, 10, 10))]  # layer 1 alone handed its probabilities over
+    assert model.config._attn_implementation == "sdpa"  # the loaded attention is back
+    torch.testing.assert_close(inside, before)  # eager in layer 1 computes what sdpa does
+    assert torch.equal(after, before)
 
 
 def test_contamination_is_zero_with_the_mask_and_not_without():

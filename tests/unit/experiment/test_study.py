@@ -1,22 +1,18 @@
-"""benchmarks/bench_real_model_seeds.py and the seed-aware report of the real-model study: per
+"""The study's seed aggregation (megatron_pack.experiment.study_seeds) and its report: per
 setting mean / min / max / std over seeds (std as ``statistics.stdev``), speedups computed
 inside each seed, verdicts "exceeds seed spread" only when the seed ranges do not overlap, and a
 pre-seed ``study.json`` moved to its seed's file. Synthetic per-seed records, no model."""
 
 import json
-import os
 import re
 import statistics
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import bench_real_model_report as R  # noqa: E402
-import bench_real_model_seeds as S  # noqa: E402
-import bench_real_model_study as B  # noqa: E402
+from megatron_pack.experiment import study as B
+from megatron_pack.experiment import study_report as R
+from megatron_pack.experiment import study_seeds as S
 
 BUCKETS = ["0", "1", "2-7", ">=128"]
 
@@ -146,6 +142,7 @@ def test_legacy_state_moves_to_its_seed_file(tmp_path):
 def test_report_cli_refuses_a_directory_without_seed_files(tmp_path):
     import subprocess
 
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_real_model_report.py"), str(tmp_path)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    p = subprocess.run([sys.executable, "-m", "megatron_pack.experiment", "--report-only", "--output-dir",
+                        str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and f"{tmp_path}: no study_seed*.json" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -1,23 +1,20 @@
-"""Tables and figures of ``bench_real_model_study.py`` from every seed's ``study_seed{S}.json``
-(re-runnable alone: ``python benchmarks/bench_real_model_report.py OUT``): the all-seed summary
-(``bench_real_model_seeds.aggregate``) goes to ``OUT/study.json``, the tables to study.md; figures
-are the mean over seeds with min-max error bars, each seed a dot."""
+"""Tables and figures of the study (:mod:`.study`) from every seed's ``study_seed{S}.json``
+(re-runnable alone: ``python -m megatron_pack.experiment --report-only --output-dir OUT``): the
+all-seed summary (:func:`.study_seeds.aggregate`) goes to ``OUT/study.json``, the tables to
+study.md; figures are the mean over seeds with min-max error bars, each seed a dot."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from megatron_pack.experiment.settings import LEAKAGE_PAIR, setting_names
+from megatron_pack.experiment.speedup import speedup
+from megatron_pack.experiment.study_seeds import aggregate, load_seed_states
+from megatron_pack.experiment.tables import rows_table
+from megatron_pack.reporting import markdown_table
 
-from bench_real_model_seeds import aggregate, load_seed_states  # noqa: E402
-
-from megatron_pack.reporting import markdown_table  # noqa: E402
-
-ORDER = ("padding", "greedy", "greedy/nomask", "random", "random/nomask", "bfd", "bfd/nomask")
+#: Table order: padding, then each of the paper's modes with and without the mask.
+ORDER = tuple(setting_names())
 
 
 def _pct(x):
@@ -54,19 +51,18 @@ def label(agg: dict) -> str:
 
 
 def time_table(agg: dict) -> str:
-    heads = ["setting", "seeds", "sequences", "steps", "training time (s)", "speedup (within seed)",
-             "steps x median step (s)", "speedup (median)", "ideal", "real tokens/s"]
     pad = agg["settings"].get("padding")
-    cells = []
-    for name, e in ordered(agg):
-        m = e["metrics"]
-        ideal = pad["sequences"] / e["sequences"] if pad and e.get("sequences") else None
-        x = _sf("{:.2f}x")
-        cells.append([name, str(len(e["seeds"])), f"{e['sequences']:,}", str(e["steps"]),
-                      _s(m["wall_time"], _sf("{:.1f}")),
-                      _s(m["time_speedup"], x), _s(m["median_time"], _sf("{:.1f}")), _s(m["median_speedup"], x),
-                      _f(ideal, "{:.2f}x"), _s(m["tokens_per_s"], _sf("{:.0f}"))])
-    return markdown_table(heads, cells)
+    x = _sf("{:.2f}x")
+    m = lambda key, fmt: lambda ne: _s(ne[1]["metrics"][key], fmt)  # noqa: E731
+    ideal = lambda ne: _f(speedup(pad["sequences"], ne[1].get("sequences"), None) if pad else None,  # noqa: E731
+                          "{:.2f}x")
+    columns = [("setting", lambda ne: ne[0]), ("seeds", lambda ne: str(len(ne[1]["seeds"]))),
+               ("sequences", lambda ne: f"{ne[1]['sequences']:,}"), ("steps", lambda ne: str(ne[1]["steps"])),
+               ("training time (s)", m("wall_time", _sf("{:.1f}"))), ("speedup (within seed)", m("time_speedup", x)),
+               ("steps x median step (s)", m("median_time", _sf("{:.1f}"))),
+               ("speedup (median)", m("median_speedup", x)), ("ideal", ideal),
+               ("real tokens/s", m("tokens_per_s", _sf("{:.0f}")))]
+    return rows_table(ordered(agg), columns)
 
 
 def speedup_by_seed_table(agg: dict) -> str:
@@ -109,10 +105,10 @@ def leakage_models(agg: dict) -> list:
     out = []
     if (agg.get("base") or {}).get("leakage"):
         out.append(("base", "-", agg["base"]["leakage"]))
-    for name in ("greedy/nomask", "greedy"):
+    for name in LEAKAGE_PAIR:
         e = agg["settings"].get(name)
         if e and e.get("leakage"):
-            tag = f"fine-tuned {name}" + (" (mask)" if name == "greedy" else "")
+            tag = f"fine-tuned {name}" + ("" if name.endswith("/nomask") else " (mask)")
             out.append((tag, str(len(e["seeds"])), e["leakage"]))
     return out
 
@@ -286,14 +282,3 @@ def write_report(states: dict, out: str) -> str:
 def report_dir(out: str) -> str:
     return write_report(load_seed_states(out), out)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: bench_real_model_report.py OUT (the study's --output-dir)", file=sys.stderr)
-        sys.exit(2)
-    target = sys.argv[1]
-    target = os.path.dirname(os.path.abspath(target)) if target.endswith(".json") else target
-    if not load_seed_states(target):
-        print(f"error: {target}: no study_seed*.json (run bench_real_model_study.py first)", file=sys.stderr)
-        sys.exit(2)
-    print(report_dir(target))

@@ -1,4 +1,4 @@
-"""Across-seed aggregation for ``bench_real_model_study.py``: each ``study_seed{S}.json`` is one
+"""Across-seed aggregation for the study (:mod:`.study`): each ``study_seed{S}.json`` is one
 training seed's table; this module reduces them to per-setting mean / min / max / std and says,
 for the comparisons the study is about, whether a difference is larger than the seed spread.
 
@@ -13,6 +13,9 @@ import math
 import os
 import re
 
+from megatron_pack.experiment.settings import LEAKAGE_PAIR, quality_pairs, setting_names
+from megatron_pack.experiment.speedup import add_speedups
+
 #: per-setting scalars aggregated over seeds (row key path -> name in the aggregate)
 METRICS = {
     "valid_loss": ("valid_loss",), "heldout_loss_hf": ("heldout_loss_hf",),
@@ -26,9 +29,7 @@ LEAK_METRICS = ("leak_d0", "leak_d1", "leak_d128+", "sink_d0", "sink_d128+", "al
                 "contamination_mean", "contamination_mean_abs", "contamination_se", "contamination_removed",
                 "contamination_doubled")
 #: (a, b) pairs compared on quality: every setting against padding, and no-mask against mask per mode
-PACKED = ("greedy", "greedy/nomask", "bfd", "bfd/nomask", "random", "random/nomask")
-QUALITY_PAIRS = [(s, "padding") for s in PACKED] + [
-    ("greedy/nomask", "greedy"), ("bfd/nomask", "bfd"), ("random/nomask", "random")]
+QUALITY_PAIRS = quality_pairs(setting_names())
 
 
 def load_seed_states(out: str) -> dict[int, dict]:
@@ -62,11 +63,9 @@ def _get(row: dict, path: tuple):
 def _with_speedups(state: dict) -> dict:
     """Rows with speedups over padding computed inside the seed (same machine load), if padding ran."""
     rows = {k: dict(v) for k, v in state.get("rows", {}).items()}
-    b = rows.get("padding")
-    for r in rows.values():
-        if b:
-            r["time_speedup"] = b["wall_time"] / r["wall_time"] if r.get("wall_time") else None
-            r["median_speedup"] = b["median_time"] / r["median_time"] if r.get("median_time") else None
+    if "padding" in rows:
+        add_speedups(list(rows.values()), rows["padding"],
+                     {"time_speedup": "wall_time", "median_speedup": "median_time"}, missing=None)
     return rows
 
 
@@ -134,7 +133,7 @@ def aggregate(states: dict[int, dict]) -> dict:
             for m in ("heldout_loss_hf", "qa_contained"):
                 comparisons.append(_compare(a, b, m, settings[a]["metrics"][m], settings[b]["metrics"][m]))
     base_leak = _leakage([base["leakage"]]) if base and base.get("leakage") else {}
-    for name in ("greedy/nomask", "greedy"):
+    for name in LEAKAGE_PAIR:
         lk = settings.get(name, {}).get("leakage", {})
         for arr, agg in lk.items():
             for m in ("leak_d0", "leak_d128+", "contamination_mean"):
@@ -144,11 +143,12 @@ def aggregate(states: dict[int, dict]) -> dict:
         if "file order" in lk and "shuffled" in lk:
             comparisons.append(_compare(f"{name} [file order]", f"{name} [shuffled]", "contamination_mean",
                                         lk["file order"]["contamination_mean"], lk["shuffled"]["contamination_mean"]))
-    if "greedy/nomask" in settings and "greedy" in settings:
-        a, b = settings["greedy/nomask"].get("leakage", {}), settings["greedy"].get("leakage", {})
+    nomask, mask = LEAKAGE_PAIR
+    if nomask in settings and mask in settings:
+        a, b = settings[nomask].get("leakage", {}), settings[mask].get("leakage", {})
         for m in ("leak_d0", "contamination_mean"):
             if "shuffled" in a and "shuffled" in b:
-                comparisons.append(_compare("greedy/nomask [shuffled]", "greedy [shuffled]", m,
+                comparisons.append(_compare(f"{nomask} [shuffled]", f"{mask} [shuffled]", m,
                                             a["shuffled"][m], b["shuffled"][m]))
     config = {k: v for k, v in first.get("config", {}).items() if k not in ("seed", "max_minutes")}
     return {"seeds": list(states), "per_seed_files": [f"study_seed{s}.json" for s in states],

@@ -1,0 +1,44 @@
+"""Megatron-Core private names this package touches, in one place, each checked against the
+release it was written for (0.16).
+
+* :func:`in_process_write_results`: Megatron-Core's torch_dist writer collects each save's write
+  results in a queue of a *spawned* ``multiprocessing.Manager``
+  (``dist_checkpointing/strategies/filesystem_async._get_write_results_queue``), created at the
+  first save and kept for the life of the process: a server process (~270 MB) and the resource
+  tracker the spawn starts. Neither watches the trainer: SIGKILL it (an OOM kill, a scheduler's
+  kill after its grace period) and both live on, indefinitely. Our saves are synchronous
+  (``AsyncRequest.execute_sync``: the writer puts its results and the strategy takes them in this
+  same process), so a plain thread-safe ``queue.Queue`` does the Manager's job and nothing is
+  spawned. The forked per-bucket writers are covered by
+  :func:`megatron_pack.checkpoint.integrity.children_die_with_parent`.
+"""
+
+from __future__ import annotations
+
+import queue
+
+TESTED = "0.16"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # noqa: BLE001 - metadata missing (a source checkout): say so in the error
+        return "unknown"
+
+
+def in_process_write_results() -> None:
+    """Give Megatron-Core's writer an in-process results queue instead of a spawned Manager's
+    (synchronous saves only). Idempotent; a no-op where a release has no Manager queue; raises
+    ``RuntimeError`` naming the release where its layout is not the one this was written for."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if not hasattr(fa, "_get_write_results_queue"):
+        return  # no Manager queue in this release
+    if not hasattr(fa, "_results_queue"):
+        raise RuntimeError(f"megatron-core {_version()}: filesystem_async._get_write_results_queue no longer caches "
+                           f"_results_queue (written for {TESTED}); update megatron_pack/checkpoint/mcore_shim.py")
+    if fa._results_queue is None:
+        fa._results_queue = queue.Queue()
