@@ -13,7 +13,7 @@
 # Runs exactly:
 #   torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
 #       "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" \
-#       "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
+#       "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${AUDIT_ARGS[@]}" "$@"
 #   DRY_RUN=1 bash examples/run_llama3_70b_32k_cp.sh   plans it instead (memory per GPU with the
 #   CP options and the smallest CP that fits, K/V exchange time); DATA_PATH optional.
 # Knobs and flag arrays live in examples/lib/packed_sft.sh, shared with the other Llama-3 scripts.

@@ -10,7 +10,7 @@
 # Runs exactly:
 #   torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
 #       "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" \
-#       "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
+#       "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${AUDIT_ARGS[@]}" "$@"
 # (extra flags after the script name are passed through; --help lists them all).
 #   DRY_RUN=1 bash examples/run_llama3_8b_packed.sh   runs tools/plan_parallel.py with the same
 #   settings instead (memory per GPU, step/epoch time per packing mode; DATA_PATH optional).

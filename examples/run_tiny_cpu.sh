@@ -3,11 +3,12 @@
 #
 #   bash examples/run_tiny_cpu.sh
 #   PACK_MODE=greedy DOCUMENT_MASK=0 TRAIN_ITERS=50 bash examples/run_tiny_cpu.sh
+#   CHECK_ISOLATION=only PP=2 bash examples/run_tiny_cpu.sh      # prove isolation on this layout, no training
 #
 # Runs exactly:
 #   torchrun --nproc-per-node 2 -m megatron_pack.train \
 #       "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" \
-#       "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
+#       "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${AUDIT_ARGS[@]}"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-20}
 LR=${LR:-2e-3}
 TP=${TP:-1}
 PP=${PP:-1}
+CHECK_ISOLATION=${CHECK_ISOLATION:-0}      # 1 = error (exit 1 on a leak) | warn | only (audit, no training)
 
 mkdir -p "$WORKDIR"
 DATA_PREFIX="$WORKDIR/data/sample"
@@ -38,7 +40,9 @@ TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOB
                --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr 0 --lr-decay-style cosine
                --lr-warmup-fraction 0.1 --clip-grad 1.0 --log-interval 1 --eval-interval 10)
 CHECKPOINT_ARGS=(--save "$WORKDIR/checkpoints" --load "$WORKDIR/checkpoints" --save-interval 10)
+AUDIT_ARGS=()
+case "$CHECK_ISOLATION" in 0) ;; 1) AUDIT_ARGS=(--check-isolation error) ;; *) AUDIT_ARGS=(--check-isolation "$CHECK_ISOLATION") ;; esac
 
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --nproc-per-node "$NPROC" -m megatron_pack.train \
     "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" \
-    "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
+    "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${AUDIT_ARGS[@]}"

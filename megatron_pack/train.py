@@ -8,7 +8,8 @@ Launch with torchrun (one process per GPU; on CPU, gloo)::
         --save ckpt --load ckpt
 
 ``--help`` lists every flag (generated from :mod:`megatron_pack.config.spec`).
-Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss,
+Exit status: 0 when done or stopped by SIGTERM after saving, 1 on a non-finite loss or a leak
+found by ``--check-isolation error|only``,
 2 on a bad command line, missing input or a refused input (dataset, checkpoint, --save in use). The
 command line, the batch arithmetic and the dataset's files are checked before Megatron-Core (or
 torch) is imported: a wrong invocation answers in well under a second, on one line.
@@ -52,13 +53,14 @@ def main(argv=None) -> int:
     from megatron_pack.checkpoint.dist import CheckpointSaveError
     from megatron_pack.checkpoint.layout import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
+    from megatron_pack.training.isolation import IsolationLeakError
     from megatron_pack.training.loop import NonFiniteLossError, train
 
     try:
         train(config)
     except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
         return refusal(PROG, str(e))
-    except (NonFiniteLossError, CheckpointSaveError) as e:  # it ran and failed (README: exit 1)
+    except (NonFiniteLossError, CheckpointSaveError, IsolationLeakError) as e:  # it ran and failed (README: exit 1)
         return refusal("", str(e), status=1)
     return 0
 

@@ -31,6 +31,8 @@ MIN_LR=${MIN_LR:-0}
 WARMUP_RATIO=${WARMUP_RATIO:-0.2}
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 
+CHECK_ISOLATION=${CHECK_ISOLATION:-0}       # 1 = error: prove packed documents isolated on this layout before the
+                                            # first step, exit 1 on a leak; warn: report, train; only: audit, no training
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}   # seconds torchrun waits on SIGTERM for the workers' save before SIGKILL
 
 DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
@@ -52,6 +54,8 @@ TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOB
                --adam-beta1 0.9 --adam-beta2 0.95)
 CHECKPOINT_ARGS=(--save "$CHECKPOINT_DIR" --load "$LOAD_DIR" --save-interval "$SAVE_INTERVAL")
 LOGGING_ARGS=(--log-interval 1 --tensorboard-dir "$TENSORBOARD_DIR")
+AUDIT_ARGS=()                               # not passed to the planner (DRY_RUN)
+case "$CHECK_ISOLATION" in 0) ;; 1) AUDIT_ARGS=(--check-isolation error) ;; *) AUDIT_ARGS=(--check-isolation "$CHECK_ISOLATION") ;; esac
 
 # ---- DRY_RUN=1: validate the layout and cost the run (memory per GPU, step and epoch time
 # per packing mode) with exactly these settings; exit 0 fits, 1 does not fit, 2 illegal layout.
@@ -68,4 +72,4 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1        # sequence-parallel comm/compute ove
 
 torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_pack.train "${MODEL_ARGS[@]}" \
     "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}" \
-    "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
+    "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${AUDIT_ARGS[@]}" "$@"

@@ -23,7 +23,7 @@ export MASTER_ADDR MASTER_PORT
 PACKED_SFT_ARRAYS_ONLY=1
 source examples/lib/packed_sft.sh
 TRAIN_ARGS=("${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PACKING_ARGS[@]}" "${TRAINING_ARGS[@]}"
-            "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@")
+            "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${AUDIT_ARGS[@]}" "$@")
 
 case "$LAUNCHER" in
     srun)

@@ -329,6 +329,13 @@ class TrainArgs:
                                                 "micro-batches so their compute (linear + attention FLOPs) is even; "
                                                 "the same sequences per step, so the same loss; evaluation batches "
                                                 "are placed the same way. Default: on when DP > 1 or PP > 1.")
+    check_isolation: Optional[str] = arg(None, "Before the first step, prove on this run's own layout, weights, "
+                                               "kernels and packed rows that documents do not see each other "
+                                               "(perturbation, backward and reference checks; the pipeline stage "
+                                               "and layer of a leak; report beside --save / --log-file). error: "
+                                               "exit 1 on a leak; warn: report and train; only: report and exit "
+                                               "(0 isolated, 1 leak). Changes nothing of the run.",
+                                         choices=("error", "warn", "only"))
 
     def __post_init__(self):
         need(self.micro_batch_size >= 1, "--micro-batch-size", f"must be >= 1, got {self.micro_batch_size}")

@@ -106,7 +106,7 @@ class Trainer:
 
         config, st, t, ds = self.config, self.st, self.config.train, self.ds
         self.vocab = resolve_vocab_size(config, self.preset)
-        self.model, self.optimizer, tcfg, use_dist_opt = setup_model_and_optimizer(config, self.preset, self.vocab,
+        self.model, self.optimizer, self.tcfg, use_dist_opt = setup_model_and_optimizer(config, self.preset, self.vocab,
                                                                                    self.bf16, self.use_cuda)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_iters,
                                          override=config.checkpoint.override_opt_param_scheduler,
@@ -117,7 +117,7 @@ class Trainer:
                   f"{'up to ' if hasattr(ds.train, 'num_steps') else ''}{self.sizes.num_microbatches} micro-batches "
                   f"of {t.micro_batch_size} x {ds.train.padded_length} tokens per rank and step")
         # ends with the one 'fusions:'
-        log.print(f"> backends: {describe_backends(tcfg, config.model.backend, config.optim.optimizer)}")
+        log.print(f"> backends: {describe_backends(self.tcfg, config.model.backend, config.optim.optimizer)}")
         path = config.data.train_path
         path = path if isinstance(path, str) else " ".join(path)  # a blend's tokens
         log.print(f"> data {path}: {ds.num_train_conversations} train / {ds.num_valid_conversations} "
@@ -185,7 +185,11 @@ class Trainer:
                    if ck.exit_interval else self.total_iters)
         with self.exits:
             handler = self.exits.enter_context(SignalHandler()) if ck.exit_signal_handler else None
-            history, exit_reason, last_ckpt = self._loop(stop_at, handler)
+            isolation = self._check_isolation()
+            if isolation is not None and self.config.train.check_isolation == "only":
+                history, exit_reason, last_ckpt = [], "isolation_only", None
+            else:
+                history, exit_reason, last_ckpt = self._loop(stop_at, handler)
             valid_loss = valid_tokens = None
             if exit_reason == "completed" and self.iteration < self.total_iters:
                 exit_reason = "exit_interval"
@@ -194,7 +198,19 @@ class Trainer:
         return _results(history, iteration=self.iteration, train_iters=self.total_iters, exit_reason=exit_reason,
                         valid_loss=valid_loss, valid_tokens=valid_tokens, num_train_sequences=len(self.ds.train),
                         checkpoint=last_ckpt, data_position=self.stream.pos.state_dict(),
-                        world_size=self.st.world_size)
+                        world_size=self.st.world_size, isolation=isolation)
+
+    def _check_isolation(self):
+        """``--check-isolation``: before the first step, on exactly what the steps will run."""
+        if not self.config.train.check_isolation:
+            return None
+        from megatron_pack.model.spec import describe as describe_backends
+        from megatron_pack.training.isolation import check_isolation
+
+        config = self.config
+        backends = "; ".join(describe_backends(self.tcfg, config.model.backend).split("; ")[:2])
+        return check_isolation(config, self.st, self.model, self.optimizer, self.tcfg, self.ctx, self.ds.train,
+                               self.vocab, self.bf16, self.log, backends)
 
     def _loop(self, stop_at: int, handler) -> tuple[list, str, str | None]:
         """Steps until ``stop_at`` or a SIGTERM; ``(history, exit reason, last checkpoint)``."""

@@ -31,8 +31,8 @@ def rank_env(rank: int, nprocs: int, port: int, **extra) -> dict:
                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **extra)
 
 
-def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) -> list[dict]:
-    """Run ``_worker.py args`` on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
+def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0, worker: Path = WORKER) -> list[dict]:
+    """Run ``worker args`` (default ``_worker.py``) on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -44,7 +44,7 @@ def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0) 
                 env.pop(var)
         log = open(out_dir / f"rank{rank}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--out", str(out_dir), *args],
+        procs.append(subprocess.Popen([sys.executable, str(worker), "--out", str(out_dir), *args],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     failed = None

@@ -84,6 +84,8 @@ BAD = [
     ("train", ["--data-path", "x", "--train-iters", "2", "--micro-batch-size", "3"], "--global-batch-size"),
     ("train", ["--data-path", "x", "--train-iters", "2", "--wandb-exp-name", "e"],
      "--wandb-exp-name: needs --wandb-project"),
+    ("train", ["--data-path", "x", "--train-iters", "2", "--check-isolation", "strict"],
+     "--check-isolation: invalid choice"),
     ("demo", ["--modes", "padding", "bdf"], "unknown packing mode 'bdf'"),
     ("demo", ["--mdoes", "bfd"], "did you mean --modes?"),
     ("pack_report", ["--lengths", "x.npy", "--max-seq-lenght", "8"], "did you mean --max-seq-length?"),

@@ -86,6 +86,21 @@ def test_srun_line_runs_the_plain_scripts_flags(script, stubs):
     assert other[other.index("megatron_pack.train") + 1:] != plain
 
 
+def test_check_isolation_knob_reaches_both_launchers(stubs):
+    """CHECK_ISOLATION=1 adds --check-isolation error to the srun and the torchrun line alike
+    (never to the planner's DRY_RUN, which has no such flag); 0, the default, adds nothing."""
+    env, _ = stubs
+    script = SBATCH[0]
+    for knob, want in (("1", ["--check-isolation", "error"]), ("only", ["--check-isolation", "only"]), ("0", [])):
+        line = _printed_line(os.path.join(ROOT, script), {**env, "CHECK_ISOLATION": knob})
+        _, plain = _plain_flags(script, {**env, "CHECK_ISOLATION": knob})
+        flags = line[line.index("megatron_pack.train") + 1:]
+        assert flags == plain
+        got = flags[flags.index("--check-isolation"):flags.index("--check-isolation") + 2] \
+            if "--check-isolation" in flags else []
+        assert got == want, (knob, flags)
+
+
 def test_blend_in_data_path_reaches_both_launchers(stubs):
     env, _ = stubs
     env = {**env, "DATA_PATH": "0.7 /data/a 0.3 /data/b"}
