@@ -163,7 +163,7 @@ def planner_part() -> list:
 
     warnings.filterwarnings("ignore")
     import megatron_pack.planning.params as params_mod
-    from megatron_pack.planning.plan import make_plan, plan_config
+    from megatron_pack.planning.cluster_plan import make_plan, plan_config
 
     built, count = {}, params_mod.count_parameters
 

@@ -1,8 +1,8 @@
 // Packing engine: the hot loops of sequence planning, nothing else.
 //
 // Every function takes item lengths (already cut to <= capacity by the over-long policy,
-// all >= 1) and returns flat numpy arrays; megatron_pack/data/packing.py turns them into a
-// plan and megatron_pack/data/packing_reference.py holds the readable twin of each loop.
+// all >= 1) and returns flat numpy arrays; megatron_pack/packing/plan.py turns them into a
+// plan and megatron_pack/packing/reference.py holds the readable twin of each loop.
 // The two must agree exactly, so the tie-break rules below are part of the contract:
 //   * "sort by length descending" means ties in ascending item index (a stable sort);
 //   * best fit takes the bin with the smallest remaining capacity >= length, ties to the
@@ -327,11 +327,11 @@ py::tuple pack_random(const Lengths& lengths, i64 capacity, u64 seed) {
                           to_numpy(std::move(offsets)), num_split);
 }
 
-// The split_turns over-long policy: cut each conversation at turn starts, taking as many
+// The cut-at-turns over-long policy: cut each conversation at turn starts, taking as many
 // whole turns per item as fit; a turn longer than capacity is cut every capacity tokens.
 // Conversation k has turn starts values[offsets[k]:offsets[k+1]]. Returns per item the
 // conversation (index into lengths), start, end, and the number of cuts inside a turn.
-py::tuple split_turns(const Lengths& lengths, const Lengths& turn_offsets, const Lengths& turn_values,
+py::tuple cut_at_turns(const Lengths& lengths, const Lengths& turn_offsets, const Lengths& turn_values,
                       i64 capacity) {
     if (capacity < 1) throw std::invalid_argument("max_seq_length must be >= 1");
     i64 n = lengths.shape(0);
@@ -455,7 +455,7 @@ PYBIND11_MODULE(_packing, m) {
           "Returns (order, seq_offsets, group_seq_offsets).");
     m.def("pack_random", &pack_random, py::arg("lengths"), py::arg("capacity"), py::arg("seed"),
           "Shuffle, concatenate, cut every capacity tokens. Returns (item, lo, hi, seq_offsets, num_split_items).");
-    m.def("split_turns", &split_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),
+    m.def("cut_at_turns", &cut_at_turns, py::arg("lengths"), py::arg("turn_offsets"), py::arg("turn_values"),
           py::arg("capacity"),
           "Cut over-long conversations at turn starts. Returns (owner, start, end, num_in_turn_cuts).");
     m.def("blend_schedule_sizes", &blend_schedule<i64, __int128>, py::arg("sizes"), py::arg("n"),

@@ -94,7 +94,7 @@ RESULT_NOTES = (
 
 
 def format_results(rows: list[dict]) -> str:
-    """The results table; a disturbed speedup (:func:`~megatron_pack.experiment.timing.mark_disturbed`)
+    """The results table; a disturbed speedup (:func:`~megatron_pack.experiment.timing_rounds.mark_disturbed`)
     is printed with the word beside it, so it cannot be read as a result."""
     from megatron_pack.experiment.tables import rows_table
 
@@ -165,14 +165,14 @@ def run_demo(args) -> list[dict]:
     comparison = run_comparison(base, settings, os.path.join(args.output_dir, "comparison"), evals_per_run=2)
     rounds = {}
     if args.timing_rounds:
-        from megatron_pack.experiment.timing import interleaved_step_seconds
+        from megatron_pack.experiment.timing_rounds import interleaved_step_seconds
 
         print(f"\n> timing: {args.timing_rounds} rounds of {args.timing_steps} steps per mode, the modes in turn "
               "(load on the cores hits every mode alike; each mode's best median counts)", flush=True)
         rounds = interleaved_step_seconds(base, settings, args.timing_rounds, args.timing_steps)
     rows = [summarize_run(r, rounds.get(r["setting"])) for r in comparison["rows"]]
     add_speedups(rows)
-    from megatron_pack.experiment.timing import mark_disturbed
+    from megatron_pack.experiment.timing_rounds import mark_disturbed
 
     reasons = mark_disturbed(rows, spread={r["mode"]: [r["run_step_s"], *r["round_step_s"]] for r in rows})
     table = format_results(rows)

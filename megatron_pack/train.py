@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return refusal(PROG, str(e))  # once per job under torchrun
 
     from megatron_pack.checkpoint.dist import CheckpointSaveError
-    from megatron_pack.checkpoint.layout import CheckpointError
+    from megatron_pack.checkpoint.iterations import CheckpointError
     from megatron_pack.convert.hf_config import ConversionError
     from megatron_pack.training.isolation import IsolationLeakError
     from megatron_pack.training.loop import NonFiniteLossError, train

@@ -13,7 +13,8 @@
 #  2. tests/gpu (pytest, JUnit XML; the flex_attention tests, which compile, in a second run);
 #  3. benchmarks/gpu_check.py: the bf16 matmul rate, packed (varlen, flex, flash, TE, per-document
 #     SDPA) vs padded attention fwd+bwd at ~45% padding, train() steps of the tiny model;
-#  4. (isolation audit on the 1B shape: the lead wires `train --check-isolation` in here);
+#  4. train --check-isolation only on the 1B shape: packed documents must not see each other
+#     (its verdict is a line of the report's notes; a leak makes the exit status 1);
 #  5. benchmarks/bench_train_vs_hf.py at the 1B shape (Llama-3.2-1B's): megatron_pack bfd /
 #     padding / greedy through train() against transformers' Trainer (SDPA, or flash-attn 2
 #     where installed; TRL only where installed) on the same conversations: real tokens/s, MFU,
@@ -22,7 +23,8 @@
 #     train_vs_hf.{md,json} and logs.tar.gz (every log) in GPU_CHECK_OUT: at most 7 files.
 #
 # Without a GPU it installs (step 1), writes the "no GPU: skipped" report and exits 0.
-# Exit status: 0 when everything that ran passed, 1 when a GPU test or benchmark failed.
+# Exit status: 0 when everything that ran passed, 1 when a GPU test or benchmark failed or the audit
+# found a leak.
 # Knobs: GPU_CHECK_OUT (report folder, default outputs/gpu_check), GPU_BUNDLE (default .gpu_bundle),
 #        GPU_CHECK_SITE (install target, default a fresh /tmp folder), PYTHON (default python3),
 #        BUDGET_S, GPU_CHECK_ARGS / VS_HF_ARGS (extra flags of steps 3 / 5).
@@ -174,8 +176,38 @@ tail -n 5 "$WORK/measure.log"
 snapshot
 
 # ---- 4. isolation audit on the 1B shape -------------------------------------------------------
-# (the lead wires `train --check-isolation` in here: timeout "$(cap 60)", log under $WORK, and a
-#  `note` line with its verdict)
+# train --check-isolation only on Llama-3.2-1B's shape (random init, bf16, the kernels the spec
+# picks here): packed documents must not see each other; its report goes to the log archive.
+ISO=$WORK/isolation
+mkdir -p "$ISO"
+cat > "$ISO/llama-1b.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+ "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16, "vocab_size": 128256,
+ "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": true,
+ "hidden_act": "silu", "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+ "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+JSON
+t=$(cap 90)
+echo "gpu_check: train --check-isolation only at the 1B shape (at most $t s)"
+iso_rc=0
+if "$PYTHON" -c "import sys; from megatron_pack.demo import prepare_data; print(prepare_data(sys.argv[1]))" \
+        "$ISO/data" > "$ISO/data.log" 2>&1; then
+    timeout "$t" "$PYTHON" -m megatron_pack.train --data-path "$ISO/data/sample" --model "$ISO/llama-1b.json" \
+        --vocab-size 128256 --seq-length 2048 --micro-batch-size 2 --global-batch-size 2 --train-iters 1 \
+        --valid-fraction 0 --bf16 --check-isolation only --log-file "$ISO/log.jsonl" > "$ISO/isolation.log" 2>&1
+    iso_rc=$?
+    case $iso_rc in
+        0) note "isolation audit (1B shape): $(grep -m1 '^> isolation:' "$ISO/isolation.log" || echo isolated)";;
+        1) note "isolation audit (1B shape): LEAK: $(grep -m1 -i 'isolation' "$ISO/isolation.log" | tail -c 300)";;
+        124) note "isolation audit stopped after $t s (time budget)"; iso_rc=0;;
+        *) note "isolation audit failed to run (exit $iso_rc): see isolation/isolation.log";;
+    esac
+else
+    note "isolation audit not run: the sample data could not be prepared (isolation/data.log)"
+fi
+grep -A8 '^> isolation audit' "$ISO/isolation.log" | head -12
+rm -rf "$ISO/data"
+snapshot
 
 # ---- 5. the same model and data through transformers -----------------------------------------
 t=$(cap 400)
@@ -196,5 +228,6 @@ fi
 # ---- 6. report -------------------------------------------------------------------------------
 report
 rc=$?
+[ "$iso_rc" != 0 ] && rc=1
 echo "gpu_check: report in $OUT_DIR ($(ls "$OUT_DIR" | wc -l) files, $(( $(date +%s) - START )) s)"
 exit $rc

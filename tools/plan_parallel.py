@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     the same field objects as the training CLI's flags (:func:`megatron_pack.config.cli.add_spec_flags`)."""
     from megatron_pack.config.cli import add_dataclass_flags, add_spec_flags
     from megatron_pack.frontdoor import FrontDoorParser
-    from megatron_pack.planning.plan import ACCEPTED, MODELLED, PLANNER_DEFAULTS, ClusterArgs
+    from megatron_pack.planning.cluster_plan import ACCEPTED, MODELLED, PLANNER_DEFAULTS, ClusterArgs
 
     # exact flag names only (FrontDoorParser): a training flag must never be taken as an abbreviation of ours
     p = FrontDoorParser(prog=PROG, description=__doc__)
@@ -56,7 +56,7 @@ def plan_config(args, unknown: list):
     import dataclasses
 
     from megatron_pack.config.cli import build_spec
-    from megatron_pack.planning.plan import ClusterArgs, PlanConfig
+    from megatron_pack.planning.cluster_plan import ClusterArgs, PlanConfig
 
     values = vars(args)
     cluster = ClusterArgs(**{f.name: values[f.name] for f in dataclasses.fields(ClusterArgs)})
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     unknown = split_unknown(parser, unknown)
 
     from megatron_pack.config.spec import ConfigError, LayoutError
-    from megatron_pack.planning.plan import CannotRunError, make_plan, validate_layout
+    from megatron_pack.planning.cluster_plan import CannotRunError, make_plan, validate_layout
 
     try:
         # cheap checks first: the spec's values, the layout rules and the files answer before any

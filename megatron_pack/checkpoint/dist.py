@@ -13,7 +13,7 @@ Every rank writes into ``iter_N.tmp``; rank 0 renames it to ``iter_N`` and then 
 the marker (temp file + rename), so a crash mid-save leaves the previous checkpoint as
 the latest one. Re-saving an existing ``iter_N`` moves the old one to ``iter_N.old`` first and
 deletes it only after the marker is written; a reader finding ``iter_N`` missing but
-``iter_N.old`` present puts it back (:func:`megatron_pack.checkpoint.layout.recover_iteration`),
+``iter_N.old`` present puts it back (:func:`megatron_pack.checkpoint.iterations.recover_iteration`),
 so the marker never points at nothing.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
-from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
+from megatron_pack.checkpoint.iterations import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
 from megatron_pack.checkpoint.mcore_shim import in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_pack.checkpoint.layout import CheckpointError
+from megatron_pack.checkpoint.iterations import CheckpointError
 
 
 def required_sizes(metadata) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
+from megatron_pack.checkpoint.iterations import CheckpointError, resolve_iteration_dir
 from megatron_pack.checkpoint.safe_metadata import SafeBytesMixin, read_dist_metadata, safe_load_strategies, safe_reader
 from megatron_pack.model import state_keys as K
 

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 
-from megatron_pack.checkpoint.layout import CheckpointError
+from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.files.atomic import write_json_atomic
 
 MANIFEST = "checksums.json"

@@ -32,7 +32,7 @@ import pickle
 
 import torch
 
-from megatron_pack.checkpoint.layout import CheckpointError
+from megatron_pack.checkpoint.iterations import CheckpointError
 
 _DCP = "torch.distributed.checkpoint"
 # Every global a torch_dist checkpoint written by Megatron-Core 0.16 / torch 2.x holds.

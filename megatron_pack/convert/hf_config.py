@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megatron_pack.checkpoint.layout import CheckpointError
+from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.model.architecture import ArchitectureError
 from megatron_pack.model.hf_architecture import (HF_ARCHITECTURES, architecture_from_hf_config,  # noqa: F401
                                                  hf_config_from_architecture, read_hf_config)

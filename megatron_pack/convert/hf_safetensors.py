@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from megatron_pack.checkpoint.layout import CheckpointError as ConversionError
+from megatron_pack.checkpoint.iterations import CheckpointError as ConversionError
 from megatron_pack.convert import mapping as M
 from megatron_pack.files.safetensors import (SafetensorsHeaderError, read_safetensors_header, release_memory,
                                              write_safetensors)

@@ -22,7 +22,7 @@ from megatron_pack.checkpoint import imported as C
 from megatron_pack.convert import mapping as M
 from megatron_pack.checkpoint.dist import saved_run_config
 from megatron_pack.checkpoint.dist_reader import DistCheckpointReader
-from megatron_pack.checkpoint.layout import resolve_iteration_dir
+from megatron_pack.checkpoint.iterations import resolve_iteration_dir
 from megatron_pack.convert.hf_config import (DTYPES, ConversionError, copy_tokenizer, hf_config_dict, parse_dtype,
                                          parse_size)
 from megatron_pack.convert.export_specials import (GENERATION_CONFIG, PROVENANCE_NAME, SOURCES, checkpoint_said,

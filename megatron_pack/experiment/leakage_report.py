@@ -87,7 +87,7 @@ def recorded_num_layers(path: str, model_preset: str | None = None) -> int | Non
     model is loaded; None when nothing records it (then it is checked after loading)."""
     import json
 
-    from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
+    from megatron_pack.checkpoint.iterations import CheckpointError, resolve_iteration_dir
     from megatron_pack.model.presets import get_preset
 
     def read(f):

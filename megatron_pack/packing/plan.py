@@ -44,7 +44,7 @@ OVERLONG_CHOICES = OVERLONG_POLICIES + tuple(DEPRECATED_OVERLONG)
 
 
 def overlong_policy(name: str) -> str:
-    """The canonical packing-time policy for ``name``; the retired spelling ``cut-at-turns``
+    """The canonical packing-time policy for ``name``; the retired spelling ``split_turns``
     still works, with a one-line deprecation note on stderr."""
     if name in DEPRECATED_OVERLONG:
         new = DEPRECATED_OVERLONG[name]
@@ -164,7 +164,7 @@ def apply_overlong(
         stats.truncated_tokens = int((lengths[over] - max_seq_length).sum())
         items = _whole_items(np.flatnonzero(lengths > 0), np.minimum(lengths, max_seq_length))
     else:
-        owner, start, end, inside = _engine(engine).split_turns(lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
+        owner, start, end, inside = _engine(engine).cut_at_turns(lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
         stats.turn_split_docs = int(over.size)
         stats.in_turn_cuts = int(inside)
         cut = np.stack([over[np.asarray(owner, dtype=np.int64)], np.asarray(start), np.asarray(end)], axis=1)

@@ -181,8 +181,8 @@ def _pieces_result(out: tuple, num_split: int):
     return (*(as64(x) for x in out), num_split)
 
 
-def split_turns(lengths, turn_offsets, turn_values, capacity: int):
-    """The ``split_turns`` over-long policy: per conversation, items of whole turns.
+def cut_at_turns(lengths, turn_offsets, turn_values, capacity: int):
+    """The ``cut-at-turns`` over-long policy: per conversation, items of whole turns.
 
     Conversation k (``lengths[k]`` tokens) has turn starts
     ``turn_values[turn_offsets[k]:turn_offsets[k + 1]]``. Each item takes as many whole

@@ -6,7 +6,7 @@ multiple of ``DP x micro-batch`` (empty rows cost the dense FLOPs of a padded ro
 
     step k seconds = (dense * R'_k + attention_k) * recompute / (GPUs * peak * MFU) * (1 + (PP-1)/M_k)
 
-Same FLOP formulas as :mod:`megatron_pack.planning.timing` (``CostModel``), summed per step.
+Same FLOP formulas as :mod:`megatron_pack.planning.step_time` (``CostModel``), summed per step.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
         if is_imported_checkpoint(ck.pretrained_checkpoint):
             start_from_import(ck.pretrained_checkpoint, model, optimizer, preset=preset, vocab_size=vocab_size)
         else:  # a megatron_pack training checkpoint: weights only, at any TP/PP
-            from megatron_pack.checkpoint.layout import resolve_iteration_dir
+            from megatron_pack.checkpoint.iterations import resolve_iteration_dir
 
             d = resolve_iteration_dir(ck.pretrained_checkpoint)
             rc = saved_run_config(d, required=is_dist_checkpoint(d))

@@ -15,7 +15,7 @@ def recorded_architecture(path: str):
     ``{"special_tokens": {...}, "generation_config": {...}}``, carried to the export."""
     from megatron_pack.checkpoint.dist import is_dist_checkpoint, saved_run_config
     from megatron_pack.checkpoint.imported import preset_from_metadata, read_import_metadata
-    from megatron_pack.checkpoint.layout import CheckpointError, resolve_iteration_dir
+    from megatron_pack.checkpoint.iterations import CheckpointError, resolve_iteration_dir
     from megatron_pack.model.presets import get_preset
 
     meta = read_import_metadata(path)

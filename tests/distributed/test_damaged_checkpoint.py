@@ -69,7 +69,7 @@ def test_truncated_shard_and_rng_file_refused_before_any_weight_is_read(saved):
     """The other two damages, checked where ``--load`` checks them (in-process: no model needed),
     with the intact checkpoint as the control."""
     from megatron_pack.checkpoint.dist_files import check_dist_files
-    from megatron_pack.checkpoint.layout import CheckpointError
+    from megatron_pack.checkpoint.iterations import CheckpointError
     from megatron_pack.checkpoint.safe_metadata import read_dist_metadata, safe_torch_load
 
     tmp, _, ck = saved

@@ -14,7 +14,7 @@ import torch
 
 from megatron_pack.checkpoint import dist as D
 from megatron_pack.checkpoint.integrity import SaveLock, verify_manifest, write_manifest
-from megatron_pack.checkpoint.layout import MARKER, CheckpointError, iter_dir, recover_iteration
+from megatron_pack.checkpoint.iterations import MARKER, CheckpointError, iter_dir, recover_iteration
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -117,7 +117,7 @@ def test_common_pt_and_rng_refused_even_with_force_no_weights_only(tmp_path):
     code = """
         import warnings, torch, torch.distributed.checkpoint as dcp
         from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
-        from megatron_pack.checkpoint.layout import CheckpointError
+        from megatron_pack.checkpoint.iterations import CheckpointError
         warnings.simplefilter('ignore')
         dcp.save({'w': torch.zeros(2)}, storage_writer=dcp.FileSystemWriter('.'), no_dist=True)
         for load in (lambda: safe_torch_load('common.pt'),  # RNG files, our own reads

@@ -15,7 +15,7 @@ from megatron_pack.config.spec import RunSpec
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 import plan_parallel  # noqa: E402
 
-from megatron_pack.planning.plan import ACCEPTED, MODELLED, PLANNER_DEFAULTS  # noqa: E402
+from megatron_pack.planning.cluster_plan import ACCEPTED, MODELLED, PLANNER_DEFAULTS  # noqa: E402
 
 KEYS = ("help", "type", "choices", "nargs", "metavar", "required")
 
@@ -79,7 +79,7 @@ def test_planner_experiment_and_training_plan_the_same_blend_with_cp_padding(tmp
     from megatron_pack.config.datasets import build_datasets
     from megatron_pack.experiment.compare import planned_run
     from megatron_pack.experiment.settings import Setting
-    from megatron_pack.planning.plan import make_plan, plan_config
+    from megatron_pack.planning.cluster_plan import make_plan, plan_config
 
     rng = np.random.default_rng(0)
     _write(tmp_path / "a", rng.integers(5, 120, 70).tolist(), 1)

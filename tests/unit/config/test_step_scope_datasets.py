@@ -21,7 +21,7 @@ def test_training_planner_and_experiment_build_the_same_step_rows(tmp_path):
     from megatron_pack.data.step_dataset import StepPackedDataset
     from megatron_pack.experiment.compare import planned_run
     from megatron_pack.experiment.settings import Setting
-    from megatron_pack.planning.plan import make_plan, plan_config
+    from megatron_pack.planning.cluster_plan import make_plan, plan_config
 
     prefix = _write(tmp_path / "d", np.random.default_rng(1).integers(5, 120, 60).tolist())
     flags = ["--data-path", prefix, "--model", "tiny", "--vocab-size", "256", "--seq-length", "128",

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from megatron_pack.checkpoint.layout import CheckpointError
+from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.files.safetensors import SafetensorsHeaderError, read_safetensors_header, write_safetensors
 
 from test_convert_mapping import write_hf_dir

@@ -38,7 +38,7 @@ def test_vocab_required_without_preset_vocab():
 
 def test_planner_timing_uses_the_cost_model():
     from megatron_pack.planning.catalogue import get_gpu
-    from megatron_pack.planning.timing import SequenceStats, TimingConfig, estimate
+    from megatron_pack.planning.step_time import SequenceStats, TimingConfig, estimate
 
     p = get_preset("llama3-8b")
     n = matmul_parameters(p, 128256)

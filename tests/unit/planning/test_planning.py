@@ -14,13 +14,13 @@ from megatron_pack.planning.catalogue import get_gpu
 from megatron_pack.planning.memory import GIB, MemoryConfig, layer_activation_bytes_per_token, state_bytes_per_param
 from megatron_pack.planning.params import count_parameters
 from megatron_pack.config.spec import ConfigError
-from megatron_pack.planning.plan import LayoutError, make_plan as _make_plan, plan_config, validate_layout
+from megatron_pack.planning.cluster_plan import LayoutError, make_plan as _make_plan, plan_config, validate_layout
 
 
 def make_plan(cfg, **kw) -> dict:
     return _make_plan(cfg, **kw).to_json()
 from megatron_pack.planning.render import render
-from megatron_pack.planning.timing import SequenceStats, TimingConfig, estimate
+from megatron_pack.planning.step_time import SequenceStats, TimingConfig, estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -292,7 +292,7 @@ def test_plan_without_dataset_uses_full_sequences():
 def test_new_presets_match_published_sizes(name, tp, exact):
     """Counted from the real Megatron-Core shards (Qwen2.5's q/k/v biases included), within 0.1%
     of the size each model card publishes; the exact figure pins the architecture."""
-    from megatron_pack.planning.plan import PUBLISHED_PARAMETERS
+    from megatron_pack.planning.cluster_plan import PUBLISHED_PARAMETERS
 
     p = count_parameters(PRESETS[name], tensor_model_parallel_size=tp, world_size=tp)
     assert p.total_unpadded == exact
@@ -354,7 +354,7 @@ def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
     assert "Compute imbalance over DP 4" in text
     assert any(line.replace(" ", "").startswith("|bfd*|4|") for line in text.splitlines())
 def test_context_parallel_kv_exchange_by_hand():
-    from megatron_pack.planning.context_parallel import exposed_seconds, kv_exchange
+    from megatron_pack.planning.cp_exchange import exposed_seconds, kv_exchange
 
     p, a800 = PRESETS["llama3-70b"], get_gpu("a800")
     x = kv_exchange(p, a800, tp=8, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64,

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_pack.files.indexed import SFTDatasetWriter
 from megatron_pack.packing.report import report
-from megatron_pack.planning.plan import make_plan, plan_config
+from megatron_pack.planning.cluster_plan import make_plan, plan_config
 from megatron_pack.planning.render import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

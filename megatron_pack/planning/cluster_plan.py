@@ -2,7 +2,7 @@
 
 ``make_plan(PlanConfig(...))`` returns the plan as a JSON-ready dict; ``render`` prints it.
 Parameters come from the real Megatron-Core model built per rank on the meta device
-(:mod:`.params`), memory from :mod:`.memory`, time from :mod:`.timing`; with a dataset every
+(:mod:`.params`), memory from :mod:`.memory`, time from :mod:`.step_time`; with a dataset every
 packing mode is planned on it and costed side by side (the shape of the training-time
 table of "Packing Analysis", arXiv 2410.08081, from our own plans).
 """
@@ -18,9 +18,9 @@ from megatron_pack.config.spec import LayoutError, RunSpec, arg, need, parse_mod
 from megatron_pack.model.presets import get_preset
 from megatron_pack.packing.modes import DEFAULT_MODES, PAPER_MODES
 from megatron_pack.planning.catalogue import get_gpu
-from megatron_pack.planning.context_parallel import cp_options, exposed_seconds, kv_exchange, smallest_fitting_cp
+from megatron_pack.planning.cp_exchange import cp_options, exposed_seconds, kv_exchange, smallest_fitting_cp
 from megatron_pack.planning.memory import RECOMPUTE, MemoryConfig, plan_memory
-from megatron_pack.planning.timing import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
+from megatron_pack.planning.step_time import DEFAULT_MFU, TimingConfig, estimate, full_sequences, plan_stats
 
 #: Published sizes (unpadded vocabulary, untied output layer) the built totals are checked against.
 PUBLISHED_PARAMETERS = {"llama3-8b": 8.03e9, "llama3-70b": 70.55e9, "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9,
