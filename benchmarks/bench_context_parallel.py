@@ -67,7 +67,6 @@ def make_data(prefix: str, seq_length: int, seed: int = 0) -> str:
 def worker(args) -> None:
     import numpy as np
     import torch
-
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -26,8 +26,14 @@ import time
 import numpy as np
 
 from megatron_pack.files.indexed import PART_DTYPES, PART_SUFFIXES, SFTIndexedDataset, dataset_files
-from megatron_pack.files.indexed_check import (SUMMARY_SUFFIX, _sha256, check_summary, check_token_ids,
-                                               dataset_manifest, validate_dataset)
+from megatron_pack.files.indexed_check import (
+    SUMMARY_SUFFIX,
+    _sha256,
+    check_summary,
+    check_token_ids,
+    dataset_manifest,
+    validate_dataset,
+)
 
 _CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}
 

@@ -25,9 +25,16 @@ import time
 def bench(args) -> list[dict]:
     import numpy as np
 
+    from megatron_pack.config.spec import (
+        DataArgs,
+        LoggingArgs,
+        ModelArgs,
+        OptimArgs,
+        PackingArgs,
+        TrainArgs,
+        TrainConfig,
+    )
     from megatron_pack.demo import prepare_data
-    from megatron_pack.config.spec import (DataArgs, LoggingArgs, ModelArgs, OptimArgs, PackingArgs,
-                                               TrainArgs, TrainConfig)
     from megatron_pack.training.loop import train
 
     prefix = args.data_path or prepare_data(os.path.join(args.workdir, "data"))

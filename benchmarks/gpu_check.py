@@ -73,7 +73,7 @@ def environment() -> dict:
            "cuda_available": torch.cuda.is_available(), "gpus": [],
            "varlen_attn": f"varlen_attn{inspect.signature(fn)}" if fn is not None else None}
     if torch.cuda.is_available():
-        from megatron_pack.model.presets import transformer_config, get_preset
+        from megatron_pack.model.presets import get_preset, transformer_config
 
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["te"] = spec.te_available()
@@ -313,10 +313,10 @@ def model_step_bench(device, workdir: str, *, models: list, modes: list, seq_len
     ``progress(rows so far)`` after each."""
     import torch
 
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.model import presets, spec
     from megatron_pack.model.cost import CostModel
     from megatron_pack.planning.mfu import flops_per_real_token, mfu
-    from megatron_pack.config.cli import parse_args
     from megatron_pack.training.loop import train
 
     cuda = device.type == "cuda"

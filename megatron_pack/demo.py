@@ -44,8 +44,16 @@ def prepare_data(workdir: str) -> str:
 
 
 def demo_config(prefix: str, mode: str, args) -> "TrainConfig":  # noqa: F821
-    from megatron_pack.config.spec import (CheckpointArgs, DataArgs, LoggingArgs, ModelArgs, OptimArgs,
-                                               PackingArgs, TrainArgs, TrainConfig)
+    from megatron_pack.config.spec import (
+        CheckpointArgs,
+        DataArgs,
+        LoggingArgs,
+        ModelArgs,
+        OptimArgs,
+        PackingArgs,
+        TrainArgs,
+        TrainConfig,
+    )
 
     return TrainConfig(
         model=ModelArgs(model=QUICKSTART_FLAGS["--model"],
@@ -131,9 +139,9 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def run_demo(args) -> list[dict]:
+    from megatron_pack.data.split import split_indices
     from megatron_pack.files.indexed import SFTIndexedDataset
     from megatron_pack.packing.report import format_table, plot_report, report
-    from megatron_pack.data.split import split_indices
 
     os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.perf_counter()

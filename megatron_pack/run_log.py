@@ -33,7 +33,6 @@ import os
 import sys
 import warnings
 
-
 #: Step figures written as scalars (console key -> scalar name, Megatron-LM's TensorBoard style).
 STEP_SCALARS = ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
                 "compute imbalance", "rows")

@@ -20,17 +20,16 @@ from __future__ import annotations
 import os
 import sys
 
-
 PROG = "python -m megatron_pack.train"
 
 
 def main(argv=None) -> int:
+    from megatron_pack.config.cli import parse_args
+    from megatron_pack.config.spec import ConfigError
     from megatron_pack.files.indexed import check_dataset
     from megatron_pack.files.indexed_check import DatasetError
     from megatron_pack.frontdoor import refusal
     from megatron_pack.quiet import quiet_library_noise
-    from megatron_pack.config.cli import parse_args
-    from megatron_pack.config.spec import ConfigError
 
     quiet_library_noise()
     config = parse_args(argv)

@@ -18,7 +18,6 @@ import os
 import re
 import sys
 
-
 PROG = "analyze_leakage.py"
 
 

@@ -15,7 +15,6 @@ nothing is left at --output. Only safetensors are read from HF directories.
 
 import os
 
-
 PROG = "convert_checkpoint.py"
 
 

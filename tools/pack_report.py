@@ -22,7 +22,6 @@ run's steps of G conversations, each packed with bfd) and a table of steps and r
 
 import os
 
-
 PROG = "pack_report.py"
 
 

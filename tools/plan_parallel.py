@@ -15,7 +15,6 @@ illegal layout, bad input, or data too small for one global batch (it cannot run
 import argparse
 import sys
 
-
 PROG = "plan_parallel.py"
 
 
@@ -41,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 def split_unknown(parser, unknown: list) -> list:
     """The training flags among ``unknown`` (with their values), to be listed as not modelled;
     a flag that is neither ours nor the training CLI's is a usage error naming the nearest one."""
-    from megatron_pack.frontdoor import unknown_message
     from megatron_pack.config.cli import build_parser as training_parser
+    from megatron_pack.frontdoor import unknown_message
 
     training = training_parser().known_flags()
     typos = [w for w in unknown if w.startswith("--") and w.split("=", 1)[0] not in training]

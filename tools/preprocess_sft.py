@@ -15,10 +15,10 @@ import os
 import sys
 import time
 
+from megatron_pack.frontdoor import FrontDoorParser
 from megatron_pack.preprocess.encode import LOSS_POLICIES  # (numpy only: light)
 from megatron_pack.preprocess.overlong import DEPRECATED_OVERLONG, OVERLONG_POLICIES
 from megatron_pack.templates.registry import TEMPLATES
-from megatron_pack.frontdoor import FrontDoorParser
 
 PROG = "preprocess_sft.py"
 

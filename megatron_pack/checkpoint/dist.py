@@ -27,12 +27,12 @@ import warnings
 
 import torch
 
-from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
 from megatron_pack.checkpoint.iterations import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
 from megatron_pack.checkpoint.mcore_shim import in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
+from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.model.state_keys import unwrap
 
 

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint.iterations import CheckpointError, latest_iteration, resolve_iteration_dir
+from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.model import state_keys as K
 from megatron_pack.model.architecture import architecture_differences, architecture_from_dict
 from megatron_pack.model.presets import LlamaPreset

@@ -18,8 +18,8 @@ import re
 import typing
 from typing import Optional, Union
 
-from megatron_pack.frontdoor import FrontDoorParser
 from megatron_pack.config.spec import ConfigError, RunSpec, TrainConfig, flag_name
+from megatron_pack.frontdoor import FrontDoorParser
 
 DESCRIPTION = ("Supervised fine-tuning with sequence packing on Megatron-Core. Flag names follow "
                "Megatron-LM; one group per concern.")

@@ -27,7 +27,6 @@ from megatron_pack.model.presets import PRESETS as _PRESETS
 from megatron_pack.model.vocab import VOCAB_RULE
 from megatron_pack.packing.plan import OVERLONG_CHOICES, overlong_policy
 
-
 MODEL_PRESETS = tuple(_PRESETS)
 
 

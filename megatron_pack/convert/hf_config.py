@@ -13,10 +13,13 @@ import torch
 
 from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.model.architecture import ArchitectureError
-from megatron_pack.model.hf_architecture import (HF_ARCHITECTURES, architecture_from_hf_config,  # noqa: F401
-                                                 hf_config_from_architecture, read_hf_config)
+from megatron_pack.model.hf_architecture import (  # noqa: F401
+    HF_ARCHITECTURES,
+    architecture_from_hf_config,
+    hf_config_from_architecture,
+    read_hf_config,
+)
 from megatron_pack.model.presets import LlamaPreset
-
 
 # Bad conversion input; the message names the file and the reason. One error type for
 # unusable checkpoints, whether found here or while loading one for training.

@@ -16,10 +16,13 @@ import torch
 
 from megatron_pack.checkpoint.iterations import CheckpointError as ConversionError
 from megatron_pack.convert import mapping as M
-from megatron_pack.files.safetensors import (SafetensorsHeaderError, read_safetensors_header, release_memory,
-                                             write_safetensors)
+from megatron_pack.files.safetensors import (
+    SafetensorsHeaderError,
+    read_safetensors_header,
+    release_memory,
+    write_safetensors,
+)
 from megatron_pack.model.presets import LlamaPreset
-
 
 # safetensors header codes a weight may have (anything else -- I32, I8, U8, F8_*, ... -- is refused)
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -16,10 +16,17 @@ from typing import Optional
 import torch
 
 from megatron_pack.checkpoint import imported as C
-from megatron_pack.convert import mapping as M
 from megatron_pack.checkpoint.iterations import MARKER, iter_dir
-from megatron_pack.convert.hf_config import (DTYPE_NAMES, ConversionError, copy_tokenizer, load_hf_config, parse_dtype,
-                                            read_generation_config, special_tokens)
+from megatron_pack.convert import mapping as M
+from megatron_pack.convert.hf_config import (
+    DTYPE_NAMES,
+    ConversionError,
+    copy_tokenizer,
+    load_hf_config,
+    parse_dtype,
+    read_generation_config,
+    special_tokens,
+)
 from megatron_pack.convert.hf_safetensors import SafetensorsReader
 from megatron_pack.files.safetensors import release_memory
 from megatron_pack.model.presets import padded_vocab_size

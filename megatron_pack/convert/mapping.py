@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from megatron_pack.model.presets import LlamaPreset
-from megatron_pack.model.state_keys import (MEG_EMBEDDING, MEG_FINAL_NORM, MEG_OUTPUT,  # noqa: F401
-                                             MEGATRON_LAYER_NAMES, model_key)
+from megatron_pack.model.state_keys import MEG_EMBEDDING, MEG_FINAL_NORM, MEG_OUTPUT, MEGATRON_LAYER_NAMES, model_key  # noqa: F401
 
 # Per-layer names: canonical Megatron name -> HF Llama name (after "model.layers.{i}.").
 LAYER_NORMS = {

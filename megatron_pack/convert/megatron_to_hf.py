@@ -17,19 +17,31 @@ from typing import Optional
 
 import torch
 
-from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.checkpoint import imported as C
-from megatron_pack.convert import mapping as M
 from megatron_pack.checkpoint.dist import saved_run_config
 from megatron_pack.checkpoint.dist_reader import DistCheckpointReader
 from megatron_pack.checkpoint.iterations import resolve_iteration_dir
-from megatron_pack.convert.hf_config import (DTYPES, ConversionError, copy_tokenizer, hf_config_dict, parse_dtype,
-                                         parse_size)
-from megatron_pack.convert.export_specials import (GENERATION_CONFIG, PROVENANCE_NAME, SOURCES, checkpoint_said,
-                                                   resolve_export_specials, tokenizer_said)
+from megatron_pack.convert import mapping as M
+from megatron_pack.convert.export_specials import (
+    GENERATION_CONFIG,
+    PROVENANCE_NAME,
+    SOURCES,
+    checkpoint_said,
+    resolve_export_specials,
+    tokenizer_said,
+)
+from megatron_pack.convert.hf_config import (
+    DTYPES,
+    ConversionError,
+    copy_tokenizer,
+    hf_config_dict,
+    parse_dtype,
+    parse_size,
+)
 from megatron_pack.convert.hf_safetensors import ShardedSafetensorsWriter
-from megatron_pack.files.safetensors import release_memory
 from megatron_pack.convert.hf_to_megatron import _progress, finish_output, prepare_output
+from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.files.safetensors import release_memory
 from megatron_pack.model.presets import LlamaPreset, get_preset
 
 

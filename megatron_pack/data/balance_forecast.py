@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatron_pack.data.balance import lower_bound, contiguous, place, sequence_costs
+from megatron_pack.data.balance import contiguous, lower_bound, place, sequence_costs
 
 DEFAULT_MAX_STEPS = 256
 

@@ -29,10 +29,9 @@ import time
 
 import numpy as np
 
-from megatron_pack.files.atomic import save_figure_atomic
 from megatron_pack.experiment.settings import Setting, baseline
-from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.experiment.tables import column, rows_table
+from megatron_pack.files.atomic import save_figure_atomic, write_json_atomic
 
 
 def setting_config(base, setting: Setting, log_file: str, eval_interval: int | None, save: str | None = None):
@@ -115,7 +114,8 @@ def run_setting(base, setting: Setting, output_dir: str, evals_per_run: int = 4,
 def add_speedups(rows: list[dict], base_name: str) -> None:
     """Speedups over the baseline row (:mod:`.speedup`): measured time (the paper's), steps x
     median step time, real tokens/s, and the ideal (baseline sequences / the row's)."""
-    from megatron_pack.experiment.speedup import add_speedups as add, speedup
+    from megatron_pack.experiment.speedup import add_speedups as add
+    from megatron_pack.experiment.speedup import speedup
 
     b = next(r for r in rows if r["setting"] == base_name)
     add(rows, b, {"time_speedup": "wall_time", "median_speedup": "median_time"})

@@ -20,7 +20,6 @@ import os
 from megatron_pack.experiment.presets import sample_train_flags
 from megatron_pack.experiment.settings import PAPER_MODES
 
-
 PROG = "compare_modes.py"
 
 

@@ -13,8 +13,7 @@ from collections import Counter
 
 import numpy as np
 
-from megatron_pack.files.atomic import save_figure_atomic
-from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.files.atomic import save_figure_atomic, write_json_atomic
 from megatron_pack.reporting import markdown_table
 
 

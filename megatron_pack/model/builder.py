@@ -32,6 +32,7 @@ def build_model(
     untied unless the architecture ties it. The model is on this rank's device (CPU without CUDA).
     """
     from megatron.core import parallel_state as ps
+
     from megatron_pack.model.gpt import SFTGPTModel
 
     preset = get_preset(preset) if isinstance(preset, str) else preset

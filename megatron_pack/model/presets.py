@@ -13,7 +13,6 @@ from typing import Optional
 
 from megatron_pack.model.architecture import Architecture  # noqa: F401  (re-exported)
 
-
 #: The name most modules import; an architecture is not only a named preset any more.
 LlamaPreset = Architecture
 

@@ -141,11 +141,9 @@ def get_layer_spec(config, backend: str = "auto"):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from megatron_pack.model.attention import VarlenCoreAttention
-
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from megatron_pack.model.attention import VarlenCoreAttention
     from megatron_pack.model.norm import TorchNorm
 
     spec = get_gpt_layer_local_spec(normalization=config.normalization)

@@ -30,8 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-from megatron_pack.packing.seeds import derive_seed
 from megatron_pack.packing.modes import PACKING_MODES, Engine, PackingMode, _engine, get_mode  # noqa: F401
+from megatron_pack.packing.seeds import derive_seed
 
 OverlongPolicy = Literal["truncate", "drop", "cut-at-turns"]
 #: Packing-time over-long policies. ``cut-at-turns`` cuts the *stored token stream* at turn

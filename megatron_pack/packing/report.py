@@ -19,13 +19,11 @@ import time
 
 import numpy as np
 
-from megatron_pack.files.atomic import save_figure_atomic
+from megatron_pack.files.atomic import save_figure_atomic, write_json_atomic
 from megatron_pack.packing.modes import DEFAULT_MODES, get_mode
 from megatron_pack.packing.plan import PackingPlan, build_plan
 from megatron_pack.packing.step_scope import spread
-from megatron_pack.files.atomic import write_json_atomic
 from megatron_pack.reporting import markdown_table
-
 
 
 def _sum_sq(x: np.ndarray) -> float:
@@ -215,7 +213,6 @@ def load_lengths(data_prefix: str | None = None, lengths_file: str | None = None
         raise ValueError("give exactly one of data_prefix and lengths_file")
     if data_prefix is not None:
         from megatron_pack.files.indexed import SFTIndexedDataset
-
         from megatron_pack.packing.plan import dataset_supervised
 
         ds = SFTIndexedDataset(data_prefix)

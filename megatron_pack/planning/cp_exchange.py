@@ -19,7 +19,6 @@ previous one, so only what exceeds the attention compute time is exposed.
 
 from __future__ import annotations
 
-
 from megatron_pack.model.presets import LlamaPreset
 from megatron_pack.planning.catalogue import GPUSpec
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-
 from megatron_pack.data.balance import sequence_sum_sq
 from megatron_pack.model.cost import CostModel
 from megatron_pack.model.presets import LlamaPreset

@@ -29,9 +29,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from megatron_pack.files.atomic import write_json_atomic
-from megatron_pack.preprocess.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
 from megatron_pack.files.indexed import SFTDatasetWriter, dataset_exists, dataset_files
+from megatron_pack.preprocess.encode import LOSS_POLICIES, ChunkEncoder, ChunkResult
 from megatron_pack.preprocess.overlong import overlong_policy
 from megatron_pack.templates.registry import TEMPLATES, auto_template_name, build_template
 from megatron_pack.tokenization.tokenizer import load_tokenizer

@@ -16,11 +16,16 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_pack.templates.jinja_env import (DEFAULT_MAX_CHARS, DEFAULT_TIME_LIMIT_S, TemplateLimitError,
-                                          bounded_environment, compile_template, render_bounded)
-from megatron_pack.templates.jinja_render import (Placeholders, RenderReject, TextRender, derive_spans,
-                                             token_flags)
 from megatron_pack.templates.base import ChatTemplate, Rendered
+from megatron_pack.templates.jinja_env import (
+    DEFAULT_MAX_CHARS,
+    DEFAULT_TIME_LIMIT_S,
+    TemplateLimitError,
+    bounded_environment,
+    compile_template,
+    render_bounded,
+)
+from megatron_pack.templates.jinja_render import Placeholders, RenderReject, TextRender, derive_spans, token_flags
 from megatron_pack.templates.messages import RecordError
 from megatron_pack.tokenization.base import TokenizerError
 

@@ -19,8 +19,14 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_pack.tokenization.base import (BOS_CANDIDATES, EOS_CANDIDATES, PAD_CANDIDATES, BaseTokenizer,
-                                             TokenizerError, token_name)
+from megatron_pack.tokenization.base import (
+    BOS_CANDIDATES,
+    EOS_CANDIDATES,
+    PAD_CANDIDATES,
+    BaseTokenizer,
+    TokenizerError,
+    token_name,
+)
 
 # GPT-2's pre-tokenizer regex (what ByteLevel(use_regex=True) applies).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -22,8 +22,14 @@ from __future__ import annotations
 import torch
 
 from megatron_pack.training.isolation_probe import AuditEnv, LayerWatch, run_pass
-from megatron_pack.training.isolation_rows import (AuditBatch, alone, local_positions, perturbed, positions_restart,
-                                                    sp_shard)
+from megatron_pack.training.isolation_rows import (
+    AuditBatch,
+    alone,
+    local_positions,
+    perturbed,
+    positions_restart,
+    sp_shard,
+)
 
 PERTURB_SEED = 20260527
 MAX_REFERENCE_DOCS = 32  # reference micro-batches per DP rank (one forward each): seconds on a large model

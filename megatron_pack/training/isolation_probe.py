@@ -169,7 +169,6 @@ def untouched_run(model, optimizer, tcfg):
     import random
 
     import numpy as np
-
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker()

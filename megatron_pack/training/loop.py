@@ -30,8 +30,7 @@ from megatron_pack.data.step_packing import train_stream
 from megatron_pack.run_log import TrainingLogger, is_main_logger
 from megatron_pack.training.restore import architecture_record, data_signature, restore
 from megatron_pack.training.setup import resolve_architecture, resolve_vocab_size, setup_model_and_optimizer
-from megatron_pack.training.step import (NonFiniteLossError, StepContext, evaluate, evaluate_by_source,  # noqa: F401
-                                         train_step)
+from megatron_pack.training.step import NonFiniteLossError, StepContext, evaluate, evaluate_by_source, train_step  # noqa: F401
 
 
 def train(config: TrainConfig) -> dict:

@@ -6,8 +6,8 @@ import dataclasses
 import os
 
 from megatron_pack.checkpoint.dist import is_dist_checkpoint, load_checkpoint, saved_run_config
-from megatron_pack.data.sampling import DataPosition
 from megatron_pack.config.spec import ConfigError, TrainConfig
+from megatron_pack.data.sampling import DataPosition
 
 
 def data_signature(config: TrainConfig) -> dict:

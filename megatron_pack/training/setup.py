@@ -3,7 +3,6 @@ Megatron optimizer. Megatron-LM's ``setup_model_and_optimizer``, for one model c
 
 from __future__ import annotations
 
-
 import torch
 
 from megatron_pack.config.spec import ConfigError, TrainConfig

@@ -38,9 +38,8 @@ from megatron_pack.parallel import destroy_distributed, initialize_distributed  
 def patched(control: str):
     """The control's bug, patched in for one case."""
     from megatron.core import parallel_state as ps
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_pack.model import thd_rope
     from megatron_pack.model.attention import VarlenCoreAttention

@@ -3,7 +3,6 @@ and a balanced run resumed mid-epoch == the uninterrupted one (2 gloo ranks, fp3
 
 import numpy as np
 import pytest
-
 from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset, stop_and_resume
 
 pytestmark = pytest.mark.distributed

@@ -3,14 +3,12 @@ and writes the tables one process writes (same settings, sequences and steps; th
 to float noise; rank 0 alone writes)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from _launch_train import REPO, make_dataset
 from launcher import free_port, rank_env
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import launcher
 import numpy as np
 import pytest
 import torch
-
-import launcher
 from _launch_train import REPO, describe_failure, make_dataset, run_train
 from hf_families import FAMILIES, LLAMA31_ORIGINAL_CONTEXT, VOCAB, build_hf_model, hf_doc_logits, load_hf
 
@@ -259,9 +257,9 @@ def test_finetune_import_without_model_flag_export_hf_loss_equals_megatron(hf_di
 
 
 def test_model_flag_conflicting_with_the_import_is_refused(hf_dirs, tmp_path):
-    from megatron_pack.convert import convert_hf_to_megatron
     from megatron_pack.config.cli import parse_args
     from megatron_pack.config.spec import ConfigError
+    from megatron_pack.convert import convert_hf_to_megatron
     from megatron_pack.training.setup import resolve_architecture
 
     imp = tmp_path / "imp"

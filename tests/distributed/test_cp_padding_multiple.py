@@ -4,7 +4,6 @@ losses to fp32 noise (2 gloo ranks, tiny model, fp32, the real CLI). Negative co
 without the flag packs the unpadded lengths and differs by far more than that noise."""
 
 import pytest
-
 from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset
 
 pytestmark = pytest.mark.distributed

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _launch_train import BASE_ARGS, REPO, describe_failure, make_dataset, run_train
 from launcher import free_port, rank_env
 

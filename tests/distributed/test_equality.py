@@ -12,7 +12,6 @@ than 2*CP, packed by one plan at padded lengths so every CP size sees the same s
 import math
 
 import pytest
-
 from launcher import launch
 
 pytestmark = pytest.mark.distributed

@@ -15,12 +15,11 @@ Two launches (2 and 4 ranks), each running its cases in one process per rank (on
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 from launcher import launch
-from pathlib import Path
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,6 @@ import time
 
 import psutil
 import pytest
-
 from _launch_train import BASE_ARGS, REPO, make_dataset
 
 pytestmark = pytest.mark.distributed

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _launch_train import BASE_ARGS, REPO, make_dataset
 from launcher import free_port, rank_env
 

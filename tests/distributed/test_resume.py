@@ -5,10 +5,8 @@ saves at the step boundary and exits 0) and resumed across an epoch boundary; PP
 4 micro-batches per step) stopped by ``--exit-interval``.
 """
 
-import pytest
 
-from _launch_train import (BASE_ARGS, describe_failure, make_dataset, run_train, shared_dataset, shared_run,
-                           stop_and_resume)
+from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset, shared_run, stop_and_resume
 
 
 def _same_steps(full, resumed, steps):

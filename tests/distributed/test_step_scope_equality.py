@@ -6,7 +6,6 @@ padded per-sample mean (token weighting differs). Resumed mid-epoch == uninterru
 
 import numpy as np
 import pytest
-
 from _launch_train import BASE_ARGS, describe_failure, run_train, shared_dataset, stop_and_resume
 
 pytestmark = pytest.mark.distributed

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launcher import free_port, rank_env
 
 pytestmark = pytest.mark.distributed

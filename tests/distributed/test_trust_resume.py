@@ -3,7 +3,6 @@ schedule, a corrupted shard and a second run on the same --save are refused with
 error (exit 2); Megatron-LM's --use-checkpoint-opt_param-scheduler resumes and says so."""
 
 import pytest
-
 from _launch_train import BASE_ARGS, describe_failure, make_dataset, run_train
 
 pytestmark = pytest.mark.distributed

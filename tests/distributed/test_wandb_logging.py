@@ -8,7 +8,6 @@ import struct
 
 import numpy as np
 import pytest
-
 from _launch_train import BASE_ARGS, describe_failure, make_dataset, run_train, shared_dataset
 
 wandb = pytest.importorskip("wandb")

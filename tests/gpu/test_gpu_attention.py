@@ -11,10 +11,9 @@
 
 import math
 
+import packed_logits as P
 import pytest
 import torch
-
-import packed_logits as P
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -156,9 +155,8 @@ def _packed_and_padded_loss(model, lengths=P.LENGTHS):
 def test_model_packed_equals_padded_per_local_kernel(single_rank, kernel, monkeypatch):
     """Local layers with each PyTorch kernel: packed == padded on every real token's logits, and
     the leaked row (mask off) fails the same comparison (``check_packed_equals_padded``)."""
-    from megatron_pack.model import build_model, get_preset, transformer_config
+    from megatron_pack.model import build_model, get_preset, spec, transformer_config
     from megatron_pack.model import fused_varlen as FV
-    from megatron_pack.model import spec
 
     if kernel == "varlen" and FV.varlen_fn() is None:
         pytest.skip(f"torch {torch.__version__} has no varlen_attn")
@@ -238,9 +236,8 @@ def test_packed_forward_of_the_model_has_no_host_sync(single_rank, monkeypatch):
     micro-batch). Each sync is reported with the line that made it."""
     import warnings
 
-    from megatron_pack.model import build_model, get_preset, transformer_config
+    from megatron_pack.model import build_model, get_preset, spec, transformer_config
     from megatron_pack.model import fused_varlen as FV
-    from megatron_pack.model import spec
     from megatron_pack.model.packed import model_inputs
 
     if FV.varlen_fn() is None:

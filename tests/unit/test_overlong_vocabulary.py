@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from megatron_pack.preprocess.overlong import OVERLONG_POLICIES as PREPROCESS_POLICIES
-from megatron_pack.preprocess.overlong import overlong_policy as preprocess_policy
 from megatron_pack.packing.plan import OVERLONG_POLICIES as PACKING_POLICIES
 from megatron_pack.packing.plan import apply_overlong, overlong_policy
+from megatron_pack.preprocess.overlong import OVERLONG_POLICIES as PREPROCESS_POLICIES
+from megatron_pack.preprocess.overlong import overlong_policy as preprocess_policy
 
 
 def test_two_mechanisms_two_names_one_style():

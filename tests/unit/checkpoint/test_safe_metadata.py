@@ -5,7 +5,6 @@ load was refused and the marker does not exist. Every attack has a negative cont
 file through plain ``pickle.load`` / ``torch.load`` does create the marker, so the payload is live.
 """
 
-import io
 import os
 import pickle
 import subprocess

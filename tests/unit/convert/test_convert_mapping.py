@@ -267,7 +267,7 @@ def test_bad_input_writes_nothing(tmp_path, case):
     elif case == "arch":
         write_hf_dir(hf)
         (hf / "config.json").write_text(json.dumps(hf_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})))
-        match = 'x?rope_scaling.rope_type = "yarn"' 
+        match = 'x?rope_scaling.rope_type = "yarn"'
     elif case == "int_dtype":  # I32 weights used to be cast to ~1e9 floats, rc 0
         tensors = write_hf_dir(hf)
         key = M.hf_layer_key(0, "mlp.up_proj.weight")
@@ -400,8 +400,8 @@ def test_tied_embeddings_round_trip(tmp_path):
 def test_loading_an_import_at_another_layout_says_what_to_pass(tmp_path, monkeypatch):
     from megatron.core import parallel_state as ps
 
-    from megatron_pack.convert import convert_hf_to_megatron
     from megatron_pack.checkpoint.imported import is_imported_checkpoint, load_imported_weights
+    from megatron_pack.convert import convert_hf_to_megatron
 
     write_hf_dir(tmp_path / "hf")
     convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
@@ -415,8 +415,8 @@ def test_loading_an_import_at_another_layout_says_what_to_pass(tmp_path, monkeyp
 
 
 def test_finetune_load_prefers_the_runs_own_checkpoint(tmp_path):
-    from megatron_pack.convert import convert_hf_to_megatron
     from megatron_pack.checkpoint.imported import resolve_finetune_load
+    from megatron_pack.convert import convert_hf_to_megatron
 
     write_hf_dir(tmp_path / "hf")
     imp, save = str(tmp_path / "imp"), tmp_path / "save"

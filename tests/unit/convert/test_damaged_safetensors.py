@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
+from test_convert_mapping import write_hf_dir
 
 from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.files.safetensors import SafetensorsHeaderError, read_safetensors_header, write_safetensors
-
-from test_convert_mapping import write_hf_dir
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py")
 

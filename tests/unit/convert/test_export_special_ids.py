@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from megatron_pack.convert.export_specials import (
+    PROVENANCE_NAME,
+    Said,
+    checkpoint_said,
+    resolve_export_specials,
+    tokenizer_said,
+)
 from megatron_pack.tokenization.tiny_tokenizers import build_wordlevel_tokenizer
-from megatron_pack.convert.export_specials import (PROVENANCE_NAME, Said, checkpoint_said, resolve_export_specials,
-                                                   tokenizer_said)
 
 REPO = Path(__file__).resolve().parents[3]
 TOOL = str(REPO / "tools" / "convert_checkpoint.py")
@@ -34,8 +39,9 @@ def tokenizer_dir(path, generation=TOK_GEN) -> str:
 def imported(tmp_path, ids=CKPT_IDS, generation=CKPT_GEN, tokenizer=None) -> str:
     """An ``hf-to-megatron`` import of a tiny Llama whose config.json / generation_config.json
     hold ``ids`` / ``generation``, with ``tokenizer`` copied into it."""
-    from megatron_pack.convert import convert_hf_to_megatron
     from test_convert_mapping import hf_config, write_hf_dir
+
+    from megatron_pack.convert import convert_hf_to_megatron
 
     hf = tmp_path / "hf"
     write_hf_dir(hf, cfg=hf_config(**ids))

@@ -12,11 +12,10 @@ import sys
 import time
 
 import pytest
+from test_convert_mapping import hf_config, write_hf_dir
 
 from megatron_pack.model.architecture import SIZE_LIMITS, Architecture, ArchitectureError
 from megatron_pack.model.presets import PRESETS, get_preset
-
-from test_convert_mapping import hf_config, write_hf_dir
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..", "..")
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")

@@ -6,8 +6,16 @@ import itertools
 import numpy as np
 import pytest
 
-from megatron_pack.data.balance import (BatchBalancer, _lpt, contiguous, imbalance, partition, place,
-                                        sequence_costs, sequence_sum_sq)
+from megatron_pack.data.balance import (
+    BatchBalancer,
+    _lpt,
+    contiguous,
+    imbalance,
+    partition,
+    place,
+    sequence_costs,
+    sequence_sum_sq,
+)
 from megatron_pack.data.packed_dataset import PackedSFTDataset
 from megatron_pack.data.sampling import DataPosition, TrainStream
 from megatron_pack.files.indexed import SFTDatasetWriter

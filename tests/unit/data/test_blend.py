@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from megatron_pack.data.blend import BlendError, BlendedPackedDataset, blend_schedule, parse_blend
-from megatron_pack.data.packed_dataset import PackedSFTDataset
 from megatron_pack.config.datasets import build_datasets
+from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
+from megatron_pack.data.blend import BlendedPackedDataset, BlendError, blend_schedule, parse_blend
 from megatron_pack.data.eval_batches import eval_batches
+from megatron_pack.data.packed_dataset import PackedSFTDataset
 from megatron_pack.data.sampling import DataPosition, TrainStream
 from megatron_pack.files.indexed import SFTDatasetWriter
-from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
 
 
 def _write(path, n, first_token, seed):

@@ -4,15 +4,17 @@ split against hand-computed examples; invariants over every packing mode."""
 import numpy as np
 import pytest
 import torch
+from tiny_docs import P, write  # tests/unit/data/tiny_docs.py
 
 from megatron_pack.data.collate import collate_thd
 from megatron_pack.data.context_parallel import (
-    document_multiple, gathered_key_index, rank_token_index, split_batch_for_cp)
+    document_multiple,
+    gathered_key_index,
+    rank_token_index,
+    split_batch_for_cp,
+)
 from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
-from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.packing.plan import PackingPlan, PlanStats, build_plan
-
-from tiny_docs import DOCS, P, write  # tests/unit/data/tiny_docs.py
 
 
 def test_document_multiple():

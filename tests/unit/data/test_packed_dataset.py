@@ -3,13 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from tiny_docs import P, write  # tests/unit/data/tiny_docs.py
 
 from megatron_pack.data.collate import collate_padded, collate_thd
-from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset, required_multiple
 from megatron_pack.packing.plan import build_plan
-
-from tiny_docs import DOCS, P, write  # tests/unit/data/tiny_docs.py
 
 
 def items(ds):

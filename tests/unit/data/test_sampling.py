@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
-from megatron_pack.data.packed_dataset import PackedSFTDataset
 from megatron_pack.data.eval_batches import eval_batches
+from megatron_pack.data.packed_dataset import PackedSFTDataset
 from megatron_pack.data.sampling import DataPosition, TrainStream, epochs_to_iters
 from megatron_pack.data.split import SFTSubset, split_indices
+from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 
 
 @pytest.fixture(scope="module")

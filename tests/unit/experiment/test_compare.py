@@ -22,10 +22,10 @@ def test_settings_cross_modes_and_masks_padding_once():
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.experiment.compare import run_comparison
     from megatron_pack.experiment.presets import sample_train_flags
     from megatron_pack.experiment.sample_data import prepare_sample_data
-    from megatron_pack.config.cli import parse_args
 
     out = str(tmp_path_factory.mktemp("compare"))
     prefix, tok = prepare_sample_data(os.path.join(out, "data"))
@@ -75,10 +75,10 @@ def test_cli_rejects_bad_input_before_training(capsys, monkeypatch, tmp_path):
 def test_setting_config_keeps_a_checkpoint_only_when_asked(tmp_path):
     """The real-model study scores each trained setting, so it asks for the final checkpoint;
     the comparison itself saves none, whatever the base flags say."""
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.experiment.compare import setting_config
     from megatron_pack.experiment.presets import sample_train_flags
     from megatron_pack.experiment.sample_data import prepare_sample_data
-    from megatron_pack.config.cli import parse_args
 
     prefix, tok = prepare_sample_data(str(tmp_path / "data"))
     base = parse_args(sample_train_flags(prefix, tok) + ["--train-iters", "2", "--save", str(tmp_path / "base_save"),

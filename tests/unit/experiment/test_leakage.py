@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pack.experiment.leakage import (AttentionStats, analyze_sequences, assemble, bucket_of,
-                                              capture_attention, forward_nll)
+from megatron_pack.experiment.leakage import (
+    AttentionStats,
+    analyze_sequences,
+    assemble,
+    bucket_of,
+    capture_attention,
+    forward_nll,
+)
 
 SEP = 2
 

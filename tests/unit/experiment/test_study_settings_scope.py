@@ -2,9 +2,9 @@
 
 import pytest
 
+from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
 from megatron_pack.experiment.compare import setting_config
 from megatron_pack.experiment.settings import Setting, expand_settings
-from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
 
 
 def test_scope_and_weighting_parse_and_name():

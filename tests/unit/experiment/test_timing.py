@@ -52,8 +52,8 @@ def test_best_of_the_run_and_the_rounds_sets_every_timing_column():
 
 
 def test_rounds_interleave_the_settings_and_drop_the_warm_up_step(monkeypatch):
-    from megatron_pack.training import loop
     from megatron_pack.config.spec import DataArgs, TrainArgs, TrainConfig
+    from megatron_pack.training import loop
 
     calls = []
     fake_seconds = {"padding": [9.0, 0.4, 0.5, 0.6], "bfd": [9.0, 0.2, 0.3, 0.1]}

@@ -10,8 +10,13 @@ import json
 import pytest
 import torch
 
-from megatron_pack.model.architecture import (Architecture, ArchitectureError, architecture_differences,
-                                              architecture_from_dict, rope_inv_freq)
+from megatron_pack.model.architecture import (
+    Architecture,
+    ArchitectureError,
+    architecture_differences,
+    architecture_from_dict,
+    rope_inv_freq,
+)
 from megatron_pack.model.presets import PRESETS, get_preset
 
 transformers = pytest.importorskip("transformers")

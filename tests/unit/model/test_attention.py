@@ -6,11 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_pack.model import transformer_config, get_preset
+from megatron_pack.model import get_preset, transformer_config
 from megatron_pack.model.attention import VarlenCoreAttention, torch_dense, torch_varlen
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_pack.data.collate import collate_padded, collate_thd

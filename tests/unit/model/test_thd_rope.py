@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from megatron.core.models.common.embeddings import rope_utils
 
 from megatron_pack.model import thd_rope

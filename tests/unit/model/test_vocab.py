@@ -25,9 +25,8 @@ def test_order_flag_then_tokenizer_then_architecture_then_data(wordlevel_dir, tm
 
 def test_training_follows_the_rule(wordlevel_dir, tmp_path):
     from megatron_pack.config.spec import DataArgs, ModelArgs, TrainArgs, TrainConfig
-    from megatron_pack.training.setup import resolve_vocab_size as training_rule
-
     from megatron_pack.files.indexed import SFTDatasetWriter
+    from megatron_pack.training.setup import resolve_vocab_size as training_rule
 
     with SFTDatasetWriter(str(tmp_path / "d")) as w:  # ids below every vocabulary in play
         w.add([1, 2, 3], [0, 1, 1], [0])

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.data.packed_dataset import PackedSFTDataset
-from megatron_pack.packing.plan import build_plan, dataset_supervised
+from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.packing.cache import get_plan
+from megatron_pack.packing.plan import build_plan, dataset_supervised
 
 
 def write(prefix, n=40, seed=0):

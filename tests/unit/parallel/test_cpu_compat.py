@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.overrides import _get_current_function_mode_stack
-
 from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import _get_current_function_mode_stack
 
 from megatron_pack.parallel import cpu_compat
 

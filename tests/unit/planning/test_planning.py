@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_pack.config.spec import ConfigError
 from megatron_pack.files.indexed import SFTDatasetWriter
 from megatron_pack.model.presets import PRESETS
 from megatron_pack.planning.catalogue import get_gpu
+from megatron_pack.planning.cluster_plan import make_plan as _make_plan
+from megatron_pack.planning.cluster_plan import plan_config, validate_layout
 from megatron_pack.planning.memory import GIB, MemoryConfig, layer_activation_bytes_per_token, state_bytes_per_param
 from megatron_pack.planning.params import count_parameters
-from megatron_pack.config.spec import ConfigError
-from megatron_pack.planning.cluster_plan import LayoutError, make_plan as _make_plan, plan_config, validate_layout
 
 
 def make_plan(cfg, **kw) -> dict:
@@ -226,10 +227,10 @@ def test_mode_table_by_hand(tmp_path):
 
 
 def test_cli_on_builtin_sample(tmp_path, capsys):
+    import plan_parallel
+
     from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
     from megatron_pack.preprocess.sample import prepare_sample
-
-    import plan_parallel
 
     jsonl, tok = prepare_sample(str(tmp_path / "work"))
     preprocess(PreprocessConfig([jsonl], tok, str(tmp_path / "sample"), progress=False, plot=False))
@@ -405,8 +406,8 @@ def _write_supervised(prefix, lengths, answer):
 def test_planner_plans_the_training_stream(tmp_path, blend):
     """The planner's sequences per mode are those of the dataset training builds (same split,
     per-source plans of a blend, items without a trained target left out)."""
-    from megatron_pack.config.datasets import build_datasets
     from megatron_pack.config.cli import parse_args
+    from megatron_pack.config.datasets import build_datasets
 
     rng = np.random.default_rng(1)
     _write_supervised(tmp_path / "a", rng.integers(10, 120, 80).tolist() + [300] * 6, answer=8)

@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-
 from test_preprocess import GOOD, write_lines
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "preprocess_sft.py")

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.files.indexed import SFTIndexedDataset, dataset_exists, dataset_files
+from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 from megatron_pack.templates.messages import Message as M
 from megatron_pack.templates.registry import build_template

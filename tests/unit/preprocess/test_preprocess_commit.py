@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 from megatron_pack.files.indexed import SFTDatasetWriter, SFTIndexedDataset
 from megatron_pack.files.indexed_check import DatasetError, preprocessing_finished
+from megatron_pack.preprocess.pipeline import PreprocessConfig, PreprocessError, preprocess
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 OTHER = {"messages": [{"role": "user", "content": "what is two plus four"}, {"role": "assistant", "content": "six"}]}

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from megatron_pack.templates.builtin_templates import MISTRAL_V03_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE
 from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
+from megatron_pack.templates.builtin_templates import MISTRAL_V03_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 
+from megatron_pack.files.indexed import SFTIndexedDataset
 from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.preprocess.pipeline import PreprocessConfig, preprocess
 from megatron_pack.templates.messages import Message as M
 from megatron_pack.templates.registry import build_template
 from megatron_pack.tokenization.tokenizer import load_tokenizer
-from megatron_pack.files.indexed import SFTIndexedDataset
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 

@@ -13,11 +13,11 @@ import os
 import numpy as np
 import pytest
 
-from megatron_pack.templates import builtin_templates as bt
 from megatron_pack.preprocess.encode import encode_conversation
 from megatron_pack.preprocess.schema import normalize_record, record_tools
-from megatron_pack.templates.registry import build_template
+from megatron_pack.templates import builtin_templates as bt
 from megatron_pack.templates.builtin_templates import LLAMA3_CHAT_TEMPLATE
+from megatron_pack.templates.registry import build_template
 from megatron_pack.tokenization.tiny_tokenizers import build_bpe_tokenizer
 from megatron_pack.tokenization.tokenizer import load_tokenizer
 

@@ -144,7 +144,8 @@ def test_jinja_matches_transformers_apply_chat_template(bpe_dir):
 
 
 def test_jinja_chatml_template_masks(wordlevel_dir, tmp_path):
-    import shutil, json
+    import json
+    import shutil
     d = tmp_path / "tok"
     shutil.copytree(wordlevel_dir, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())

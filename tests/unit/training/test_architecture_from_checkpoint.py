@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from megatron_pack.model.presets import PRESETS
 from megatron_pack.config.cli import parse_args
 from megatron_pack.config.spec import ConfigError
+from megatron_pack.model.presets import PRESETS
 from megatron_pack.training.setup import resolve_architecture
 
 BASE = ["--data-path", "x", "--train-iters", "1"]

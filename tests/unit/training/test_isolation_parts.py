@@ -4,15 +4,23 @@ import torch
 
 from megatron_pack.data.collate import collate_thd
 from megatron_pack.training.isolation_report import format_report
-from megatron_pack.training.isolation_rows import (AuditBatch, alone, local_positions, perturbed, positions_restart,
-                                                    row_docs, straddling)
+from megatron_pack.training.isolation_rows import (
+    AuditBatch,
+    alone,
+    local_positions,
+    perturbed,
+    positions_restart,
+    row_docs,
+    straddling,
+)
 from megatron_pack.training.isolation_verdict import merge, reason, verdict
 
 
 def _item(lengths, S, multiple=1):
     """A dataset-like row: documents of ``lengths`` (ids 10+), padded to ``multiple`` each (CP)."""
-    from megatron_pack.data.packed_dataset import PackedSFTDataset
     import numpy as np
+
+    from megatron_pack.data.packed_dataset import PackedSFTDataset
 
     ds = PackedSFTDataset.__new__(PackedSFTDataset)
     ds.padded_length, ds.pad_token_id, ds.document_mask = S, 0, True

@@ -44,8 +44,8 @@ def both_kinds(tmp_path_factory, wordlevel_dir, sp_bpe_model):
 
 
 def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds, tmp_path):
-    from megatron_pack.tokenization.tokenizer import load_tokenizer
     from megatron_pack.files.indexed import SFTDatasetWriter
+    from megatron_pack.tokenization.tokenizer import load_tokenizer
 
     prefix = str(tmp_path / "sft")  # the run checks the data's ids against the vocabulary
     with SFTDatasetWriter(prefix) as w:

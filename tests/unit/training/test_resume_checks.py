@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_pack.model.presets import get_preset
 from megatron_pack.config.spec import CheckpointArgs, ConfigError, OptimArgs
+from megatron_pack.model.presets import get_preset
 from megatron_pack.training.restore import _schedule_hook, architecture_record, check_architecture
 from megatron_pack.training.schedule import build_scheduler
 
@@ -94,9 +94,9 @@ def test_both_scheduler_flags_refused():
 
 
 def test_training_setup_checks_token_ids_once_against_the_vocabulary(tmp_path):
+    from megatron_pack.config.spec import DataArgs, ModelArgs, TrainArgs, TrainConfig
     from megatron_pack.files.indexed import SFTDatasetWriter
     from megatron_pack.files.indexed_check import DatasetError
-    from megatron_pack.config.spec import DataArgs, ModelArgs, TrainArgs, TrainConfig
     from megatron_pack.training.setup import resolve_vocab_size
 
     prefix = str(tmp_path / "d")

@@ -95,9 +95,9 @@ def megatron_step(hf_dir: Path, prefix: str, n_seq: int, work: Path, *, mask: bo
     """One SGD step the user's way (the global batch = every sequence, several micro-batches);
     returns (first-step loss, lr, exported HF state dict)."""
     micro = 2 if n_seq % 2 == 0 and n_seq > 2 else 1
+    from megatron_pack.config.cli import parse_args
     from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf
     from megatron_pack.parallel import cpu_compat
-    from megatron_pack.config.cli import parse_args
     from megatron_pack.training.loop import train
 
     imp, ck, out = work / "import", work / "ckpt", work / "exported"

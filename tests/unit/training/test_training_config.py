@@ -1,7 +1,6 @@
 """The training CLI is generated from the config dataclasses: names, bool pairs, checks."""
 
 import dataclasses
-
 import json
 
 import pytest
