@@ -15,7 +15,6 @@ writer per ``--save`` directory, and writer processes that die with the run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -23,17 +22,11 @@ import socket
 
 from megatron_pack.checkpoint.iterations import CheckpointError
 from megatron_pack.files.atomic import write_json_atomic
+from megatron_pack.files.digest import sha256_file
 
 MANIFEST = "checksums.json"
 LOCK_NAME = ".lock"
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(directory: str) -> list[str]:
@@ -48,7 +41,7 @@ def _files(directory: str) -> list[str]:
 
 def write_manifest(directory: str) -> str:
     """``directory/checksums.json``: ``{relative path: sha256}`` of every other file."""
-    digests = {rel: _sha256(os.path.join(directory, rel)) for rel in _files(directory)}
+    digests = {rel: sha256_file(os.path.join(directory, rel)) for rel in _files(directory)}
     return write_json_atomic({"sha256": digests}, os.path.join(directory, MANIFEST))
 
 
@@ -73,7 +66,7 @@ def verify_manifest(directory: str) -> int:
             raise CheckpointError(f"{path}: entry {rel!r} points outside the checkpoint")
         if not os.path.isfile(full):
             raise CheckpointError(f"{full}: listed in {MANIFEST} but missing")
-        got = _sha256(full)
+        got = sha256_file(full)
         if got != want:
             raise CheckpointError(f"{full}: SHA-256 {got[:16]}… differs from the manifest's {str(want)[:16]}… "
                                   "(corrupted or edited after save)")

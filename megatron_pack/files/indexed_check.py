@@ -30,12 +30,13 @@ Every failure names the file, the document and the reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 
 import numpy as np
+
+from megatron_pack.files.digest import sha256_file
 
 #: Preprocessing's summary beside the dataset: written last, it names the files it vouches for.
 SUMMARY_SUFFIX = "_summary.json"
@@ -194,13 +195,6 @@ def check_token_ids(prefix: str, vocab_size: int, lengths: np.ndarray | None = N
                        f"{vocab_size} (--vocab-size / --tokenizer-model too small, or the wrong tokenizer)")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def dataset_manifest(files, names=None, hash_also=()) -> dict:
     """``{name: {"bytes": size[, "sha256": ...]}}`` for the dataset's ``files`` (``names``: the
@@ -212,7 +206,7 @@ def dataset_manifest(files, names=None, hash_also=()) -> dict:
     for i, f in enumerate(files):
         entry = {"bytes": os.path.getsize(f)}
         if f.endswith(".idx") or f in hash_also:
-            entry["sha256"] = _sha256(f)
+            entry["sha256"] = sha256_file(f)
         out[names[i] if names is not None else os.path.basename(f)] = entry
     return out
 
@@ -277,7 +271,7 @@ def check_summary(prefix: str, files, mask_bin: str | None = None) -> None:
         want = vouched.get(os.path.basename(f)) if isinstance(vouched, dict) else None
         have = {"bytes": os.path.getsize(f)}
         if isinstance(want, dict) and "sha256" in want:  # what the summary recorded is what is compared
-            have["sha256"] = _sha256(f)
+            have["sha256"] = sha256_file(f)
         if want != have:
             differ.append((f, want, have))
     if mask_bin is not None and [f for f, _, _ in differ] == [mask_bin]:
