@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_pack.demo import add_speedups, format_results, summarize_run
-from megatron_pack.experiment import timing
+from megatron_pack.experiment import timing_rounds as timing
 from megatron_pack.experiment.settings import expand_settings
 
 
