@@ -31,8 +31,10 @@ def rank_env(rank: int, nprocs: int, port: int, **extra) -> dict:
                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **extra)
 
 
-def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0, worker: Path = WORKER) -> list[dict]:
-    """Run ``worker args`` (default ``_worker.py``) on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
+def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0, worker: Path | None = None) -> list[dict]:
+    """Run ``worker args`` (default: the module's ``WORKER``, read at call time so tests can
+    monkeypatch it) on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
+    worker = worker or WORKER
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
