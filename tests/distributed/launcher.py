@@ -31,7 +31,8 @@ def rank_env(rank: int, nprocs: int, port: int, **extra) -> dict:
                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **extra)
 
 
-def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0, worker: Path | None = None) -> list[dict]:
+def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0,
+           worker: Path | None = None) -> list[dict]:
     """Run ``worker args`` (default: the module's ``WORKER``, read at call time so tests can
     monkeypatch it) on ``nprocs`` ranks; returns each rank's ``rank{r}.json``."""
     worker = worker or WORKER
