@@ -100,7 +100,9 @@ def make_measure_dataset(prefix: str, seq_length: int, n: int, seed: int) -> str
     rng = np.random.default_rng(seed)
     with SFTDatasetWriter(prefix) as w:
         for i in range(n):
-            length = int(rng.integers(int(0.85 * seq_length), seq_length)) if i % 25 == 0 else int(rng.integers(40, 300))
+            length = (
+                int(rng.integers(int(0.85 * seq_length), seq_length)) if i % 25 == 0 else int(rng.integers(40, 300))
+            )
             toks = rng.integers(1, 250, length).tolist()
             prompt = max(1, length // 4)
             w.add(toks, [0] * prompt + [1] * (length - prompt), [0, prompt])
@@ -116,13 +118,32 @@ def _launch(nprocs: int, args: list, workdir: str, name: str, timeout: float) ->
     log = os.path.join(workdir, f"{name}.jsonl")
     procs = []
     for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nprocs),
+            LOCAL_WORLD_SIZE=str(nprocs),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONPATH=os.environ.get("PYTHONPATH", ""),
+        )
         out = open(os.path.join(workdir, f"{name}.rank{rank}.log"), "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "megatron_pack.train", *args, "--log-file", log],
-                                       env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT), out))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "megatron_pack.train", *args, "--log-file", log],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                ),
+                out,
+            )
+        )
     deadline = time.monotonic() + timeout
     for p, out in procs:
         try:
@@ -140,25 +161,54 @@ def _launch(nprocs: int, args: list, workdir: str, name: str, timeout: float) ->
 def measured(args) -> dict:
     work = args.workdir or tempfile.mkdtemp(prefix="bench_balance_")
     prefix = make_measure_dataset(os.path.join(work, "sft"), args.measure_seq_length, 400, args.seed)
-    common = ["--model", "tiny", "--vocab-size", "256", "--seq-length", str(args.measure_seq_length),
-              "--micro-batch-size", "1", "--global-batch-size", str(2 * args.measure_seq_per_rank),
-              "--train-iters", str(args.measure_steps), "--valid-fraction", "0", "--lr", "1e-3",
-              "--data-path", prefix, "--log-interval", "1", "--seed", str(args.seed)]
-    out = {"seq_length": args.measure_seq_length, "seq_per_rank": args.measure_seq_per_rank,
-           "steps": args.measure_steps}
+    common = [
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "256",
+        "--seq-length",
+        str(args.measure_seq_length),
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        str(2 * args.measure_seq_per_rank),
+        "--train-iters",
+        str(args.measure_steps),
+        "--valid-fraction",
+        "0",
+        "--lr",
+        "1e-3",
+        "--data-path",
+        prefix,
+        "--log-interval",
+        "1",
+        "--seed",
+        str(args.seed),
+    ]
+    out = {
+        "seq_length": args.measure_seq_length,
+        "seq_per_rank": args.measure_seq_per_rank,
+        "steps": args.measure_steps,
+    }
     for name, flag in (("contiguous", "--no-balance-batches"), ("balanced", "--balance-batches")):
         recs = _launch(2, common + [flag], work, name, timeout=args.measure_timeout)
         timed = recs[1:] or recs
-        out[name] = {"median_step_s": float(np.median([r["elapsed ms"] for r in timed]) / 1000),
-                     "mean_step_s": float(np.mean([r["elapsed ms"] for r in timed]) / 1000),
-                     "imbalance": float(np.mean([r["compute imbalance"] for r in timed])),
-                     "loss": [r["lm loss"] for r in recs]}
-        print(f"measured {name}: median step {out[name]['median_step_s']:.2f} s, predicted imbalance "
-              f"{out[name]['imbalance']:.3f}", flush=True)
+        out[name] = {
+            "median_step_s": float(np.median([r["elapsed ms"] for r in timed]) / 1000),
+            "mean_step_s": float(np.mean([r["elapsed ms"] for r in timed]) / 1000),
+            "imbalance": float(np.mean([r["compute imbalance"] for r in timed])),
+            "loss": [r["lm loss"] for r in recs],
+        }
+        print(
+            f"measured {name}: median step {out[name]['median_step_s']:.2f} s, predicted imbalance "
+            f"{out[name]['imbalance']:.3f}",
+            flush=True,
+        )
     out["speedup"] = out["contiguous"]["median_step_s"] / out["balanced"]["median_step_s"]
     out["predicted_speedup"] = out["contiguous"]["imbalance"] / out["balanced"]["imbalance"]
-    print(f"measured speedup {out['speedup']:.3f}x (predicted from the logged imbalance "
-          f"{out['predicted_speedup']:.3f}x)")
+    print(
+        f"measured speedup {out['speedup']:.3f}x (predicted from the logged imbalance {out['predicted_speedup']:.3f}x)"
+    )
     return out
 
 

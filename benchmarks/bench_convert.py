@@ -81,7 +81,8 @@ SAVE_DIST = textwrap.dedent("""
         it = os.path.join(out, "iter_0000001")
         os.makedirs(it)
         dist_checkpointing.save({"model": model.sharded_state_dict()}, it)
-        json.dump({"model": {"model": "hf", "vocab_size": preset.vocab_size}}, open(os.path.join(it, "run_config.json"), "w"))
+        with open(os.path.join(it, "run_config.json"), "w") as fh:
+            json.dump({"model": {"model": "hf", "vocab_size": preset.vocab_size}}, fh)
         open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write("1")
 
     if __name__ == "__main__":
@@ -108,8 +109,9 @@ def write_hf(path: str, cfg: dict, dtype: torch.dtype, shard_bytes: int) -> int:
 
 def measure(kind: str, src: str, dst: str, extra: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-c", MEASURE, kind, src, dst, json.dumps(extra)], env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", MEASURE, kind, src, dst, json.dumps(extra)], env=env, capture_output=True, text=True
+    )
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -129,9 +131,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-           "intermediate_size": args.ffn, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
-           "num_hidden_layers": args.layers, "vocab_size": args.vocab, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.ffn,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.layers,
+        "vocab_size": args.vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    }
     preset = preset_from_hf_config(cfg)
     el = torch.tensor([], dtype=dtype).element_size()
     layer_bytes = sum(int(torch.Size(s).numel()) for s in M.hf_shapes(preset)["layer"].values()) * el
@@ -143,34 +154,58 @@ def main(argv=None):
         model_bytes = write_hf(hf, cfg, dtype, shard_bytes=200 * 10**6)
         imp, back, dist, back2 = (os.path.join(root, n) for n in ("imp", "back", "dist", "back_dist"))
         shard = 100 * 10**6
-        runs = [("hf-to-megatron TP2 PP2", "hf-to-megatron", hf, imp,
-                 {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
-                ("megatron-to-hf from import", "megatron-to-hf", imp, back, {"max_shard_size": shard})]
+        runs = [
+            (
+                "hf-to-megatron TP2 PP2",
+                "hf-to-megatron",
+                hf,
+                imp,
+                {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
+            ),
+            ("megatron-to-hf from import", "megatron-to-hf", imp, back, {"max_shard_size": shard}),
+        ]
         for name, kind, src, dst, extra in runs:
             rows.append({"conversion": name, **measure(kind, src, dst, extra)})
         if not args.no_dist:
             imp1 = os.path.join(root, "imp1")
             measure("hf-to-megatron", hf, imp1, {})
-            subprocess.run([sys.executable, "-c", SAVE_DIST, imp1, dist], check=True, capture_output=True,
-                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            subprocess.run(
+                [sys.executable, "-c", SAVE_DIST, imp1, dist],
+                check=True,
+                capture_output=True,
+                env=dict(os.environ, PYTHONWARNINGS="ignore"),
+            )
             shutil.rmtree(imp1)
             rows.append({"conversion": "megatron-to-hf from torch_dist", **measure_dist(dist, back2, shard, cfg)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     mb = 2**20
-    print(f"model {model_bytes / mb:.0f} MiB ({args.dtype}, {args.layers} layers, hidden {args.hidden}, ffn "
-          f"{args.ffn}, vocab {args.vocab}); one layer {layer_bytes / mb:.0f} MiB, one embedding table "
-          f"{table_bytes / mb:.0f} MiB, output shard limit {shard / mb:.0f} MiB")
+    print(
+        f"model {model_bytes / mb:.0f} MiB ({args.dtype}, {args.layers} layers, hidden {args.hidden}, ffn "
+        f"{args.ffn}, vocab {args.vocab}); one layer {layer_bytes / mb:.0f} MiB, one embedding table "
+        f"{table_bytes / mb:.0f} MiB, output shard limit {shard / mb:.0f} MiB"
+    )
     print(f"{'conversion':34s} {'peak RSS growth':>16s} {'x model':>8s} {'x layer':>8s} {'seconds':>8s}")
     for r in rows:
-        print(f"{r['conversion']:34s} {r['growth'] / mb:13.0f} MiB {r['growth'] / model_bytes:8.2f} "
-              f"{r['growth'] / layer_bytes:8.2f} {r['seconds']:8.1f}")
+        print(
+            f"{r['conversion']:34s} {r['growth'] / mb:13.0f} MiB {r['growth'] / model_bytes:8.2f} "
+            f"{r['growth'] / layer_bytes:8.2f} {r['seconds']:8.1f}"
+        )
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"model_bytes": model_bytes, "layer_bytes": layer_bytes, "table_bytes": table_bytes,
-                       "rows": rows, "args": vars(args)}, f, indent=1)
+            json.dump(
+                {
+                    "model_bytes": model_bytes,
+                    "layer_bytes": layer_bytes,
+                    "table_bytes": table_bytes,
+                    "rows": rows,
+                    "args": vars(args),
+                },
+                f,
+                indent=1,
+            )
 
 
 def measure_dist(dist: str, out: str, shard: int, cfg: dict) -> dict:
@@ -181,10 +216,15 @@ def measure_dist(dist: str, out: str, shard: int, cfg: dict) -> dict:
         "from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf\n"
         "from megatron_pack.convert.hf_config import preset_from_hf_config\n"
         "from megatron_pack.model import presets\n"
-        f"presets.PRESETS['hf'] = preset_from_hf_config({cfg!r})")
+        f"presets.PRESETS['hf'] = preset_from_hf_config({cfg!r})",
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-c", code, "megatron-to-hf", dist, out,
-                          json.dumps({"max_shard_size": shard})], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code, "megatron-to-hf", dist, out, json.dumps({"max_shard_size": shard})],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -82,9 +82,12 @@ def main(argv=None):
     turns = lambda i: tstarts[toff[i] : toff[i + 1]]  # noqa: E731
     print(f"{lengths.size:,} samples, {int(lengths.sum()):,} tokens; length p50 {int(np.median(lengths))}, "
           f"p99 {int(np.percentile(lengths, 99))}, max {int(lengths.max())}; over-long policy {args.overlong}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; C++ seconds = best of {args.repeats}\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; C++ seconds = best of {args.repeats}\n"
+    )
     rows = []
-    head = "| max len | mode | sequences | efficiency | bound eff. | gap (pts) | vs bfd (pts) | C++ s | reference s | same plan |"
+    head = ("| max len | mode | sequences | efficiency | bound eff. | gap (pts) | vs bfd (pts) | C++ s "
+            "| reference s | same plan |")
     print(head)
     print("|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|")
     for cap in map(int, args.max_lengths.split(",")):
@@ -95,21 +98,34 @@ def main(argv=None):
             ref_sec, same = None, None
             if not args.no_reference:
                 ref, ref_sec = timed(lambda: build_plan(lengths, cap, mode, engine="reference", **kw), 1)
-                same = bool(np.array_equal(ref.pieces, plan.pieces) and np.array_equal(ref.seq_offsets, plan.seq_offsets))
+                same = bool(
+                    np.array_equal(ref.pieces, plan.pieces) and np.array_equal(ref.seq_offsets, plan.seq_offsets)
+                )
             lb_eff = plan.stats.placed_tokens / (plan.lower_bound_sequences * cap)
             if mode == "bfd":
                 bfd_eff = plan.efficiency
-            row = {"max_seq_length": cap, "mode": plan.mode, "num_sequences": plan.num_sequences,
-                   "efficiency": plan.efficiency, "lower_bound_efficiency": lb_eff,
-                   "gap_points": 100 * (lb_eff - plan.efficiency),
-                   "vs_bfd_points": None if bfd_eff is None else 100 * (bfd_eff - plan.efficiency),
-                   "cpp_seconds": sec, "reference_seconds": ref_sec, "same_plan": same,
-                   "split_samples": plan.stats.split_items, "truncated_samples": plan.stats.truncated_docs}
+            row = {
+                "max_seq_length": cap,
+                "mode": plan.mode,
+                "num_sequences": plan.num_sequences,
+                "efficiency": plan.efficiency,
+                "lower_bound_efficiency": lb_eff,
+                "gap_points": 100 * (lb_eff - plan.efficiency),
+                "vs_bfd_points": None if bfd_eff is None else 100 * (bfd_eff - plan.efficiency),
+                "cpp_seconds": sec,
+                "reference_seconds": ref_sec,
+                "same_plan": same,
+                "split_samples": plan.stats.split_items,
+                "truncated_samples": plan.stats.truncated_docs,
+            }
             rows.append(row)
             vs = "" if row["vs_bfd_points"] is None else f"{row['vs_bfd_points']:.2f}"
-            print(f"| {cap} | {plan.mode} | {plan.num_sequences:,} | {plan.efficiency:.2%} | {lb_eff:.2%} | "
-                  f"{row['gap_points']:.2f} | {vs} | {sec:.3f} | {'' if ref_sec is None else f'{ref_sec:.2f}'} | "
-                  f"{'' if same is None else ('yes' if same else 'NO')} |", flush=True)
+            print(
+                f"| {cap} | {plan.mode} | {plan.num_sequences:,} | {plan.efficiency:.2%} | {lb_eff:.2%} | "
+                f"{row['gap_points']:.2f} | {vs} | {sec:.3f} | {'' if ref_sec is None else f'{ref_sec:.2f}'} | "
+                f"{'' if same is None else ('yes' if same else 'NO')} |",
+                flush=True,
+            )
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)

@@ -162,7 +162,8 @@ def print_rows(rows, base):
     print(f"| {'method':48s} | {'seconds':>8s} | {'conv/s':>8s} | {'tokens/s':>10s} | {'vs baseline':>11s} | check |")
     print(f"|{'-' * 50}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|-------|")
     for name, secs, nconv, ntok, check in rows:
-        print(f"| {name:48s} | {secs:8.2f} | {nconv / secs:8.0f} | {ntok / secs:10.0f} | {base / secs:10.2f}x | {check:5s} |")
+        print(f"| {name:48s} | {secs:8.2f} | {nconv / secs:8.0f} | {ntok / secs:10.0f} | "
+              f"{base / secs:10.2f}x | {check:5s} |")
 
 
 def main():
@@ -199,20 +200,36 @@ def main():
         for w in args.workers:
             prefix = os.path.join(args.workdir, f"w{w}_{'fast' if fast else 'hf'}")
             t = time.perf_counter()
-            s = preprocess(PreprocessConfig([jsonl], tok_dir, prefix, chat_template="llama3", workers=w,
-                                            fast_tokenizer=fast, progress=False, plot=False))
+            s = preprocess(
+                PreprocessConfig(
+                    [jsonl],
+                    tok_dir,
+                    prefix,
+                    chat_template="llama3",
+                    workers=w,
+                    fast_tokenizer=fast,
+                    progress=False,
+                    plot=False,
+                )
+            )
             secs = time.perf_counter() - t
             same = s["tokens"] == tokens and s["supervised_tokens"] == supervised
             backend = s["tokenizer"]["kind"]
-            rows.append((f"preprocess --workers {w} [{backend}]", secs, s["conversations"]["read"], s["tokens"],
-                         "ok" if same else "MISMATCH"))
+            rows.append(
+                (
+                    f"preprocess --workers {w} [{backend}]",
+                    secs,
+                    s["conversations"]["read"],
+                    s["tokens"],
+                    "ok" if same else "MISMATCH",
+                )
+            )
             with open(prefix + ".bin", "rb") as f:
                 outputs.append(hash(f.read()))
     identical = len(set(outputs)) == 1
 
     print(f"\ntoken files identical across all preprocess runs: {identical}")
-    print(f"{args.num} conversations, {tokens} tokens ({tokens / n:.0f}/conversation), "
-          f"{os.cpu_count()} CPUs visible\n")
+    print(f"{args.num} conversations, {tokens} tokens ({tokens / n:.0f}/conversation), {os.cpu_count()} CPUs visible\n")
     print_rows(rows, base)
 
 

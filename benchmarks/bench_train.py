@@ -6,8 +6,8 @@
 Each mode trains the tiny model for ``--steps`` optimizer steps of ``--global-batch-size``
 sequences of ``--seq-length`` tokens (the first step is warm-up and not timed). Real
 tokens/s = mean real (non-padding) tokens per step / median step time; the median keeps a
-shared machine's stalls out, and the best of ``--repeats`` runs is kept. A step processes the same number of token slots in
-every mode, so if step time did not depend on the mode, a mode's speedup over ``padding``
+shared machine's stalls out, and the best of ``--repeats`` runs is kept. A step processes the
+same number of token slots in every mode, so if step time did not depend on the mode, a mode's speedup over ``padding``
 would be exactly the *ideal speedup* = padding's sequences / the mode's sequences (the
 same tokens in fewer sequences). The table shows how much of it each mode keeps; the rest
 goes to per-segment attention overhead and the sum(s_i^2) attention cost of longer rows.
@@ -82,7 +82,10 @@ def format_rows(rows) -> str:
               f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
               f"{r['of_ideal']:.0%}"] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda xs: "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"  # noqa: E731
+
+    def line(xs):
+        return "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"
+
     return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(c) for c in cells)])
 
 

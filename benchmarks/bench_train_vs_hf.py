@@ -398,10 +398,14 @@ def run_all(args) -> dict:
                 print(f"  round {rnd + 1} {setting:>12}: {r['skipped']}", flush=True)
                 best.setdefault(setting, r)
                 continue
-            print(f"  round {rnd + 1} {setting:>12}: {r['tokens_per_s']:,.0f} real tokens/s, "
-                  f"{r['step_s'] * 1000:.0f} ms/step, padding {r['padding_fraction']:.1%}, "
-                  f"loss {r['loss']:.3f}" + (f", {r['tokens_per_cpu_s']:,.0f} per CPU-s" if "tokens_per_cpu_s" in r else "")
-                  + f" ({r['wall_s']:.0f} s)", flush=True)
+            print(
+                f"  round {rnd + 1} {setting:>12}: {r['tokens_per_s']:,.0f} real tokens/s, "
+                f"{r['step_s'] * 1000:.0f} ms/step, padding {r['padding_fraction']:.1%}, "
+                f"loss {r['loss']:.3f}"
+                + (f", {r['tokens_per_cpu_s']:,.0f} per CPU-s" if "tokens_per_cpu_s" in r else "")
+                + f" ({r['wall_s']:.0f} s)",
+                flush=True,
+            )
             if "tokens_per_s" not in best.get(setting, {}) or r["tokens_per_s"] > best[setting]["tokens_per_s"]:
                 best[setting] = r
     rows = [{"setting": s, **best[s]} for s in args.settings if s in best]
@@ -414,10 +418,18 @@ def run_all(args) -> dict:
             r["vs_best_hf_cpu"] = r["tokens_per_cpu_s"] / top["tokens_per_cpu_s"]
     if args.device == "cuda":
         _add_mfu(rows, info, args)
-    return {"shape": asdict(SHAPES[args.shape]), "shape_name": args.shape, "params": info["params"], "device": args.device,
-            "seq_length": args.seq_length, "global_batch_size": args.global_batch_size,
-            "micro_batch_size": args.micro_batch_size, "steps": args.steps, "best_hf": top and top["setting"],
-            "rows": rows}
+    return {
+        "shape": asdict(SHAPES[args.shape]),
+        "shape_name": args.shape,
+        "params": info["params"],
+        "device": args.device,
+        "seq_length": args.seq_length,
+        "global_batch_size": args.global_batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "steps": args.steps,
+        "best_hf": top and top["setting"],
+        "rows": rows,
+    }
 
 
 def _add_mfu(rows: list, info: dict, args) -> None:
@@ -434,8 +446,9 @@ def _add_mfu(rows: list, info: dict, args) -> None:
     if gpu is None:
         return
     convs = json.load(open(info["convs.json"]))
-    per_token = flops_per_real_token(CostModel.from_architecture(load_hf_architecture(info["hf"])),
-                                     [len(c["input_ids"]) for c in convs])
+    per_token = flops_per_real_token(
+        CostModel.from_architecture(load_hf_architecture(info["hf"])), [len(c["input_ids"]) for c in convs]
+    )
     for r in rows:
         if "tokens_per_s" in r:
             r["mfu"] = mfu(r["tokens_per_s"], per_token, gpu.peak_flops)
@@ -452,16 +465,28 @@ def format_table(report: dict) -> str:
         if "tokens_per_s" not in r:
             cells.append([r["setting"], f"not run: {r.get('skipped')}"] + [""] * (len(heads) - 2))
             continue
-        c = [r["setting"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s'] * 1000:,.0f}", f"{r['padding_fraction']:.1%}",
-             f"{r['peak_memory_gib']:.2f} GiB", f"{r['loss']:.3f}", f"{r.get('vs_best_hf', float('nan')):.2f}x"]
+        c = [
+            r["setting"],
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_s'] * 1000:,.0f}",
+            f"{r['padding_fraction']:.1%}",
+            f"{r['peak_memory_gib']:.2f} GiB",
+            f"{r['loss']:.3f}",
+            f"{r.get('vs_best_hf', float('nan')):.2f}x",
+        ]
         if "MFU" in heads:
             c.insert(2, f"{r['mfu']:.1%}" if "mfu" in r else "")
         if "real tokens/CPU-s" in heads:
             c.insert(2, f"{r['tokens_per_cpu_s']:,.0f}" if "tokens_per_cpu_s" in r else "")
         cells.append(c)
     line = lambda xs: "| " + " | ".join(xs) + " |"  # noqa: E731
-    return "\n".join([line(heads), "|" + "|".join("---" if i == 0 else "---:" for i in range(len(heads))) + "|",
-                      *(line(c) for c in cells)])
+    return "\n".join(
+        [
+            line(heads),
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(heads))) + "|",
+            *(line(c) for c in cells),
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -470,7 +495,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seq-length", type=int, default=None, help="default 512 (cpu, tiny), 2048 (1b)")
     p.add_argument("--global-batch-size", type=int, default=8, help="rows per step")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="megatron_pack (default: global on GPU, 4 on CPU)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="megatron_pack (default: global on GPU, 4 on CPU)"
+    )
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per setting (the first is not timed)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over the settings; the fastest round is kept")
     p.add_argument("--conversations", type=int, default=1200)
@@ -480,8 +507,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="default outputs/bench_train_vs_hf/<shape>-<seq>")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting settings after this many seconds")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per setting")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per setting (0: torch's default); 1 keeps "
-                                                          "a loaded machine's figures steadier")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per setting (0: torch's default); 1 keeps a loaded machine's figures steadier",
+    )
     p.add_argument("--json")
     p.add_argument("--markdown", help="also write the table (with the run's settings) to this file")
     p.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -491,8 +522,10 @@ def main(argv=None) -> int:
     if args.micro_batch_size is None:
         args.micro_batch_size = args.global_batch_size if args.device == "cuda" else min(4, args.global_batch_size)
     if args.global_batch_size % args.micro_batch_size:
-        p.error(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-                f"{args.micro_batch_size}")
+        p.error(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size}"
+        )
     if args.workdir is None:
         args.workdir = os.path.join("outputs", "bench_train_vs_hf", f"{args.shape}-{args.seq_length}-{args.device}")
     args.workdir = os.path.abspath(args.workdir)
@@ -510,19 +543,25 @@ def main(argv=None) -> int:
     import torch
 
     load = os.getloadavg()
-    print(f"bench_train_vs_hf: shape {args.shape}, {args.device}, seq {args.seq_length}, {args.global_batch_size} rows "
-          f"per step (micro {args.micro_batch_size}), {args.steps} steps x {args.repeats} rounds, torch threads "
-          f"{args.threads or torch.get_num_threads()}, load average {load[0]:.2f}", flush=True)
+    print(
+        f"bench_train_vs_hf: shape {args.shape}, {args.device}, seq {args.seq_length}, {args.global_batch_size} rows "
+        f"per step (micro {args.micro_batch_size}), {args.steps} steps x {args.repeats} rounds, torch threads "
+        f"{args.threads or torch.get_num_threads()}, load average {load[0]:.2f}",
+        flush=True,
+    )
     report = run_all(args)
     report["load_before"], report["load_after"] = load, os.getloadavg()
     print(f"{report['params'] / 1e6:.1f}M parameters; load average after {report['load_after'][0]:.2f}")
     print(format_table(report))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"# megatron_pack vs transformers / TRL: {report['params'] / 1e6:.0f}M parameters, "
-                    f"{args.device}, seq {args.seq_length}, {args.global_batch_size} rows per step\n\n"
-                    f"load average {load[0]:.2f} before, {report['load_after'][0]:.2f} after\n\n"
-                    + format_table(report) + "\n")
+            f.write(
+                f"# megatron_pack vs transformers / TRL: {report['params'] / 1e6:.0f}M parameters, "
+                f"{args.device}, seq {args.seq_length}, {args.global_batch_size} rows per step\n\n"
+                f"load average {load[0]:.2f} before, {report['load_after'][0]:.2f} after\n\n"
+                + format_table(report)
+                + "\n"
+            )
     if args.json:
         from megatron_pack.files.atomic import write_json_atomic
 

@@ -20,8 +20,8 @@ as Megatron-LM's TensorBoard names them (``lm-loss``, ``lm-loss/<source>``, ``re
 ``consumed samples`` keeps Megatron-LM's meaning: training *sequences*
 (packed rows of ``--seq-length`` tokens) so far, global batch x steps. ``conversations/s``
 counts the conversations (pieces, where a mode splits one) inside those sequences per second:
-with packing there are several per sequence, so the two are different units on purpose. Only one rank prints (the last rank, Megatron's ``print_rank_last``,
-which owns the loss).
+with packing there are several per sequence, so the two are different units on purpose. Only
+one rank prints (the last rank, Megatron's ``print_rank_last``, which owns the loss).
 """
 
 from __future__ import annotations
@@ -34,8 +34,16 @@ import sys
 import warnings
 
 #: Step figures written as scalars (console key -> scalar name, Megatron-LM's TensorBoard style).
-STEP_SCALARS = ("lm loss", "learning rate", "grad norm", "real tokens/s", "padding fraction", "conversations/s",
-                "compute imbalance", "rows")
+STEP_SCALARS = (
+    "lm loss",
+    "learning rate",
+    "grad norm",
+    "real tokens/s",
+    "padding fraction",
+    "conversations/s",
+    "compute imbalance",
+    "rows",
+)
 
 
 def scalar_name(key: str) -> str:
@@ -89,9 +97,13 @@ class WandbWriter:
         self.run.finish()
 
 
-def open_writers(tensorboard_dir: str | None = None, wandb_project: str | None = None,
-                 wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
-                 run_config: dict | None = None) -> list:
+def open_writers(
+    tensorboard_dir: str | None = None,
+    wandb_project: str | None = None,
+    wandb_exp_name: str | None = None,
+    wandb_save_dir: str | None = None,
+    run_config: dict | None = None,
+) -> list:
     """The scalar writers a run asked for; a missing tensorboard package is a warning (console
     logging continues), as before."""
     writers = []
@@ -99,24 +111,36 @@ def open_writers(tensorboard_dir: str | None = None, wandb_project: str | None =
         try:
             writers.append(TensorBoardWriter(tensorboard_dir))
         except ImportError:
-            warnings.warn("--tensorboard-dir given but the tensorboard package is not installed; "
-                          "pip install tensorboard (console logging continues)")
+            warnings.warn(
+                "--tensorboard-dir given but the tensorboard package is not installed; "
+                "pip install tensorboard (console logging continues)"
+            )
     if wandb_project:
         writers.append(WandbWriter(wandb_project, wandb_exp_name, wandb_save_dir, run_config))
     return writers
 
 
 class TrainingLogger:
-    def __init__(self, enabled: bool, train_iters: int, tensorboard_dir: str | None = None,
-                 log_file: str | None = None, stream=None, *, wandb_project: str | None = None,
-                 wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        train_iters: int,
+        tensorboard_dir: str | None = None,
+        log_file: str | None = None,
+        stream=None,
+        *,
+        wandb_project: str | None = None,
+        wandb_exp_name: str | None = None,
+        wandb_save_dir: str | None = None,
+        run_config: dict | None = None,
+    ):
         self.enabled = enabled
         self.train_iters = train_iters
         self.stream = stream or sys.stdout
         self.log_file = log_file if enabled else None
-        self.writers = open_writers(tensorboard_dir, wandb_project, wandb_exp_name, wandb_save_dir,
-                                    run_config) if enabled else []
+        self.writers = (
+            open_writers(tensorboard_dir, wandb_project, wandb_exp_name, wandb_save_dir, run_config) if enabled else []
+        )
 
     def _scalars(self, scalars: dict, step: int) -> None:
         for w in self.writers:  # one set of scalars, every writer
@@ -138,8 +162,10 @@ class TrainingLogger:
         """``by_source``: ``{source name: (loss, tokens)}`` of a blended held-out set."""
         line = format_validation(f"iteration {iteration}", loss)
         bar = "-" * (len(line) + 1)
-        extra = "".join(f"\n validation loss of source {n} | lm loss value: {v:.6E} | tokens: {c} |"
-                        for n, (v, c) in (by_source or {}).items())
+        extra = "".join(
+            f"\n validation loss of source {n} | lm loss value: {v:.6E} | tokens: {c} |"
+            for n, (v, c) in (by_source or {}).items()
+        )
         self.print(f"{bar}\n{line}{extra}\n{bar}")
         self._scalars(validation_scalars(loss, by_source), iteration)
         rec = {"iteration": iteration, "validation lm loss": loss, "validation tokens": tokens}

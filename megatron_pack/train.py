@@ -57,7 +57,13 @@ def main(argv=None) -> int:
 
     try:
         train(config)
-    except (ConfigError, ConversionError, DatasetError, CheckpointError, FileNotFoundError) as e:  # bad settings or files
+    except (
+        ConfigError,
+        ConversionError,
+        DatasetError,
+        CheckpointError,
+        FileNotFoundError,
+    ) as e:  # bad settings or files
         return refusal(PROG, str(e))
     except (NonFiniteLossError, CheckpointSaveError, IsolationLeakError) as e:  # it ran and failed (README: exit 1)
         return refusal("", str(e), status=1)

@@ -187,7 +187,8 @@ def check_generation(model_dir: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=default_cache(), help="default $MEGATRON_PACK_CACHE or ~/.cache/megatron_pack")
+    p.add_argument("--cache-dir", default=default_cache(),
+                   help="default $MEGATRON_PACK_CACHE or ~/.cache/megatron_pack")
     p.add_argument("--what", nargs="+", choices=("model", "corpus"), default=["model", "corpus"])
     p.add_argument("--no-check", action="store_true", help="skip the template and generation checks")
     p.add_argument("--force", action="store_true", help="convert again even if the output exists")
@@ -195,8 +196,10 @@ def main(argv=None) -> int:
     if "model" in args.what:
         missing = [m for m in ("gguf", "accelerate", "transformers", "torch") if _absent(m)]
         if missing:
-            print(f"error: converting the GGUF needs {', '.join(missing)}: pip install {' '.join(missing)}",
-                  file=sys.stderr)
+            print(
+                f"error: converting the GGUF needs {', '.join(missing)}: pip install {' '.join(missing)}",
+                file=sys.stderr,
+            )
             return 2
     cache = os.path.abspath(args.cache_dir)
     os.makedirs(cache, exist_ok=True)
@@ -217,8 +220,10 @@ def main(argv=None) -> int:
         print(f"error: check failed: {e}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as e:
-        print(f"error: {' '.join(e.cmd[2:5])} failed (exit {e.returncode}); is the package index reachable?",
-              file=sys.stderr)
+        print(
+            f"error: {' '.join(e.cmd[2:5])} failed (exit {e.returncode}); is the package index reachable?",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

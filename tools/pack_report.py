@@ -7,7 +7,8 @@
 
 Prints one row per mode: sequences, packing efficiency, the lower bound
 ceil(tokens / max length) and the gap to it, samples per sequence, split/truncated
-samples, samples left out for having no supervised token after truncation (as training does), attention cost relative to padding, planning seconds.
+samples, samples left out for having no supervised token after truncation (as training does),
+attention cost relative to padding, planning seconds.
 
 With ``--data-parallel-size`` (and ``--global-batch-size``), also the expected per-step
 compute imbalance over DP ranks (max/mean of linear + attention FLOPs, ``--model``'s
@@ -37,27 +38,45 @@ def main(argv=None):
     src.add_argument("--data-prefix", help="SFT indexed dataset prefix (PREFIX.bin/.idx, written by preprocess_sft.py)")
     src.add_argument("--lengths", help="1-D integer .npy of sample lengths")
     p.add_argument("--max-seq-length", type=int, required=True, help="sequence capacity in tokens")
-    p.add_argument("--modes", default="padding,greedy,random,bfd,windowed_bfd",
-                   help="comma-separated packing modes; options as name:key=value (windowed_bfd:window=4096)")
+    p.add_argument(
+        "--modes",
+        default="padding,greedy,random,bfd,windowed_bfd",
+        help="comma-separated packing modes; options as name:key=value (windowed_bfd:window=4096)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="shuffle seed of the random and windowed modes")
-    p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="truncate",
-                   help="what happens to samples longer than --max-seq-length; cut-at-turns cuts the stored "
-                        "tokens at turn starts (split_turns: deprecated spelling)")
-    p.add_argument("--pack-scope", choices=("epoch", "step"), default="epoch",
-                   help="step: add the row of training's --pack-scope step (the padded run's steps of "
-                        "--global-batch-size conversations, each packed with bfd) with rows per step min/mean/max")
+    p.add_argument(
+        "--overlong",
+        choices=OVERLONG_CHOICES,
+        default="truncate",
+        help="what happens to samples longer than --max-seq-length; cut-at-turns cuts the stored "
+        "tokens at turn starts (split_turns: deprecated spelling)",
+    )
+    p.add_argument(
+        "--pack-scope",
+        choices=("epoch", "step"),
+        default="epoch",
+        help="step: add the row of training's --pack-scope step (the padded run's steps of "
+        "--global-batch-size conversations, each packed with bfd) with rows per step min/mean/max",
+    )
     p.add_argument("--json", dest="json_out", help="write the rows as JSON here")
     p.add_argument("--plot", dest="plot_out", help="write fill-ratio and length histograms (PNG) here")
     b = p.add_argument_group("balance forecast (per-step compute imbalance over data-parallel ranks)")
     b.add_argument("--data-parallel-size", type=int, help="DP ranks; turns the forecast on")
-    b.add_argument("--global-batch-size", type=int, help="sequences per step (required with --data-parallel-size); "
-                   "conversations per step for --pack-scope step")
+    b.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="sequences per step (required with --data-parallel-size); conversations per step for --pack-scope step",
+    )
     b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
-    b.add_argument("--model", default="llama3-8b", metavar="PRESET|PATH",
-                   help="architecture the cost model reads: a preset or a HF config.json / model directory "
-                        "(default llama3-8b)")
-    b.add_argument("--vocab-size", type=int, help="vocabulary for the output layer (default the preset's; "
-                                                  "required for tiny)")
+    b.add_argument(
+        "--model",
+        default="llama3-8b",
+        metavar="PRESET|PATH",
+        help="architecture the cost model reads: a preset or a HF config.json / model directory (default llama3-8b)",
+    )
+    b.add_argument(
+        "--vocab-size", type=int, help="vocabulary for the output layer (default the preset's; required for tiny)"
+    )
     args = p.parse_args(argv)
     if args.data_parallel_size is not None:
         if args.data_parallel_size < 1:
@@ -65,8 +84,10 @@ def main(argv=None):
         if args.global_batch_size is None:
             p.error("--data-parallel-size needs --global-batch-size")
         if args.global_batch_size % (args.data_parallel_size * max(args.micro_batch_size, 1)):
-            p.error(f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
-                    f"{args.micro_batch_size} x --data-parallel-size {args.data_parallel_size}")
+            p.error(
+                f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
+                f"{args.micro_batch_size} x --data-parallel-size {args.data_parallel_size}"
+            )
         if args.model == "tiny" and args.vocab_size is None:
             p.error("--model tiny needs --vocab-size")
     if args.pack_scope == "step" and args.global_batch_size is None:
@@ -96,10 +117,18 @@ def main(argv=None):
     forecast = args.data_parallel_size is not None
     plans = {} if forecast else None
     try:
-        rows = run(args.max_seq_length, data_prefix=args.data_prefix, lengths_file=args.lengths, modes=modes,
-                   seed=args.seed, overlong=args.overlong, json_out=None if forecast else args.json_out,
-                   plot_out=args.plot_out, plans=plans,
-                   step_global_batch_size=args.global_batch_size if args.pack_scope == "step" else None)
+        rows = run(
+            args.max_seq_length,
+            data_prefix=args.data_prefix,
+            lengths_file=args.lengths,
+            modes=modes,
+            seed=args.seed,
+            overlong=args.overlong,
+            json_out=None if forecast else args.json_out,
+            plot_out=args.plot_out,
+            plans=plans,
+            step_global_batch_size=args.global_batch_size if args.pack_scope == "step" else None,
+        )
         if forecast:
             _forecast(args, rows, plans)
     except (FileNotFoundError, ValueError) as e:
@@ -114,9 +143,17 @@ def _forecast(args, rows, plans):
 
     preset = get_preset(args.model)
     cost = CostModel.from_architecture(preset, vocab_size=padded_vocab_size(args.vocab_size or preset.vocab_size, 1))
-    out = {mode: forecast(plan, cost, global_batch_size=args.global_batch_size, dp_size=args.data_parallel_size,
-                          micro_batch_size=args.micro_batch_size, seed=args.seed)
-           for mode, plan in plans.items()}
+    out = {
+        mode: forecast(
+            plan,
+            cost,
+            global_batch_size=args.global_batch_size,
+            dp_size=args.data_parallel_size,
+            micro_batch_size=args.micro_batch_size,
+            seed=args.seed,
+        )
+        for mode, plan in plans.items()
+    }
     print()
     print(format_forecasts(out, args.data_parallel_size, args.global_batch_size))
     if args.json_out:

@@ -46,7 +46,10 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     model_sd = unwrap(model).sharded_state_dict()
     # dp_reshardable: each rank writes its own optimizer shard, no gather (Megatron-LM's default).
     meta = {"distrib_optim_sharding_type": "dp_reshardable"}
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta),
+    }
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -107,13 +110,24 @@ def _save_failure(root: str, iteration: int, exc: BaseException) -> str:
     full = getattr(exc, "errno", None) in (28, 122) or (free is not None and free < 64 << 20)
     why = f"the disk is full ({free:,} bytes free)" if full and free is not None else first
     kept = latest_iteration(root) if os.path.isfile(os.path.join(root, MARKER)) else None
-    return (f"--save {root}: saving iteration {iteration} failed: {why}; the half-written {iter_dir(root, iteration)}"
-            f".tmp was removed, " + (f"iteration {kept} stays the latest checkpoint" if kept is not None
-                                     else "no checkpoint was written"))
+    return (
+        f"--save {root}: saving iteration {iteration} failed: {why}; the half-written {iter_dir(root, iteration)}"
+        f".tmp was removed, "
+        + (f"iteration {kept} stays the latest checkpoint" if kept is not None else "no checkpoint was written")
+    )
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, data_state: dict,
-                    extra: dict | None = None, run_config: dict | None = None, checksums: bool = False) -> str:
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    data_state: dict,
+    extra: dict | None = None,
+    run_config: dict | None = None,
+    checksums: bool = False,
+) -> str:
     """Collective: every rank calls it. Returns the final directory. ``checksums``: write a
     SHA-256 manifest of the iteration's files (checked by :func:`load_checkpoint`)."""
     from megatron.core import dist_checkpointing
@@ -183,9 +197,11 @@ def saved_run_config(path: str, required: bool = False) -> dict | None:
     f = os.path.join(path, "run_config.json")
     if not os.path.isfile(f):
         if required:
-            raise CheckpointError(f"{f}: missing (every checkpoint a training run saves has it; the architecture "
-                                  "and packing-plan checks read it): the checkpoint is incomplete or was edited. "
-                                  "Restore the file from a copy of the checkpoint")
+            raise CheckpointError(
+                f"{f}: missing (every checkpoint a training run saves has it; the architecture "
+                "and packing-plan checks read it): the checkpoint is incomplete or was edited. "
+                "Restore the file from a copy of the checkpoint"
+            )
         return None
     try:
         with open(f) as fh:
@@ -197,8 +213,16 @@ def saved_run_config(path: str, required: bool = False) -> dict | None:
     return rc
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=None, check_scheduler=None,
-                    verify_checksums: bool = False) -> dict | None:
+def load_checkpoint(
+    root: str,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    check_run_config=None,
+    check_scheduler=None,
+    verify_checksums: bool = False,
+) -> dict | None:
     """Restore the latest checkpoint under ``root`` into model, optimizer, scheduler and the
     RNGs; returns ``{"iteration", "data", "extra"}``, or None when ``root`` holds none.
 
@@ -239,9 +263,15 @@ def load_checkpoint(root: str, model, optimizer, scheduler, *, check_run_config=
         try:
             set_rng_state(rng)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"{rng_file}: not an RNG state this run can restore ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise CheckpointError(
+                f"{rng_file}: not an RNG state this run can restore ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
     else:
         warnings.warn(f"{rng_file}: no RNG state for rank {rank} (different world size?); keeping fresh seeds")
-    return {"iteration": int(loaded["iteration"]), "data": dict(loaded["data"]), "extra": dict(loaded["extra"]),
-            "path": path}
+    return {
+        "iteration": int(loaded["iteration"]),
+        "data": dict(loaded["data"]),
+        "extra": dict(loaded["extra"]),
+        "path": path,
+    }

@@ -72,7 +72,9 @@ def read_import_metadata(path: str) -> Optional[dict]:
     if meta.get("format") != IMPORT_FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {IMPORT_FORMAT!r}")
     if meta.get("version") != IMPORT_VERSION:
-        raise CheckpointError(f"{meta_path}: version {meta.get('version')} is not supported (expected {IMPORT_VERSION})")
+        raise CheckpointError(
+            f"{meta_path}: version {meta.get('version')} is not supported (expected {IMPORT_VERSION})"
+        )
     meta["_dir"] = d
     return meta
 
@@ -96,6 +98,7 @@ def preset_from_metadata(meta: dict) -> LlamaPreset:
 
 
 # ---- writing the import format ------------------------------------------------------------------
+
 
 def write_metadata(iter_path: str, meta: dict) -> None:
     write_json_atomic(meta, os.path.join(iter_path, META_NAME))
@@ -122,25 +125,31 @@ def read_tensors(path: str) -> dict:
     except SafetensorsHeaderError as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:  # the library's own refusal of what the check above let through
-        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 # ---- loading the import format into a model (the --load hook) -----------------------------------
+
 
 def check_architecture(meta: dict, preset: LlamaPreset, vocab_size: Optional[int] = None, where: str = "") -> None:
     """The run's preset/vocabulary must be the imported model's; say what differs."""
     diff = architecture_differences(preset_from_metadata(meta), preset)
     if diff:
-        raise CheckpointError(f"{where}: the imported model's architecture differs from --model {preset.name} "
-                              f"(imported, run): {diff}")
+        raise CheckpointError(
+            f"{where}: the imported model's architecture differs from --model {preset.name} (imported, run): {diff}"
+        )
     if vocab_size is not None and vocab_size != meta["vocab_size"]:
-        raise CheckpointError(f"{where}: imported vocabulary has {meta['vocab_size']} tokens but the run uses "
-                              f"{vocab_size}; pass --vocab-size {meta['vocab_size']}")
+        raise CheckpointError(
+            f"{where}: imported vocabulary has {meta['vocab_size']} tokens but the run uses "
+            f"{vocab_size}; pass --vocab-size {meta['vocab_size']}"
+        )
 
 
-def load_imported_weights(path: str, model, *, preset: Optional[LlamaPreset] = None,
-                          vocab_size: Optional[int] = None) -> dict:
+def load_imported_weights(
+    path: str, model, *, preset: Optional[LlamaPreset] = None, vocab_size: Optional[int] = None
+) -> dict:
     """Copy this rank's imported weights into ``model`` (any DDP/Float16Module wrapping).
 
     Every parameter must be covered and every shape must match; the run's TP/PP must be
@@ -159,7 +168,8 @@ def load_imported_weights(path: str, model, *, preset: Optional[LlamaPreset] = N
         raise CheckpointError(
             f"{path} was converted for --tensor-model-parallel-size {want_tp} --pipeline-model-parallel-size "
             f"{want_pp}, but this run has TP {tp}, PP {pp}: pass those sizes, or convert again with "
-            f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}")
+            f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}"
+        )
     if preset is not None:
         check_architecture(meta, preset, vocab_size, where=path)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -177,8 +187,9 @@ def load_imported_weights(path: str, model, *, preset: Optional[LlamaPreset] = N
             raise CheckpointError(f"{d}: tensor {canonical} has no parameter in this rank's model")
         p = params[key]
         if tuple(p.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{d}: {canonical} has shape {list(tensor.shape)}, the model's parameter "
-                                  f"{key} has {list(p.shape)}")
+            raise CheckpointError(
+                f"{d}: {canonical} has shape {list(tensor.shape)}, the model's parameter {key} has {list(p.shape)}"
+            )
         with torch.no_grad():
             p.data.copy_(tensor.to(device=p.device, dtype=p.dtype))
         filled.add(key)
@@ -212,8 +223,9 @@ def resolve_finetune_load(load: Optional[str], save: Optional[str]) -> tuple:
     return load, True
 
 
-def start_from_import(path: str, model, optimizer, preset: Optional[LlamaPreset] = None,
-                      vocab_size: Optional[int] = None) -> dict:
+def start_from_import(
+    path: str, model, optimizer, preset: Optional[LlamaPreset] = None, vocab_size: Optional[int] = None
+) -> dict:
     """The training loop's ``--load IMPORT`` path: imported weights, fresh optimizer and
     scheduler, iteration 0. The optimizer's fp32 main copies (bf16 runs) were taken from the
     random init when it was built, so they are refreshed from the loaded weights."""

@@ -56,7 +56,9 @@ class SafetensorsReader:
             self.weight_map = {k: "model.safetensors" for k in self._header("model.safetensors")}
         else:
             bins = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth"))]
-            hint = f" (found {bins}: pickle checkpoints are not read; convert them to safetensors first)" if bins else ""
+            hint = (
+                f" (found {bins}: pickle checkpoints are not read; convert them to safetensors first)" if bins else ""
+            )
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
     def _header(self, fname: str) -> dict:
@@ -105,9 +107,11 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         code = self._entry(name)[0]
         if code not in FLOAT_DTYPES:
-            raise ConversionError(f"{os.path.join(self.dir, self.weight_map[name])}: tensor {name!r} is {code}; "
-                                  f"weights must be one of {sorted(FLOAT_DTYPES)} (an integer or quantized tensor "
-                                  "would be cast to nonsense values)")
+            raise ConversionError(
+                f"{os.path.join(self.dir, self.weight_map[name])}: tensor {name!r} is {code}; "
+                f"weights must be one of {sorted(FLOAT_DTYPES)} (an integer or quantized tensor "
+                "would be cast to nonsense values)"
+            )
         return FLOAT_DTYPES[code]
 
     def check_layer_count(self, preset: LlamaPreset, config_path: str) -> None:
@@ -115,9 +119,10 @@ class SafetensorsReader:
         from it (a config claiming 10^9 layers over a 2-layer file once built 10^9 layers' names)."""
         held = {int(m.group(1)) for m in map(_LAYER_NAME.match, self.weight_map) if m}
         if len(held) != preset.num_layers:
-            raise ConversionError(f"{config_path}: num_hidden_layers = {preset.num_layers}, but the safetensors in "
-                                  f"{self.dir} hold {len(held)} layers" +
-                                  (f" (model.layers.{min(held)} .. {max(held)})" if held else ""))
+            raise ConversionError(
+                f"{config_path}: num_hidden_layers = {preset.num_layers}, but the safetensors in "
+                f"{self.dir} hold {len(held)} layers" + (f" (model.layers.{min(held)} .. {max(held)})" if held else "")
+            )
 
     def validate(self, preset: LlamaPreset, config_path: str = "config.json") -> None:
         """Every tensor the architecture needs is there with the shape the config implies
@@ -130,23 +135,31 @@ class SafetensorsReader:
                 expected[M.hf_layer_key(i, n)] = s
         missing = [n for n in expected if n not in self.weight_map]
         if missing:
-            raise ConversionError(f"{self.dir}: {len(missing)} tensors the config implies are missing, e.g. "
-                                  f"{missing[:3]}")
+            raise ConversionError(
+                f"{self.dir}: {len(missing)} tensors the config implies are missing, e.g. {missing[:3]}"
+            )
         bad = [(n, self.shape(n), s) for n, s in expected.items() if self.shape(n) != s]
         if bad:
             n, got, want = bad[0]
-            raise ConversionError(f"{self.dir}: {len(bad)} tensors disagree with config.json, e.g. {n} has shape "
-                                  f"{list(got)}, the config implies {list(want)}")
+            raise ConversionError(
+                f"{self.dir}: {len(bad)} tensors disagree with config.json, e.g. {n} has shape "
+                f"{list(got)}, the config implies {list(want)}"
+            )
         for n in expected:  # integer / unknown dtypes refused before anything is written
             self.dtype(n)
         # a tied model saved with a redundant lm_head.weight: transformers ties it to the
         # embedding on load, and so does the conversion (the copy is not read)
         ignored = {M.HF_OUTPUT} if preset.tie_word_embeddings else set()
-        extra = [n for n in self.weight_map if n not in expected and n not in ignored
-                 and not n.endswith("rotary_emb.inv_freq")]
+        extra = [
+            n
+            for n in self.weight_map
+            if n not in expected and n not in ignored and not n.endswith("rotary_emb.inv_freq")
+        ]
         if extra:
-            raise ConversionError(f"{self.dir}: unexpected tensors for a {preset.family} model as config.json "
-                                  f"describes it, e.g. {extra[:3]} (a different architecture?)")
+            raise ConversionError(
+                f"{self.dir}: unexpected tensors for a {preset.family} model as config.json "
+                f"describes it, e.g. {extra[:3]} (a different architecture?)"
+            )
 
     def close(self) -> None:
         self._headers.clear()
@@ -197,6 +210,9 @@ class ShardedSafetensorsWriter:
             weight_map.update({t: final for t in tensors})
             names.append(final)
         with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))},
-                      f, indent=2)
+            json.dump(
+                {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                f,
+                indent=2,
+            )
         return names

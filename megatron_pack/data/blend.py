@@ -103,7 +103,9 @@ def parse_blend(value, flag: str = "--data-path") -> Blend:
         total = sum(numbers)
         return Blend(tuple(prefixes), tuple(w / total for w in numbers))
     if any(n is not None for n in numbers) or any(_as_float(t) is not None for t in tokens):
-        raise BlendError(f"{flag}: give one PREFIX, 'W1 P1 W2 P2 ...' pairs, or prefixes only; got {' '.join(tokens)!r}")
+        raise BlendError(
+            f"{flag}: give one PREFIX, 'W1 P1 W2 P2 ...' pairs, or prefixes only; got {' '.join(tokens)!r}"
+        )
     return Blend(tuple(tokens), None)
 
 
@@ -114,8 +116,9 @@ def blend_schedule(shares: Sequence[float], n: int) -> np.ndarray:
     from megatron_pack import _packing  # compiled engine, imported where used
 
     if not hasattr(_packing, "blend_schedule_weights"):
-        raise ImportError("megatron_pack._packing predates the blend schedule: rebuild it with "
-                          "`python setup.py build_ext --inplace`")
+        raise ImportError(
+            "megatron_pack._packing predates the blend schedule: rebuild it with `python setup.py build_ext --inplace`"
+        )
     arr = np.asarray(shares)
     if arr.dtype.kind in "iu":
         return _packing.blend_schedule_sizes(arr.astype(np.int64), int(n))
@@ -154,9 +157,14 @@ def _summed_stats(stats: list):
 
     if not stats:
         return None
-    return dataclasses.replace(stats[0], **{f.name: sum(getattr(x, f.name) for x in stats)
-                                            for f in dataclasses.fields(stats[0])
-                                            if isinstance(getattr(stats[0], f.name), (int, float))})
+    return dataclasses.replace(
+        stats[0],
+        **{
+            f.name: sum(getattr(x, f.name) for x in stats)
+            for f in dataclasses.fields(stats[0])
+            if isinstance(getattr(stats[0], f.name), (int, float))
+        },
+    )
 
 
 class BlendedPackedDataset:
@@ -167,8 +175,13 @@ class BlendedPackedDataset:
     Items carry ``"source"`` (the source id), which the loss uses to report per source.
     """
 
-    def __init__(self, sources: Sequence[Callable], names: Sequence[str], weights: Optional[Sequence[float]] = None,
-                 epoch: int = 0):
+    def __init__(
+        self,
+        sources: Sequence[Callable],
+        names: Sequence[str],
+        weights: Optional[Sequence[float]] = None,
+        epoch: int = 0,
+    ):
         if not sources:
             raise ValueError("a blend needs at least one source")
         if weights is not None and len(weights) != len(sources):

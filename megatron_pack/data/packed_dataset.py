@@ -49,15 +49,20 @@ def _nothing_to_train(data, seq_length: int, stats):
     from megatron_pack.files.indexed_check import EmptyDatasetError
 
     base = getattr(data, "base", None)  # a split (SFTSubset) of the dataset
-    conversations = f"{len(data)} of its {len(base)} conversations" if base is not None else f"{len(data)} conversations"
+    conversations = (
+        f"{len(data)} of its {len(base)} conversations" if base is not None else f"{len(data)} conversations"
+    )
 
     why = []
     if stats is not None and stats.unsupervised_items:
         why.append(f"{stats.unsupervised_items} without a supervised token within --seq-length {seq_length}")
     if stats is not None and stats.dropped_docs:
         why.append(f"{stats.dropped_docs} dropped as over-long")
-    return EmptyDatasetError(f"{data.prefix}: nothing to train or score on: {conversations}, 0 packed sequences ("
-                             + ("; ".join(why) or "no tokens") + ")")
+    return EmptyDatasetError(
+        f"{data.prefix}: nothing to train or score on: {conversations}, 0 packed sequences ("
+        + ("; ".join(why) or "no tokens")
+        + ")"
+    )
 
 
 class PackedSFTDataset(torch.utils.data.Dataset):
@@ -130,23 +135,39 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         elif self.use_cache:
             from megatron_pack.packing.cache import get_plan
 
-            self.plan = get_plan(self.data, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
-                                 overlong=self.overlong, cache_dir=self.cache_dir, group=self.group,
-                                 pad_multiple=self.document_multiple)
+            self.plan = get_plan(
+                self.data,
+                self.seq_length,
+                self.mode,
+                seed=self.seed,
+                epoch=self.epoch,
+                overlong=self.overlong,
+                cache_dir=self.cache_dir,
+                group=self.group,
+                pad_multiple=self.document_multiple,
+            )
         else:
             from megatron_pack.packing.plan import build_plan, dataset_supervised
 
-            self.plan = build_plan(self.data.lengths, self.seq_length, self.mode, seed=self.seed, epoch=self.epoch,
-                                   overlong=self.overlong, turn_starts=self.data.turns,
-                                   pad_multiple=self.document_multiple,
-                                   supervised=dataset_supervised(self.data))
+            self.plan = build_plan(
+                self.data.lengths,
+                self.seq_length,
+                self.mode,
+                seed=self.seed,
+                epoch=self.epoch,
+                overlong=self.overlong,
+                turn_starts=self.data.turns,
+                pad_multiple=self.document_multiple,
+                supervised=dataset_supervised(self.data),
+            )
         if self.plan.max_seq_length > self.seq_length:
             raise ValueError(f"plan capacity {self.plan.max_seq_length} exceeds seq_length {self.seq_length}")
         n = self.plan.num_sequences
         if n == 0:
             raise _nothing_to_train(self.data, self.seq_length, self.plan.stats)
-        self.order = (np.random.default_rng([self.seed, self.epoch]).permutation(n)
-                      if self.shuffle_sequences else np.arange(n))
+        self.order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle_sequences else np.arange(n)
+        )
         counts = self.plan.pieces_per_sequence()
         self.cu_seqlens_len = int(counts.max(initial=1)) + 1 if self.document_mask else 2
 
@@ -157,7 +178,9 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         if not 0 <= idx < len(self):
             raise IndexError(f"sequence {idx} out of range [0, {len(self)})")
         pieces = self.plan.sequence(int(self.order[idx]))
-        toks, masks = zip(*(self.data.get_slice(int(d), int(a), int(b)) for d, a, b in pieces)) if len(pieces) else ((), ())
+        toks, masks = (
+            zip(*(self.data.get_slice(int(d), int(a), int(b)) for d, a, b in pieces)) if len(pieces) else ((), ())
+        )
         seg_lens = np.asarray([len(t) for t in toks], dtype=np.int64)
         flat_tok = np.concatenate(toks).astype(np.int64) if toks else np.zeros(0, np.int64)
         flat_mask = np.concatenate(masks).astype(np.float32) if masks else np.zeros(0, np.float32)

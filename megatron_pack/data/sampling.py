@@ -99,8 +99,10 @@ class TrainStream:
         seqs = self.ds.order[idx]
         balance = {}
         if self.balancer is None:  # contiguous: rank r takes the r-th slice, cut into micro-batches
-            placement = [[np.arange(r * per_rank + i, r * per_rank + i + self.mbs) for i in range(0, per_rank, self.mbs)]
-                         for r in range(self.dp_size)]
+            placement = [
+                [np.arange(r * per_rank + i, r * per_rank + i + self.mbs) for i in range(0, per_rank, self.mbs)]
+                for r in range(self.dp_size)
+            ]
         else:
             placement, balance = self.balancer.placement(self.ds, seqs)
         micro = [self.micro_batch(idx[mb].tolist()) for mb in placement[self.dp_rank]]
@@ -114,8 +116,12 @@ class TrainStream:
             for mb in (mb for rank in placement for mb in rank):
                 longest = int(lens[mb].max())
                 capacity += min(self.ds.padded_length, max(m, -(-longest // m) * m)) * len(mb)
-        self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()), "samples": samples,
-                           "capacity": capacity, **balance}
+        self.last_stats = {
+            "real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()),
+            "samples": samples,
+            "capacity": capacity,
+            **balance,
+        }
         self.pos.step_in_epoch += 1
         self.pos.consumed_samples += self.gbs
         self.pos.consumed_conversations += samples

@@ -152,13 +152,19 @@ class AttentionStats:
 
     def summary(self) -> dict:
         div = lambda a, c: np.where(c > 0, a / np.maximum(c, 1), np.nan)  # noqa: E731
-        leak, sink, alone = div(self.leak, self.count), div(self.sink, self.count), div(self.alone_first, self.alone_count)
-        tot = lambda a: (a.sum(-1) / max(1.0, self.count.sum()))  # token-weighted over buckets  # noqa: E731
+        leak, sink = div(self.leak, self.count), div(self.sink, self.count)
+        alone = div(self.alone_first, self.alone_count)
+        tot = lambda a: a.sum(-1) / max(1.0, self.count.sum())  # token-weighted over buckets  # noqa: E731
         return {
-            "layers": self.layers, "buckets": bucket_names(), "tokens_per_bucket": self.count.tolist(),
+            "layers": self.layers,
+            "buckets": bucket_names(),
+            "tokens_per_bucket": self.count.tolist(),
             "uniform": div(self.uniform, self.count).tolist(),
-            "leak": leak.mean(1).tolist(), "sink": sink.mean(1).tolist(), "alone_first": alone.mean(1).tolist(),
-            "leak_overall": tot(self.leak).mean(-1).tolist(), "sink_overall": tot(self.sink).mean(-1).tolist(),
+            "leak": leak.mean(1).tolist(),
+            "sink": sink.mean(1).tolist(),
+            "alone_first": alone.mean(1).tolist(),
+            "leak_overall": tot(self.leak).mean(-1).tolist(),
+            "sink_overall": tot(self.sink).mean(-1).tolist(),
             "per_head": {"leak": leak.tolist(), "sink": sink.tolist(), "alone_first": alone.tolist()},
         }
 
@@ -230,8 +236,9 @@ def _doc_losses(nll: torch.Tensor, p: Packed, offset_docs: int = 0) -> list:
 
 
 @torch.no_grad()
-def analyze_sequences(model, sequences: list, separator: int | None, layers: list[int], *,
-                      document_mask: bool = False, device="cpu") -> dict:
+def analyze_sequences(
+    model, sequences: list, separator: int | None, layers: list[int], *, document_mask: bool = False, device="cpu"
+) -> dict:
     """``sequences``: lists of ``(tokens, supervised)`` documents, packed in that order.
     Returns ``{"attention": AttentionStats.summary(), "contamination": {variant: [...]}}``."""
     model.eval()
@@ -263,6 +270,13 @@ def summarize(values: list) -> dict:
     if x.size == 0:
         return {"documents": 0}
     q = np.percentile(x, [5, 50, 95])
-    return {"documents": int(x.size), "mean": float(x.mean()), "mean_abs": float(np.abs(x).mean()),
-            "max_abs": float(np.abs(x).max()), "p5": float(q[0]), "p50": float(q[1]), "p95": float(q[2]),
-            "values": x.tolist()}
+    return {
+        "documents": int(x.size),
+        "mean": float(x.mean()),
+        "mean_abs": float(np.abs(x).mean()),
+        "max_abs": float(np.abs(x).max()),
+        "p5": float(q[0]),
+        "p50": float(q[1]),
+        "p95": float(q[2]),
+        "values": x.tolist(),
+    }

@@ -146,21 +146,33 @@ def _pct(x) -> str:
 def attention_table(att: dict, max_buckets: int = 8) -> str:
     """Per layer: leakage (sink excluded) by distance from the document start, sink, alone."""
     used = [i for i, c in enumerate(att["tokens_per_bucket"]) if c > 0][:max_buckets]
-    heads = (["layer"] + [f"leak d={att['buckets'][i]}" for i in used] + ["leak all", "sink all",
-             f"sink d={att['buckets'][used[-1]]}", f"own first (alone) d={att['buckets'][used[-1]]}"]) if used else ["layer"]
+    heads = ["layer"]
+    if used:
+        last = att["buckets"][used[-1]]
+        heads += [f"leak d={att['buckets'][i]}" for i in used] + ["leak all", "sink all", f"sink d={last}",
+                                                                   f"own first (alone) d={last}"]
     rows = [["uniform attention"] + [_pct(att["uniform"][i]) for i in used] + ["", "", "", ""]]
     for li, layer in enumerate(att["layers"]):
-        rows.append([str(layer)] + [_pct(att["leak"][li][i]) for i in used]
-                    + [_pct(att["leak_overall"][li]), _pct(att["sink_overall"][li]),
-                       _pct(att["sink"][li][used[-1]]), _pct(att["alone_first"][li][used[-1]])])
+        rows.append(
+            [str(layer)]
+            + [_pct(att["leak"][li][i]) for i in used]
+            + [
+                _pct(att["leak_overall"][li]),
+                _pct(att["sink_overall"][li]),
+                _pct(att["sink"][li][used[-1]]),
+                _pct(att["alone_first"][li][used[-1]]),
+            ]
+        )
     return markdown_table(heads, rows)
 
 
 def contamination_table(con: dict) -> str:
     heads = ["separator", "documents", "mean (nats)", "mean abs", "p5", "median", "p95"]
     f = lambda c, k: f"{c[k]:+.4f}" if k in c else "n/a"  # noqa: E731
-    rows = [[v, str(c.get("documents", 0)), f(c, "mean"), f(c, "mean_abs"), f(c, "p5"), f(c, "p50"), f(c, "p95")]
-            for v, c in con.items()]
+    rows = [
+        [v, str(c.get("documents", 0)), f(c, "mean"), f(c, "mean_abs"), f(c, "p5"), f(c, "p50"), f(c, "p95")]
+        for v, c in con.items()
+    ]
     return markdown_table(heads, rows)
 
 
@@ -176,9 +188,14 @@ def plot_leakage(att: dict, path: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for li, layer in enumerate(att["layers"]):
         axes[0].plot(x, [att["leak"][li][i] for i in used], marker="o", label=f"layer {layer}")
-        line, = axes[1].plot(x, [att["sink"][li][i] for i in used], marker="o", label=f"layer {layer}: packed sink")
-        axes[1].plot(x, [att["alone_first"][li][i] for i in used], ls="--", color=line.get_color(),
-                     label=f"layer {layer}: own first token, alone")
+        (line,) = axes[1].plot(x, [att["sink"][li][i] for i in used], marker="o", label=f"layer {layer}: packed sink")
+        axes[1].plot(
+            x,
+            [att["alone_first"][li][i] for i in used],
+            ls="--",
+            color=line.get_color(),
+            label=f"layer {layer}: own first token, alone",
+        )
     axes[0].plot(x, [att["uniform"][i] for i in used], color="k", ls=":", label="uniform attention")
     axes[0].set_title("attention on earlier documents (sink excluded)")
     axes[1].set_title("attention on token 0 (the sink)")
@@ -191,9 +208,21 @@ def plot_leakage(att: dict, path: str) -> str:
     return save_figure_atomic(fig, path)
 
 
-def run_leakage(model_path: str, data_prefix: str, output_dir: str, *, seq_length: int = 512, mode: str = "greedy",
-                max_sequences: int = 8, layers=None, separator: int | None = None, document_mask: bool = False,
-                device: str = "cpu", seed: int = 1234, model_preset: str | None = None) -> dict:
+def run_leakage(
+    model_path: str,
+    data_prefix: str,
+    output_dir: str,
+    *,
+    seq_length: int = 512,
+    mode: str = "greedy",
+    max_sequences: int = 8,
+    layers=None,
+    separator: int | None = None,
+    document_mask: bool = False,
+    device: str = "cpu",
+    seed: int = 1234,
+    model_preset: str | None = None,
+) -> dict:
     """Measure and write ``leakage.json``, ``leakage.md`` and ``leakage.png`` under ``output_dir``."""
     from megatron_pack.experiment.leakage import analyze_sequences
     from megatron_pack.files.indexed import SFTIndexedDataset
@@ -208,15 +237,27 @@ def run_leakage(model_path: str, data_prefix: str, output_dir: str, *, seq_lengt
     if bad:
         raise ValueError(f"--layers: {bad} outside [0, {n_layers})")
     res = analyze_sequences(model, sequences, sep, layers, document_mask=document_mask, device=device)
-    res.update({"model": model_path, "data": data_prefix, "mode": mode, "seq_length": seq_length,
-                "sequences": len(sequences), "documents": sum(len(s) for s in sequences),
-                "separator_id": sep, "scored_with_document_mask": document_mask})
+    res.update(
+        {
+            "model": model_path,
+            "data": data_prefix,
+            "mode": mode,
+            "seq_length": seq_length,
+            "sequences": len(sequences),
+            "documents": sum(len(s) for s in sequences),
+            "separator_id": sep,
+            "scored_with_document_mask": document_mask,
+        }
+    )
     os.makedirs(output_dir, exist_ok=True)
-    md = ("Attention leakage per layer (mean over heads; `leak`: share on earlier documents, sink excluded; "
-          "`sink`: share on token 0; `own first (alone)`: the same document scored alone):\n\n"
-          + attention_table(res["attention"])
-          + "\n\nLoss contamination (document's loss packed after others minus alone, nats):\n\n"
-          + contamination_table(res["contamination"]) + "\n")
+    md = (
+        "Attention leakage per layer (mean over heads; `leak`: share on earlier documents, sink excluded; "
+        "`sink`: share on token 0; `own first (alone)`: the same document scored alone):\n\n"
+        + attention_table(res["attention"])
+        + "\n\nLoss contamination (document's loss packed after others minus alone, nats):\n\n"
+        + contamination_table(res["contamination"])
+        + "\n"
+    )
     with open(os.path.join(output_dir, "leakage.md"), "w") as f:
         f.write(md)
     res["plot"] = plot_leakage(res["attention"], os.path.join(output_dir, "leakage.png"))

@@ -155,7 +155,8 @@ def rope_inv_freq(arch: Architecture):
     import torch
 
     dim = arch.kv_channels
-    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim
+    inv = 1.0 / (arch.rope_theta**exponents)
     kind, factor = arch.rope_scaling_type, float(arch.rope_scaling_factor)
     if kind == "linear":
         return inv / factor

@@ -211,28 +211,56 @@ class VarlenCoreAttention(MegatronModule):
         with ctx:
             if packed_seq_params is not None:
                 if packed_seq_params.qkv_format != "thd":
-                    raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
+                    raise ValueError(
+                        f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
                 q, k, v = (x.squeeze(1) if x.dim() == 4 else x for x in (query, key, value))
-                cu = (packed_seq_params.cu_seqlens_q_padded if packed_seq_params.cu_seqlens_q_padded is not None
-                      else packed_seq_params.cu_seqlens_q)
+                cu = (
+                    packed_seq_params.cu_seqlens_q_padded
+                    if packed_seq_params.cu_seqlens_q_padded is not None
+                    else packed_seq_params.cu_seqlens_q
+                )
                 if packed_seq_params.cu_seqlens_kv is not None and not torch.equal(
-                        packed_seq_params.cu_seqlens_kv, packed_seq_params.cu_seqlens_q):
+                    packed_seq_params.cu_seqlens_kv, packed_seq_params.cu_seqlens_q
+                ):
                     raise ValueError("self-attention needs cu_seqlens_kv == cu_seqlens_q")
                 if self.cp_group is not None and self.cp_group.size() > 1:
                     if not causal:
                         raise ValueError("context-parallel VarlenCoreAttention supports causal attention only")
                     if packed_seq_params.cu_seqlens_q_padded is None:
                         raise ValueError("context parallelism needs cu_seqlens_q_padded (per-document padding)")
-                    out = cp_varlen(q, k, v, cu, self.cp_group, scale=self.softmax_scale, dropout_p=dropout_p,
-                                    reorder=self.cp_reorder)
+                    out = cp_varlen(
+                        q,
+                        k,
+                        v,
+                        cu,
+                        self.cp_group,
+                        scale=self.softmax_scale,
+                        dropout_p=dropout_p,
+                        reorder=self.cp_reorder,
+                    )
                     return out.reshape(out.size(0), -1)
-                out = self._varlen(q, k, v, cu, packed_seq_params.max_seqlen_q, causal=causal,
-                                   scale=self.softmax_scale, dropout_p=dropout_p)
+                out = self._varlen(
+                    q,
+                    k,
+                    v,
+                    cu,
+                    packed_seq_params.max_seqlen_q,
+                    causal=causal,
+                    scale=self.softmax_scale,
+                    dropout_p=dropout_p,
+                )
                 return out.reshape(out.size(0), -1)
             if self.cp_group is not None and self.cp_group.size() > 1:
                 raise ValueError("context parallelism needs packed (THD) micro-batches (collate_thd)")
-            out = self._dense(query, key, value, causal=causal, scale=self.softmax_scale, dropout_p=dropout_p,
-                              attention_mask=attention_mask)
+            out = self._dense(
+                query,
+                key,
+                value,
+                causal=causal,
+                scale=self.softmax_scale,
+                dropout_p=dropout_p,
+                attention_mask=attention_mask,
+            )
             return out.reshape(out.size(0), out.size(1), -1)
 
 

@@ -128,14 +128,20 @@ def _checked_plan(meta: dict, pieces, offsets, inputs: dict, lengths) -> Packing
     if meta.get("inputs", {}).get("dataset") != inputs["dataset"]:
         raise PlanCacheError("built for a different dataset (fingerprint mismatch)")
     if pieces.dtype != np.int64 or pieces.shape != (meta["num_pieces"], 3):
-        raise PlanCacheError(f"pieces have shape {pieces.shape} {pieces.dtype}, expected ({meta['num_pieces']}, 3) int64")
+        raise PlanCacheError(
+            f"pieces have shape {pieces.shape} {pieces.dtype}, expected ({meta['num_pieces']}, 3) int64")
     if offsets.dtype != np.int64 or offsets.shape != (meta["num_sequences"] + 1,):
         raise PlanCacheError(f"offsets have shape {offsets.shape}, expected ({meta['num_sequences'] + 1},)")
     if _sha256(pieces) != meta["sha256"]["pieces"] or _sha256(offsets) != meta["sha256"]["offsets"]:
         raise PlanCacheError("checksum mismatch (file corrupt)")
     doc, start, end = pieces[:, 0], pieces[:, 1], pieces[:, 2]
-    if len(pieces) and (doc.min() < 0 or doc.max() >= len(lengths) or start.min() < 0
-                        or np.any(start >= end) or np.any(end > lengths[doc])):
+    if len(pieces) and (
+        doc.min() < 0
+        or doc.max() >= len(lengths)
+        or start.min() < 0
+        or np.any(start >= end)
+        or np.any(end > lengths[doc])
+    ):
         raise PlanCacheError("pieces fall outside the dataset's conversations")
     if offsets[0] != 0 or offsets[-1] != len(pieces) or np.any(np.diff(offsets) < 0):
         raise PlanCacheError("sequence offsets are not a partition of the pieces")
@@ -180,17 +186,26 @@ def get_plan(
     """
     mode = get_mode(mode)
     lengths = dataset.lengths
-    inputs = plan_key_inputs(dataset_fingerprint(dataset.prefix, lengths), mode, seq_length, seed, epoch, overlong,
-                             pad_multiple)
+    inputs = plan_key_inputs(
+        dataset_fingerprint(dataset.prefix, lengths), mode, seq_length, seed, epoch, overlong, pad_multiple
+    )
     key = plan_key(inputs)
     cache_dir = cache_dir or default_cache_dir(dataset.prefix)
     stem = f"{mode.name}_L{seq_length}{f'_P{pad_multiple}' if pad_multiple > 1 else ''}_{key[:16]}"
     rank, barrier = _dist()
 
     def build() -> PackingPlan:
-        return build_plan(lengths, seq_length, mode, seed=seed, epoch=epoch, overlong=overlong,
-                          turn_starts=dataset.turns, pad_multiple=pad_multiple,
-                          supervised=dataset_supervised(dataset))
+        return build_plan(
+            lengths,
+            seq_length,
+            mode,
+            seed=seed,
+            epoch=epoch,
+            overlong=overlong,
+            turn_starts=dataset.turns,
+            pad_multiple=pad_multiple,
+            supervised=dataset_supervised(dataset),
+        )
 
     def try_load() -> PackingPlan | None:
         try:
@@ -210,8 +225,10 @@ def get_plan(
                 save_plan(plan, cache_dir, stem, inputs)
                 plan = load_plan(cache_dir, stem, inputs, lengths)  # everyone uses the mmap'd copy
             except OSError as e:  # read-only dataset directory: plan in memory, say so
-                warnings.warn(f"{cache_dir}: cannot write the packing plan cache ({e}); pass cache_dir= "
-                              "to a writable directory to share plans between ranks")
+                warnings.warn(
+                    f"{cache_dir}: cannot write the packing plan cache ({e}); pass cache_dir= "
+                    "to a writable directory to share plans between ranks"
+                )
     barrier(group)
     if rank != 0:
         plan = try_load()

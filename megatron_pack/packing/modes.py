@@ -193,7 +193,8 @@ class RandomPacking(PackingMode):
 
     def __post_init__(self):
         if self.chunk < 0:
-            raise ValueError(f"random: chunk must be >= 0 (0: shuffle the whole set, the paper's text), got {self.chunk}")
+            raise ValueError(
+                f"random: chunk must be >= 0 (0: shuffle the whole set, the paper's text), got {self.chunk}")
         if self.chunk:
             object.__setattr__(self, "shuffles", False)  # dataset order: the same plan every epoch
 

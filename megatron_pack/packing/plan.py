@@ -164,7 +164,8 @@ def apply_overlong(
         stats.truncated_tokens = int((lengths[over] - max_seq_length).sum())
         items = _whole_items(np.flatnonzero(lengths > 0), np.minimum(lengths, max_seq_length))
     else:
-        owner, start, end, inside = _engine(engine).cut_at_turns(lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
+        owner, start, end, inside = _engine(engine).cut_at_turns(
+            lengths[over], *_gather_turns(over, turn_starts), max_seq_length)
         stats.turn_split_docs = int(over.size)
         stats.in_turn_cuts = int(inside)
         cut = np.stack([over[np.asarray(owner, dtype=np.int64)], np.asarray(start), np.asarray(end)], axis=1)
@@ -204,6 +205,7 @@ def dataset_supervised(dataset):
     """``supervised`` for :func:`build_plan` over an SFT dataset: targets of item ``[a, b)`` are
     ``loss_mask[a + 1 : b]`` (the first token of a piece predicts nothing across a boundary).
     Whole conversations use the per-conversation counts; cut items read their slice."""
+
     def count(items: np.ndarray) -> np.ndarray:
         per_doc = dataset.supervised_counts()
         lengths = dataset.lengths
@@ -268,8 +270,9 @@ def build_plan(
     """
     mode = get_mode(mode)
     if pad_multiple < 1 or (pad_multiple > 1 and max_seq_length % pad_multiple):
-        raise ValueError(f"max_seq_length {max_seq_length} is not a multiple of the per-document padding "
-                         f"{pad_multiple}")
+        raise ValueError(
+            f"max_seq_length {max_seq_length} is not a multiple of the per-document padding {pad_multiple}"
+        )
     if mode.keeps_overlong:  # the paper-code variants see every conversation whole
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         items, stats = apply_overlong(lengths, max(max_seq_length, int(lengths.max(initial=1))), "truncate")

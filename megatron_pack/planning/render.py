@@ -37,7 +37,8 @@ def _memory_table(plan: dict) -> str:
 def _alternatives_table(plan: dict) -> str:
     rows = []
     for a in plan["memory_alternatives_gb"]:
-        cells = [f"{a[k]:.1f}{'' if a[k] <= plan['gpu_memory_gb'] else ' (OOM)'}" for k in ("none", "selective", "full")]
+        cells = [f"{a[k]:.1f}{'' if a[k] <= plan['gpu_memory_gb'] else ' (OOM)'}"
+                 for k in ("none", "selective", "full")]
         rows.append(["on" if a["sequence_parallel"] else "off", "on" if a["use_distributed_optimizer"] else "off",
                      *cells])
     return markdown_table(["sequence parallel", "distributed optimizer", "recompute none", "selective", "full"], rows)
@@ -45,7 +46,8 @@ def _alternatives_table(plan: dict) -> str:
 
 def _cp_table(plan: dict) -> str:
     lay = plan["layout"]
-    rows = [[f"{o['cp']}{' *' if o['cp'] == lay['cp'] else ''}", str(lay["world_size"] // (lay["tp"] * lay["pp"] * o["cp"])),
+    rows = [[f"{o['cp']}{' *' if o['cp'] == lay['cp'] else ''}",
+             str(lay["world_size"] // (lay["tp"] * lay["pp"] * o["cp"])),
              f"{o['peak_gb']:.1f}", "yes" if o["peak_gb"] <= plan["gpu_memory_gb"] else "no"]
             for o in plan["cp_options_gb"]]
     return markdown_table(["CP", "DP", "peak GiB", "fits"], rows)
@@ -59,7 +61,8 @@ def _modes_table(plan: dict) -> str:
     for r in plan["modes"]:
         vs = f"{r['time_vs_padding']:.2f}x" if r["time_vs_padding"] is not None else "-"
         row = [f"{r['mode']}{' *' if r['selected'] else ''}", f"{r['num_sequences']:,}", f"{r['efficiency']:.1%}",
-               f"{r['steps']:,}{' (< 1 batch)' if not r['steps'] else ''}", f"{r['attention_share']:.1%}", f"{r['model_flops_per_step'] / 1e15:.2f}",
+               f"{r['steps']:,}{' (< 1 batch)' if not r['steps'] else ''}", f"{r['attention_share']:.1%}",
+               f"{r['model_flops_per_step'] / 1e15:.2f}",
                f"{r['step_seconds']:.2f} s", _hours(r["epoch_seconds"]), vs,
                f"{r['real_tokens_per_second_per_gpu']:,.0f}"]
         if epochs is not None:
@@ -118,7 +121,8 @@ def render(plan: dict) -> str:
                 f"pipeline bubble (PP-1)/M = {t['bubble']:.1%}"]
     x = t.get("cp_kv_exchange") or {}
     if x.get("cp", 1) > 1:
-        out.append(f"  CP {x['cp']} K/V ring: {x['bytes_per_step'] / 1e9:.1f} GB sent per GPU and step over {x['link']} "
+        out.append(f"  CP {x['cp']} K/V ring: {x['bytes_per_step'] / 1e9:.1f} GB sent per GPU and step over "
+                   f"{x['link']} "
                    f"({x['link_gbps']:.0f} GB/s): {x['seconds_per_step']:.2f} s, "
                    f"{x['exposed_seconds_per_step']:.2f} s not hidden behind attention (added to the step)")
     if plan["modes"]:

@@ -79,7 +79,8 @@ class PreprocessConfig:
         if not self.inputs:
             raise PreprocessError("no input files")
         if self.chat_template != "auto" and self.chat_template not in TEMPLATES:
-            raise PreprocessError(f"unknown chat template {self.chat_template!r}; choose from auto, {', '.join(TEMPLATES)}")
+            raise PreprocessError(
+                f"unknown chat template {self.chat_template!r}; choose from auto, {', '.join(TEMPLATES)}")
         try:
             self.overlong = overlong_policy(self.overlong)
         except ValueError as e:

@@ -136,8 +136,8 @@ def normalize_record(record) -> tuple[str, list[Message]]:
     Checks shared by every template: known roles, string content (empty only for a system
     prompt or a tool-call turn), at least one message (else ``empty``) and at least one assistant
     turn (else ``no_assistant_turn``). Anything a template cannot
-    render (a system message late, strict alternation) is for the template to refuse. Template-specific rules (alternation, tool
-    support) live in the templates.
+    render (a system message late, strict alternation) is for the template to refuse.
+    Template-specific rules (alternation, tool support) live in the templates.
     """
     schema = detect_schema(record)
     if schema == "openai":

@@ -58,14 +58,19 @@ class ChatTemplate:
 
     def _special(self, name: str) -> int:
         if not self.tok.has_token(name):
-            raise TokenizerError(f"{self.tok.path}: tokenizer has no {name!r} token, which the {self.name} template needs")
+            raise TokenizerError(
+                f"{self.tok.path}: tokenizer has no {name!r} token, which the {self.name} template needs"
+            )
         return self.tok.token_id(name)
 
     def validate(self, messages: Sequence[Message]) -> None:
         for i, m in enumerate(messages):
             if m.extra:
-                raise RecordError("tool_calls_unsupported", f"message {i} has {', '.join(m.extra)}; the built-in "
-                                  f"{self.name} template renders text only (use the model's Jinja template)")
+                raise RecordError(
+                    "tool_calls_unsupported",
+                    f"message {i} has {', '.join(m.extra)}; the built-in "
+                    f"{self.name} template renders text only (use the model's Jinja template)",
+                )
 
     def render(self, messages: Sequence[Message], tools=None) -> Rendered:
         raise NotImplementedError

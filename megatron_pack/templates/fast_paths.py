@@ -106,7 +106,9 @@ class ChatMLTemplate(FastPath):
         super().__init__(tokenizer, **jinja_options)
         start = self._special("<|im_start|>")
         self.end = (self._special("<|im_end|>"),)
-        self.headers = {r: (start,) + tokenizer.encode_cached(r + "\n") for r in ("system", "user", "assistant", "tool")}
+        self.headers = {
+            r: (start,) + tokenizer.encode_cached(r + "\n") for r in ("system", "user", "assistant", "tool")
+        }
         self.newline = tokenizer.encode_cached("\n")
 
     def needs_jinja(self, messages):

@@ -82,8 +82,11 @@ def saved_document_multiple(saved: dict | None) -> int | None:
     if plan.get("document_multiple"):
         return int(plan["document_multiple"])
     par = saved.get("parallel") if isinstance(saved.get("parallel"), dict) else {}
-    return document_multiple(int(par.get("context_parallel_size") or 1), int(par.get("tensor_model_parallel_size") or 1),
-                             bool(par.get("sequence_parallel")))
+    return document_multiple(
+        int(par.get("context_parallel_size") or 1),
+        int(par.get("tensor_model_parallel_size") or 1),
+        bool(par.get("sequence_parallel")),
+    )
 
 
 def _layout(par: dict) -> str:
@@ -104,11 +107,12 @@ def check_plan(saved: dict | None, config: TrainConfig, document_multiple: int, 
     par = saved.get("parallel") if isinstance(saved.get("parallel"), dict) else {}
     now = dataclasses.asdict(config.parallel)
     fix = f"Resume with {_layout(par)} or --document-padding-multiple {was}"
-    raise ConfigError(f"{where}: the checkpoint's packing plan pads every document to a multiple of {was} "
-                      f"({_layout(par)}), this run's to {document_multiple} ({_layout(now)}): its data position "
-                      f"counts sequences of the other plan. {fix}, or start a fresh --save from its weights "
-                      "with --pretrained-checkpoint.")
-
+    raise ConfigError(
+        f"{where}: the checkpoint's packing plan pads every document to a multiple of {was} "
+        f"({_layout(par)}), this run's to {document_multiple} ({_layout(now)}): its data position "
+        f"counts sequences of the other plan. {fix}, or start a fresh --save from its weights "
+        "with --pretrained-checkpoint."
+    )
 
 
 def _schedule_hook(ck, scheduler, load_dir: str, log):
@@ -120,21 +124,36 @@ def _schedule_hook(ck, scheduler, load_dir: str, log):
             return
         desc = "; ".join(f"{k}: checkpoint {a}, command line {b}" for k, (a, b) in changes.items())
         if ck.override_opt_param_scheduler:
-            log.print(f"> --override-opt_param-scheduler: the command line's lr schedule replaces the "
-                      f"checkpoint's ({desc})")
+            log.print(
+                f"> --override-opt_param-scheduler: the command line's lr schedule replaces the checkpoint's ({desc})"
+            )
         elif ck.use_checkpoint_opt_param_scheduler:
-            log.print(f"> --use-checkpoint-opt_param-scheduler: keeping the checkpoint's lr schedule ({desc}); "
-                      "steps past its decay steps run at its minimum learning rate")
+            log.print(
+                f"> --use-checkpoint-opt_param-scheduler: keeping the checkpoint's lr schedule ({desc}); "
+                "steps past its decay steps run at its minimum learning rate"
+            )
         else:
-            raise ConfigError(f"--load {load_dir}: the lr schedule differs from the checkpoint's ({desc}). "
-                              "Pass --override-opt_param-scheduler to use the command line's, or "
-                              "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (Megatron-LM's rule).")
+            raise ConfigError(
+                f"--load {load_dir}: the lr schedule differs from the checkpoint's ({desc}). "
+                "Pass --override-opt_param-scheduler to use the command line's, or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (Megatron-LM's rule)."
+            )
 
     return check
 
 
-def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_size: int, signature: dict,
-            log, document_multiple: int = 1) -> tuple[int, DataPosition]:
+def restore(
+    config: TrainConfig,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    preset,
+    vocab_size: int,
+    signature: dict,
+    log,
+    document_multiple: int = 1,
+) -> tuple[int, DataPosition]:
     """Apply ``--load`` / ``--pretrained-checkpoint``; returns ``(iteration, data position)``.
     ``document_multiple``: what this run's training plan pads every document to."""
     iteration, position = 0, DataPosition()
@@ -152,22 +171,33 @@ def restore(config: TrainConfig, model, optimizer, scheduler, *, preset, vocab_s
             resumed = True
         else:
             loaded = load_checkpoint(
-                load_dir, model, optimizer, scheduler, verify_checksums=ck.checkpoint_checksums,
-                check_run_config=lambda rc, path: (check_architecture(rc, preset, vocab_size, f"--load {path}"),
-                                                   check_plan(rc, config, document_multiple, f"--load {path}")),
-                check_scheduler=_schedule_hook(ck, scheduler, load_dir, log))
+                load_dir,
+                model,
+                optimizer,
+                scheduler,
+                verify_checksums=ck.checkpoint_checksums,
+                check_run_config=lambda rc, path: (
+                    check_architecture(rc, preset, vocab_size, f"--load {path}"),
+                    check_plan(rc, config, document_multiple, f"--load {path}"),
+                ),
+                check_scheduler=_schedule_hook(ck, scheduler, load_dir, log),
+            )
             if loaded is not None:
                 saved_sig = loaded["extra"].get("data_signature", {})
                 diff = {k: (saved_sig.get(k), v) for k, v in signature.items() if saved_sig.get(k) != v}
                 if diff:
-                    raise ConfigError(f"--load {load_dir}: the checkpoint's data setup differs (saved, now): {diff}; "
-                                      "its data position would be meaningless. Use the same settings, a fresh --save, "
-                                      "or --pretrained-checkpoint for weights only.")
+                    raise ConfigError(
+                        f"--load {load_dir}: the checkpoint's data setup differs (saved, now): {diff}; "
+                        "its data position would be meaningless. Use the same settings, a fresh --save, "
+                        "or --pretrained-checkpoint for weights only."
+                    )
                 iteration = loaded["iteration"]
                 position = DataPosition.from_state_dict(loaded["data"])
                 resumed = True
-                log.print(f"> resumed from {loaded['path']} at iteration {iteration} (epoch {position.epoch}, "
-                          f"consumed samples {position.consumed_samples})")
+                log.print(
+                    f"> resumed from {loaded['path']} at iteration {iteration} (epoch {position.epoch}, "
+                    f"consumed samples {position.consumed_samples})"
+                )
             else:
                 log.print(f"> --load {load_dir}: no checkpoint there, starting fresh")
     if ck.pretrained_checkpoint and not resumed:

@@ -20,11 +20,11 @@ import sys
 import time
 from functools import partial
 
-T0 = time.monotonic()
+T0 = time.monotonic()  # before the heavy imports below: the log's times include them
 
-import torch
+import torch  # noqa: E402
 
-from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed
+from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed  # noqa: E402
 
 VOCAB = 256  # padded vocab is 256 at TP1 and TP2, so the softmax sees the same logits
 SEQ = 32

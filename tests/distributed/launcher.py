@@ -57,7 +57,9 @@ def launch(nprocs: int, args: list[str], out_dir: Path, timeout: float = 240.0,
             if failed is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        failed = (
+            failed if failed is not None else next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        )
         timed_out = any(p.poll() is None for p in procs) and failed is None
     finally:
         for p in procs:

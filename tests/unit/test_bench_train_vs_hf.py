@@ -1,6 +1,7 @@
 """megatron_pack.experiment.hf_baseline (benchmarks/bench_train_vs_hf.py's baseline): its check of
-TRL's padding-free batches (a flattened row with restarting ``position_ids``, no attention mask) passes for transformers' SDPA path on
-CPU (called as SFTTrainer calls the model) and fails a batch whose attention crosses documents."""
+TRL's padding-free batches (a flattened row with restarting ``position_ids``, no attention mask)
+passes for transformers' SDPA path on CPU (called as SFTTrainer calls the model) and fails a batch
+whose attention crosses documents."""
 
 import pytest
 import torch
@@ -13,8 +14,16 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
-                                   num_hidden_layers=2, vocab_size=300, initializer_range=0.1, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=300,
+        initializer_range=0.1,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg).float().eval()  # SDPA: transformers' default
 
 

@@ -80,6 +80,11 @@ def test_tools_refuse_an_empty_dataset(datasets, tmp_path):
                     "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "1",
                     "--data-cache-path", str(tmp_path)]),
               datasets["nosup"], "nothing to train or score on")
-    _one_line(_run(["tools/analyze_leakage.py", "--model", datasets["dir"], "--data-prefix", p]), p, "empty SFT dataset")
-    _one_line(_run(["tools/plan_parallel.py", "--data-path", p, "--nnodes", "1", "--gpus-per-node", "1",
-                    "--model", "tiny"]), p, "empty SFT dataset")
+    _one_line(
+        _run(["tools/analyze_leakage.py", "--model", datasets["dir"], "--data-prefix", p]), p, "empty SFT dataset"
+    )
+    _one_line(
+        _run(["tools/plan_parallel.py", "--data-path", p, "--nnodes", "1", "--gpus-per-node", "1", "--model", "tiny"]),
+        p,
+        "empty SFT dataset",
+    )

@@ -58,7 +58,7 @@ def write_hf_dir(path, cfg=None, tensors=None, shard_bytes=None):
 
 def test_qkv_layout_is_group_interleaved():
     # Each row of q/k/v holds its own index so the fused order can be read off directly.
-    d, g, per = PRESET.kv_channels, 2, 4
+    d, per = PRESET.kv_channels, 4
     q = torch.arange(8 * d).float()[:, None].expand(-1, 32)
     k = 1000 + torch.arange(2 * d).float()[:, None].expand(-1, 32)
     v = 2000 + torch.arange(2 * d).float()[:, None].expand(-1, 32)
@@ -176,7 +176,8 @@ def test_supported_families_and_switches():
     # a Llama-3.1 config as the hub ships it (transformers 4.x keys)
     r = preset_from_hf_config(hf_config(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}))
-    assert (r.rope_scaling_type, r.rope_scaling_factor, r.rope_original_max_position_embeddings) == ("llama3", 8.0, 8192)
+    scaling = (r.rope_scaling_type, r.rope_scaling_factor, r.rope_original_max_position_embeddings)
+    assert scaling == ("llama3", 8.0, 8192)
     lin = preset_from_hf_config(hf_config(rope_scaling={"type": "linear", "factor": 2.0}))
     assert (lin.rope_scaling_type, lin.rope_scaling_factor) == ("linear", 2.0)
 
@@ -193,8 +194,12 @@ def test_exported_config_reads_back_as_the_same_architecture():
         assert back.max_position_embeddings == arch.max_position_embeddings
     # negative control: the comparison sees a changed switch
     q = PRESETS["qwen2.5-7b"]
-    assert "qkv_bias" in architecture_differences(q, preset_from_hf_config(
-        {**hf_config_from_architecture(q, "float32"), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert "qkv_bias" in architecture_differences(
+        q,
+        preset_from_hf_config(
+            {**hf_config_from_architecture(q, "float32"), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        ),
+    )
 
 
 def test_qkv_bias_round_trip_through_tp_shards():
@@ -209,9 +214,12 @@ def test_qkv_bias_round_trip_through_tp_shards():
     bias = one[M.MEG_QKV_BIAS]
     weight = one["self_attention.linear_qkv.weight"]
     # the bias rows follow the weight rows: bias[i] belongs to row i of the fused weight
-    expected = M.interleave_qkv(torch.cat([hf["self_attn.q_proj.weight"], hf["self_attn.q_proj.bias"][:, None]], 1),
-                                torch.cat([hf["self_attn.k_proj.weight"], hf["self_attn.k_proj.bias"][:, None]], 1),
-                                torch.cat([hf["self_attn.v_proj.weight"], hf["self_attn.v_proj.bias"][:, None]], 1), q)
+    expected = M.interleave_qkv(
+        torch.cat([hf["self_attn.q_proj.weight"], hf["self_attn.q_proj.bias"][:, None]], 1),
+        torch.cat([hf["self_attn.k_proj.weight"], hf["self_attn.k_proj.bias"][:, None]], 1),
+        torch.cat([hf["self_attn.v_proj.weight"], hf["self_attn.v_proj.bias"][:, None]], 1),
+        q,
+    )
     assert torch.equal(expected[:, :-1], weight) and torch.equal(expected[:, -1], bias)
     assert torch.equal(torch.cat([s[M.MEG_QKV_BIAS] for s in two]), bias)
     for shards in ([one], two):
@@ -307,12 +315,22 @@ def test_import_and_export_round_trip_tp2_pp2_without_megatron_runtime(tmp_path)
     from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
     tensors = write_hf_dir(tmp_path / "hf")
-    meta = convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
-                                  pipeline_model_parallel_size=2, progress=False)
+    meta = convert_hf_to_megatron(
+        str(tmp_path / "hf"),
+        str(tmp_path / "meg"),
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+        progress=False,
+    )
     assert meta["padded_vocab_size"] == 512
     it = tmp_path / "meg" / "iter_0000000"
-    assert sorted(p.name for p in it.iterdir()) == ["megatron_pack_import.json", "mp_rank_00_000", "mp_rank_00_001",
-                                                    "mp_rank_01_000", "mp_rank_01_001"]
+    assert sorted(p.name for p in it.iterdir()) == [
+        "megatron_pack_import.json",
+        "mp_rank_00_000",
+        "mp_rank_00_001",
+        "mp_rank_01_000",
+        "mp_rank_01_001",
+    ]
     assert sorted(os.listdir(it / "mp_rank_01_001")) == ["head.safetensors", "layer_000.safetensors"]
     emb1 = load_file(str(it / "mp_rank_01_000" / "embedding.safetensors"))[M.MEG_EMBEDDING]
     assert emb1.shape == (256, 32) and torch.equal(emb1[:44], tensors[M.HF_EMBEDDING][256:]) and not emb1[44:].any()
@@ -345,12 +363,19 @@ def test_hf_to_megatron_peak_memory_is_about_one_layer(tmp_path):
     """Convert a 12-layer model of ~150 MB (12 MB per layer, 8 MB per vocabulary table) both
     ways in a fresh process: the peak resident-set growth of each conversion stays under a
     quarter of the model (about two layers; the output shard limit is 8 MB)."""
-    cfg = hf_config(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2,
-                    num_hidden_layers=12, vocab_size=4000)
+    cfg = hf_config(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=12,
+        vocab_size=4000,
+    )
     write_hf_dir(tmp_path / "hf", cfg=cfg, shard_bytes=40 * 2**20)
     write_hf_dir(tmp_path / "small")
-    model_bytes = sum(os.path.getsize(tmp_path / "hf" / n) for n in os.listdir(tmp_path / "hf")
-                      if n.endswith(".safetensors"))
+    model_bytes = sum(
+        os.path.getsize(tmp_path / "hf" / n) for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")
+    )
     script = textwrap.dedent(f"""
         import torch
         from megatron_pack.convert import convert_hf_to_megatron, convert_megatron_to_hf
@@ -361,8 +386,8 @@ def test_hf_to_megatron_peak_memory_is_about_one_layer(tmp_path):
                     return int(line.split()[1]) * 1024
 
         # Warm up on a tiny model first: lazy imports and allocator pools are not the conversion's.
-        convert_hf_to_megatron({str(tmp_path / 'small')!r}, {str(tmp_path / 'small_meg')!r}, progress=False)
-        convert_megatron_to_hf({str(tmp_path / 'small_meg')!r}, {str(tmp_path / 'small_back')!r}, progress=False)
+        convert_hf_to_megatron({str(tmp_path / "small")!r}, {str(tmp_path / "small_meg")!r}, progress=False)
+        convert_megatron_to_hf({str(tmp_path / "small_meg")!r}, {str(tmp_path / "small_back")!r}, progress=False)
 
         def peak_growth(fn):  # ru_maxrss would carry pytest's peak over fork+exec: reset VmHWM
             open("/proc/self/clear_refs", "w").write("5")
@@ -370,9 +395,9 @@ def test_hf_to_megatron_peak_memory_is_about_one_layer(tmp_path):
             fn()
             return status("VmHWM") - before
 
-        a = peak_growth(lambda: convert_hf_to_megatron({str(tmp_path / 'hf')!r}, {str(tmp_path / 'meg')!r},
+        a = peak_growth(lambda: convert_hf_to_megatron({str(tmp_path / "hf")!r}, {str(tmp_path / "meg")!r},
                                                        tensor_model_parallel_size=2, progress=False))
-        b = peak_growth(lambda: convert_megatron_to_hf({str(tmp_path / 'meg')!r}, {str(tmp_path / 'back')!r},
+        b = peak_growth(lambda: convert_megatron_to_hf({str(tmp_path / "meg")!r}, {str(tmp_path / "back")!r},
                                                        max_shard_size="8MB", progress=False))
         print(a, b)
     """)
@@ -388,8 +413,13 @@ def test_tied_embeddings_round_trip(tmp_path):
 
     tensors = write_hf_dir(tmp_path / "hf", cfg=hf_config(tie_word_embeddings=True))
     assert M.HF_OUTPUT not in tensors
-    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
-                           pipeline_model_parallel_size=2, progress=False)
+    convert_hf_to_megatron(
+        str(tmp_path / "hf"),
+        str(tmp_path / "meg"),
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+        progress=False,
+    )
     convert_megatron_to_hf(str(tmp_path / "meg"), str(tmp_path / "back"), progress=False)
     r = SafetensorsReader(str(tmp_path / "back"))
     assert set(r.names()) == set(tensors)  # no lm_head written back
@@ -404,13 +434,21 @@ def test_loading_an_import_at_another_layout_says_what_to_pass(tmp_path, monkeyp
     from megatron_pack.convert import convert_hf_to_megatron
 
     write_hf_dir(tmp_path / "hf")
-    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "meg"), tensor_model_parallel_size=2,
-                           pipeline_model_parallel_size=2, progress=False)
+    convert_hf_to_megatron(
+        str(tmp_path / "hf"),
+        str(tmp_path / "meg"),
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+        progress=False,
+    )
     assert is_imported_checkpoint(str(tmp_path / "meg")) and not is_imported_checkpoint(str(tmp_path / "hf"))
     monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 1)
     monkeypatch.setattr(ps, "get_pipeline_model_parallel_world_size", lambda: 2)
-    with pytest.raises(ConversionError, match="converted for --tensor-model-parallel-size 2 "
-                                              "--pipeline-model-parallel-size 2, but this run has TP 1, PP 2"):
+    with pytest.raises(
+        ConversionError,
+        match="converted for --tensor-model-parallel-size 2 "
+        "--pipeline-model-parallel-size 2, but this run has TP 1, PP 2",
+    ):
         load_imported_weights(str(tmp_path / "meg"), torch.nn.Linear(2, 2))
 
 
@@ -434,21 +472,43 @@ def test_cli_reports_bad_input_and_exits_2(tmp_path):
     write_hf_dir(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(num_hidden_layers=3)))
     tool = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py")
-    res = subprocess.run([sys.executable, tool, "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--output",
-                          str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            tool,
+            "hf-to-megatron",
+            "--hf-dir",
+            str(tmp_path / "hf"),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2  # bad input (README, "Exit status")
     assert "convert_checkpoint.py: error:" in res.stderr
     assert "num_hidden_layers = 3, but the safetensors in" in res.stderr and "hold 2 layers" in res.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("over, named", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16,
-      "max_position_embeddings": 64}, "sliding_window = 16"),
-    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts = 8"),
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, 'rope_scaling.rope_type = "longrope"'),
-    ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh"'),
-])
+@pytest.mark.parametrize(
+    "over, named",
+    [
+        (
+            {
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": 16,
+                "max_position_embeddings": 64,
+            },
+            "sliding_window = 16",
+        ),
+        ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts = 8"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, 'rope_scaling.rope_type = "longrope"'),
+        ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh"'),
+    ],
+)
 def test_unsupported_feature_refused_at_conversion_nothing_written(tmp_path, over, named):
     """Weights that match the config's shapes, a feature megatron_pack would silently compute
     differently: refused naming the key and value, no output and no temporary directory."""
@@ -462,7 +522,18 @@ def test_unsupported_feature_refused_at_conversion_nothing_written(tmp_path, ove
         convert_hf_to_megatron(str(hf), str(out), progress=False)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
     # the command line says the same in one line and exits 2
-    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools",
-                                                       "convert_checkpoint.py"), "hf-to-megatron", "--hf-dir", str(hf),
-                          "--output", str(out), "--no-progress"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--hf-dir",
+            str(hf),
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and named in res.stderr and not out.exists()

@@ -89,8 +89,9 @@ def test_planner_refuses_hostile_config_on_one_line(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan_parallel.py"), "--model", str(cfg)],
                          capture_output=True, text=True, preexec_fn=_limited, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"plan_parallel.py: error: --model: {cfg / 'config.json'}: num_hidden_layers = 1000000000: exceeds 1,024 (the sane "
-        "bound for this size; no published model comes near it)"]
+        f"plan_parallel.py: error: --model: {cfg / 'config.json'}: num_hidden_layers = 1000000000: "
+        "exceeds 1,024 (the sane bound for this size; no published model comes near it)"
+    ]
 
 
 def test_presets_within_bounds_and_checkpoint_metadata_bounded():
@@ -108,9 +109,25 @@ def test_train_refuses_hostile_config_on_one_line_before_torch(tmp_path):
     """``train --model PATH``: the config is read with the flags, before any heavy import (hidden
     10^9 used to reach the model build and die with MemoryError)."""
     cfg = _write(tmp_path / "m", hf_config(hidden_size=10**9))
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "megatron_pack.train", "--model", str(cfg),
-                          "--data-path", str(tmp_path / "absent"), "--train-iters", "1"],
-                         capture_output=True, text=True, preexec_fn=_limited, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "megatron_pack.train",
+            "--model",
+            str(cfg),
+            "--data-path",
+            str(tmp_path / "absent"),
+            "--train-iters",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limited,
+        timeout=120,
+    )
     lines = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert f"--model: {cfg / 'config.json'}: hidden_size = 1000000000: exceeds 131,072" in lines[0]

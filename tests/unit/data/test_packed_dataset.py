@@ -28,53 +28,167 @@ def row(tokens, labels, loss_mask, position_ids, cu_seqlens, max_seqlen):
 EXPECTED = {
     # one conversation per sequence: the mask switch changes nothing
     ("padding", True): [
-        row([10, 11, 12, 13, P, P, P, P], [11, 12, 13, P, P, P, P, P], [0, 1, 1, 0, 0, 0, 0, 0], list(range(8)), [0, 4], 4),
-        row([20, 21, 22, P, P, P, P, P], [21, 22, P, P, P, P, P, P], [1, 1, 0, 0, 0, 0, 0, 0], list(range(8)), [0, 3], 3),
-        row([30, 31, 32, 33, 34, P, P, P], [31, 32, 33, 34, P, P, P, P], [0, 1, 1, 1, 0, 0, 0, 0], list(range(8)), [0, 5], 5),
+        row(
+            [10, 11, 12, 13, P, P, P, P],
+            [11, 12, 13, P, P, P, P, P],
+            [0, 1, 1, 0, 0, 0, 0, 0],
+            list(range(8)),
+            [0, 4],
+            4,
+        ),
+        row(
+            [20, 21, 22, P, P, P, P, P], [21, 22, P, P, P, P, P, P], [1, 1, 0, 0, 0, 0, 0, 0], list(range(8)), [0, 3], 3
+        ),
+        row(
+            [30, 31, 32, 33, 34, P, P, P],
+            [31, 32, 33, 34, P, P, P, P],
+            [0, 1, 1, 1, 0, 0, 0, 0],
+            list(range(8)),
+            [0, 5],
+            5,
+        ),
         row([40, 41, P, P, P, P, P, P], [41, P, P, P, P, P, P, P], [1, 0, 0, 0, 0, 0, 0, 0], list(range(8)), [0, 2], 2),
     ],
     # sorted 5 4 3 2: [doc2] (4 does not fit) [doc0 doc1] (2 does not fit) [doc3]
     ("greedy", True): [
-        row([30, 31, 32, 33, 34, P, P, P], [31, 32, 33, 34, P, P, P, P], [0, 1, 1, 1, 0, 0, 0, 0], list(range(8)), [0, 5, -1], 5),
-        row([10, 11, 12, 13, 20, 21, 22, P], [11, 12, 13, P, 21, 22, P, P], [0, 1, 1, 0, 1, 1, 0, 0],
-            [0, 1, 2, 3, 0, 1, 2, 3], [0, 4, 7], 4),
-        row([40, 41, P, P, P, P, P, P], [41, P, P, P, P, P, P, P], [1, 0, 0, 0, 0, 0, 0, 0], list(range(8)), [0, 2, -1], 2),
+        row(
+            [30, 31, 32, 33, 34, P, P, P],
+            [31, 32, 33, 34, P, P, P, P],
+            [0, 1, 1, 1, 0, 0, 0, 0],
+            list(range(8)),
+            [0, 5, -1],
+            5,
+        ),
+        row(
+            [10, 11, 12, 13, 20, 21, 22, P],
+            [11, 12, 13, P, 21, 22, P, P],
+            [0, 1, 1, 0, 1, 1, 0, 0],
+            [0, 1, 2, 3, 0, 1, 2, 3],
+            [0, 4, 7],
+            4,
+        ),
+        row(
+            [40, 41, P, P, P, P, P, P],
+            [41, P, P, P, P, P, P, P],
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            list(range(8)),
+            [0, 2, -1],
+            2,
+        ),
     ],
     ("greedy", False): [
-        row([30, 31, 32, 33, 34, P, P, P], [31, 32, 33, 34, P, P, P, P], [0, 1, 1, 1, 0, 0, 0, 0], list(range(8)), [0, 5], 5),
+        row(
+            [30, 31, 32, 33, 34, P, P, P],
+            [31, 32, 33, 34, P, P, P, P],
+            [0, 1, 1, 1, 0, 0, 0, 0],
+            list(range(8)),
+            [0, 5],
+            5,
+        ),
         # 13 predicts 20 (no mask): 20 is not supervised, so the loss mask stays 0 there
-        row([10, 11, 12, 13, 20, 21, 22, P], [11, 12, 13, 20, 21, 22, P, P], [0, 1, 1, 0, 1, 1, 0, 0], list(range(8)), [0, 7], 7),
+        row(
+            [10, 11, 12, 13, 20, 21, 22, P],
+            [11, 12, 13, 20, 21, 22, P, P],
+            [0, 1, 1, 0, 1, 1, 0, 0],
+            list(range(8)),
+            [0, 7],
+            7,
+        ),
         row([40, 41, P, P, P, P, P, P], [41, P, P, P, P, P, P, P], [1, 0, 0, 0, 0, 0, 0, 0], list(range(8)), [0, 2], 2),
     ],
     # best fit: 5 -> bin0 (3 left), 4 -> bin1 (4 left), 3 -> bin0 (fullest that fits), 2 -> bin1
     ("bfd", True): [
-        row([30, 31, 32, 33, 34, 20, 21, 22], [31, 32, 33, 34, P, 21, 22, P], [0, 1, 1, 1, 0, 1, 1, 0],
-            [0, 1, 2, 3, 4, 0, 1, 2], [0, 5, 8], 5),
-        row([10, 11, 12, 13, 40, 41, P, P], [11, 12, 13, P, 41, P, P, P], [0, 1, 1, 0, 1, 0, 0, 0],
-            [0, 1, 2, 3, 0, 1, 2, 3], [0, 4, 6], 4),
+        row(
+            [30, 31, 32, 33, 34, 20, 21, 22],
+            [31, 32, 33, 34, P, 21, 22, P],
+            [0, 1, 1, 1, 0, 1, 1, 0],
+            [0, 1, 2, 3, 4, 0, 1, 2],
+            [0, 5, 8],
+            5,
+        ),
+        row(
+            [10, 11, 12, 13, 40, 41, P, P],
+            [11, 12, 13, P, 41, P, P, P],
+            [0, 1, 1, 0, 1, 0, 0, 0],
+            [0, 1, 2, 3, 0, 1, 2, 3],
+            [0, 4, 6],
+            4,
+        ),
     ],
     ("bfd", False): [
-        row([30, 31, 32, 33, 34, 20, 21, 22], [31, 32, 33, 34, 20, 21, 22, P], [0, 1, 1, 1, 0, 1, 1, 0], list(range(8)), [0, 8], 8),
-        row([10, 11, 12, 13, 40, 41, P, P], [11, 12, 13, 40, 41, P, P, P], [0, 1, 1, 0, 1, 0, 0, 0], list(range(8)), [0, 6], 6),
+        row(
+            [30, 31, 32, 33, 34, 20, 21, 22],
+            [31, 32, 33, 34, 20, 21, 22, P],
+            [0, 1, 1, 1, 0, 1, 1, 0],
+            list(range(8)),
+            [0, 8],
+            8,
+        ),
+        row(
+            [10, 11, 12, 13, 40, 41, P, P],
+            [11, 12, 13, 40, 41, P, P, P],
+            [0, 1, 1, 0, 1, 0, 0, 0],
+            list(range(8)),
+            [0, 6],
+            6,
+        ),
     ],
     # seed 0 shuffles to [3, 0, 2, 1]; the stream 40 41|10 11 12 13|30 31 ‖ 32 33 34|20 21 22
     # is cut after 8 tokens, splitting doc 2; its tail is a segment of its own
     ("random", True): [
-        row([40, 41, 10, 11, 12, 13, 30, 31], [41, P, 11, 12, 13, P, 31, P], [1, 0, 0, 1, 1, 0, 0, 0],
-            [0, 1, 0, 1, 2, 3, 0, 1], [0, 2, 6, 8], 4),
-        row([32, 33, 34, 20, 21, 22, P, P], [33, 34, P, 21, 22, P, P, P], [1, 1, 0, 1, 1, 0, 0, 0],
-            [0, 1, 2, 0, 1, 2, 3, 4], [0, 3, 6, -1], 3),
+        row(
+            [40, 41, 10, 11, 12, 13, 30, 31],
+            [41, P, 11, 12, 13, P, 31, P],
+            [1, 0, 0, 1, 1, 0, 0, 0],
+            [0, 1, 0, 1, 2, 3, 0, 1],
+            [0, 2, 6, 8],
+            4,
+        ),
+        row(
+            [32, 33, 34, 20, 21, 22, P, P],
+            [33, 34, P, 21, 22, P, P, P],
+            [1, 1, 0, 1, 1, 0, 0, 0],
+            [0, 1, 2, 0, 1, 2, 3, 4],
+            [0, 3, 6, -1],
+            3,
+        ),
     ],
     ("random", False): [
-        row([40, 41, 10, 11, 12, 13, 30, 31], [41, 10, 11, 12, 13, 30, 31, P], [1, 0, 0, 1, 1, 0, 0, 0], list(range(8)), [0, 8], 8),
-        row([32, 33, 34, 20, 21, 22, P, P], [33, 34, 20, 21, 22, P, P, P], [1, 1, 0, 1, 1, 0, 0, 0], list(range(8)), [0, 6], 6),
+        row(
+            [40, 41, 10, 11, 12, 13, 30, 31],
+            [41, 10, 11, 12, 13, 30, 31, P],
+            [1, 0, 0, 1, 1, 0, 0, 0],
+            list(range(8)),
+            [0, 8],
+            8,
+        ),
+        row(
+            [32, 33, 34, 20, 21, 22, P, P],
+            [33, 34, 20, 21, 22, P, P, P],
+            [1, 1, 0, 1, 1, 0, 0, 0],
+            list(range(8)),
+            [0, 6],
+            6,
+        ),
     ],
     # windows of 2 over the shuffle [3, 0 | 2, 1]: best fit inside each window
     ("windowed_bfd:window=2", True): [
-        row([10, 11, 12, 13, 40, 41, P, P], [11, 12, 13, P, 41, P, P, P], [0, 1, 1, 0, 1, 0, 0, 0],
-            [0, 1, 2, 3, 0, 1, 2, 3], [0, 4, 6], 4),
-        row([30, 31, 32, 33, 34, 20, 21, 22], [31, 32, 33, 34, P, 21, 22, P], [0, 1, 1, 1, 0, 1, 1, 0],
-            [0, 1, 2, 3, 4, 0, 1, 2], [0, 5, 8], 5),
+        row(
+            [10, 11, 12, 13, 40, 41, P, P],
+            [11, 12, 13, P, 41, P, P, P],
+            [0, 1, 1, 0, 1, 0, 0, 0],
+            [0, 1, 2, 3, 0, 1, 2, 3],
+            [0, 4, 6],
+            4,
+        ),
+        row(
+            [30, 31, 32, 33, 34, 20, 21, 22],
+            [31, 32, 33, 34, P, 21, 22, P],
+            [0, 1, 1, 1, 0, 1, 1, 0],
+            [0, 1, 2, 3, 4, 0, 1, 2],
+            [0, 5, 8],
+            5,
+        ),
     ],
 }
 EXPECTED[("padding", False)] = EXPECTED[("padding", True)]
@@ -90,8 +204,13 @@ def test_dtypes_and_padding_to_multiple(data):
     ds = make(data, "bfd", True, pad_to_multiple_of=required_multiple(tp_size=3, sequence_parallel=True))
     item = ds[1]
     assert item["tokens"].shape == (9,) and ds.padded_length == 9
-    assert (item["tokens"].dtype, item["labels"].dtype, item["loss_mask"].dtype, item["position_ids"].dtype,
-            item["cu_seqlens"].dtype) == (torch.int64, torch.int64, torch.float32, torch.int64, torch.int32)
+    assert (
+        item["tokens"].dtype,
+        item["labels"].dtype,
+        item["loss_mask"].dtype,
+        item["position_ids"].dtype,
+        item["cu_seqlens"].dtype,
+    ) == (torch.int64, torch.int64, torch.float32, torch.int64, torch.int32)
     assert item["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4]
     assert item["loss_mask"][6:].sum() == 0
     assert required_multiple(4, 1, False) == 1
@@ -116,7 +235,7 @@ def test_invariants_on_random_data(tmp_path):
             cu = it["cu_seqlens"][: it["num_cu_seqlens"]].tolist()
             R = it["num_real_tokens"]
             assert cu[0] == 0 and cu[-1] == R <= 32 and it["max_seqlen"] == max(np.diff(cu))
-            assert it["loss_mask"][R - 1:].sum() == 0 and (it["tokens"][R:] == P).all()
+            assert it["loss_mask"][R - 1 :].sum() == 0 and (it["tokens"][R:] == P).all()
             for a, b in zip(cu[:-1], cu[1:]):
                 assert it["position_ids"][a:b].tolist() == list(range(b - a))
                 assert it["loss_mask"][b - 1] == 0

@@ -14,8 +14,11 @@ from megatron_pack.model.attention import torch_varlen
 def _simulate(monkeypatch, q, k, v, cu_pad, cp, reorder=True):
     """Run cp_varlen for every rank with the all-gather replaced by the concatenation of the shares."""
     idx = [rank_token_index(cu_pad, cp, r) for r in range(cp)]
-    monkeypatch.setattr(cp_attention, "all_gather_with_grad",
-                        lambda x, group: torch.cat([full[i] for i in idx]) if (full := gathered[id(x)]) is not None else x)
+    monkeypatch.setattr(
+        cp_attention,
+        "all_gather_with_grad",
+        lambda x, group: torch.cat([full[i] for i in idx]) if (full := gathered[id(x)]) is not None else x,
+    )
     outs = []
     for r in range(cp):
         ql, kl, vl = q[idx[r]], k[idx[r]], v[idx[r]]

@@ -119,9 +119,16 @@ def test_llama3_presets_map_to_transformer_config():
         p = get_preset(name)
         cfg = transformer_config(p, tensor_model_parallel_size=8, pipeline_model_parallel_size=4 if layers == 80 else 1,
                                  bf16=True)
-        assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads) == (layers, hidden, ffn, heads)
+        assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads) == (
+            layers,
+            hidden,
+            ffn,
+            heads,
+        )
         assert (cfg.num_query_groups, cfg.kv_channels) == (8, 128)  # GQA, 128-dim heads
-        assert cfg.normalization == "RMSNorm" and cfg.gated_linear_unit and cfg.activation_func is torch.nn.functional.silu
+        assert (
+            cfg.normalization == "RMSNorm" and cfg.gated_linear_unit and cfg.activation_func is torch.nn.functional.silu
+        )
         assert not cfg.add_bias_linear and cfg.params_dtype == torch.bfloat16
         assert (p.rope_theta, p.vocab_size, p.tie_word_embeddings) == (500000.0, 128256, False)
     assert padded_vocab_size(128256, 1) == 128256

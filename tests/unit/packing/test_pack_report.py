@@ -59,8 +59,18 @@ def run_tool(*args):
 
 def test_cli_lengths_json_plot(tmp_path):
     np.save(tmp_path / "l.npy", np.array([5, 3, 6, 2, 9]))
-    out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "8", "--modes", "padding,bfd,windowed_bfd:window=2",
-                   "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    out = run_tool(
+        "--lengths",
+        str(tmp_path / "l.npy"),
+        "--max-seq-length",
+        "8",
+        "--modes",
+        "padding,bfd,windowed_bfd:window=2",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    )
     assert out.returncode == 0, out.stderr
     rows = json.load(open(tmp_path / "r.json"))
     assert [r["mode"] for r in rows] == ["padding", "bfd", "windowed_bfd:window=2"]
@@ -74,8 +84,18 @@ def test_cli_data_prefix_cut_at_turns(tmp_path):
     with SFTDatasetWriter(str(tmp_path / "d")) as w:
         w.add(list(range(12)), [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1], [0, 3, 6, 8])
         w.add([1, 2, 3], [0, 1, 1], [0])
-    out = run_tool("--data-prefix", str(tmp_path / "d"), "--max-seq-length", "6", "--modes", "bfd",
-                   "--overlong", "cut-at-turns", "--json", str(tmp_path / "r.json"))
+    out = run_tool(
+        "--data-prefix",
+        str(tmp_path / "d"),
+        "--max-seq-length",
+        "6",
+        "--modes",
+        "bfd",
+        "--overlong",
+        "cut-at-turns",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     (row,) = json.load(open(tmp_path / "r.json"))
     # 12 tokens cut at the turn start 6 -> [0,6) [6,12), plus 3 tokens: 3 sequences, nothing lost
@@ -96,20 +116,44 @@ def test_cli_errors(tmp_path):
 def test_cli_balance_forecast(tmp_path):
     # long-tailed: one in ten samples fills a 4096 sequence alone, the rest are short
     rng = np.random.default_rng(0)
-    lengths = np.array([int(rng.integers(3500, 4096)) if i % 10 == 0 else int(rng.integers(20, 300))
-                        for i in range(600)])
+    lengths = np.array(
+        [int(rng.integers(3500, 4096)) if i % 10 == 0 else int(rng.integers(20, 300)) for i in range(600)]
+    )
     np.save(tmp_path / "l.npy", lengths)
-    out = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "4096", "--modes", "bfd",
-                   "--data-parallel-size", "4", "--global-batch-size", "16", "--model", "tiny", "--vocab-size", "256",
-                   "--json", str(tmp_path / "r.json"))
+    out = run_tool(
+        "--lengths",
+        str(tmp_path / "l.npy"),
+        "--max-seq-length",
+        "4096",
+        "--modes",
+        "bfd",
+        "--data-parallel-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "256",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     assert "Compute imbalance per step over DP 4" in out.stdout
     (row,) = json.load(open(tmp_path / "r.json"))
     b = row["balance"]
     assert b["sequences_per_rank"] == 4 and b["steps"] >= 3
     assert 1.0 <= b["bound"] <= b["imbalance_balanced"] < b["imbalance_contiguous"] and b["gain"] > 1.0
-    bad = run_tool("--lengths", str(tmp_path / "l.npy"), "--max-seq-length", "4096", "--data-parallel-size", "3",
-                   "--global-batch-size", "16")
+    bad = run_tool(
+        "--lengths",
+        str(tmp_path / "l.npy"),
+        "--max-seq-length",
+        "4096",
+        "--data-parallel-size",
+        "3",
+        "--global-batch-size",
+        "16",
+    )
     assert bad.returncode != 0 and "--global-batch-size 16 must be a multiple" in bad.stderr
 
 
@@ -117,9 +161,9 @@ def _dataset_with_unsupervised(prefix):
     """Six conversations; two have no trained target once truncated to 6 tokens (the answer is
     past the cut), one has none at all, three are ordinary."""
     with SFTDatasetWriter(prefix) as w:
-        w.add(list(range(10)), [0] * 7 + [1] * 3, [0])   # answer cut off at 6
-        w.add(list(range(9)), [0] * 8 + [1], [0])        # answer cut off at 6
-        w.add([1, 2, 3], [0, 0, 0], [0])                 # no answer at all
+        w.add(list(range(10)), [0] * 7 + [1] * 3, [0])  # answer cut off at 6
+        w.add(list(range(9)), [0] * 8 + [1], [0])  # answer cut off at 6
+        w.add([1, 2, 3], [0, 0, 0], [0])  # no answer at all
         w.add([1, 2, 3, 4], [0, 1, 1, 1], [0])
         w.add([5, 6], [0, 1], [0])
         w.add([7, 8, 9, 1, 2], [0, 0, 1, 1, 1], [0])
@@ -135,7 +179,9 @@ def test_cli_sequence_count_is_the_training_plan(tmp_path, mode):
 
     prefix = str(tmp_path / "d")
     _dataset_with_unsupervised(prefix)
-    out = run_tool("--data-prefix", prefix, "--max-seq-length", "6", "--modes", mode, "--json", str(tmp_path / "r.json"))
+    out = run_tool(
+        "--data-prefix", prefix, "--max-seq-length", "6", "--modes", mode, "--json", str(tmp_path / "r.json")
+    )
     assert out.returncode == 0, out.stderr
     (row,) = json.load(open(tmp_path / "r.json"))
     ds = SFTIndexedDataset(prefix)

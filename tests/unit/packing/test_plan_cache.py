@@ -61,7 +61,9 @@ def corrupt_npy(path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json", "fingerprint"])
 def test_damaged_cache_warns_and_rebuilds(data, damage):
     get_plan(data, 32, "greedy")
-    plan = build_plan(data.lengths, 32, "greedy", supervised=dataset_supervised(data))  # not the mmap: it would see the damage
+    plan = build_plan(
+        data.lengths, 32, "greedy", supervised=dataset_supervised(data)
+    )  # not the mmap: it would see the damage
     pieces = next(f for f in files(data) if f.endswith(".pieces.npy"))
     meta = next(f for f in files(data) if f.endswith(".json"))
     if damage == "flip":

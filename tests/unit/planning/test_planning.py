@@ -16,12 +16,13 @@ from megatron_pack.planning.cluster_plan import make_plan as _make_plan
 from megatron_pack.planning.cluster_plan import plan_config, validate_layout
 from megatron_pack.planning.memory import GIB, MemoryConfig, layer_activation_bytes_per_token, state_bytes_per_param
 from megatron_pack.planning.params import count_parameters
+from megatron_pack.planning.render import render
+from megatron_pack.planning.step_time import SequenceStats, TimingConfig, estimate
 
 
 def make_plan(cfg, **kw) -> dict:
     return _make_plan(cfg, **kw).to_json()
-from megatron_pack.planning.render import render
-from megatron_pack.planning.step_time import SequenceStats, TimingConfig, estimate
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -103,21 +104,26 @@ def test_tiny_counts_match_across_layouts():
 @pytest.mark.parametrize("model, tp, pp", [("tiny", 2, 2), ("llama3-8b", 4, 1)])
 def test_tp_split_rule_matches_megatron_tags(model, tp, pp):
     # Megatron's own initialisation tags TP-split parameters; the fast path infers them from layer types
-    kw = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, vocab_size=3000 if model == "tiny" else None)
+    kw = dict(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, vocab_size=3000 if model == "tiny" else None
+    )
     fast = count_parameters(PRESETS[model], **kw)
     tagged = count_parameters(PRESETS[model], megatron_tags=True, **kw)
     assert fast.per_rank == tagged.per_rank and fast.total == tagged.total
     assert all(r.tp_replicated > 0 and r.tp_sharded > r.tp_replicated for r in fast.per_rank)
 
 
-@pytest.mark.parametrize("over, reason", [
-    (dict(tensor_model_parallel_size=16, nnodes=4), "16 does not divide the 8 query groups"),
-    (dict(tensor_model_parallel_size=3, nnodes=3, gpus_per_node=4), "3 does not divide the 64 attention heads"),
-    (dict(pipeline_model_parallel_size=3, nnodes=3), "PP 3 does not divide the 80 layers"),
-    (dict(gpus_per_node=6), "TP\\*PP\\*CP = 8\\*1\\*1 = 8 does not divide the world size 6"),
-    (dict(nnodes=2, global_batch_size=3), "not a multiple of micro-batch-size \\* data-parallel = 1 \\* 2"),
-    (dict(tensor_model_parallel_size=1, sequence_parallel=True), "--sequence-parallel: needs"),
-])
+@pytest.mark.parametrize(
+    "over, reason",
+    [
+        (dict(tensor_model_parallel_size=16, nnodes=4), "16 does not divide the 8 query groups"),
+        (dict(tensor_model_parallel_size=3, nnodes=3, gpus_per_node=4), "3 does not divide the 64 attention heads"),
+        (dict(pipeline_model_parallel_size=3, nnodes=3), "PP 3 does not divide the 80 layers"),
+        (dict(gpus_per_node=6), "TP\\*PP\\*CP = 8\\*1\\*1 = 8 does not divide the world size 6"),
+        (dict(nnodes=2, global_batch_size=3), "not a multiple of micro-batch-size \\* data-parallel = 1 \\* 2"),
+        (dict(tensor_model_parallel_size=1, sequence_parallel=True), "--sequence-parallel: needs"),
+    ],
+)
 def test_illegal_layouts_rejected(over, reason):
     cfg = dict(model="llama3-70b", nnodes=1, gpus_per_node=8, tensor_model_parallel_size=8, global_batch_size=8)
     cfg.update(over)
@@ -126,20 +132,48 @@ def test_illegal_layouts_rejected(over, reason):
 
 
 def test_legal_layout_sizes_and_warnings():
-    lay = validate_layout(plan_config(model="llama3-70b", nnodes=4, tensor_model_parallel_size=8,
-                                     pipeline_model_parallel_size=2, global_batch_size=64, seq_length=4100,
-                                     sequence_parallel=True))
+    lay = validate_layout(
+        plan_config(
+            model="llama3-70b",
+            nnodes=4,
+            tensor_model_parallel_size=8,
+            pipeline_model_parallel_size=2,
+            global_batch_size=64,
+            seq_length=4100,
+            sequence_parallel=True,
+        )
+    )
     assert (lay.data_parallel_size, lay.num_microbatches, lay.padded_seq_length) == (2, 32, 4104)
     assert any("padded from --seq-length 4100 to 4104" in w for w in lay.warnings)
-    lay = validate_layout(plan_config(model="llama3-70b", nnodes=2, gpus_per_node=4, tensor_model_parallel_size=8,
-                                     global_batch_size=4, sequence_parallel=False))
-    assert any("spans nodes" in w for w in lay.warnings) and any("without --sequence-parallel" in w for w in lay.warnings)
+    lay = validate_layout(
+        plan_config(
+            model="llama3-70b",
+            nnodes=2,
+            gpus_per_node=4,
+            tensor_model_parallel_size=8,
+            global_batch_size=4,
+            sequence_parallel=False,
+        )
+    )
+    assert any("spans nodes" in w for w in lay.warnings) and any(
+        "without --sequence-parallel" in w for w in lay.warnings
+    )
 
 
 def test_memory_formulas_by_hand():
     p = PRESETS["llama3-70b"]
-    base = dict(tp=8, pp=4, cp=1, dp=4, seq_length=4096, micro_batch_size=1, num_microbatches=16,
-                sequence_parallel=True, use_distributed_optimizer=False, recompute_granularity=None)
+    base = dict(
+        tp=8,
+        pp=4,
+        cp=1,
+        dp=4,
+        seq_length=4096,
+        micro_batch_size=1,
+        num_microbatches=16,
+        sequence_parallel=True,
+        use_distributed_optimizer=False,
+        recompute_granularity=None,
+    )
     mc = MemoryConfig(**base)
     # (12h + 4gd + 6f) / t = (98304 + 4096 + 172032) / 8
     assert layer_activation_bytes_per_token(p, mc, None) == 34304
@@ -157,9 +191,18 @@ def test_plan_70b_memory_and_json_keys(p70, monkeypatch):
     import megatron_pack.planning.params as params_mod
 
     monkeypatch.setattr(params_mod, "count_parameters", lambda *a, **k: p70)  # built above, reuse
-    cfg = plan_config(model="llama3-70b", nnodes=4, gpus_per_node=8, tensor_model_parallel_size=8,
-                     pipeline_model_parallel_size=4, sequence_parallel=True, seq_length=4096,
-                     micro_batch_size=1, global_batch_size=64, gpu="a800-80gb")
+    cfg = plan_config(
+        model="llama3-70b",
+        nnodes=4,
+        gpus_per_node=8,
+        tensor_model_parallel_size=8,
+        pipeline_model_parallel_size=4,
+        sequence_parallel=True,
+        seq_length=4096,
+        micro_batch_size=1,
+        global_batch_size=64,
+        gpu="a800-80gb",
+    )
     plan = make_plan(cfg)
     assert {"total_parameters", "per_rank_parameters", "memory_per_gpu_gb", "fits"} <= set(plan)
     assert len(plan["per_rank_parameters"]) == 32 and plan["total_parameters"] == p70.total
@@ -186,8 +229,9 @@ def test_plan_70b_memory_and_json_keys(p70, monkeypatch):
 
 def test_timing_by_hand():
     p = PRESETS["tiny"]
-    cfg = TimingConfig(gpu=get_gpu("h100"), num_gpus=4, pp=2, num_microbatches=4, global_batch_size=2,
-                       seq_length=8, mfu=0.5)
+    cfg = TimingConfig(
+        gpu=get_gpu("h100"), num_gpus=4, pp=2, num_microbatches=4, global_batch_size=2, seq_length=8, mfu=0.5
+    )
     stats = SequenceStats(num_sequences=5, real_tokens=30, sum_sq=100.0)
     e = estimate(p, 1000, stats, cfg)
     model = 6 * 1000 * 8 * 5 + 6 * 2 * 4 * 16 * 100.0
@@ -210,8 +254,17 @@ def _write_dataset(prefix, lengths):
 def test_mode_table_by_hand(tmp_path):
     # lengths 5 3 6 2, capacity 8: padding 4 sequences, bfd 2 ([6 2] [5 3])
     _write_dataset(tmp_path / "d", [5, 3, 6, 2])
-    cfg = dict(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=1, seq_length=8, global_batch_size=2,
-               data_path=str(tmp_path / "d"), modes=("padding", "bfd"), valid_fraction=0.0)
+    cfg = dict(
+        model="tiny",
+        vocab_size=3000,
+        nnodes=1,
+        gpus_per_node=1,
+        seq_length=8,
+        global_batch_size=2,
+        data_path=str(tmp_path / "d"),
+        modes=("padding", "bfd"),
+        valid_fraction=0.0,
+    )
     plan = make_plan(plan_config(**cfg))
     rows = {r["mode"]: r for r in plan["modes"]}
     assert (rows["padding"]["num_sequences"], rows["bfd"]["num_sequences"]) == (4, 2)
@@ -219,7 +272,9 @@ def test_mode_table_by_hand(tmp_path):
     assert rows["padding"]["attention_sum_sq"] == rows["bfd"]["attention_sum_sq"] == 25 + 9 + 36 + 4
     # every sequence costs 8 positions of dense FLOPs; attention is the same 74 s^2 in total
     dense, attn = 6 * plan["matmul_parameters"] * 8, 6 * 2 * 64 * 74
-    assert rows["bfd"]["selected"] and rows["bfd"]["time_vs_padding"] == pytest.approx((2 * dense + attn) / (4 * dense + attn))
+    assert rows["bfd"]["selected"] and rows["bfd"]["time_vs_padding"] == pytest.approx(
+        (2 * dense + attn) / (4 * dense + attn)
+    )
     nomask = {r["mode"]: r for r in make_plan(plan_config(**cfg, document_mask=False))["modes"]}
     assert nomask["bfd"]["attention_sum_sq"] == 64 + 64 and nomask["padding"]["attention_sum_sq"] == 74
     padded = {r["mode"]: r for r in make_plan(plan_config(**cfg, pad_attention=True))["modes"]}
@@ -235,12 +290,44 @@ def test_cli_on_builtin_sample(tmp_path, capsys):
     jsonl, tok = prepare_sample(str(tmp_path / "work"))
     preprocess(PreprocessConfig([jsonl], tok, str(tmp_path / "sample"), progress=False, plot=False))
     out = tmp_path / "plan.json"
-    rc = plan_parallel.main([
-        "--model", "tiny", "--tokenizer-model", tok, "--nnodes", "1", "--gpus-per-node", "4",
-        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
-        "--use-distributed-optimizer", "--bf16", "--seq-length", "2048", "--micro-batch-size", "1",
-        "--global-batch-size", "4", "--data-path", str(tmp_path / "sample"), "--pack-mode", "bfd",
-        "--train-epochs", "2", "--lr", "1e-5", "--save", "/ckpt", "--json", str(out), "--no-progress"])
+    rc = plan_parallel.main(
+        [
+            "--model",
+            "tiny",
+            "--tokenizer-model",
+            tok,
+            "--nnodes",
+            "1",
+            "--gpus-per-node",
+            "4",
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--use-distributed-optimizer",
+            "--bf16",
+            "--seq-length",
+            "2048",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "4",
+            "--data-path",
+            str(tmp_path / "sample"),
+            "--pack-mode",
+            "bfd",
+            "--train-epochs",
+            "2",
+            "--lr",
+            "1e-5",
+            "--save",
+            "/ckpt",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     plan = json.load(open(out))
@@ -254,7 +341,10 @@ def test_cli_on_builtin_sample(tmp_path, capsys):
     assert plan["data"]["held_out_conversations"] == round(480 * 0.05)
     for r in rows.values():  # every placed token, the same for every mode
         assert r["real_tokens"] == plan["data"]["tokens"]
-    assert rows["padding"]["num_sequences"] == 480 - 24 and rows["bfd"]["num_sequences"] < rows["greedy"]["num_sequences"] + 1
+    assert (
+        rows["padding"]["num_sequences"] == 480 - 24
+        and rows["bfd"]["num_sequences"] < rows["greedy"]["num_sequences"] + 1
+    )
     assert rows["bfd"]["epoch_seconds"] < 0.2 * rows["padding"]["epoch_seconds"]
     assert rows["bfd"]["train_steps"] == 2 * rows["bfd"]["steps"]
     assert re.search(r"\| bfd \* +\|", text) and "not modelled, ignored: --lr 1e-5 --save /ckpt" in text
@@ -263,18 +353,45 @@ def test_cli_on_builtin_sample(tmp_path, capsys):
 def test_cli_rejects_and_oom(capsys):
     import plan_parallel
 
-    rc = plan_parallel.main(["--model", "llama3-70b", "--nnodes", "3", "--gpus-per-node", "8",
-                             "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "3"])
-    assert rc == 2 and "illegal layout: --pipeline-model-parallel-size: PP 3 does not divide the 80 layers" in capsys.readouterr().err
+    rc = plan_parallel.main(
+        [
+            "--model",
+            "llama3-70b",
+            "--nnodes",
+            "3",
+            "--gpus-per-node",
+            "8",
+            "--tensor-model-parallel-size",
+            "8",
+            "--pipeline-model-parallel-size",
+            "3",
+        ]
+    )
+    assert (
+        rc == 2
+        and "illegal layout: --pipeline-model-parallel-size: PP 3 does not divide the 80 layers"
+        in capsys.readouterr().err
+    )
     # 70B unsharded on one 80 GiB GPU: 70.6e9 x 18 bytes is far over
-    rc = plan_parallel.main(["--model", "llama3-70b", "--nnodes", "1", "--gpus-per-node", "1",
-                             "--global-batch-size", "1", "--no-progress"])
+    rc = plan_parallel.main(
+        ["--model", "llama3-70b", "--nnodes", "1", "--gpus-per-node", "1", "--global-batch-size", "1", "--no-progress"]
+    )
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_plan_without_dataset_uses_full_sequences():
-    cfg = plan_config(model="tiny", vocab_size=3000, nnodes=1, gpus_per_node=2, tensor_model_parallel_size=2,
-                     seq_length=16, global_batch_size=4, train_iters=10, recompute_granularity="full", gpu="a100")
+    cfg = plan_config(
+        model="tiny",
+        vocab_size=3000,
+        nnodes=1,
+        gpus_per_node=2,
+        tensor_model_parallel_size=2,
+        seq_length=16,
+        global_batch_size=4,
+        train_iters=10,
+        recompute_granularity="full",
+        gpu="a100",
+    )
     plan = make_plan(cfg)
     t = plan["timing"]
     flops = 4 * (6 * plan["matmul_parameters"] * 16 + 6 * 2 * 64 * 16**2)  # one 16-token document per sequence
@@ -286,10 +403,16 @@ def test_plan_without_dataset_uses_full_sequences():
     assert plan["memory_per_gpu_gb"]["total"] == pytest.approx(alt["full"]) and alt["full"] < alt["none"]
 
 
-@pytest.mark.parametrize("name, tp, exact", [
-    ("llama3.1-8b", 8, 8_030_261_248), ("llama3.1-70b", 8, 70_553_706_496), ("qwen2.5-7b", 4, 7_615_616_512),
-    ("qwen2.5-72b", 8, 72_706_203_648), ("mistral-7b", 8, 7_248_023_552),
-])
+@pytest.mark.parametrize(
+    "name, tp, exact",
+    [
+        ("llama3.1-8b", 8, 8_030_261_248),
+        ("llama3.1-70b", 8, 70_553_706_496),
+        ("qwen2.5-7b", 4, 7_615_616_512),
+        ("qwen2.5-72b", 8, 72_706_203_648),
+        ("mistral-7b", 8, 7_248_023_552),
+    ],
+)
 def test_new_presets_match_published_sizes(name, tp, exact):
     """Counted from the real Megatron-Core shards (Qwen2.5's q/k/v biases included), within 0.1%
     of the size each model card publishes; the exact figure pins the architecture."""
@@ -304,16 +427,42 @@ def test_cli_model_path_is_a_hf_config(tmp_path, capsys):
     """--model PATH: the planner costs any supported architecture from its config.json."""
     import plan_parallel
 
-    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
-           "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24,
-           "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
-           "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 32768}
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 24,
+        "vocab_size": 151936,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+    }
     (tmp_path / "qwen2.5-0.5b").mkdir()
     (tmp_path / "qwen2.5-0.5b" / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "plan.json"
-    rc = plan_parallel.main(["--model", str(tmp_path / "qwen2.5-0.5b"), "--nnodes", "1", "--gpus-per-node", "2",
-                             "--tensor-model-parallel-size", "2", "--global-batch-size", "2", "--json", str(out),
-                             "--no-progress"])
+    rc = plan_parallel.main(
+        [
+            "--model",
+            str(tmp_path / "qwen2.5-0.5b"),
+            "--nnodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--tensor-model-parallel-size",
+            "2",
+            "--global-batch-size",
+            "2",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     plan = json.load(open(out))
     # Qwen2.5-0.5B: 494,032,768 parameters (tied embeddings, q/k/v biases); the card says 0.49B
@@ -329,21 +478,44 @@ def test_smollm_style_llama_from_its_config(tmp_path):
     9 heads / 3 KV groups, tied embeddings, theta 1e5) is no preset; its config is enough."""
     from megatron_pack.model.presets import get_preset
 
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-           "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
-           "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": True,
-           "max_position_embeddings": 8192, "hidden_act": "silu", "rope_scaling": None}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "num_hidden_layers": 30,
+        "vocab_size": 49152,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+        "rope_scaling": None,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     arch = get_preset(str(tmp_path / "config.json"))
     assert (arch.kv_channels, arch.tie_word_embeddings, arch.rope_theta) == (64, True, 100000.0)
     assert count_parameters(arch).total_unpadded == 134_515_008  # the published 135M
+
+
 def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
     # long-tailed: a few conversations fill a 2048-token sequence alone, the rest are short
     rng = np.random.default_rng(0)
     lengths = [int(rng.integers(1500, 2048)) if i % 10 == 0 else int(rng.integers(20, 200)) for i in range(400)]
     _write_dataset(tmp_path / "d", lengths)
-    cfg = plan_config(model="tiny", vocab_size=256, nnodes=1, gpus_per_node=4, seq_length=2048, global_batch_size=16,
-                     data_path=str(tmp_path / "d"), modes=("bfd",), valid_fraction=0.0)
+    cfg = plan_config(
+        model="tiny",
+        vocab_size=256,
+        nnodes=1,
+        gpus_per_node=4,
+        seq_length=2048,
+        global_batch_size=16,
+        data_path=str(tmp_path / "d"),
+        modes=("bfd",),
+        valid_fraction=0.0,
+    )
     plan = make_plan(cfg)
     (row,) = plan["modes"]
     f = row["balance"]
@@ -354,22 +526,30 @@ def test_plan_forecasts_dp_imbalance_with_and_without_balancing(tmp_path):
     text = render(plan)
     assert "Compute imbalance over DP 4" in text
     assert any(line.replace(" ", "").startswith("|bfd*|4|") for line in text.splitlines())
+
+
 def test_context_parallel_kv_exchange_by_hand():
     from megatron_pack.planning.cp_exchange import exposed_seconds, kv_exchange
 
     p, a800 = PRESETS["llama3-70b"], get_gpu("a800")
-    x = kv_exchange(p, a800, tp=8, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64,
-                    gpus_per_node=8)
+    x = kv_exchange(
+        p, a800, tp=8, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64, gpus_per_node=8
+    )
     # 3 x (CP-1) x K,V x (8 groups x 128 / TP 8) x 16384 local tokens x 2 bytes, 40 layers, 64 micro-batches
     assert x["bytes_per_step"] == 3 * 1 * 2 * 128 * 16384 * 2 * 40 * 64
     assert x["link"] == "InfiniBand" and x["seconds_per_step"] == pytest.approx(x["bytes_per_step"] / 25e9)
-    y = kv_exchange(p, a800, tp=4, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64,
-                    gpus_per_node=8)
+    y = kv_exchange(
+        p, a800, tp=4, cp=2, pp=2, seq_length=32768, micro_batch_size=1, num_microbatches=64, gpus_per_node=8
+    )
     assert y["link"] == "NVLink" and y["link_gbps"] == 200.0  # TP x CP = 8 fits a node
     assert exposed_seconds(x, step_seconds=100.0, attention_share=0.5) == 0.0
     assert exposed_seconds(x, step_seconds=1.0, attention_share=0.1) == pytest.approx(x["seconds_per_step"] - 0.1)
-    assert kv_exchange(p, a800, tp=8, cp=1, pp=2, seq_length=4096, micro_batch_size=1, num_microbatches=1,
-                       gpus_per_node=8)["bytes_per_step"] == 0
+    assert (
+        kv_exchange(
+            p, a800, tp=8, cp=1, pp=2, seq_length=4096, micro_batch_size=1, num_microbatches=1, gpus_per_node=8
+        )["bytes_per_step"]
+        == 0
+    )
 
 
 def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
@@ -378,9 +558,19 @@ def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
     import megatron_pack.planning.params as params_mod
 
     monkeypatch.setattr(params_mod, "count_parameters", lambda *a, **k: p70)
-    cfg = plan_config(model="llama3-70b", nnodes=8, gpus_per_node=8, tensor_model_parallel_size=8,
-                     pipeline_model_parallel_size=4, sequence_parallel=True, use_distributed_optimizer=False,
-                     recompute_granularity="full", seq_length=262144, global_batch_size=64, gpu="a800")
+    cfg = plan_config(
+        model="llama3-70b",
+        nnodes=8,
+        gpus_per_node=8,
+        tensor_model_parallel_size=8,
+        pipeline_model_parallel_size=4,
+        sequence_parallel=True,
+        use_distributed_optimizer=False,
+        recompute_granularity="full",
+        seq_length=262144,
+        global_batch_size=64,
+        gpu="a800",
+    )
     plan = make_plan(cfg)
     opts = {o["cp"]: o["peak_gb"] for o in plan["cp_options_gb"]}
     assert sorted(opts) == [1, 2] and opts[2] < opts[1]
@@ -388,8 +578,9 @@ def test_planner_proposes_smallest_cp_that_fits(p70, monkeypatch):
     at2 = make_plan(plan_config(**{**cfg.to_json(), "context_parallel_size": 2}))
     assert at2["fits"] is True and at2["memory_per_gpu_gb"]["total"] == pytest.approx(opts[2])
     assert at2["timing"]["cp_kv_exchange"]["cp"] == 2 and "proposed CP: 2" in render(plan)
-    with pytest.raises(ConfigError,
-                       match="--seq-length: 262142 must be a multiple of 16 under --context-parallel-size 2"):
+    with pytest.raises(
+        ConfigError, match="--seq-length: 262142 must be a multiple of 16 under --context-parallel-size 2"
+    ):
         validate_layout(plan_config(**{**cfg.to_json(), "context_parallel_size": 2, "seq_length": 262142}))
 
 
@@ -398,7 +589,7 @@ def _write_supervised(prefix, lengths, answer):
     with SFTDatasetWriter(str(prefix)) as w:
         for n in lengths:
             mask = np.zeros(n, dtype=np.uint8)
-            mask[max(0, n - answer):] = 1
+            mask[max(0, n - answer) :] = 1
             w.add(np.arange(1, n + 1, dtype=np.int32), mask, np.array([0], dtype=np.int32))
 
 
@@ -413,13 +604,41 @@ def test_planner_plans_the_training_stream(tmp_path, blend):
     _write_supervised(tmp_path / "a", rng.integers(10, 120, 80).tolist() + [300] * 6, answer=8)
     _write_supervised(tmp_path / "b", rng.integers(10, 60, 50).tolist(), answer=8)
     data = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")] if blend else [str(tmp_path / "a")]
-    cfg = plan_config(model="tiny", vocab_size=512, nnodes=1, gpus_per_node=1, seq_length=128, global_batch_size=2,
-                     data_path=data if blend else data[0], modes=("padding", "bfd"), valid_fraction=0.1)
+    cfg = plan_config(
+        model="tiny",
+        vocab_size=512,
+        nnodes=1,
+        gpus_per_node=1,
+        seq_length=128,
+        global_batch_size=2,
+        data_path=data if blend else data[0],
+        modes=("padding", "bfd"),
+        valid_fraction=0.1,
+    )
     rows = {r["mode"]: r for r in make_plan(cfg)["modes"]}
     for mode in ("padding", "bfd"):
-        train_cfg = parse_args(["--data-path", *data, "--model", "tiny", "--vocab-size", "512", "--seq-length", "128",
-                                "--valid-fraction", "0.1", "--pack-mode", mode, "--train-iters", "1",
-                                "--global-batch-size", "2", "--data-cache-path", str(tmp_path / f"cache_{mode}")])
+        train_cfg = parse_args(
+            [
+                "--data-path",
+                *data,
+                "--model",
+                "tiny",
+                "--vocab-size",
+                "512",
+                "--seq-length",
+                "128",
+                "--valid-fraction",
+                "0.1",
+                "--pack-mode",
+                mode,
+                "--train-iters",
+                "1",
+                "--global-batch-size",
+                "2",
+                "--data-cache-path",
+                str(tmp_path / f"cache_{mode}"),
+            ]
+        )
         train = build_datasets(train_cfg).train
         assert train.plan.stats.unsupervised_items > 0  # the 300-token prompts lose their answer at 128
         assert rows[mode]["num_sequences"] == len(train), mode
@@ -437,8 +656,25 @@ def test_balance_batches_is_modelled_not_listed_as_ignored(tmp_path, capsys):
     import plan_parallel
 
     _write_dataset(tmp_path / "d", [int(x) for x in np.random.default_rng(0).integers(20, 2000, 300)])
-    base = ["--model", "tiny", "--vocab-size", "256", "--nnodes", "1", "--gpus-per-node", "4", "--seq-length", "2048",
-            "--global-batch-size", "16", "--data-path", str(tmp_path / "d"), "--modes", "bfd", "--no-progress"]
+    base = [
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "256",
+        "--nnodes",
+        "1",
+        "--gpus-per-node",
+        "4",
+        "--seq-length",
+        "2048",
+        "--global-batch-size",
+        "16",
+        "--data-path",
+        str(tmp_path / "d"),
+        "--modes",
+        "bfd",
+        "--no-progress",
+    ]
     plans = {}
     for flag in ("--balance-batches", "--no-balance-batches"):
         assert plan_parallel.main(base + [flag, "--lr", "1e-5", "--json", str(tmp_path / "p.json")]) == 0

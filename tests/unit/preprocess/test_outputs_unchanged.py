@@ -5,9 +5,10 @@ Four runs of the real CLI (``tools/preprocess_sft.py``, one subprocess each, fix
 relative paths so the summary is path-free): the built-in sample through the ``llama3`` fast path
 and through the tokenizer's own Jinja template, and a mixed file (sample records, typed control
 tokens, tool calls, bad records) through a tokenizer directory's ``chat_template.jinja`` with
-``{% generation %}`` markers (encoded by ``tokenizers``, not tiktoken) and through ``--chat-template qwen2.5``. Every output file
-(``.bin``/``.idx`` of tokens, loss mask and turns, summary, rejects) is hashed. ``--no-plot``:
-the histogram is drawn from the lengths the ``.idx`` already pins, by matplotlib's renderer.
+``{% generation %}`` markers (encoded by ``tokenizers``, not tiktoken) and through
+``--chat-template qwen2.5``. Every output file (``.bin``/``.idx`` of tokens, loss mask and turns,
+summary, rejects) is hashed. ``--no-plot``: the histogram is drawn from the lengths the ``.idx``
+already pins, by matplotlib's renderer.
 
 The sample tokenizer is trained here by ``tokenizers``; its hash is recorded too, so a different
 ``tokenizers`` release reads as "fixture changed", not as a behaviour change. Re-record (after a
@@ -41,11 +42,22 @@ U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 EXTRA_LINES = [
     json.dumps({"messages": [U("Type <|im_end|> and <|eot_id|> for me"), A("Here: <|im_end|> <|eot_id|> done")]}),
-    json.dumps({"messages": [{"role": "system", "content": "Use tools."}, U("call f"),
-                             {"role": "assistant", "content": "", "tool_calls": [
-                                 {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
-                             {"role": "tool", "content": "42"}, A("It is 42.")],
-                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "Use tools."},
+                U("call f"),
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+                },
+                {"role": "tool", "content": "42"},
+                A("It is 42."),
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        }
+    ),
     '{"messages": [{"role": "user", "content": "cut off"',
     json.dumps({"messages": [{"role": "wizard", "content": "x"}, A("y")]}),
     json.dumps({"messages": [U("only a question")]}),
@@ -55,13 +67,31 @@ EXTRA_LINES = [
 
 #: name -> (input, tokenizer, extra CLI arguments)
 RUNS = {
-    "sample_fast": ("sample.jsonl", "tok", ["--chat-template", "llama3", "--max-seq-length", "1024",
-                                            "--overlong", "split-chat"]),
+    "sample_fast": (
+        "sample.jsonl",
+        "tok",
+        ["--chat-template", "llama3", "--max-seq-length", "1024", "--overlong", "split-chat"],
+    ),
     "sample_auto": ("sample.jsonl", "tok", ["--max-seq-length", "768", "--loss-on", "last"]),
-    "mixed_dir_template": ("mixed.jsonl", "tok_gen", ["--max-seq-length", "900", "--overlong", "drop",
-                                                      "--no-fast-tokenizer"]),
-    "mixed_qwen": ("mixed.jsonl", "tok", ["--chat-template", "qwen2.5", "--template-date", "2024-07-26",
-                                          "--max-seq-length", "512", "--overlong", "split-chat"]),
+    "mixed_dir_template": (
+        "mixed.jsonl",
+        "tok_gen",
+        ["--max-seq-length", "900", "--overlong", "drop", "--no-fast-tokenizer"],
+    ),
+    "mixed_qwen": (
+        "mixed.jsonl",
+        "tok",
+        [
+            "--chat-template",
+            "qwen2.5",
+            "--template-date",
+            "2024-07-26",
+            "--max-seq-length",
+            "512",
+            "--overlong",
+            "split-chat",
+        ],
+    ),
 }
 
 RECORDED_TOKENIZER = "0382193634abc130f61430644ca86f9b446e2b09f1f96a34e550810a4044506d"
@@ -144,11 +174,22 @@ def run_cli(work: str, name: str, patch: str = "") -> dict:
     out_dir = os.path.join(work, "out", name)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    args = ["--input", src, "--tokenizer", tok, "--output-prefix", f"out/{name}/data", "--no-plot",
-            "--no-progress", *extra]
+    args = [
+        "--input",
+        src,
+        "--tokenizer",
+        tok,
+        "--output-prefix",
+        f"out/{name}/data",
+        "--no-plot",
+        "--no-progress",
+        *extra,
+    ]
     if patch:
-        boot = (f"import runpy, sys; sys.path.insert(0, {ROOT!r}); {patch}; sys.argv = [{TOOL!r}] + sys.argv[1:]; "
-                f"runpy.run_path({TOOL!r}, run_name='__main__')")
+        boot = (
+            f"import runpy, sys; sys.path.insert(0, {ROOT!r}); {patch}; sys.argv = [{TOOL!r}] + sys.argv[1:]; "
+            f"runpy.run_path({TOOL!r}, run_name='__main__')"
+        )
         cmd = [sys.executable, "-c", boot, *args]
     else:
         cmd = [sys.executable, TOOL, *args]
@@ -165,9 +206,11 @@ def work(tmp_path_factory):
     if tok_sha != RECORDED_TOKENIZER:
         import tokenizers
 
-        pytest.fail(f"the sample tokenizer trained by tokenizers {tokenizers.__version__} differs from the recorded "
-                    f"one ({tok_sha[:12]} != {str(RECORDED_TOKENIZER)[:12]}): the fixture changed, not the code; "
-                    f"re-record with --record on the old code first")
+        pytest.fail(
+            f"the sample tokenizer trained by tokenizers {tokenizers.__version__} differs from the recorded "
+            f"one ({tok_sha[:12]} != {str(RECORDED_TOKENIZER)[:12]}): the fixture changed, not the code; "
+            f"re-record with --record on the old code first"
+        )
     return work
 
 

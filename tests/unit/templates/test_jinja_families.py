@@ -47,16 +47,19 @@ def _marked(name):
         src = bt.LLAMA31_CHAT_TEMPLATE
         a = src.index("{%- set tool_call = message.tool_calls[0].function %}")
         b = src.index('{%- elif message.role == "tool" or message.role == "ipython" %}')
-        src = (src[:a] + "{%- set tool_call = message.tool_calls[0].function %}"
-               "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% generation %}"
-               "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}"
-               "{{- tool_call.arguments | tojson }}{{- \"}\" }}{{- \"<|eot_id|>\" }}{% endgeneration %}\n    " + src[b:])
+        src = (
+            src[:a] + "{%- set tool_call = message.tool_calls[0].function %}"
+            "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% generation %}"
+            "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}"
+            '{{- tool_call.arguments | tojson }}{{- "}" }}{{- "<|eot_id|>" }}{% endgeneration %}\n    ' + src[b:]
+        )
         return src.replace(
             "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
             "'<|eot_id|>' }}",
             "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}{% if message.role == "
             "'assistant' %}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
-            "{% else %}{{- message['content'] | trim + '<|eot_id|>' }}{% endif %}")
+            "{% else %}{{- message['content'] | trim + '<|eot_id|>' }}{% endif %}",
+        )
     if name == "qwen2.5":
         src = bt.QWEN25_CHAT_TEMPLATE
         a = src.index("        {{- '<|im_start|>' + message.role }}")
@@ -67,28 +70,38 @@ def _marked(name):
             "is defined %}{%- set tool_call = tool_call.function %}{%- endif %}{%- if message.content or not "
             "loop.first %}{{- '\\n' }}{%- endif %}{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}"
             "{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}"
-            "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n")
+            "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n"
+        )
         src = src[:a] + tool_branch + src[b:]
         return src.replace(
             "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
             "        {{- '<|im_start|>' + message.role + '\\n' }}{% if message.role == 'assistant' %}{% generation %}"
             "{{- message.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{- message.content + '<|im_end|>' }}"
-            "{% endif %}{{- '\\n' }}")
+            "{% endif %}{{- '\\n' }}",
+        )
     if name == "mistral":
         return bt.MISTRAL_V03_CHAT_TEMPLATE.replace(
             '{{- " " + message["content"]|trim + eos_token}}',
-            '{% generation %}{{- " " + message["content"]|trim + eos_token}}{% endgeneration %}')
+            '{% generation %}{{- " " + message["content"]|trim + eos_token}}{% endgeneration %}',
+        )
     if name == "llama2":
         return bt.LLAMA2_CHAT_TEMPLATE.replace(
             "{{ ' '  + content.strip() + ' ' + eos_token }}",
-            "{% generation %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endgeneration %}")
+            "{% generation %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endgeneration %}",
+        )
     raise KeyError(name)
 
 
-SOURCES = {"llama3": LLAMA3_CHAT_TEMPLATE, "llama3.1": bt.LLAMA31_CHAT_TEMPLATE, "qwen2.5": bt.QWEN25_CHAT_TEMPLATE,
-           "mistral": bt.MISTRAL_V03_CHAT_TEMPLATE, "llama2": bt.LLAMA2_CHAT_TEMPLATE}
+SOURCES = {
+    "llama3": LLAMA3_CHAT_TEMPLATE,
+    "llama3.1": bt.LLAMA31_CHAT_TEMPLATE,
+    "qwen2.5": bt.QWEN25_CHAT_TEMPLATE,
+    "mistral": bt.MISTRAL_V03_CHAT_TEMPLATE,
+    "llama2": bt.LLAMA2_CHAT_TEMPLATE,
+}
 CONFIG = {
-    "llama3": {}, "llama3.1": {},
+    "llama3": {},
+    "llama3.1": {},
     "qwen2.5": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
     "mistral": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None},
     "llama2": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None},
@@ -110,15 +123,29 @@ def conversations(family):
     if family not in ("llama2", "mistral"):
         convs.append({"messages": [a("I start."), u("ok"), a("ok")]})
     if family in ("llama3.1", "qwen2.5"):
-        convs.append({"messages": [s("Use tools."), u("Weather in Paris?"), {"role": "assistant", "content": "",
-                                                                              "tool_calls": [CALL]},
-                                   {"role": "tool", "content": '{"temp": 21, "unit": "C"}'}, a("21 C.")],
-                      "tools": TOOLS})
+        convs.append(
+            {
+                "messages": [
+                    s("Use tools."),
+                    u("Weather in Paris?"),
+                    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                    {"role": "tool", "content": '{"temp": 21, "unit": "C"}'},
+                    a("21 C."),
+                ],
+                "tools": TOOLS,
+            }
+        )
     if family in ("llama3", "qwen2.5", "llama3.1"):
         convs.append({"messages": [u("hi"), a("x"), {"role": "tool", "content": "result <b>"}, a("done")]})
     # Typed control tokens, special and not (Qwen's <tool_call> is a non-special added token).
-    convs.append({"messages": [u("typed <tool_call> and <|im_end|> and <|eot_id|> and </s>"),
-                               a("ok </tool_call><|eot_id|>[INST]")]})
+    convs.append(
+        {
+            "messages": [
+                u("typed <tool_call> and <|im_end|> and <|eot_id|> and </s>"),
+                a("ok </tool_call><|eot_id|>[INST]"),
+            ]
+        }
+    )
     if family == "mistral":
         convs.append({"messages": [s("Sys"), u("Weather?"), a("Let me check."), u("Paris")]})
     # Generated multi-turn chats (the sample generator: 1-6 exchanges, three schemas).
@@ -135,8 +162,9 @@ def family_dirs(tmp_path_factory):
 
     texts = [m["content"] for f in SOURCES for c in conversations(f) for m in c["messages"]]
     texts += ["system user assistant ipython tool Cutting Knowledge Date December Today Environment"] * 3
-    base = build_bpe_tokenizer(str(tmp_path_factory.mktemp("fam") / "base"), texts * 4, vocab_size=600,
-                               chat_template=LLAMA3_CHAT_TEMPLATE)
+    base = build_bpe_tokenizer(
+        str(tmp_path_factory.mktemp("fam") / "base"), texts * 4, vocab_size=600, chat_template=LLAMA3_CHAT_TEMPLATE
+    )
     dirs = {}
     for fam in SOURCES:
         d = str(tmp_path_factory.mktemp(fam.replace(".", "_")))
@@ -171,15 +199,17 @@ def check_family(tok_dir, fam, fast):
     for rec in conversations(fam):
         msgs, tools = rec["messages"], rec.get("tools")
         want = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False)
-        gt = hf.apply_chat_template(msgs, tools=tools, chat_template=marked, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+        gt = hf.apply_chat_template(
+            msgs, tools=tools, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert gt["input_ids"] == want  # the markers change no text
         ids, mask, turns = ours(tok, fam, rec, special_as_text=False)
         assert ids.tolist() == want, (fam, rec)
         assert mask.tolist() == gt["assistant_masks"], (fam, rec)
         assert mask.sum() > 0
-        sanitized = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False,
-                                           sanitize_control_tokens=True)
+        sanitized = hf.apply_chat_template(
+            msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False, sanitize_control_tokens=True
+        )
         assert ours(tok, fam, rec)[0].tolist() == sanitized
 
 
@@ -200,13 +230,23 @@ def sentencepiece_json_dirs(tmp_path_factory):
     dirs = {}
     for fam in ("llama2", "mistral"):
         tok = SentencePieceBPETokenizer()
-        tok.train_from_iterator(texts * 4 + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 4, vocab_size=400,
-                                special_tokens=["<unk>", "<s>", "</s>"] + EXTRA_SPECIALS[2:])
+        tok.train_from_iterator(
+            texts * 4 + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 4,
+            vocab_size=400,
+            special_tokens=["<unk>", "<s>", "</s>"] + EXTRA_SPECIALS[2:],
+        )
         d = str(tmp_path_factory.mktemp("spjson_" + fam))
         tok.save(os.path.join(d, "tokenizer.json"))
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "chat_template": SOURCES[fam]},
-                  open(os.path.join(d, "tokenizer_config.json"), "w"))
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "chat_template": SOURCES[fam],
+            },
+            open(os.path.join(d, "tokenizer_config.json"), "w"),
+        )
         dirs[fam] = d
     return dirs
 
@@ -234,7 +274,10 @@ def test_raw_sentencepiece_model_equals_meta_reference(sp_bpe_model):
         want += [sp.bos_id()] + sp.Encode(f"[INST] {prompt.strip()} [/INST] {a.strip()} ") + [sp.eos_id()]
     assert ids.tolist() == want
     assert sp.DecodeIds([t for t, m in zip(ids.tolist(), mask.tolist()) if m and t != sp.eos_id()]).split() == [
-        "fine", "thanks", "d"]
+        "fine",
+        "thanks",
+        "d",
+    ]
 
 
 def test_negative_controls(family_dirs):
@@ -245,8 +288,9 @@ def test_negative_controls(family_dirs):
     ids, mask, _ = ours(tok, "llama3.1", rec)
     assert ids.tolist() != hf.apply_chat_template(rec["messages"], chat_template=SOURCES["qwen2.5"], return_dict=False)
     ids, mask, _ = ours(tok, "qwen2.5", rec)
-    gt = hf.apply_chat_template(rec["messages"], chat_template=_marked("qwen2.5"), return_dict=True,
-                                return_assistant_tokens_mask=True)["assistant_masks"]
+    gt = hf.apply_chat_template(
+        rec["messages"], chat_template=_marked("qwen2.5"), return_dict=True, return_assistant_tokens_mask=True
+    )["assistant_masks"]
     assert mask.tolist() == gt and np.roll(mask, 1).tolist() != gt
 
 
@@ -301,14 +345,41 @@ def test_generation_prompt_found_when_the_template_needs_a_system_message(family
     not trained), from a probe with a system message."""
     from megatron_pack.templates.jinja_template import JinjaTemplate
 
-    src = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
-           + bt.CHATML_CHAT_TEMPLATE)
+    src = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+        + bt.CHATML_CHAT_TEMPLATE
+    )
     t = JinjaTemplate(load_tokenizer(family_dirs["qwen2.5"]), src)
     assert t.gen_prompt == "<|im_start|>assistant\n"
 
 
-ALPHABET = ["a", "b", " ", "  ", "\n", "\n\n", "\t", "é", "東", "😀", "<|eot_id|>", "<|im_end|>", "</s>", "[INST]",
-            "d", "id", "|>", "<", ">", "{", '"', "\\", "0", "12345", "<tool_call>"]
+ALPHABET = [
+    "a",
+    "b",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "é",
+    "東",
+    "😀",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "</s>",
+    "[INST]",
+    "d",
+    "id",
+    "|>",
+    "<",
+    ">",
+    "{",
+    '"',
+    "\\",
+    "0",
+    "12345",
+    "<tool_call>",
+]
 
 
 def random_chats(fam, seed, n):
@@ -326,10 +397,15 @@ def random_chats(fam, seed, n):
         for _ in range(rng.randint(1, 3)):
             msgs += [{"role": "user", "content": txt()}, {"role": "assistant", "content": txt()}]
             if fam in ("llama3.1", "qwen2.5") and rng.random() < 0.5:
-                call = {"type": "function", "function": {"name": rng.choice(["get_weather", "f"]),
-                                                         "arguments": {"x": txt()}}}
-                msgs += [{"role": "assistant", "content": rng.choice(["", txt()]), "tool_calls": [call]},
-                         {"role": "tool", "content": txt()}, {"role": "assistant", "content": txt()}]
+                call = {
+                    "type": "function",
+                    "function": {"name": rng.choice(["get_weather", "f"]), "arguments": {"x": txt()}},
+                }
+                msgs += [
+                    {"role": "assistant", "content": rng.choice(["", txt()]), "tool_calls": [call]},
+                    {"role": "tool", "content": txt()},
+                    {"role": "assistant", "content": txt()},
+                ]
                 tools = TOOLS
         if fam in ("llama3", "llama3.1", "qwen2.5") and rng.random() < 0.2:
             msgs.insert(0, {"role": "assistant", "content": txt()})
@@ -351,10 +427,12 @@ def test_random_chats_equal_transformers(family_dirs, fam):
                 hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam])
             except Exception:
                 continue  # transformers refuses it (Mistral/Llama-2 alternation): so do we, tested elsewhere
-            gt = hf.apply_chat_template(msgs, tools=tools, chat_template=marked, return_dict=True,
-                                        return_assistant_tokens_mask=True)
+            gt = hf.apply_chat_template(
+                msgs, tools=tools, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+            )
             ids, mask, _ = ours(tok, fam, rec, special_as_text=False)
             assert ids.tolist() == gt["input_ids"] and mask.tolist() == gt["assistant_masks"], (fam, fast, rec)
-            sanitized = hf.apply_chat_template(msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False,
-                                               sanitize_control_tokens=True)
+            sanitized = hf.apply_chat_template(
+                msgs, tools=tools, chat_template=SOURCES[fam], return_dict=False, sanitize_control_tokens=True
+            )
             assert ours(tok, fam, rec)[0].tolist() == sanitized, (fam, fast, rec)

@@ -83,5 +83,7 @@ def test_a_transformers_without_the_private_environment_fails_on_one_line(wordle
     tok = load_tokenizer(wordlevel_dir)
     assert JinjaTemplate(tok).template is not None
     monkeypatch.setitem(sys.modules, "transformers.utils.chat_template_utils", types.ModuleType("stub"))
-    with pytest.raises(TokenizerError, match=f"transformers {transformers.__version__} has no .*_compile_jinja_template"):
+    with pytest.raises(
+        TokenizerError, match=f"transformers {transformers.__version__} has no .*_compile_jinja_template"
+    ):
         JinjaTemplate(tok)

@@ -21,13 +21,25 @@ def test_train_samples_gives_samples_over_batch_steps():
     assert total_train_iters(TrainArgs(train_epochs=2.0), lambda e: int(e * 10)) == 20
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (BASE + ["--train-samples", "100", "--train-iters", "3"], "--train-iters/--train-epochs/--train-samples: give exactly one"),
-    (BASE + ["--train-samples", "8", "--global-batch-size", "16"], "--train-samples: must be >= --global-batch-size"),
-    (BASE + ["--train-iters", "3", "--init-method-std", "0"], "--init-method-std: must be > 0"),
-    (BASE + ["--train-iters", "3", "--tokenizer-type", "SentencePieceTokenizer"], "--tokenizer-type: needs --tokenizer-model"),
-    (BASE + ["--train-iters", "3", "--tokenizer-type", "GPT2BPETokenizer"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (
+            BASE + ["--train-samples", "100", "--train-iters", "3"],
+            "--train-iters/--train-epochs/--train-samples: give exactly one",
+        ),
+        (
+            BASE + ["--train-samples", "8", "--global-batch-size", "16"],
+            "--train-samples: must be >= --global-batch-size",
+        ),
+        (BASE + ["--train-iters", "3", "--init-method-std", "0"], "--init-method-std: must be > 0"),
+        (
+            BASE + ["--train-iters", "3", "--tokenizer-type", "SentencePieceTokenizer"],
+            "--tokenizer-type: needs --tokenizer-model",
+        ),
+        (BASE + ["--train-iters", "3", "--tokenizer-type", "GPT2BPETokenizer"], "invalid choice"),
+    ],
+)
 def test_bad_values_name_the_flag(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
@@ -58,8 +70,9 @@ def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds, tmp_path):
     assert hf != sp  # otherwise the test could not tell them apart
     sizes = {}
     for kind in ("HuggingFaceTokenizer", "SentencePieceTokenizer"):
-        cfg = parse_args(["--data-path", prefix, "--train-iters", "1", "--tokenizer-model", both_kinds,
-                          "--tokenizer-type", kind])
+        cfg = parse_args(
+            ["--data-path", prefix, "--train-iters", "1", "--tokenizer-model", both_kinds, "--tokenizer-type", kind]
+        )
         assert cfg.model.tokenizer_type == kind
         sizes[kind] = resolve_vocab_size(cfg, get_preset("tiny"))
     assert sizes == {"HuggingFaceTokenizer": hf, "SentencePieceTokenizer": sp}
@@ -70,12 +83,15 @@ def test_tokenizer_type_picks_the_tokenizer_the_run_reads(both_kinds, tmp_path):
 
 def test_tokenizer_type_mismatch_is_a_usage_error(sp_bpe_model, wordlevel_dir, capsys):
     with pytest.raises(SystemExit):
-        parse_args(BASE + ["--train-iters", "1", "--tokenizer-model", sp_bpe_model, "--tokenizer-type",
-                           "HuggingFaceTokenizer"])
+        parse_args(
+            BASE + ["--train-iters", "1", "--tokenizer-model", sp_bpe_model, "--tokenizer-type", "HuggingFaceTokenizer"]
+        )
     assert "expects a .json file" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs tokenizer.model"):
         ModelArgs(tokenizer_model=wordlevel_dir, tokenizer_type="SentencePieceTokenizer")
-    assert ModelArgs(tokenizer_model=sp_bpe_model, tokenizer_type="SentencePieceTokenizer").tokenizer_path == sp_bpe_model
+    assert (
+        ModelArgs(tokenizer_model=sp_bpe_model, tokenizer_type="SentencePieceTokenizer").tokenizer_path == sp_bpe_model
+    )
 
 
 def test_init_method_std_reaches_the_transformer_config(monkeypatch):

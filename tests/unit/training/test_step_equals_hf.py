@@ -123,7 +123,9 @@ def _load_state(path: Path) -> dict:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state = {}
     for f in files:
         state.update(load_file(str(path / f)))
@@ -140,8 +142,8 @@ def hf_step(hf_dir: Path, convs, lr: float):
     labels = torch.full((len(convs), width), -100, dtype=torch.long)
     for i, (toks, mask, _) in enumerate(convs):
         t = torch.tensor(toks)
-        ids[i, :len(toks)], att[i, :len(toks)] = t, 1
-        labels[i, :len(toks)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, torch.tensor(-100))
+        ids[i, : len(toks)], att[i, : len(toks)] = t, 1
+        labels[i, : len(toks)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, torch.tensor(-100))
     loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=lr).step()
@@ -204,12 +206,15 @@ def test_negative_control_an_off_by_one_label_breaks_the_comparison(tmp_path):
 # The real small model: MEGATRON_PACK_SMALL_MODEL, else where scripts/fetch_small_model.sh puts it.
 SMALL = os.environ.get("MEGATRON_PACK_SMALL_MODEL") or os.path.join(
     os.environ.get("MEGATRON_PACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megatron_pack"),
-    "smollm2-135m-instruct")
+    "smollm2-135m-instruct",
+)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SMALL, "config.json")),
-                    reason=f"no HF model at {SMALL}: run scripts/fetch_small_model.sh or set "
-                           "MEGATRON_PACK_SMALL_MODEL (nothing downloads in tests)")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(SMALL, "config.json")),
+    reason=f"no HF model at {SMALL}: run scripts/fetch_small_model.sh or set "
+    "MEGATRON_PACK_SMALL_MODEL (nothing downloads in tests)",
+)
 def test_first_step_equals_transformers_on_the_real_small_model(tmp_path):
     cfg = json.loads(Path(SMALL, "config.json").read_text())
     convs = conversations(seed=2, n=6, vocab=min(int(cfg["vocab_size"]), 32000))

@@ -92,7 +92,9 @@ def test_model_is_a_preset_or_a_hf_config_path(tmp_path, capsys):
 
 
 def test_resolve_checks_batch_divisibility():
-    cfg = parse_args(BASE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--tensor-model-parallel-size", "2"])
+    cfg = parse_args(
+        BASE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--tensor-model-parallel-size", "2"]
+    )
     sizes = cfg.resolve(world_size=8)
     assert (sizes.data_parallel_size, sizes.num_microbatches) == (4, 2)
     with pytest.raises(ConfigError, match="--global-batch-size"):
@@ -129,16 +131,32 @@ def test_balance_batches_flag_and_default():
     assert [_balancer(t, tiny, 256, st(*s)).enabled for s in ((1, 1), (2, 1), (1, 2))] == [False, True, True]
     assert _balancer(off.train, tiny, 256, st(2, 1)).enabled is False
     assert _balancer(parse_args(BASE + ["--balance-batches"]).train, tiny, 256, st(1, 1)).enabled is True
+
+
 def test_context_parallel_flags_and_bad_input(capsys):
     cfg = parse_args(BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--seq-length", "4096"])
     assert (cfg.parallel.context_parallel_size, cfg.parallel.cp_comm_type) == (2, "a2a")
     bad = [
-        (["--context-parallel-size", "2", "--seq-length", "4098"],
-         "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2"),
-        (["--context-parallel-size", "2", "--tensor-model-parallel-size", "4", "--sequence-parallel",
-          "--seq-length", "4100"], "--seq-length: 4100 must be a multiple of 8"),  # lcm(2*CP, TP*CP)
-        (["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
-         "--cp-comm-type: allgather does not take packed"),
+        (
+            ["--context-parallel-size", "2", "--seq-length", "4098"],
+            "--seq-length: 4098 must be a multiple of 4 under --context-parallel-size 2",
+        ),
+        (
+            [
+                "--context-parallel-size",
+                "2",
+                "--tensor-model-parallel-size",
+                "4",
+                "--sequence-parallel",
+                "--seq-length",
+                "4100",
+            ],
+            "--seq-length: 4100 must be a multiple of 8",
+        ),  # lcm(2*CP, TP*CP)
+        (
+            ["--context-parallel-size", "2", "--cp-comm-type", "allgather", "--transformer-impl", "transformer_engine"],
+            "--cp-comm-type: allgather does not take packed",
+        ),
     ]
     for argv, msg in bad:
         with pytest.raises(SystemExit):
