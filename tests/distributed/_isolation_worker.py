@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import launcher  # noqa: E402
 from _worker import parse_layout  # noqa: E402
 
 from megatron_pack.parallel import destroy_distributed, initialize_distributed  # noqa: E402
@@ -137,10 +137,7 @@ def main():
     for spec in args.cases.split(","):
         results[spec.split(":")[0]] = run_case(base, spec, args.out)
     destroy_distributed()
-    tmp = os.path.join(args.out, f"rank{rank}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f)
-    os.replace(tmp, os.path.join(args.out, f"rank{rank}.json"))
+    launcher.write_rank_result(args.out, rank, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Every rank writes ``rank{r}.json``; the pytest side compares numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ from functools import partial
 
 T0 = time.monotonic()  # before the heavy imports below: the log's times include them
 
+import launcher  # noqa: E402  (this folder: the script's own)
 import torch  # noqa: E402
 
 from megatron_pack.parallel import destroy_distributed, initialize_distributed, set_seed  # noqa: E402
@@ -309,10 +309,7 @@ def main():
         results[name] = res
     rank = torch.distributed.get_rank()
     destroy_distributed()
-    tmp = os.path.join(args.out, f"rank{rank}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f)
-    os.replace(tmp, os.path.join(args.out, f"rank{rank}.json"))
+    launcher.write_rank_result(args.out, rank, results)
 
 
 if __name__ == "__main__":

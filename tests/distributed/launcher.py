@@ -18,6 +18,15 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("_worker.py")
 
 
+def write_rank_result(out_dir, rank: int, results) -> None:
+    """A worker's ``rank{rank}.json`` for :func:`launch`, written under a temporary name and renamed
+    when complete (a rank killed mid-write leaves no half file to read)."""
+    tmp = os.path.join(out_dir, f"rank{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.json"))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
