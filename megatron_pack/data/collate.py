@@ -91,9 +91,17 @@ def trim_to_longest(batch: list[dict], multiple: int = 1) -> list[dict]:
     """Cut every item to the longest one's real tokens, rounded up to ``multiple``: the HF
     collator's "pad to the longest in the micro-batch" (``padding:pad_to=longest``).
 
-    Items keep their ``cu_seqlens``: every boundary lies within the real tokens, which all fit.
+    Items keep their ``cu_seqlens``: every boundary lies within the real tokens, which all fit;
+    with ``cu_seqlens_padded`` (context parallelism) within the last padded document's end.
     """
-    longest = max(int(b["num_real_tokens"]) for b in batch)
+    longest = max(_used_length(b) for b in batch)
     S = batch[0]["tokens"].numel()
     L = min(S, max(multiple, -(-longest // multiple) * multiple))
     return [{**b, **{k: b[k][:L] for k in _PER_TOKEN}} for b in batch]
+
+
+def _used_length(item: dict) -> int:
+    """Tokens of ``item`` up to its last document's end (CP: its padded end)."""
+    if "cu_seqlens_padded" in item:
+        return int(item["cu_seqlens_padded"][int(item["num_cu_seqlens"]) - 1])
+    return int(item["num_real_tokens"])

@@ -9,8 +9,9 @@ run's steps (same conversations, same order, same seed), each packed by best-fit
                     ->  placed on D ranks and micro-batches by the compute balancer
                         (data/balance.py), or contiguously when it is off
                     ->  without pipeline parallelism (shapes may vary, as for padding:pad_to=longest)
-                        the empty rows are left out again: a micro-batch keeps its real rows, one
-                        with none becomes a single empty row of the smallest legal length
+                        the empty rows are left out again: a micro-batch keeps its real rows, cut
+                        to its longest one (as padding:pad_to=longest does), one with none becomes a
+                        single empty row of the smallest legal length
 
 so every DP rank (and each of its pipeline stages) runs the same number of micro-batches in a
 step, while that number may change from step to step (Megatron-Core's schedules take it per call).
@@ -61,26 +62,28 @@ class StepTrainStream(TrainStream):
         micro = [self._micro_batch(rows, mb) for mb in placement[self.dp_rank]]
         samples = int(self.ds.plan.pieces_per_sequence()[rows].sum())
         self.last_stats = {"real_tokens": int(self.ds.plan.sequence_lengths()[rows].sum()), "samples": samples,
-                           "capacity": sum(self._computed_tokens(rows.size, mb) for r in placement for mb in r),
+                           "capacity": sum(self._computed_tokens(rows, mb) for r in placement for mb in r),
                            "rows": int(rows.size), "micro_batches": len(placement[self.dp_rank]), **balance}
         self.pos.step_in_epoch += 1
         self.pos.consumed_samples += self.gbs  # conversations, as the padded run counts them
         self.pos.consumed_conversations += samples
         return micro
 
-    def _computed_tokens(self, num_rows: int, positions) -> int:
+    def _computed_tokens(self, rows: np.ndarray, positions) -> int:
         """Tokens the micro-batch at ``positions`` runs through the model (for the padding fraction)."""
-        real = sum(p < num_rows for p in positions)
         if self.fixed_shapes:
             return len(positions) * self.ds.padded_length
-        return real * self.ds.padded_length if real else self.ds.pad_multiple
+        lens = self.ds.plan.sequence_lengths()[rows[[p for p in positions if p < rows.size]]]
+        m = self.ds.pad_multiple
+        longest = min(self.ds.padded_length, max(m, -(-int(lens.max(initial=0)) // m) * m))
+        return max(1, lens.size) * longest
 
     def _micro_batch(self, rows: np.ndarray, positions) -> dict:
         real = [int(rows[p]) for p in positions if p < rows.size]
         if self.fixed_shapes:
             items = [self.ds[int(rows[p])] if p < rows.size else self.ds.empty_row() for p in positions]
         else:
-            items = [self.ds[r] for r in real] or trim_to_longest([self.ds.empty_row()], self.ds.pad_multiple)
+            items = trim_to_longest([self.ds[r] for r in real] or [self.ds.empty_row()], self.ds.pad_multiple)
         batch = collate_thd(items)
         batch["num_samples"] = torch.tensor(int(self.ds.plan.pieces_per_sequence()[real].sum()), dtype=torch.int64)
         batch["capacity"] = torch.tensor(batch["tokens"].numel(), dtype=torch.int64)

@@ -97,9 +97,16 @@ def run_order(names: list[str]) -> list[str]:
     return first + [n for n in names if n not in first]
 
 
-def quality_pairs(names: list[str], base: str = "padding") -> list[tuple[str, str]]:
-    """``(a, b)`` pairs the study compares on quality: every setting against ``base``, then each
-    no-mask setting against its masked twin."""
+def baseline_name(names: list[str]) -> str | None:
+    """The name speedups and quality comparisons are over (:func:`baseline`); None without names."""
+    return baseline([Setting.parse(n) for n in names]).name if names else None
+
+
+def quality_pairs(names: list[str], base: str | None = "padding") -> list[tuple[str, str]]:
+    """``(a, b)`` pairs the study compares on quality: every setting against ``base``, each
+    no-mask setting against its masked twin, and each ``+sample`` setting against its
+    token-weighted twin."""
     pairs = [(n, base) for n in names if n != base] if base in names else []
-    return pairs + [(n, n.removesuffix("/nomask")) for n in names
-                    if n.endswith("/nomask") and n.removesuffix("/nomask") in names]
+    twins = [(n, n.replace("/nomask", "")) for n in names if "/nomask" in n]
+    twins += [(n, n.removesuffix("+sample")) for n in names if n.endswith("+sample")]
+    return pairs + [(a, b) for a, b in twins if b in names and (a, b) not in pairs]

@@ -13,8 +13,10 @@ from megatron_pack.experiment.study_seeds import aggregate, load_seed_states
 from megatron_pack.experiment.tables import rows_table
 from megatron_pack.reporting import markdown_table
 
-#: Table order: padding, then each of the paper's modes with and without the mask.
-ORDER = tuple(setting_names())
+#: Table order: padding (either), per-step packing, then each of the paper's modes with and
+#: without the mask; other settings after them as they come.
+ORDER = ("padding", "padding:pad_to=longest", "padding+sample", "bfd@step", "bfd@step+sample",
+         *setting_names()[1:])
 
 
 def _pct(x):
@@ -51,7 +53,7 @@ def label(agg: dict) -> str:
 
 
 def time_table(agg: dict) -> str:
-    pad = agg["settings"].get("padding")
+    pad = agg["settings"].get(agg.get("baseline") or "padding")
     x = _sf("{:.2f}x")
     m = lambda key, fmt: lambda ne: _s(ne[1]["metrics"][key], fmt)  # noqa: E731
     ideal = lambda ne: _f(speedup(pad["sequences"], ne[1].get("sequences"), None) if pad else None,  # noqa: E731
@@ -249,8 +251,9 @@ def write_report(states: dict, out: str) -> str:
     parts = [f"Real-model study ({label(agg)}). Mean [min, max] over training seeds; the held-out chats, QA "
              f"prompts and leakage rows are the same for every seed."]
     if agg["settings"]:
-        parts += ["\n### Training time (speedup over padding, computed within each seed)\n", time_table(agg),
-                  "\nWall-clock speedup over padding, per seed:\n", speedup_by_seed_table(agg)]
+        base = agg.get("baseline") or "padding"
+        parts += [f"\n### Training time (speedup over {base}, computed within each seed)\n", time_table(agg),
+                  f"\nWall-clock speedup over {base}, per seed:\n", speedup_by_seed_table(agg)]
         cs = curve_seed(states)
         rows = [dict(r) for r in states[cs]["rows"].values()]
         if rows:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 
-from megatron_pack.experiment.settings import LEAKAGE_PAIR, quality_pairs, setting_names
+from megatron_pack.experiment.settings import LEAKAGE_PAIR, baseline_name, quality_pairs
 from megatron_pack.experiment.speedup import add_speedups
 
 #: per-setting scalars aggregated over seeds (row key path -> name in the aggregate)
@@ -28,8 +28,6 @@ METRICS = {
 LEAK_METRICS = ("leak_d0", "leak_d1", "leak_d128+", "sink_d0", "sink_d128+", "alone_first_d128+", "leak_overall",
                 "contamination_mean", "contamination_mean_abs", "contamination_se", "contamination_removed",
                 "contamination_doubled")
-#: (a, b) pairs compared on quality: every setting against padding, and no-mask against mask per mode
-QUALITY_PAIRS = quality_pairs(setting_names())
 
 
 def load_seed_states(out: str) -> dict[int, dict]:
@@ -61,10 +59,12 @@ def _get(row: dict, path: tuple):
 
 
 def _with_speedups(state: dict) -> dict:
-    """Rows with speedups over padding computed inside the seed (same machine load), if padding ran."""
+    """Rows with speedups over the baseline (padding) computed inside the seed (same machine
+    load), if it ran."""
     rows = {k: dict(v) for k, v in state.get("rows", {}).items()}
-    if "padding" in rows:
-        add_speedups(list(rows.values()), rows["padding"],
+    base = baseline_name(list(rows))
+    if base is not None and base.startswith("padding"):
+        add_speedups(list(rows.values()), rows[base],
                      {"time_speedup": "wall_time", "median_speedup": "median_time"}, missing=None)
     return rows
 
@@ -128,7 +128,8 @@ def aggregate(states: dict[int, dict]) -> dict:
             entry["leakage"] = _leakage(leaks)
         settings[name] = entry
     comparisons = []
-    for a, b in QUALITY_PAIRS:
+    baseline = baseline_name(names)
+    for a, b in quality_pairs(names, baseline):
         if a in settings and b in settings:
             for m in ("heldout_loss_hf", "qa_contained"):
                 comparisons.append(_compare(a, b, m, settings[a]["metrics"][m], settings[b]["metrics"][m]))
@@ -152,7 +153,7 @@ def aggregate(states: dict[int, dict]) -> dict:
                                             a["shuffled"][m], b["shuffled"][m]))
     config = {k: v for k, v in first.get("config", {}).items() if k not in ("seed", "max_minutes")}
     return {"seeds": list(states), "per_seed_files": [f"study_seed{s}.json" for s in states],
-            "config": config, "prepared": first.get("prepared"),
+            "config": config, "prepared": first.get("prepared"), "baseline": baseline,
             "base": base and {"heldout_loss_hf": base.get("heldout_loss_hf"), "generation": base.get("generation"),
                               "leakage": base_leak, "mask_check": base.get("mask_check")},
             "settings": settings, "comparisons": comparisons,
