@@ -146,3 +146,24 @@ def test_report_cli_refuses_a_directory_without_seed_files(tmp_path):
                         str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and f"{tmp_path}: no study_seed*.json" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_paper_padding_baseline_and_new_knobs_are_compared(tmp_path):
+    """A study run with the paper code's padding (pad to the longest) takes it as the baseline of
+    speedups and quality pairs; per-step packing is compared with it and each ``+sample`` setting
+    with its token-weighted twin. Control: with no padding setting there is no speedup."""
+    def seed(k, loss):
+        rows = [row("padding:pad_to=longest", 1.50 + k, 0.1, 200.0), row("bfd@step", 1.50 + k, 0.1, 100.0),
+                row("bfd", loss + k, 0.1, 40.0), row("bfd+sample", loss + 0.1 + k, 0.1, 40.0)]
+        return state(k, rows)
+
+    agg = S.aggregate({1: seed(1, 1.6), 2: seed(2, 1.6)})
+    assert agg["baseline"] == "padding:pad_to=longest"
+    assert agg["settings"]["bfd@step"]["by_seed"]["time_speedup"] == pytest.approx({1: 2.0, 2: 2.0})
+    pairs = {(c["a"], c["b"]) for c in agg["comparisons"]}
+    assert {("bfd@step", "padding:pad_to=longest"), ("bfd+sample", "bfd")} <= pairs
+    assert comparison(agg, "bfd@step", "padding:pad_to=longest", "heldout_loss_hf")["diff_mean"] == 0
+    assert "speedup over padding:pad_to=longest" in R.write_report({1: seed(1, 1.6)}, str(tmp_path))
+    no_pad = S.aggregate({1: state(1, [row("bfd", 1.6, 0.1, 40.0), row("bfd+sample", 1.7, 0.1, 40.0)])})
+    assert no_pad["settings"]["bfd"]["by_seed"]["time_speedup"] == {1: None}
+    assert {(c["a"], c["b"]) for c in no_pad["comparisons"]} == {("bfd+sample", "bfd")}
