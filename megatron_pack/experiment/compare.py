@@ -155,15 +155,16 @@ def plot_curves(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    kind = lambda r: r["setting"].replace("/nomask", "")  # noqa: E731  (a mode with its scope and weighting)
+    modes = list(dict.fromkeys(kind(r) for r in rows))
     colors = plt.get_cmap("tab10" if len(modes) <= 10 else "tab20")
     for r in rows:
         c = r["curve"]
         if not c:
             continue
         y = [p["valid_loss"] for p in c]
-        style = dict(marker="o", label=r["setting"], color=colors(modes.index(r["mode"])),
-                     ls="-" if r["document_mask"] else "--")  # same colour per mode, dashed without the mask
+        style = dict(marker="o", label=r["setting"], color=colors(modes.index(kind(r))),
+                     ls="-" if r["document_mask"] else "--")  # one colour per setting's kind, dashed without the mask
         axes[0].plot([p["train_seconds"] for p in c], y, **style)
         axes[1].plot([p["real_tokens_seen"] for p in c], y, **style)
     axes[0].set_xlabel("training seconds (evaluation excluded)")

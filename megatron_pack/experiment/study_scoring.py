@@ -55,8 +55,9 @@ def leakage_scores(model, info: dict, args, arrangements, log) -> tuple:
         seqs = rows[arrangement][:args.leak_sequences]
         res = analyze_sequences(model, seqs, sep, layers)
         out[arrangement] = s = {**leakage_summary(res), "sequences": len(seqs), "documents": sum(map(len, seqs))}
-        log(f"  leakage ({arrangement}, {len(seqs)} rows): leak d=0 {s['leak_d0']:.2%}, d>=128 "
-            f"{(s['leak_d128+'] or 0):.2%}, sink d=0 {s['sink_d0']:.2%}; "
+        far = "n/a (no token that far)" if s["leak_d128+"] is None else f"{s['leak_d128+']:.2%}"
+        log(f"  leakage ({arrangement}, {len(seqs)} rows): leak d=0 {s['leak_d0']:.2%}, d>=128 {far}, "
+            f"sink d=0 {s['sink_d0']:.2%}; "
             f"contamination {s['contamination_mean']:+.4f} nats")
     return out, rows, sep, layers
 
