@@ -152,8 +152,9 @@ def _bars(ax, names, spreads, colors):
     import numpy as np
 
     mean = np.array([s["mean"] if s else np.nan for s in spreads])
-    lo = np.array([s["mean"] - s["min"] if s else 0 for s in spreads])
-    hi = np.array([s["max"] - s["mean"] if s else 0 for s in spreads])
+    # clipped at 0: the mean of equal values can round a hair outside their range
+    lo = np.clip([s["mean"] - s["min"] if s else 0 for s in spreads], 0, None)
+    hi = np.clip([s["max"] - s["mean"] if s else 0 for s in spreads], 0, None)
     x = np.arange(len(names))
     ax.bar(x, mean, color=colors, yerr=[lo, hi], capsize=4)
     for i, s in enumerate(spreads):
@@ -222,7 +223,8 @@ def plot_leakage(agg: dict, path: str) -> str:
     for arr, off in (("shuffled", -0.2), ("file order", 0.2)):
         sp = [lk.get(arr, {}).get("contamination_mean") for _, _, lk in models]
         mean = [s["mean"] if s else 0.0 for s in sp]
-        err = [[s["mean"] - s["min"] if s else 0 for s in sp], [s["max"] - s["mean"] if s else 0 for s in sp]]
+        err = np.clip([[s["mean"] - s["min"] if s else 0 for s in sp], [s["max"] - s["mean"] if s else 0 for s in sp]],
+                      0, None)
         axes[1].bar(x + off, mean, width=0.4, yerr=err, capsize=4, label=f"{arr} neighbours")
         for i, s in enumerate(sp):
             if s and s["n"] > 1:
