@@ -94,10 +94,14 @@ def trim_to_longest(batch: list[dict], multiple: int = 1) -> list[dict]:
     Items keep their ``cu_seqlens``: every boundary lies within the real tokens, which all fit;
     with ``cu_seqlens_padded`` (context parallelism) within the last padded document's end.
     """
-    longest = max(_used_length(b) for b in batch)
-    S = batch[0]["tokens"].numel()
-    L = min(S, max(multiple, -(-longest // multiple) * multiple))
+    L = trimmed_length(max(_used_length(b) for b in batch), multiple, batch[0]["tokens"].numel())
     return [{**b, **{k: b[k][:L] for k in _PER_TOKEN}} for b in batch]
+
+
+def trimmed_length(longest: int, multiple: int, full: int) -> int:
+    """The length :func:`trim_to_longest` cuts a micro-batch to: ``longest`` rounded up to
+    ``multiple`` (at least one multiple), at most ``full`` (the sequence length)."""
+    return min(full, max(multiple, -(-longest // multiple) * multiple))
 
 
 def _used_length(item: dict) -> int:

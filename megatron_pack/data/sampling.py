@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_pack.data.collate import collate_thd, trim_to_longest
+from megatron_pack.data.collate import collate_thd, trim_to_longest, trimmed_length
 from megatron_pack.data.packed_dataset import PackedSFTDataset
 
 
@@ -115,7 +115,7 @@ class TrainStream:
             capacity = 0
             for mb in (mb for rank in placement for mb in rank):
                 longest = int(lens[mb].max())
-                capacity += min(self.ds.padded_length, max(m, -(-longest // m) * m)) * len(mb)
+                capacity += trimmed_length(longest, m, self.ds.padded_length) * len(mb)
         self.last_stats = {
             "real_tokens": int(self.ds.plan.sequence_lengths()[seqs].sum()),
             "samples": samples,

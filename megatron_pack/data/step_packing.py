@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megatron_pack.data.balance import contiguous
-from megatron_pack.data.collate import collate_thd, trim_to_longest
+from megatron_pack.data.collate import collate_thd, trim_to_longest, trimmed_length
 from megatron_pack.data.sampling import TrainStream
 from megatron_pack.data.step_dataset import StepPackedDataset
 
@@ -74,8 +74,7 @@ class StepTrainStream(TrainStream):
         if self.fixed_shapes:
             return len(positions) * self.ds.padded_length
         lens = self.ds.plan.sequence_lengths()[rows[[p for p in positions if p < rows.size]]]
-        m = self.ds.pad_multiple
-        longest = min(self.ds.padded_length, max(m, -(-int(lens.max(initial=0)) // m) * m))
+        longest = trimmed_length(int(lens.max(initial=0)), self.ds.pad_multiple, self.ds.padded_length)
         return max(1, lens.size) * longest
 
     def _micro_batch(self, rows: np.ndarray, positions) -> dict:
