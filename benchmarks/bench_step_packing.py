@@ -117,7 +117,10 @@ def bench_train(args) -> dict:
         secs = np.min([[h["seconds"] for h in hist] for hist in hists], axis=0)[1:]  # best per step, no warm-up
         cpu_secs = np.min(cpu[name], axis=0)[1:]
         first = hists[0][1:]
-        rows = [h["capacity"] // _config(prefix, *SETTINGS[name], args).data.seq_length for h in first]
+        seq = _config(prefix, *SETTINGS[name], args).data.seq_length
+        # the step's packed rows; capacity / seq counts them only for full-length rows (per-step
+        # micro-batches are trimmed to their longest row, so their capacity undercounts rows)
+        rows = [h["rows"] if h.get("rows") is not None else h["capacity"] // seq for h in first]
         out[name] = {"seconds": float(secs.sum()), "cpu_seconds": float(cpu_secs.sum()),
                      "real_tokens": int(sum(h["real tokens"] for h in first)),
                      "rows": int(sum(rows)), "rows_per_step": rows,

@@ -29,7 +29,7 @@ import torch
 
 from megatron_pack.checkpoint.integrity import children_die_with_parent, has_manifest, verify_manifest, write_manifest
 from megatron_pack.checkpoint.iterations import MARKER, CheckpointError, iter_dir, latest_iteration, recover_iteration
-from megatron_pack.checkpoint.mcore_shim import in_process_write_results
+from megatron_pack.checkpoint.mcore_shim import fill_empty_optimizer_state, in_process_write_results
 from megatron_pack.checkpoint.rng import rng_state, set_rng_state
 from megatron_pack.checkpoint.safe_metadata import safe_load_strategies, safe_torch_load
 from megatron_pack.files.atomic import write_json_atomic
@@ -50,17 +50,6 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta),
     }
-
-
-def _ensure_optimizer_state(optimizer) -> None:
-    """Megatron-Core 0.16's distributed optimizer (torch Adam, no Apex/TE) cannot describe
-    its state for loading before the first step: its ``state_dict`` asserts on an empty
-    Adam state. Megatron's own dummy-state initialiser fills it; the values are overwritten
-    by the load (and a zero-gradient Adam step moves no weight that the load keeps)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
-            opt._init_optimizer_states_with_dummy_values()
 
 
 def _saved_steps(tree) -> list:
@@ -249,7 +238,7 @@ def load_checkpoint(
     rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     # read before any weight: a damaged file is refused while the model is still untouched
     rng = safe_torch_load(rng_file) if os.path.isfile(rng_file) else None
-    _ensure_optimizer_state(optimizer)
+    fill_empty_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, path, sharded_strategy=sharded, common_strategy=common)
     unwrap(model).load_state_dict(loaded["model"])

@@ -11,6 +11,9 @@ release it was written for (0.16).
   same process), so a plain thread-safe ``queue.Queue`` does the Manager's job and nothing is
   spawned. The forked per-bucket writers are covered by
   :func:`megatron_pack.checkpoint.integrity.children_die_with_parent`.
+* :func:`fill_empty_optimizer_state`: the distributed optimizer's
+  ``_init_optimizer_states_with_dummy_values``, so a fresh optimizer can describe its state for a
+  load before its first step.
 """
 
 from __future__ import annotations
@@ -42,3 +45,21 @@ def in_process_write_results() -> None:
                            f"_results_queue (written for {TESTED}); update megatron_pack/checkpoint/mcore_shim.py")
     if fa._results_queue is None:
         fa._results_queue = queue.Queue()
+
+
+def fill_empty_optimizer_state(optimizer) -> None:
+    """Megatron-Core 0.16's distributed optimizer (torch Adam, no Apex/TE) cannot describe its
+    state for loading before the first step: its ``state_dict`` asserts on an empty Adam state.
+    Its own dummy-state initialiser fills it; the load overwrites the values. Raises
+    ``RuntimeError`` naming the release where the initialiser is gone but an empty state needs it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or inner.state:
+            continue  # not a distributed optimizer, or its state already exists
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            raise RuntimeError(f"megatron-core {_version()}: DistributedOptimizer has no "
+                               f"_init_optimizer_states_with_dummy_values (written for {TESTED}); update "
+                               f"megatron_pack/checkpoint/mcore_shim.py")
+        opt._init_optimizer_states_with_dummy_values()

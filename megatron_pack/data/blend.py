@@ -291,10 +291,15 @@ class BlendedPackedDataset:
                 out[key] = torch.cat([cu, torch.full((self.cu_seqlens_len - cu.numel(),), -1, dtype=cu.dtype)])
         return out
 
-    def _assemble(self, tok, mask, seg_lens) -> dict:
+    def first_view(self):
+        """The loaded per-source dataset with the lowest (source, epoch): its plan and layout
+        (what :mod:`megatron_pack.training.isolation_rows` reads rows from)."""
+        return self._views[min(self._views)]
+
+    def assemble(self, tok, mask, seg_lens) -> dict:
         """An item from raw tokens (the all-padding filler of :func:`eval_batches`)."""
         key = min(self._views)
-        return self._tag(self._views[key]._assemble(tok, mask, seg_lens), key[0])
+        return self._tag(self._views[key].assemble(tok, mask, seg_lens), key[0])
 
     def source_counts(self) -> np.ndarray:
         return np.bincount(self.source, minlength=self.num_sources)

@@ -39,4 +39,4 @@ def eval_batches(dataset: PackedSFTDataset, global_batch_size: int, micro_batch_
 
 
 def _empty_item(dataset: PackedSFTDataset) -> dict:
-    return dataset._assemble(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    return dataset.assemble(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))

@@ -184,9 +184,12 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         seg_lens = np.asarray([len(t) for t in toks], dtype=np.int64)
         flat_tok = np.concatenate(toks).astype(np.int64) if toks else np.zeros(0, np.int64)
         flat_mask = np.concatenate(masks).astype(np.float32) if masks else np.zeros(0, np.float32)
-        return self._assemble(flat_tok, flat_mask, seg_lens)
+        return self.assemble(flat_tok, flat_mask, seg_lens)
 
-    def _assemble(self, tok: np.ndarray, mask: np.ndarray, seg_lens: np.ndarray) -> dict:
+    def assemble(self, tok: np.ndarray, mask: np.ndarray, seg_lens: np.ndarray) -> dict:
+        """One item (tokens, labels, loss mask, positions, ``cu_seqlens``) from a row's flat tokens,
+        loss mask and segment lengths, laid out as this dataset lays out its own rows (used for
+        fillers, evaluation padding and the isolation audit's rows)."""
         if self.document_multiple > 1:
             return self._assemble_padded_docs(tok, mask, seg_lens)
         S, R = self.padded_length, len(tok)

@@ -57,4 +57,4 @@ class StepPackedDataset(PackedSFTDataset):
 
     def empty_row(self) -> dict:
         """A row of padding only (zero loss mask): fills a step up to the same micro-batch count per rank."""
-        return self._assemble(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return self.assemble(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))

@@ -16,10 +16,16 @@ and the "offsets" case (``freqs`` as long as the row) keep Megatron's function.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 _ORIGINAL = None
+TESTED = "0.16"
+#: the parameters of the two private Megatron-Core functions this module wraps and calls
+THD_PARAMS = ("t", "cu_seqlens", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale", "cp_group")
+BSHD_PARAMS = ("t", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale")
 
 
 def positions_in_segments(cu_seqlens: Tensor, total: int) -> Tensor:
@@ -50,5 +56,21 @@ def install() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
     if _ORIGINAL is None:
+        check_rope_utils(rope_utils)
         _ORIGINAL = rope_utils._apply_rotary_pos_emb_thd
     rope_utils._apply_rotary_pos_emb_thd = apply_rotary_pos_emb_thd
+
+
+def check_rope_utils(rope_utils) -> None:
+    """Raise ``RuntimeError`` naming the release where the private RoPE functions this module
+    replaces and calls are not the ones it was written for (a silent mismatch would rotate
+    packed rows wrongly, or pass arguments a new release reads otherwise)."""
+    for name, want in (("_apply_rotary_pos_emb_thd", THD_PARAMS), ("_apply_rotary_pos_emb_bshd", BSHD_PARAMS)):
+        fn = getattr(rope_utils, name, None)
+        got = tuple(inspect.signature(fn).parameters) if fn is not None else None
+        if got != want:
+            from megatron_pack.checkpoint.mcore_shim import _version
+
+            found = "is missing" if got is None else f"takes {', '.join(got)}"
+            raise RuntimeError(f"megatron-core {_version()}: rope_utils.{name} {found} (written for {TESTED}: "
+                               f"{', '.join(want)}); update megatron_pack/model/thd_rope.py")

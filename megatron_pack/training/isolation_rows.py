@@ -72,9 +72,8 @@ def plain_dataset(ds):
     """The packed dataset whose plan serves rows: ``ds`` itself, or a blend's first source."""
     if hasattr(ds, "order"):
         return ds
-    views = getattr(ds, "_views", None)  # BlendedPackedDataset: one PackedSFTDataset per (source, epoch)
-    if views:
-        return next(iter(views.values()))
+    if hasattr(ds, "first_view"):  # BlendedPackedDataset: one PackedSFTDataset per (source, epoch)
+        return ds.first_view()
     raise ValueError(f"cannot read packed rows from {type(ds).__name__}")
 
 
@@ -132,7 +131,7 @@ def _built_rows(ds, count: int, offset: int) -> list:
         rows.append((np.concatenate(toks), np.concatenate(masks), lens, ids))
     view = copy.copy(ds)  # room for the rows' boundaries; the dataset itself is left as it is
     view.cu_seqlens_len = max(len(r[2]) for r in rows) + 1
-    return [(view._assemble(t, mk, np.asarray(lens, np.int64)), lens, ids) for t, mk, lens, ids in rows]
+    return [(view.assemble(t, mk, np.asarray(lens, np.int64)), lens, ids) for t, mk, lens, ids in rows]
 
 
 def audit_batches(dataset, micro_batch_size: int, dp_rank: int, num_batches: int = 1) -> list:

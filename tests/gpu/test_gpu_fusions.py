@@ -64,7 +64,7 @@ def test_fused_equals_unfused(single_rank, backend):
     toks = torch.randint(1, 256, (sum(lens),), generator=g)
     item = PackedSFTDataset.__new__(PackedSFTDataset)
     item.padded_length, item.pad_token_id, item.document_mask, item.cu_seqlens_len = 128, 0, True, 4
-    batch = collate_thd([item._assemble(toks.numpy(), np.ones(len(toks), np.float32), np.asarray(lens))])
+    batch = collate_thd([item.assemble(toks.numpy(), np.ones(len(toks), np.float32), np.asarray(lens))])
     a, ga = _loss_and_grads(plain, batch)
     b, gb = _loss_and_grads(fused, batch)
     assert abs(a - b) <= 2e-2 * abs(a), (a, b)

@@ -57,3 +57,20 @@ def test_installed_where_megatron_looks_it_up_and_cp_keeps_megatron(original, mo
 def test_positions_restart_per_segment():
     pos = thd_rope.positions_in_segments(torch.tensor([0, 3, 5, 9], dtype=torch.int32), 9)
     assert pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+
+
+def test_installed_release_matches_what_the_wrapper_was_written_for():
+    thd_rope.check_rope_utils(rope_utils)  # the installed Megatron-Core: no error
+
+
+@pytest.mark.parametrize("change", ["renamed", "new parameter"])
+def test_a_changed_private_rope_function_is_refused_naming_the_release(change):
+    def thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
+            cp_group=None, offsets=None):
+        return t
+
+    fake = SimpleNamespace(_apply_rotary_pos_emb_bshd=rope_utils._apply_rotary_pos_emb_bshd)
+    if change == "new parameter":
+        fake._apply_rotary_pos_emb_thd = thd
+    with pytest.raises(RuntimeError, match=r"megatron-core .*rope_utils\._apply_rotary_pos_emb_thd .*update"):
+        thd_rope.check_rope_utils(fake)

@@ -26,7 +26,7 @@ def _item(lengths, S, multiple=1):
     ds.padded_length, ds.pad_token_id, ds.document_mask = S, 0, True
     ds.document_multiple, ds.cu_seqlens_len = multiple, len(lengths) + 2
     toks = np.concatenate([np.full(n, 10 + i) for i, n in enumerate(lengths)])
-    return ds._assemble(toks, np.ones(len(toks), np.float32), np.asarray(lengths))
+    return ds.assemble(toks, np.ones(len(toks), np.float32), np.asarray(lengths))
 
 
 def test_row_docs_follow_the_data_layout():
