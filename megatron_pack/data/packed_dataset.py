@@ -186,6 +186,17 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         flat_mask = np.concatenate(masks).astype(np.float32) if masks else np.zeros(0, np.float32)
         return self.assemble(flat_tok, flat_mask, seg_lens)
 
+    def used_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens each plan row in ``rows`` occupies up to its last document's end: its real
+        tokens, or with context parallelism its padded end (what ``collate.trim_to_longest`` keeps)."""
+        plan, rows = self.plan, np.asarray(rows, dtype=np.int64)
+        if self.document_multiple <= 1:
+            return plan.sequence_lengths()[rows]
+        if not self.document_mask:  # the real tokens are one segment
+            return padded_lengths(plan.sequence_lengths()[rows], self.document_multiple)
+        csum = np.concatenate([[0], np.cumsum(padded_lengths(plan.piece_lengths, self.document_multiple))])
+        return (csum[plan.seq_offsets[1:]] - csum[plan.seq_offsets[:-1]])[rows]
+
     def assemble(self, tok: np.ndarray, mask: np.ndarray, seg_lens: np.ndarray) -> dict:
         """One item (tokens, labels, loss mask, positions, ``cu_seqlens``) from a row's flat tokens,
         loss mask and segment lengths, laid out as this dataset lays out its own rows (used for

@@ -110,7 +110,7 @@ class TrainStream:
         # Global-batch figures for the logs, from the plan: no communication needed.
         capacity = self.gbs * self.ds.padded_length
         if self.ds.mode.pads_to_longest:  # each micro-batch as long as its longest sequence
-            lens = self.ds.plan.sequence_lengths()[seqs]
+            lens = self.ds.used_lengths(seqs)  # real tokens; CP: up to the last padded document's end
             m = self.ds.pad_multiple
             capacity = 0
             for mb in (mb for rank in placement for mb in rank):

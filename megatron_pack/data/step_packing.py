@@ -73,7 +73,7 @@ class StepTrainStream(TrainStream):
         """Tokens the micro-batch at ``positions`` runs through the model (for the padding fraction)."""
         if self.fixed_shapes:
             return len(positions) * self.ds.padded_length
-        lens = self.ds.plan.sequence_lengths()[rows[[p for p in positions if p < rows.size]]]
+        lens = self.ds.used_lengths(rows[[p for p in positions if p < rows.size]])
         longest = trimmed_length(int(lens.max(initial=0)), self.ds.pad_multiple, self.ds.padded_length)
         return max(1, lens.size) * longest
 

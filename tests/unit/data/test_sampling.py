@@ -132,3 +132,15 @@ def test_pad_to_longest_cuts_each_micro_batch_to_its_longest(prefix):
             assert np.array_equal(rows_x[:, :L], rows_y) and not rows_x[:, L:].any()
             assert int(y["cu_seqlens"][int(y["num_cu_seqlens"]) - 1]) == 4 * L  # padding tails tile the row
             assert x["loss_mask"].sum() == y["loss_mask"].sum()
+
+
+def test_pad_to_longest_logs_the_tokens_it_runs_under_context_parallel_padding(prefix):
+    """With CP every document is padded to a multiple, and the cut is at the longest row's padded
+    end: the logged capacity counts those tokens (the real lengths would undercount)."""
+    short = PackedSFTDataset(prefix, 64, "padding:pad_to=longest", use_cache=False, document_multiple=8)
+    stream, real_cut = TrainStream(short, 8, 4, 0, 1), 0
+    for _ in range(3):
+        micro = stream.next_step()
+        assert stream.last_stats["capacity"] == sum(int(m["capacity"]) for m in micro)
+        real_cut += any(m["tokens"].numel() % 8 == 0 and m["tokens"].numel() < 4 * 64 for m in micro)
+    assert real_cut
