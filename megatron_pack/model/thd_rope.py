@@ -69,8 +69,15 @@ def check_rope_utils(rope_utils) -> None:
         fn = getattr(rope_utils, name, None)
         got = tuple(inspect.signature(fn).parameters) if fn is not None else None
         if got != want:
-            from megatron_pack.checkpoint.mcore_shim import _version
-
             found = "is missing" if got is None else f"takes {', '.join(got)}"
-            raise RuntimeError(f"megatron-core {_version()}: rope_utils.{name} {found} (written for {TESTED}: "
+            raise RuntimeError(f"megatron-core {_mcore_version()}: rope_utils.{name} {found} (written for {TESTED}: "
                                f"{', '.join(want)}); update megatron_pack/model/thd_rope.py")
+
+
+def _mcore_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:  # a source checkout: say so in the error
+        return "unknown"

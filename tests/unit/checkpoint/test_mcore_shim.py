@@ -26,7 +26,8 @@ def test_an_empty_distributed_state_is_filled_and_a_full_one_left_alone():
 
 def test_a_plain_optimizer_is_left_alone():
     calls = []
-    plain = SimpleNamespace(optimizer=SimpleNamespace(state={}), _init_optimizer_states_with_dummy_values=lambda: calls.append(1))
+    plain = SimpleNamespace(optimizer=SimpleNamespace(state={}),
+                            _init_optimizer_states_with_dummy_values=lambda: calls.append(1))
     fill_empty_optimizer_state(plain)
     assert calls == []  # control: only Megatron's distributed optimizer needs (and has) the initialiser
 
