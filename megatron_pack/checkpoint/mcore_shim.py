@@ -20,16 +20,9 @@ from __future__ import annotations
 
 import queue
 
+from megatron_pack.mcore_version import mcore_version
+
 TESTED = "0.16"
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("megatron-core")
-    except Exception:  # noqa: BLE001 - metadata missing (a source checkout): say so in the error
-        return "unknown"
 
 
 def in_process_write_results() -> None:
@@ -41,8 +34,9 @@ def in_process_write_results() -> None:
     if not hasattr(fa, "_get_write_results_queue"):
         return  # no Manager queue in this release
     if not hasattr(fa, "_results_queue"):
-        raise RuntimeError(f"megatron-core {_version()}: filesystem_async._get_write_results_queue no longer caches "
-                           f"_results_queue (written for {TESTED}); update megatron_pack/checkpoint/mcore_shim.py")
+        raise RuntimeError(f"megatron-core {mcore_version()}: filesystem_async._get_write_results_queue no longer "
+                           f"caches _results_queue (written for {TESTED}); "
+                           f"update megatron_pack/checkpoint/mcore_shim.py")
     if fa._results_queue is None:
         fa._results_queue = queue.Queue()
 
@@ -59,7 +53,7 @@ def fill_empty_optimizer_state(optimizer) -> None:
         if not isinstance(opt, DistributedOptimizer) or inner is None or inner.state:
             continue  # not a distributed optimizer, or its state already exists
         if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            raise RuntimeError(f"megatron-core {_version()}: DistributedOptimizer has no "
+            raise RuntimeError(f"megatron-core {mcore_version()}: DistributedOptimizer has no "
                                f"_init_optimizer_states_with_dummy_values (written for {TESTED}); update "
                                f"megatron_pack/checkpoint/mcore_shim.py")
         opt._init_optimizer_states_with_dummy_values()

@@ -21,6 +21,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from megatron_pack.mcore_version import mcore_version
+
 _ORIGINAL = None
 TESTED = "0.16"
 #: the parameters of the two private Megatron-Core functions this module wraps and calls
@@ -70,14 +72,6 @@ def check_rope_utils(rope_utils) -> None:
         got = tuple(inspect.signature(fn).parameters) if fn is not None else None
         if got != want:
             found = "is missing" if got is None else f"takes {', '.join(got)}"
-            raise RuntimeError(f"megatron-core {_mcore_version()}: rope_utils.{name} {found} (written for {TESTED}: "
+            raise RuntimeError(f"megatron-core {mcore_version()}: rope_utils.{name} {found} (written for {TESTED}: "
                                f"{', '.join(want)}); update megatron_pack/model/thd_rope.py")
 
-
-def _mcore_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("megatron-core")
-    except PackageNotFoundError:  # a source checkout: say so in the error
-        return "unknown"

@@ -3,7 +3,7 @@
     front-ends (train, demo) -> experiment -> training / planning / convert -> config (the run spec)
         -> checkpoint / model / parallel / data
         -> packing -> preprocess -> templates -> tokenization
-        -> files (+ the leaf modules reporting, frontdoor, quiet)
+        -> files (+ the leaf modules reporting, frontdoor, quiet, mcore_version)
 
 and no two files import each other, directly or round a longer circle, inside a package or across
 packages. Every import in the package, at module level or inside a function, is read with ``ast``.
@@ -21,7 +21,7 @@ PKG_DIR = os.path.dirname(megatron_pack.__file__)
 #: rank of each top-level unit of megatron_pack; a unit may import only lower ranks, or its own rank
 #: where SAME_RANK_OK allows it (and never in a cycle).
 RANK = {
-    "files": 0, "reporting": 0, "run_log": 0, "_packing": 0, "frontdoor": 0, "quiet": 0,
+    "files": 0, "reporting": 0, "run_log": 0, "_packing": 0, "frontdoor": 0, "quiet": 0, "mcore_version": 0,
     "tokenization": 1,  # text -> ids with offsets
     "templates": 2,     # messages -> rendered parts and assistant spans
     "preprocess": 3,    # JSONL records -> the indexed SFT dataset
